@@ -1,0 +1,31 @@
+"""The CPU demo model (about 21 M parameters) on the embedded corpus.
+
+./launch/local.sh demo
+python -m xlingo.train --config configs/small.py --workdir workdirs/demo
+"""
+
+from xlingo import config as xconfig
+
+
+def get_config(arg=None):
+  del arg
+  c = xconfig.base_config()
+  c.model.d_model = 512
+  c.model.num_layers = 4
+  c.model.num_heads = 8
+  c.model.num_kv_heads = 8
+  c.model.head_dim = 64
+  c.model.mlp_dim = 2048
+  c.model.max_len = 256
+  # This CPU runs f32 matmuls faster than bf16 (145 vs 104 GFLOP/s measured).
+  c.model.dtype = "float32"
+  c.data.seq_len = 256
+  c.train.steps = 300
+  c.train.batch_size = 8
+  c.train.learning_rate = 2e-3
+  c.train.warmup_steps = 30
+  c.train.log_every = 10
+  c.train.eval_every = 100
+  c.train.eval_batches = 4
+  c.checkpoint.every_steps = 100
+  return c

@@ -1,0 +1,40 @@
+"""xlingo: cross-lingual language-model training in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax[cpu]==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "numpy==2.4.6",
+    "sentencepiece==0.2.3",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "seqio==0.0.20",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "clu==0.0.12",
+    "tensorboard==2.21.0",
+    "sacrebleu==2.6.0",
+    "matplotlib==3.11.2",
+]
+
+EXTRAS = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "ruff==0.17.6"],
+}
+
+setuptools.setup(
+    name="xlingo",
+    version="0.1.0",
+    description="Cross-lingual language-model training in JAX/Flax, TPU first.",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["xlingo", "xlingo.*"]),
+    package_data={"xlingo": ["data/corpus/**/*", "data/corpus/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,116 @@
+"""Configs: the shared defaults, loading of config files, and one place for config errors.
+
+A config file is a Python module with ``get_config(arg=None) -> ConfigDict`` that starts from
+:func:`base_config` and changes what it needs. Every loop reads the same sections:
+
+- ``model``: the decoder's shape and numerics (see ``xlingo.model.decoder``).
+- ``mesh``: device mesh shape over the axes ``data``, ``fsdp``, ``tensor`` and the logical
+  axis rules that map parameter/activation axis names to mesh axes.
+- ``data``: corpus, languages, sampling temperature, sequence length, vocabulary.
+- ``train``: steps, batch size, optimizer and loss options.
+- ``checkpoint``: how often and how many to keep, and ``init_from``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# The language table of the embedded corpus. A language's id is its index here; the model's
+# language-embedding table has one row per entry. Order is fixed: appending is safe, reordering
+# breaks checkpoints.
+EMBEDDED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh")
+
+
+class ConfigError(ValueError):
+  """A config value is wrong; the message names the key and the fix."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.vocab_size = 8192
+  c.model.d_model = 256
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4  # < num_heads gives grouped-query attention
+  c.model.head_dim = 64
+  c.model.mlp_dim = 1024
+  c.model.max_len = 256
+  c.model.dropout_rate = 0.0
+  c.model.use_lang_emb = True
+  c.model.num_languages = len(EMBEDDED_LANGUAGES)
+  c.model.tie_embeddings = True
+  c.model.dtype = "bfloat16"  # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.remat_policy = "none"  # none | full | dots_saveable
+  c.model.scan_layers = True
+  c.model.lid_head = False  # auxiliary language-identification head
+  c.model.rope_theta = 10000.0
+  c.model.attention_impl = "auto"  # auto | xla | cudnn
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  # Logical axis name -> mesh axes. Activations use 'activation_*' names.
+  c.mesh.rules = (
+      ("batch", ("data", "fsdp")),
+      ("activation_batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("vocab", "tensor"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("kv_heads", "tensor"),
+      ("head_dim", None),
+      ("languages", None),
+      ("layers", None),
+      ("activation_length", None),
+      ("activation_embed", None),
+      ("activation_mlp", "tensor"),
+      ("activation_heads", "tensor"),
+      ("activation_vocab", "tensor"),
+  )
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "embedded"  # embedded | files | tfds
+  c.data.languages = EMBEDDED_LANGUAGES
+  c.data.mixture = ""  # a registered mixture name; empty: built from languages/temperature
+  c.data.sampling = "temperature"  # temperature | unimax
+  c.data.temperature = 3.33  # mT5's alpha = 0.3
+  c.data.unimax_max_epochs = 4.0
+  c.data.seq_len = 256
+  c.data.vocab_path = ""  # empty: the shipped shared vocabulary
+  c.data.seed = 0
+  c.data.shuffle_buffer = 1024
+  c.data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
+  c.data.tfds_name = ""  # e.g. "wiki40b" for source=tfds
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 100
+  c.train.batch_size = 8  # global, in sequences
+  c.train.microbatches = 1  # gradient accumulation
+  c.train.seed = 0
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 10
+  c.train.schedule = "cosine"  # cosine | constant
+  c.train.min_lr_ratio = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.weight_decay = 0.1
+  c.train.grad_clip = 1.0
+  c.train.z_loss = 0.0
+  c.train.lid_loss_weight = 0.0
+  c.train.log_every = 10
+  c.train.eval_every = 50
+  c.train.eval_batches = 4
+  c.train.peak_flops_per_device = 0.0  # 0: look the device kind up
+  c.train.trainable = ".*"  # regex over parameter paths; the rest is frozen
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 50
+  c.checkpoint.keep = 3
+  c.checkpoint.init_from = ""
+  c.checkpoint.async_save = True
+  return c
