@@ -32,7 +32,7 @@ setuptools.setup(
     description="Cross-lingual language-model training in JAX/Flax, TPU first.",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["xlingo", "xlingo.*"]),
+    packages=setuptools.find_packages(include=["xlingo", "xlingo.*", "data_tasks", "configs"]),
     package_data={"xlingo": ["data/corpus/**/*", "data/corpus/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,

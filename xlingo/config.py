@@ -75,7 +75,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "embedded"  # embedded | files | tfds
   c.data.languages = EMBEDDED_LANGUAGES
-  c.data.mixture = ""  # a registered mixture name; empty: built from languages/temperature
+  # Languages trained on (LM tasks); empty: all of data.languages.
+  c.data.train_languages = ()
+  c.data.translation_pairs = ()  # e.g. ("en-de",): conditional tasks, loss on targets only
+  c.data.language_weights = ml_collections.ConfigDict()  # lang -> rate multiplier
   c.data.sampling = "temperature"  # temperature | unimax
   c.data.temperature = 3.33  # mT5's alpha = 0.3
   c.data.unimax_max_epochs = 4.0
@@ -84,7 +87,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.seed = 0
   c.data.shuffle_buffer = 1024
   c.data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
-  c.data.tfds_name = ""  # e.g. "wiki40b" for source=tfds
+  c.data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
+  c.data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
+  c.data.jsonl_field = "text"
+  c.data.tfds_name = ""  # "wiki40b" or "c4/multilingual", for source=tfds
+  c.data.tfds_data_dir = ""
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100

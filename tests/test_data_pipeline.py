@@ -1,0 +1,258 @@
+"""The SeqIO data layer: rates, packing with language ids, determinism, resume, bad input."""
+
+import collections
+import math
+import os
+
+import numpy as np
+import pytest
+import seqio
+from scipy import stats as scipy_stats
+
+from configs import tiny
+from xlingo.config import ConfigError
+from xlingo.data import inputs, mixing, pipeline
+from xlingo.data.tasks import DataError
+
+
+def _chunk(tokens, lang, w=None):
+  tokens = np.asarray(tokens, np.int32)
+  return pipeline._Chunk(tokens, np.full(len(tokens), lang, np.int32),
+                         np.ones(len(tokens), np.float32) if w is None else np.asarray(w, np.float32))
+
+
+def test_packer_ids_positions_and_shift():
+  p = pipeline.Packer(batch_size=2, seq_len=6)
+  chunks = iter([_chunk([5, 6, 1], 3), _chunk([7, 1], 1), _chunk([8, 9, 10, 1], 2),
+                 _chunk([11, 12, 13, 14, 1], 4)])
+  b = p.pack(chunks)
+  # first fit: row 0 <- [5 6 1][7 1]; row 1 <- [8 9 10 1]; the 5-token chunk fits nowhere.
+  np.testing.assert_array_equal(b["targets"][0], [5, 6, 1, 7, 1, 0])
+  np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 2, 2, 0])
+  np.testing.assert_array_equal(b["positions"][0], [0, 1, 2, 0, 1, 0])
+  np.testing.assert_array_equal(b["lang_ids"][0], [3, 3, 3, 1, 1, 0])
+  np.testing.assert_array_equal(b["inputs"][0], [0, 5, 6, 0, 7, 0])
+  np.testing.assert_array_equal(b["loss_weights"][0], [1, 1, 1, 1, 1, 0])
+  np.testing.assert_array_equal(b["targets"][1], [8, 9, 10, 1, 0, 0])
+  np.testing.assert_array_equal(b["lang_ids"][1], [2, 2, 2, 2, 0, 0])
+  assert len(p.pending) == 1
+  b2 = p.pack(chunks)
+  np.testing.assert_array_equal(b2["targets"][0], [11, 12, 13, 14, 1, 0])
+  np.testing.assert_array_equal(b2["lang_ids"][0], [4, 4, 4, 4, 4, 0])
+  with pytest.raises(StopIteration):
+    p.pack(chunks)
+
+
+def test_example_to_chunks_prefix_and_long_split():
+  table = pipeline.LanguageTable(["en", "de"])
+  ex = {"targets": np.arange(2, 9), "lang": b"de", "src_lang": b"en", "prefix_len": 3}
+  (c,) = pipeline.example_to_chunks(ex, table, 16)
+  np.testing.assert_array_equal(c.lang_ids, [0, 0, 0, 1, 1, 1, 1])
+  np.testing.assert_array_equal(c.weights, [0, 0, 0, 1, 1, 1, 1])
+  long = {"targets": np.arange(2, 12), "lang": b"en", "src_lang": b"", "prefix_len": 0}
+  chunks = pipeline.example_to_chunks(long, table, 4)
+  assert [len(c.tokens) for c in chunks] == [4, 4, 2]
+  with pytest.raises(DataError, match="unknown language 'xx'"):
+    pipeline.example_to_chunks({**long, "lang": b"xx"}, table, 4)
+
+
+def test_unimax_budgets_cap_small_languages():
+  budgets = mixing.unimax_token_budgets({"a": 10, "b": 100, "c": 10_000}, budget=3000,
+                                        max_epochs=2)
+  assert budgets["a"] == 20 and budgets["b"] == 200
+  assert math.isclose(budgets["c"], 2780)
+  # Large enough data everywhere: uniform.
+  budgets = mixing.unimax_token_budgets({"a": 1e6, "b": 1e6}, budget=1000, max_epochs=1)
+  assert budgets == {"a": 500, "b": 500}
+
+
+@pytest.fixture(scope="module")
+def plan():
+  return inputs.plan_inputs(tiny.get_config())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.33, 1e6])
+def test_mixture_proportions_match_temperature(plan, temperature):
+  cfg = tiny.get_config()
+  cfg.data.temperature = temperature
+  p = inputs.plan_inputs(cfg)
+  n = {s.lang: s.examples for s in p.stats}
+  raw = {k: v ** (1 / temperature) for k, v in n.items()}
+  expected = {k: v / sum(raw.values()) for k, v in raw.items()}
+  ds = pipeline.mixture_dataset(p.mixture, split="train", seed=1, shuffle=True, repeat=True,
+                                shard=None)
+  num = 20_000
+  counts = collections.Counter(
+      ex["lang"].decode() for ex in ds.take(num).as_numpy_iterator())
+  langs = sorted(expected)
+  obs = np.array([counts[lang] for lang in langs], float)
+  exp = np.array([expected[lang] * num for lang in langs])
+  chi2, pvalue = scipy_stats.chisquare(obs, exp)
+  assert pvalue > 1e-3, (temperature, dict(zip(langs, obs, strict=True)), exp, chi2)
+
+
+def test_plan_table_lists_every_language(plan):
+  text = plan.table_text(run_tokens=1e6)
+  for lang in tiny.get_config().data.languages:
+    assert f" {lang} " in text
+  assert "epochs" in text and sum(plan.rates.values()) == pytest.approx(1.0)
+
+
+def _first_batches(plan, cfg, n, it=None):
+  it = it or inputs.train_iterator(plan, cfg)
+  return it, [next(it) for _ in range(n)]
+
+
+def test_batches_are_deterministic_and_language_tagged(plan):
+  cfg = tiny.get_config()
+  _, a = _first_batches(plan, cfg, 3)
+  _, b = _first_batches(plan, cfg, 3)
+  for x, y in zip(a, b):
+    for k in pipeline.FEATURES:
+      np.testing.assert_array_equal(x[k], y[k])
+  batch = a[0]
+  assert batch["targets"].shape == (cfg.train.batch_size, cfg.data.seq_len)
+  seg = batch["segment_ids"]
+  # Within a segment one language (LM tasks); padding is segment 0 with no weight.
+  for r in range(seg.shape[0]):
+    for s in set(seg[r]) - {0}:
+      assert len(set(batch["lang_ids"][r][seg[r] == s])) == 1
+  assert np.all(batch["loss_weights"][seg == 0] == 0)
+  # Tokens decode to text of the tagged language's script for CJK rows.
+  table = plan.table
+  ja = table.id("ja")
+  rows = [(r, s) for r in range(seg.shape[0]) for s in set(seg[r]) - {0}]
+  assert len({int(batch["lang_ids"][r][seg[r] == s][0]) for r, s in rows}) > 1
+  del ja
+  # Different seed, different stream.
+  cfg2 = tiny.get_config()
+  cfg2.data.seed = 7
+  _, c = _first_batches(plan, cfg2, 1)
+  assert not np.array_equal(c[0]["targets"], a[0]["targets"])
+
+
+def test_iterator_state_restores_exactly(plan, tmp_path):
+  cfg = tiny.get_config()
+  it, _ = _first_batches(plan, cfg, 5)
+  it.save(str(tmp_path / "state"))
+  expected = [next(it) for _ in range(4)]
+  fresh = inputs.train_iterator(plan, cfg)
+  fresh.restore(str(tmp_path / "state"))
+  assert fresh.batches == 5
+  for want in expected:
+    got = next(fresh)
+    for k in pipeline.FEATURES:
+      np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_eval_batches_fixed_per_language(plan):
+  cfg = tiny.get_config()
+  a = inputs.eval_batches(plan, cfg, "de", 2)
+  b = inputs.eval_batches(plan, cfg, "de", 2)
+  assert len(a) == 2
+  np.testing.assert_array_equal(a[0]["targets"], b[0]["targets"])
+  de = plan.table.id("de")
+  lang = a[0]["lang_ids"][a[0]["segment_ids"] > 0]
+  assert np.all(lang == de)
+
+
+def test_translation_task_is_prefix_lm(plan):
+  cfg = tiny.get_config()
+  cfg.data.translation_pairs = ("en-de",)
+  p = inputs.plan_inputs(cfg)
+  ds = pipeline.mixture_dataset(p.mt_tasks["en-de"], split="train", seed=0, shuffle=False,
+                                repeat=False, shard=None)
+  ex = next(ds.as_numpy_iterator())
+  (c,) = pipeline.example_to_chunks(ex, p.table, 10_000)
+  k = int(ex["prefix_len"])
+  assert k > 0 and np.all(c.weights[:k] == 0) and np.all(c.weights[k:] == 1)
+  assert np.all(c.lang_ids[:k] == p.table.id("en")) and np.all(c.lang_ids[k:] == p.table.id("de"))
+  vocab = p.vocab
+  src_text = vocab.decode(c.tokens[:k].tolist())
+  assert src_text and src_text.isascii() is not None
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def _files_cfg(tmp_path, **patterns):
+  cfg = tiny.get_config()
+  cfg.data.source = "files"
+  cfg.data.languages = tuple(patterns)
+  for lang, pat in patterns.items():
+    cfg.data.file_patterns[lang] = pat
+  return cfg
+
+
+def test_files_source_trains_on_user_text(tmp_path):
+  (tmp_path / "de.txt").write_text("Guten Morgen, wie geht es dir?\nDas ist gut.\n" * 50)
+  (tmp_path / "fr.jsonl").write_text('{"text": "Bonjour tout le monde."}\n' * 50)
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.txt"), fr=str(tmp_path / "fr.jsonl"))
+  p = inputs.plan_inputs(cfg)
+  batch = next(inputs.train_iterator(p, cfg))
+  langs = set(batch["lang_ids"][batch["segment_ids"] > 0].tolist())
+  assert langs == {0, 1}
+  text = p.vocab.decode(batch["targets"][0][batch["segment_ids"][0] == 1].tolist())
+  assert "Bonjour" in text or "Guten" in text or "Das" in text
+
+
+def test_missing_language_file(tmp_path):
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "nothing*.txt"))
+  with pytest.raises(DataError, match="no file matches"):
+    inputs.plan_inputs(cfg)
+
+
+def test_empty_language_file(tmp_path):
+  (tmp_path / "de.txt").write_text("")
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.txt"))
+  with pytest.raises(DataError, match="is empty"):
+    inputs.plan_inputs(cfg)
+
+
+def test_invalid_utf8(tmp_path):
+  (tmp_path / "de.txt").write_bytes(b"gut\nschlecht \xff\xfe kaputt\n")
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.txt"))
+  with pytest.raises(DataError, match=r"line 2 is not valid UTF-8"):
+    inputs.plan_inputs(cfg)
+
+
+def test_unknown_language():
+  cfg = tiny.get_config()
+  cfg.data.languages = ("en", "xx")
+  with pytest.raises(DataError, match="'xx' has no data"):
+    inputs.plan_inputs(cfg)
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0])
+def test_bad_temperature(t):
+  cfg = tiny.get_config()
+  cfg.data.temperature = t
+  with pytest.raises(ConfigError, match="data.temperature"):
+    inputs.plan_inputs(cfg)
+
+
+def test_missing_and_mismatched_vocab(tmp_path):
+  cfg = tiny.get_config()
+  cfg.data.vocab_path = str(tmp_path / "nope.model")
+  with pytest.raises(ValueError, match="nope.model"):
+    inputs.plan_inputs(cfg)
+  cfg = tiny.get_config()
+  cfg.model.vocab_size = 1000
+  with pytest.raises(ValueError, match="1000"):
+    inputs.plan_inputs(cfg)
+
+
+def test_file_level_sharding_splits_examples(tmp_path):
+  for i in range(2):
+    (tmp_path / f"de-{i}.txt").write_text("".join(f"Zeile {i}-{j}\n" for j in range(40)))
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de-*.txt"))
+  p = inputs.plan_inputs(cfg)
+  seen = []
+  for idx in range(2):
+    ds = pipeline.mixture_dataset(p.lm_tasks["de"], split="train", seed=0, shuffle=False,
+                                  repeat=False, shard=seqio.ShardInfo(idx, 2))
+    seen.append([p.vocab.decode(ex["targets"].tolist()) for ex in ds.as_numpy_iterator()])
+  assert len(seen[0]) == len(seen[1]) == 40
+  assert not set(seen[0]) & set(seen[1])
+  assert {s.split("-")[0] for s in seen[0]} != {s.split("-")[0] for s in seen[1]}
+  assert os.path.exists(tmp_path / "de-0.txt")

@@ -1,0 +1,162 @@
+"""From a config to iterators: register tasks, size them, set rates, build train/eval streams."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import logging
+import os
+
+import numpy as np
+import seqio
+
+from xlingo.config import ConfigError
+from xlingo.data import mixing, pipeline, tasks
+from xlingo.data import vocab as xvocab
+from xlingo.data.tasks import DataError
+
+SOURCES = {"embedded": "data_tasks.embedded", "files": "data_tasks.files",
+           "tfds": "data_tasks.tfds_corpora", "tfds_corpora": "data_tasks.tfds_corpora"}
+
+
+@dataclasses.dataclass
+class InputPlan:
+  """Everything decided about the input before the first batch."""
+
+  table: pipeline.LanguageTable
+  vocab: seqio.SentencePieceVocabulary
+  vocab_path: str
+  lm_tasks: dict  # lang -> task name, for the languages in the run
+  mt_tasks: dict  # "src-tgt" -> task name
+  stats: list
+  rates: dict
+  mixture: str
+  seq_len: int
+
+  def table_text(self, run_tokens: float) -> str:
+    return mixing.format_table(self.stats, self.rates, run_tokens)
+
+
+def load_vocab_for(data_cfg, model_vocab_size: int | None = None):
+  path = data_cfg.vocab_path or xvocab.embedded_vocab_path()
+  vocab = xvocab.load_vocab(path)
+  if model_vocab_size is not None:
+    xvocab.check_vocab_matches(vocab, model_vocab_size)
+  return path, vocab
+
+
+def _prefix(data_cfg, vocab_path: str) -> str:
+  src = data_cfg.source
+  if src == "embedded" and not data_cfg.vocab_path:
+    return "xlingo"
+  h = hashlib.sha1(os.path.abspath(vocab_path).encode()).hexdigest()[:8]
+  return f"xlingo.{src}.v{h}"
+
+
+def register_tasks(data_cfg, vocab, vocab_path):
+  if data_cfg.source not in SOURCES:
+    raise ConfigError(f"data.source={data_cfg.source!r} is unknown; use one of "
+                      f"{sorted(set(SOURCES) - {'tfds_corpora'})}")
+  module = importlib.import_module(SOURCES[data_cfg.source])
+  prefix = _prefix(data_cfg, vocab_path)
+  if prefix == "xlingo" and hasattr(module, "DEFAULT"):
+    return module.DEFAULT
+  return module.register(data_cfg, vocab, prefix)
+
+
+def _estimate_tokens(task_name: str, examples: int, sample: int = 256) -> int:
+  """Tokens in a task's train split: exact when it is small, else scaled from a sample."""
+  task = seqio.get_mixture_or_task(task_name)
+  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, num_epochs=1,
+                        trim_output_features=False, try_in_mem_cache=False)
+  lens = [int(ex["targets"].shape[0]) for ex in ds.take(sample).as_numpy_iterator()]
+  if not lens:
+    raise DataError(f"task {task_name}: its train split yields no examples; check its files")
+  if len(lens) < sample:
+    return int(sum(lens))
+  return int(round(np.mean(lens) * examples))
+
+
+def plan_inputs(config) -> InputPlan:
+  """Validate the data config, register tasks and the mixture, and compute the rates."""
+  d = config.data
+  table = pipeline.LanguageTable(d.languages)
+  if len(table) > config.model.num_languages and config.model.use_lang_emb:
+    raise ConfigError(
+        f"data.languages has {len(table)} languages but model.num_languages="
+        f"{config.model.num_languages}; raise model.num_languages")
+  vocab_path, vocab = load_vocab_for(d, config.model.vocab_size)
+  reg = register_tasks(d, vocab, vocab_path)
+  train_langs = tuple(d.get("train_languages", ()) or d.languages)
+  lm_tasks = {}
+  for lang in train_langs:
+    if lang not in reg.lm:
+      raise DataError(f"language {lang!r} has no data in source {d.source!r} "
+                      f"(available: {sorted(reg.lm)}); remove it from data.languages")
+    lm_tasks[lang] = reg.lm[lang]
+  mt_tasks = {}
+  for pair in d.get("translation_pairs", ()) or ():
+    if pair not in reg.mt:
+      raise DataError(f"translation pair {pair!r} has no data in source {d.source!r} "
+                      f"(available: {sorted(reg.mt)}); fix data.translation_pairs")
+    for lang in pair.split("-"):
+      table.id(lang)
+    mt_tasks[pair] = reg.mt[pair]
+  stats = []
+  for lang, name in list(lm_tasks.items()) + [(p.split("-")[1], n) for p, n in mt_tasks.items()]:
+    n = seqio.get_mixture_or_task(name).num_input_examples("train") or 0
+    stats.append(mixing.TaskStats(name=name, lang=lang, examples=int(n),
+                                  tokens=_estimate_tokens(name, int(n))))
+  run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
+  rates = mixing.compute_rates(
+      stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
+      unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}))
+  mixture = mixing.register_mixture(rates)
+  return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path, lm_tasks=lm_tasks,
+                   mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
+                   seq_len=d.seq_len)
+
+
+def local_batch_size(global_batch: int) -> int:
+  import jax
+
+  n = jax.process_count()
+  if global_batch % n:
+    raise ConfigError(f"train.batch_size={global_batch} does not divide by the {n} processes; "
+                      "make it a multiple")
+  return global_batch // n
+
+
+def train_iterator(plan: InputPlan, config) -> pipeline.PackedIterator:
+  ds = pipeline.mixture_dataset(plan.mixture, split="train", seed=config.data.seed,
+                                shuffle=True, repeat=True, shard=pipeline.shard_info())
+  return pipeline.PackedIterator(ds, plan.table, local_batch_size(config.train.batch_size),
+                                 plan.seq_len)
+
+
+def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:
+  """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled)."""
+  name = plan.lm_tasks[lang]
+  if "validation" not in seqio.get_mixture_or_task(name).splits:
+    return []
+  ds = pipeline.mixture_dataset(name, split="validation", seed=0, shuffle=False,
+                                repeat=False, shard=pipeline.shard_info())
+  it = pipeline.PackedIterator(ds, plan.table, local_batch_size(config.train.batch_size),
+                               plan.seq_len)
+  out = []
+  for batch in it:
+    out.append(batch)
+    if len(out) >= num_batches:
+      break
+  if not out:
+    logging.warning("language %s: empty validation split", lang)
+  # Every process evaluates the same number of batches (the step is collective); a process
+  # whose shard ran short gets batches that carry no weight.
+  while out and len(out) < num_batches:
+    out.append({k: np.zeros_like(v) for k, v in out[0].items()})
+  return out
+
+
+__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "load_vocab_for",
+           "DataError", "tasks"]

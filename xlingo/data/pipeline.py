@@ -1,0 +1,241 @@
+"""Text to sharded batches: tasks → mixture → packed, language-tagged rows → global jax.Arrays.
+
+The tf.data side (SeqIO) reads, shuffles, tokenizes and mixes; packing happens here in NumPy,
+where it is cheap and its state is small. A batch is a dict of [batch, seq_len] arrays:
+
+  inputs        tokens shifted right inside each packed segment (0 at a segment's start)
+  targets       the tokens to predict
+  segment_ids   1, 2, ... per packed segment in a row; 0 on padding
+  positions     position inside the segment
+  lang_ids      index into ``config.data.languages`` of each token's language (0 on padding)
+  loss_weights  1.0 where the loss counts (not on padding, not on a conditional task's source)
+
+Iteration is deterministic for a seed, and :class:`PackedIterator` saves and restores its state
+(the tf.data iterator checkpoint plus the few chunks not yet placed), so a restored run sees
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+import tensorflow as tf
+
+from xlingo.data import tasks
+from xlingo.data.tasks import DataError
+
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights")
+
+
+class LanguageTable:
+  """Language code <-> id, in the order of ``config.data.languages``."""
+
+  def __init__(self, codes: Sequence[str]):
+    self.codes = tuple(codes)
+    if len(set(self.codes)) != len(self.codes):
+      raise DataError(f"data.languages has duplicates: {self.codes}; list each language once")
+    self._ids = {c: i for i, c in enumerate(self.codes)}
+
+  def id(self, code: str) -> int:
+    try:
+      return self._ids[code]
+    except KeyError:
+      raise DataError(
+          f"unknown language {code!r}: not in data.languages={self.codes}; add it there "
+          "(append only: the order is the model's language-embedding table)") from None
+
+  def __len__(self):
+    return len(self.codes)
+
+
+@dataclasses.dataclass
+class _Chunk:
+  tokens: np.ndarray
+  lang_ids: np.ndarray
+  weights: np.ndarray
+
+
+def example_to_chunks(ex: Mapping[str, object], table: LanguageTable,
+                      seq_len: int) -> list[_Chunk]:
+  """One example → chunks of at most seq_len tokens (long documents are split, not dropped)."""
+  toks = np.asarray(ex["targets"], np.int32)
+  n = toks.shape[0]
+  prefix = int(ex.get("prefix_len", 0))
+  tgt = table.id(_as_str(ex["lang"]))
+  lang_ids = np.full(n, tgt, np.int32)
+  weights = np.ones(n, np.float32)
+  if prefix:
+    lang_ids[:prefix] = table.id(_as_str(ex["src_lang"]))
+    weights[:prefix] = 0.0
+  if n <= seq_len:
+    return [_Chunk(toks, lang_ids, weights)]
+  return [_Chunk(toks[i:i + seq_len], lang_ids[i:i + seq_len], weights[i:i + seq_len])
+          for i in range(0, n, seq_len)]
+
+
+def _as_str(x) -> str:
+  return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+class Packer:
+  """Packs chunks into a [batch, seq_len] batch, first fit over the batch's rows.
+
+  A batch is emitted when a chunk fits in none of its rows; that chunk starts the next batch.
+  """
+
+  def __init__(self, batch_size: int, seq_len: int):
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.pending: list[_Chunk] = []  # chunks taken from the source but not yet in a batch
+
+  def pack(self, chunks: Iterator[_Chunk]) -> dict[str, np.ndarray]:
+    b, length = self.batch_size, self.seq_len
+    targets = np.zeros((b, length), np.int32)
+    segs = np.zeros((b, length), np.int32)
+    pos = np.zeros((b, length), np.int32)
+    langs = np.zeros((b, length), np.int32)
+    weights = np.zeros((b, length), np.float32)
+    fill = [0] * b
+    nseg = [0] * b
+    queue = self.pending
+    self.pending = []
+    while True:
+      c = queue.pop(0) if queue else next(chunks, None)
+      if c is None:
+        if not any(fill):
+          raise StopIteration
+        break
+      n = c.tokens.shape[0]
+      row = next((r for r in range(b) if fill[r] + n <= length), -1)
+      if row < 0:
+        self.pending = [c] + queue
+        break
+      s = fill[row]
+      targets[row, s:s + n] = c.tokens
+      langs[row, s:s + n] = c.lang_ids
+      weights[row, s:s + n] = c.weights
+      pos[row, s:s + n] = np.arange(n, dtype=np.int32)
+      nseg[row] += 1
+      segs[row, s:s + n] = nseg[row]
+      fill[row] = s + n
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]
+    inputs[pos == 0] = 0
+    return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
+            "lang_ids": langs, "loss_weights": weights}
+
+
+class PackedIterator:
+  """Iterates packed batches from a tf.data dataset of examples; its state can be saved."""
+
+  def __init__(self, ds: tf.data.Dataset, table: LanguageTable, batch_size: int, seq_len: int):
+    self._ds = ds
+    self._table = table
+    self._packer = Packer(batch_size, seq_len)
+    self._it = iter(ds)
+    self._np_it = self._examples()
+    self.batches = 0
+
+  def _examples(self):
+    for ex in self._it:
+      ex = {k: v.numpy() for k, v in ex.items()}
+      yield from example_to_chunks(ex, self._table, self._packer.seq_len)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self._packer.pack(self._np_it)
+    self.batches += 1
+    return batch
+
+  # --- state ---------------------------------------------------------------------------------
+  def save(self, directory: str) -> None:
+    """Write this process's iterator state into ``directory`` (created if needed)."""
+    os.makedirs(directory, exist_ok=True)
+    tf.train.Checkpoint(iterator=self._it).write(os.path.join(directory, "tf_iterator"))
+    pend = self._packer.pending
+    np.savez(os.path.join(directory, "pending.npz"),
+             **{f"{k}_{i}": getattr(c, k) for i, c in enumerate(pend)
+                for k in ("tokens", "lang_ids", "weights")})
+    with open(os.path.join(directory, "state.json"), "w") as f:
+      json.dump({"batches": self.batches, "pending": len(pend)}, f)
+
+  def restore(self, directory: str) -> None:
+    with open(os.path.join(directory, "state.json")) as f:
+      state = json.load(f)
+    tf.train.Checkpoint(iterator=self._it).read(
+        os.path.join(directory, "tf_iterator")).assert_consumed()
+    with np.load(os.path.join(directory, "pending.npz")) as z:
+      self._packer.pending = [
+          _Chunk(z[f"tokens_{i}"], z[f"lang_ids_{i}"], z[f"weights_{i}"])
+          for i in range(state["pending"])]
+    self.batches = state["batches"]
+    self._np_it = self._examples()
+
+
+def shard_info() -> seqio.ShardInfo | None:
+  import jax  # the data layer needs jax only for the process topology
+
+  n = jax.process_count()
+  return seqio.ShardInfo(index=jax.process_index(), num_shards=n) if n > 1 else None
+
+
+def mixture_dataset(mixture_or_task: str, *, split: str, seed: int, shuffle: bool,
+                    repeat: bool, shard: seqio.ShardInfo | None) -> tf.data.Dataset:
+  """The mixed stream of tokenized examples for this process."""
+  provider = seqio.get_mixture_or_task(mixture_or_task)
+  kwargs = dict(sequence_length=None, split=split, shuffle=shuffle, seed=seed,
+                num_epochs=None if repeat else 1, trim_output_features=False,
+                try_in_mem_cache=True)
+  if isinstance(provider, seqio.Mixture):
+    kwargs["passthrough_features"] = list(tasks.PASSTHROUGH_FEATURES)
+  file_shard_ok = shard is None or _files_per_task_at_least(provider, split, shard.num_shards)
+  ds = provider.get_dataset(shard_info=shard if file_shard_ok else None, **kwargs)
+  if shard is not None and not file_shard_ok:
+    logging.warning(
+        "%s: fewer input files than the %d processes; every process reads all files and keeps "
+        "every %d-th example. Split each language's files into >= %d shards to read less.",
+        mixture_or_task, shard.num_shards, shard.num_shards, shard.num_shards)
+    ds = ds.shard(shard.num_shards, shard.index)
+  keep = ("targets",) + tasks.PASSTHROUGH_FEATURES
+  ds = ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
+  opts = tf.data.Options()
+  opts.deterministic = True
+  return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
+
+
+def _files_per_task_at_least(provider, split: str, n: int) -> bool:
+  task_list = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+  for t in task_list:
+    src = t.source
+    if not isinstance(src, seqio.FileDataSource) or len(src.list_shards(split)) < n:
+      return False
+  return True
+
+
+def to_global(batch: Mapping[str, np.ndarray], sharding) -> dict:
+  """Per-process batch → global jax.Arrays sharded over the mesh's batch axes."""
+  import jax
+
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def vocab_byte_lengths(vocab: seqio.SentencePieceVocabulary) -> np.ndarray:
+  """UTF-8 bytes each piece stands for (for bits per byte); control pieces count 0."""
+  sp = vocab.tokenizer
+  out = np.zeros(vocab.vocab_size, np.float32)
+  for i in range(sp.get_piece_size()):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    if sp.is_byte(i):
+      out[i] = 1.0
+      continue
+    out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  return out
