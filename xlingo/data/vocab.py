@@ -1,0 +1,368 @@
+"""The shared multilingual SentencePiece vocabulary: training, loading, checks and parity.
+
+One vocabulary serves every language. Its training text is sampled with temperature, as in
+mBERT/XLM/mT5: language ``l`` with ``n_l`` lines gets a share of the training text
+proportional to ``n_l ** (1 / T)``, so that small languages are not drowned by large ones
+(``T = 1`` keeps the natural proportions, a large ``T`` tends to uniform).
+
+The model is a unigram SentencePiece model with byte fallback (no text is ever unknown) and
+seqio's special ids: pad = 0, eos = 1, unk = 2, and no bos.
+
+Command line::
+
+  python -m xlingo.data.vocab train --input en='corpus/en*.txt' --input de='corpus/de*.txt' \\
+      --output /tmp/my_vocab --vocab_size 8192 --temperature 3.33
+  python -m xlingo.data.vocab parity [--vocab PATH] [--split validation] [--markdown FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import random
+import sys
+import tempfile
+
+import sentencepiece as spm
+
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
+
+
+class VocabError(ValueError):
+  """A vocabulary or its training input is unusable; the message names the path and the fix."""
+
+
+def corpus_dir() -> str:
+  """Directory of the embedded corpus (``xlingo/data/corpus``)."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def embedded_vocab_path() -> str:
+  """Path of the shipped vocabulary, trained on the embedded corpus's train split."""
+  return os.path.join(corpus_dir(), "vocab", EMBEDDED_VOCAB_NAME)
+
+
+def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]:
+  """``{lang: [path]}`` of the embedded monolingual corpus for ``split``."""
+  from xlingo.config import EMBEDDED_LANGUAGES
+
+  if split not in ("train", "validation"):
+    raise VocabError(f"unknown split {split!r}; use 'train' or 'validation'")
+  langs = EMBEDDED_LANGUAGES if languages is None else languages
+  return {lang: [os.path.join(corpus_dir(), "mono", f"{lang}.{split}.txt")] for lang in langs}
+
+
+def read_lines(path: str) -> list[str]:
+  """Non-empty lines of a UTF-8 text file; VocabError for a missing, empty or non-UTF-8 file."""
+  if not os.path.isfile(path):
+    raise VocabError(f"{path}: no such file; check the path or glob")
+  with open(path, "rb") as f:
+    raw = f.read()
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise VocabError(
+        f"{path}: not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv -t UTF-8"
+    ) from None
+  lines = [ln.strip() for ln in text.splitlines()]
+  lines = [ln for ln in lines if ln]
+  if not lines:
+    raise VocabError(f"{path}: file is empty; give a file with one example per line")
+  return lines
+
+
+def expand_globs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
+  """Expands each language's globs; VocabError when one matches no file."""
+  out = {}
+  for lang, patterns in lang_to_globs.items():
+    files = []
+    for pattern in patterns:
+      matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+      if not matched:
+        raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
+      files.extend(matched)
+    out[lang] = files
+  return out
+
+
+def sampling_rates(counts: dict[str, int], temperature: float) -> dict[str, float]:
+  """Share of each language in the training text: ``n ** (1/T)`` normalised to sum to 1."""
+  if temperature <= 0:
+    raise VocabError(f"temperature must be > 0, got {temperature}")
+  if not counts or any(n <= 0 for n in counts.values()):
+    raise VocabError(f"every language needs at least one line, got {counts}")
+  weights = {lang: n ** (1.0 / temperature) for lang, n in counts.items()}
+  total = sum(weights.values())
+  return {lang: w / total for lang, w in weights.items()}
+
+
+def sample_counts(counts: dict[str, int], temperature: float, budget: int) -> dict[str, int]:
+  """Lines to draw per language for a ``budget`` of lines (at least one each)."""
+  rates = sampling_rates(counts, temperature)
+  return {lang: max(1, round(rate * budget)) for lang, rate in rates.items()}
+
+
+def balanced_sample(
+    lang_to_lines: dict[str, list[str]], temperature: float, budget: int, seed: int = 0
+) -> dict[str, list[str]]:
+  """Temperature-balanced sample: big languages subsampled, small ones repeated."""
+  counts = {lang: len(lines) for lang, lines in lang_to_lines.items()}
+  targets = sample_counts(counts, temperature, budget)
+  out = {}
+  for lang in sorted(lang_to_lines):
+    lines = list(lang_to_lines[lang])
+    random.Random(f"{seed}:{lang}").shuffle(lines)
+    target = targets[lang]
+    reps, rest = divmod(target, len(lines))
+    out[lang] = lines * reps + lines[:rest]
+  return out
+
+
+def train_vocab(
+    lang_to_files: dict[str, list[str]],
+    output_prefix: str,
+    vocab_size: int = 8192,
+    temperature: float = 3.33,
+    max_sentences: int = 2_000_000,
+    seed: int = 0,
+    num_threads: int = 1,
+) -> str:
+  """Trains a unigram SentencePiece model on temperature-balanced text; returns the .model path.
+
+  The training text holds ``min(max_sentences, total lines)`` lines, language ``l`` taking a
+  share ``n_l ** (1/T) / sum_k n_k ** (1/T)``. The result depends only on the inputs and the
+  seed (``num_threads=1`` keeps the trainer itself deterministic).
+  """
+  lang_to_lines = {}
+  for lang, files in lang_to_files.items():
+    if not files:
+      raise VocabError(f"language {lang!r} has no input files")
+    lang_to_lines[lang] = [ln for path in files for ln in read_lines(path)]
+  total = sum(len(v) for v in lang_to_lines.values())
+  sample = balanced_sample(lang_to_lines, temperature, min(max_sentences, total), seed)
+  lines = [ln for lang in sorted(sample) for ln in sample[lang]]
+  random.Random(seed).shuffle(lines)
+  out_dir = os.path.dirname(os.path.abspath(output_prefix))
+  os.makedirs(out_dir, exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    text_path = os.path.join(tmp, "train.txt")
+    with open(text_path, "w", encoding="utf-8") as f:
+      f.writelines(ln + "\n" for ln in lines)
+    with open(os.path.join(tmp, "trainer.log"), "w") as log:
+      _train(text_path, output_prefix, vocab_size, num_threads, log)
+  return output_prefix + ".model"
+
+
+def _train(text_path, output_prefix, vocab_size, num_threads, log):
+  try:
+    spm.SentencePieceTrainer.train(
+        input=text_path,
+        model_prefix=output_prefix,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        character_coverage=0.9995,
+        byte_fallback=True,
+        pad_id=PAD_ID,
+        eos_id=EOS_ID,
+        unk_id=UNK_ID,
+        bos_id=-1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        max_sentence_length=16384,
+        split_digits=True,
+        num_threads=num_threads,
+        logstream=log,
+    )
+  except RuntimeError as e:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "unknown error"
+    hint = "; lower --vocab_size for a small corpus" if "ocab_size" in first else ""
+    raise VocabError(f"sentencepiece training for {output_prefix} failed: {first}{hint}") from None
+
+
+def _processor(path: str) -> spm.SentencePieceProcessor:
+  if not os.path.isfile(path):
+    raise VocabError(
+        f"{path}: vocabulary file not found; train one with `python -m xlingo.data.vocab train`"
+        " or point data.vocab at an existing .model"
+    )
+  sp = spm.SentencePieceProcessor()
+  try:
+    sp.Load(path)
+  except (OSError, RuntimeError):
+    raise VocabError(
+        f"{path}: not a SentencePiece model; give the .model file written by the trainer"
+    ) from None
+  if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
+    raise VocabError(
+        f"{path}: special ids pad={sp.pad_id()} eos={sp.eos_id()} unk={sp.unk_id()}, but seqio"
+        " needs pad=0 eos=1 unk=2; retrain it with `python -m xlingo.data.vocab train`"
+    )
+  return sp
+
+
+def load_vocab(path: str | None = None):
+  """A ``seqio.SentencePieceVocabulary`` for ``path`` (default: the shipped one)."""
+  path = embedded_vocab_path() if path is None else path
+  _processor(path)  # clear errors before seqio's own
+  import seqio
+
+  return seqio.SentencePieceVocabulary(path)
+
+
+def check_vocab_matches(vocab, expected_size: int) -> None:
+  """VocabError unless ``vocab.vocab_size == expected_size`` (e.g. ``model.vocab_size``)."""
+  n = vocab.vocab_size
+  if n != expected_size:
+    raise VocabError(
+        f"vocabulary has {n} pieces but the model expects {expected_size}; set"
+        f" model.vocab_size={n} or use a vocabulary of {expected_size} pieces"
+    )
+
+
+def parity_report(
+    vocab_path: str,
+    lang_to_texts: dict[str, list[str]],
+    parallel: dict[str, list[tuple[str, str]]] | None = None,
+) -> list[dict]:
+  """Per-language tokenisation cost: tokens per byte/char, bytes per token, ratio to English.
+
+  ``ratio_to_en`` is the language's tokens per byte divided by English's (1.0 for English;
+  None without English): above 1, the language's bytes are split more finely than English's.
+  Bytes per character differ between scripts, so for a fair comparison give ``parallel``
+  (``{lang: [(english, translation), ...]}``): ``parallel_ratio`` is then the tokens of the
+  translations over the tokens of their English sources, the "tokenisation parity" of the same
+  content (1.0 for English, None for a language without pairs).
+  """
+  sp = _processor(vocab_path)
+  rows = []
+  for lang, texts in lang_to_texts.items():
+    ids = sp.EncodeAsIds(list(texts))
+    tokens = sum(len(x) for x in ids)
+    n_bytes = sum(len(t.encode("utf-8")) for t in texts)
+    chars = sum(len(t) for t in texts)
+    unk = sum(x.count(UNK_ID) for x in ids)
+    rows.append({
+        "language": lang,
+        "examples": len(texts),
+        "tokens": tokens,
+        "bytes": n_bytes,
+        "chars": chars,
+        "tokens_per_byte": tokens / max(n_bytes, 1),
+        "tokens_per_char": tokens / max(chars, 1),
+        "bytes_per_token": n_bytes / max(tokens, 1),
+        "unk": unk,
+    })
+  en = next((r for r in rows if r["language"] == "en"), None)
+  for r in rows:
+    r["ratio_to_en"] = r["tokens_per_byte"] / en["tokens_per_byte"] if en else None
+    r["parallel_ratio"] = 1.0 if r["language"] == "en" else None
+    pairs = (parallel or {}).get(r["language"])
+    if pairs:
+      en_tokens = sum(len(x) for x in sp.EncodeAsIds([e for e, _ in pairs]))
+      x_tokens = sum(len(x) for x in sp.EncodeAsIds([x for _, x in pairs]))
+      r["parallel_ratio"] = x_tokens / max(en_tokens, 1)
+  return rows
+
+
+def read_parallel(path: str) -> list[tuple[str, str]]:
+  """(English, translation) pairs of a two-column TSV file."""
+  pairs = []
+  for i, line in enumerate(read_lines(path), 1):
+    cols = line.split("\t")
+    if len(cols) != 2:
+      raise VocabError(f"{path}:{i}: expected 2 tab-separated columns, got {len(cols)}")
+    pairs.append((cols[0], cols[1]))
+  return pairs
+
+
+def embedded_parallel(split: str = "validation") -> dict[str, list[tuple[str, str]]]:
+  """``{lang: [(english, translation)]}`` of the embedded parallel corpus for ``split``."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(corpus_dir(), "parallel", f"en-*.{split}.tsv"))):
+    lang = os.path.basename(path)[len("en-") :].split(".")[0]
+    out[lang] = read_parallel(path)
+  return out
+
+
+def format_parity_table(rows: list[dict]) -> str:
+  """A Markdown table of :func:`parity_report` rows (readable as plain text too)."""
+  head = (
+      "| lang | examples | bytes | tokens | tokens/byte | tokens/char | bytes/token"
+      " | tokens/byte vs en | parallel tokens vs en |"
+  )
+  lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+  def fmt(x):
+    return "-" if x is None else f"{x:.2f}"
+
+  for r in rows:
+    lines.append(
+        f"| {r['language']} | {r['examples']} | {r['bytes']} | {r['tokens']} |"
+        f" {r['tokens_per_byte']:.3f} | {r['tokens_per_char']:.3f} |"
+        f" {r['bytes_per_token']:.2f} | {fmt(r['ratio_to_en'])} |"
+        f" {fmt(r.get('parallel_ratio'))} |"
+    )
+  return "\n".join(lines)
+
+
+def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
+  out: dict[str, list[str]] = {}
+  for value in values:
+    lang, sep, pattern = value.partition("=")
+    if not sep or not lang or not pattern:
+      raise VocabError(f"--input {value!r} must look like lang=GLOB, e.g. de='data/de*.txt'")
+    out.setdefault(lang, []).append(pattern)
+  return out
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m xlingo.data.vocab", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True)
+  t = sub.add_parser("train", help="train a vocabulary on your own corpus")
+  t.add_argument("--input", action="append", required=True, help="lang=GLOB, repeatable")
+  t.add_argument("--output", required=True, help="output prefix; writes PREFIX.model")
+  t.add_argument("--vocab_size", type=int, default=8192)
+  t.add_argument("--temperature", type=float, default=3.33)
+  t.add_argument("--max_sentences", type=int, default=2_000_000)
+  t.add_argument("--seed", type=int, default=0)
+  p = sub.add_parser("parity", help="tokens per byte/char per language")
+  p.add_argument("--vocab", default=None, help="a .model file (default: the shipped one)")
+  p.add_argument("--split", default="validation", choices=("train", "validation"))
+  p.add_argument("--input", action="append", default=[], help="lang=GLOB instead of the corpus")
+  p.add_argument("--markdown", default="", help="also write the table to this file")
+  args = parser.parse_args(argv)
+  try:
+    if args.command == "train":
+      files = expand_globs(_parse_inputs(args.input))
+      path = train_vocab(
+          files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed
+      )
+      counts = {lang: sum(len(read_lines(f)) for f in fs) for lang, fs in files.items()}
+      rates = sampling_rates(counts, args.temperature)
+      for lang in files:
+        print(f"{lang}: {counts[lang]} lines, share {rates[lang]:.3f}")
+      print(f"wrote {path}")
+    else:
+      vocab_path = args.vocab or embedded_vocab_path()
+      if args.input:
+        files, parallel = expand_globs(_parse_inputs(args.input)), None
+      else:
+        files, parallel = embedded_files(args.split), embedded_parallel(args.split)
+      texts = {lang: [ln for f in fs for ln in read_lines(f)] for lang, fs in files.items()}
+      table = format_parity_table(parity_report(vocab_path, texts, parallel))
+      print(table)
+      if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+          f.write(table + "\n")
+  except VocabError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
