@@ -1,0 +1,74 @@
+"""The shared command line of the three loops: --config FILE[:arg] --workdir DIR [--config.K=V].
+
+Bad input ends in one line on stderr naming the problem and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+EXPECTED_ERRORS = ("ConfigError", "DataError", "VocabError", "CheckpointError",
+                   "FloatingPointError", "IllegalFlagValueError", "UnrecognizedFlagError",
+                   "FlagsError", "UnparsedFlagAccessError")
+
+
+def _one_line(e: BaseException) -> str:
+  msg = str(e).strip().splitlines()
+  return msg[0] if msg else type(e).__name__
+
+
+def parse(argv, doc: str):
+  """Parses flags; returns (config, workdir). Exits 2 with one line on bad flags or config."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  fl = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+                                  lock_config=True, flag_values=fl)
+  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.",
+                      flag_values=fl)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(doc.strip())
+    sys.exit(0)
+  try:
+    cfg_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
+    if cfg_arg is None and "--config" in argv:
+      cfg_arg = argv[argv.index("--config") + 1]
+    if cfg_arg is not None:
+      path = cfg_arg.split(":", 1)[0]
+      if not os.path.exists(path):
+        fail(f"config file {path!r} does not exist; pass --config configs/<name>.py")
+    fl(argv)
+  except flags.Error as e:
+    fail(f"{_one_line(e)} (see --help; override existing keys only, e.g. --config.train.steps=10)")
+  if fl.config is None:
+    fail("--config is required, e.g. --config configs/tiny.py")
+  if not fl.workdir:
+    fail("--workdir is required, e.g. --workdir workdirs/run1")
+  return fl.config, fl.workdir
+
+
+def fail(msg: str, code: int = 2):
+  print(f"xlingo: error: {msg}", file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def run_main(argv, doc: str, body) -> None:
+  """Parse flags and call ``body(config, workdir)``, turning known errors into one line."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  config, workdir = parse(argv, doc)
+  try:
+    body(config, workdir)
+  except Exception as e:  # noqa: BLE001
+    if type(e).__name__ in EXPECTED_ERRORS or isinstance(e, ValueError) and _is_ours(e):
+      code = 3 if isinstance(e, FloatingPointError) else 2
+      fail(_one_line(e), code)
+    raise
+
+
+def _is_ours(e: BaseException) -> bool:
+  tb = e.__traceback__
+  while tb is not None and tb.tb_next is not None:
+    tb = tb.tb_next
+  return tb is not None and "xlingo" in tb.tb_frame.f_code.co_filename
