@@ -124,9 +124,10 @@ def make_train_step(objective: Objective, model, config, tx, byte_table, num_lan
 
       def body(carry, xs):
         mb, i = xs
-        (l, s), g = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        acc_l, acc_s, acc_g = carry
-        return (acc_l + l, jax.tree.map(jnp.add, acc_s, s), jax.tree.map(jnp.add, acc_g, g)), None
+        (mb_loss, mb_sums), mb_grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        acc_loss, acc_sums, acc_grads = carry
+        return (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_sums, mb_sums),
+                jax.tree.map(jnp.add, acc_grads, mb_grads)), None
 
       first = jax.tree.map(lambda x: x[0], mbs)
       (l0, s0), g0 = grad_fn(state.params, first, rng)
@@ -302,7 +303,6 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   batch_sh = sharding.batch_sharding(s.mesh)
   step_fn = make_train_step(objective, s.model, config, s.factory.tx, s.byte_table, num_langs)
   eval_fn = make_eval_step(objective, s.model, config, s.byte_table, num_langs)
-  local_b = inputs.local_batch_size(t.batch_size)
   abstract_batch = {
       k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),
                               jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
