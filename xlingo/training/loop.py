@@ -39,6 +39,8 @@ class StepContext:
   model: Any
   config: Any
   deterministic: bool
+  # The state's step (a traced int32) inside the train step, for loss schedules; None in eval.
+  step: Any = None
 
 
 # loss_fn(ctx, params, batch, rng, extra) -> (loss_sum, aux). ``loss_sum`` is summed over
@@ -111,8 +113,10 @@ def make_train_step(objective: Objective, model, config, tx, byte_table, num_lan
     rng = jax.random.fold_in(base_rng, state.step)
     total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
+    step_ctx = dataclasses.replace(ctx, step=state.step)
+
     def micro_loss(params, mb, r):
-      loss_sum, aux = objective.loss_fn(ctx, params, mb, r, extra)
+      loss_sum, aux = objective.loss_fn(step_ctx, params, mb, r, extra)
       return loss_sum / total_weight, _sums(aux, mb, byte_table, num_langs)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
