@@ -58,13 +58,51 @@ def run_main(argv, doc: str, body) -> None:
   """Parse flags and call ``body(config, workdir)``, turning known errors into one line."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   config, workdir = parse(argv, doc)
+  maybe_initialize_distributed()
+  run_body(lambda: body(config, workdir))
+
+
+def run_body(body) -> None:
+  """Call ``body()``, turning known errors into one line on stderr (exit 2, or 3 for NaN)."""
   try:
-    body(config, workdir)
+    body()
   except Exception as e:  # noqa: BLE001
     if type(e).__name__ in EXPECTED_ERRORS or isinstance(e, ValueError) and _is_ours(e):
       code = 3 if isinstance(e, FloatingPointError) else 2
       fail(_one_line(e), code)
     raise
+
+
+def maybe_initialize_distributed() -> bool:
+  """Join a multi-process run (``jax.distributed.initialize``) when the environment asks for it.
+
+  Must run before anything touches the devices. Explicit: XLINGO_COORDINATOR=host:port,
+  XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID (any platform; on CPU the collectives go through
+  gloo). Automatic: XLINGO_DISTRIBUTED=1, or a TPU VM whose TPU_WORKER_HOSTNAMES lists more
+  than one host, where JAX finds the coordinator and process index itself. Returns True when
+  this process is (now) part of a multi-process run.
+  """
+  import jax
+
+  if jax.distributed.is_initialized():
+    return True
+  env = os.environ
+  coordinator = env.get("XLINGO_COORDINATOR", "")
+  if coordinator:
+    try:
+      num, pid = int(env["XLINGO_NUM_PROCESSES"]), int(env["XLINGO_PROCESS_ID"])
+    except (KeyError, ValueError):
+      fail("XLINGO_COORDINATOR is set, so XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID must be "
+           "integers too")
+    # Only the CPU client reads this; without it CPU collectives across processes fail.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+    return True
+  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+  if env.get("XLINGO_DISTRIBUTED") == "1" or len(hosts) > 1:
+    jax.distributed.initialize()
+    return True
+  return False
 
 
 def _is_ours(e: BaseException) -> bool:
