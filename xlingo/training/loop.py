@@ -187,6 +187,31 @@ def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
   return out
 
 
+def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extra) -> dict:
+  """val/loss[/<lang>] and val/bpb[/<lang>] over fixed per-language validation batches.
+
+  ``eval_step`` is the jitted :func:`make_eval_step`; ``val_batches`` maps a language to its
+  host batches (``inputs.eval_batches``). Each language's sums count only its own tokens
+  (a batch of one language may hold a translation task's source tokens of another). Shared by
+  the loop's periodic evaluation and ``xlingo.evaluate``, so both report the same numbers.
+  """
+  num_langs = len(codes)
+  totals = None
+  for lang, batches in val_batches.items():
+    lang_tot = None
+    for b in batches:
+      r = eval_step(params, pipeline.to_global(b, batch_sh), extra)
+      lang_tot = r if lang_tot is None else jax.tree.map(jnp.add, lang_tot, r)
+    if lang_tot is None:
+      continue
+    lang_tot = jax.device_get(lang_tot)
+    mask = np.zeros(num_langs, bool)
+    mask[codes.index(lang)] = True
+    masked = {k: np.where(mask, v, 0) for k, v in lang_tot.items()}
+    totals = masked if totals is None else {k: totals[k] + masked[k] for k in totals}
+  return {} if totals is None else language_scalars(totals, codes, prefix="val/")
+
+
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
@@ -328,24 +353,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
                  for lang in s.plan.lm_tasks}
 
   def evaluate(params) -> dict:
-    totals = None
-    out = {}
-    for lang, batches in val_batches.items():
-      lang_tot = None
-      for b in batches:
-        r = eval_step(params, pipeline.to_global(b, batch_sh), extra)
-        lang_tot = r if lang_tot is None else jax.tree.map(jnp.add, lang_tot, r)
-      if lang_tot is None:
-        continue
-      lang_tot = jax.device_get(lang_tot)
-      idx = codes.index(lang)
-      mask = np.zeros(num_langs, bool)
-      mask[idx] = True
-      masked = {k: np.where(mask, v, 0) for k, v in lang_tot.items()}
-      totals = masked if totals is None else {k: totals[k] + masked[k] for k in totals}
-    if totals is not None:
-      out.update(language_scalars(totals, codes, prefix="val/"))
-    return out
+    return evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra)
 
   writer = metrics.MetricWriter(workdir)
   progress = metrics.Progress(t.steps, start)
