@@ -1,0 +1,1 @@
+"""The Flax decoder and its attention."""

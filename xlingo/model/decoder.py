@@ -1,0 +1,350 @@
+"""The decoder-only language model: token + language embeddings, pre-norm blocks, LID head.
+
+Block: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). Rotary positions come from the
+batch's ``positions`` (position within a packed segment), so packed documents each start at
+0. A language-embedding row (``lang_ids`` index ``config.data.languages``) is added to every
+token embedding, which lets generation be steered to a language by the ids passed each step.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mesh rules
+in ``config.mesh.rules`` decide how they are sharded (see ``xlingo.sharding``). With
+``scan_layers`` the blocks are one ``nn.scan`` whose parameters have a leading ``layers``
+axis, which keeps compile time flat in depth.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import linen as nn
+
+from xlingo.model.attention import BTD, Attention
+
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _kernel_init(in_axis=0, out_axis=-1):
+  return nn.initializers.variance_scaling(
+      1.0, "fan_in", "truncated_normal", in_axis=in_axis, out_axis=out_axis
+  )
+
+
+class RMSNorm(nn.Module):
+  """RMS normalisation in float32 with a learned per-feature scale."""
+
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  eps: float = 1e-6
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    scale_d = self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+        (x_btd.shape[-1],),
+        self.param_dtype,
+    )
+    x = x_btd.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+    return (x * scale_d.astype(jnp.float32)).astype(self.dtype)
+
+
+class SwiGluMlp(nn.Module):
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, f = cfg.d_model, cfg.mlp_dim
+    w_gate = self.param(
+        "gate", nn.with_logical_partitioning(_kernel_init(), ("embed", "mlp")), (d, f), param_dtype
+    )
+    w_up = self.param(
+        "up", nn.with_logical_partitioning(_kernel_init(), ("embed", "mlp")), (d, f), param_dtype
+    )
+    w_down = self.param(
+        "down", nn.with_logical_partitioning(_kernel_init(), ("mlp", "embed")), (f, d), param_dtype
+    )
+    gate_btf = jnp.einsum("btd,df->btf", x_btd, w_gate.astype(dtype))
+    up_btf = jnp.einsum("btd,df->btf", x_btd, w_up.astype(dtype))
+    h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
+    out_btd = jnp.einsum("btf,fd->btd", h_btf, w_down.astype(dtype))
+    return nn.with_logical_constraint(out_btd, BTD)
+
+
+class DecoderBlock(nn.Module):
+  """One pre-norm transformer block. Returns ``(x, None)`` so it can be the body of nn.scan."""
+
+  config: ml_collections.ConfigDict
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+    cfg = self.config
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    h_btd = RMSNorm(dtype, param_dtype, name="attn_norm")(x_btd)
+    h_btd = Attention(cfg, decode=self.decode, name="attn")(h_btd, segment_ids_bt, positions_bt)
+    h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
+    x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
+    h_btd = RMSNorm(dtype, param_dtype, name="mlp_norm")(x_btd)
+    h_btd = SwiGluMlp(cfg, name="mlp")(h_btd)
+    h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
+    x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
+    return x_btd, None
+
+
+class DecoderStack(nn.Module):
+  """The blocks, scanned or unrolled, with the configured rematerialisation."""
+
+  config: ml_collections.ConfigDict
+
+  @nn.compact
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, deterministic: bool, decode: bool):
+    cfg = self.config
+    block_cls = DecoderBlock
+    # Decoding computes no gradients, so remat would only cost time there.
+    if cfg.remat_policy != "none" and not decode:
+      if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(
+            f"model.remat_policy={cfg.remat_policy!r}; use one of none, "
+            + ", ".join(REMAT_POLICIES)
+        )
+      # prevent_cse is only needed outside scan (scan already stops XLA from merging the
+      # recomputation with the forward pass).
+      block_cls = nn.remat(
+          block_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
+      )
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block_cls,
+          variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )
+      x_btd, _ = stack(cfg, deterministic=deterministic, decode=decode, name="layers")(
+          x_btd, segment_ids_bt, positions_bt
+      )
+    else:
+      for i in range(cfg.num_layers):
+        x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
+            x_btd, segment_ids_bt, positions_bt
+        )
+    return x_btd
+
+
+class Decoder(nn.Module):
+  """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``)."""
+
+  config: ml_collections.ConfigDict
+
+  def setup(self):
+    cfg = self.config
+    param_dtype = jnp.dtype(cfg.param_dtype)
+    d = cfg.d_model
+    # Unit-variance rows: the first RMSNorm sees O(1) inputs; the tied output projection
+    # divides by sqrt(d) to keep the initial logits O(1).
+    self.token_embedding = self.param(
+        "token_embedding",
+        nn.with_logical_partitioning(nn.initializers.normal(1.0), ("vocab", "embed")),
+        (cfg.vocab_size, d),
+        param_dtype,
+    )
+    if cfg.use_lang_emb:
+      # Smaller than the token rows, so that at the start the language signal shifts the
+      # token embedding rather than drowning it.
+      self.lang_embedding = self.param(
+          "lang_embedding",
+          nn.with_logical_partitioning(nn.initializers.normal(0.1), ("languages", "embed")),
+          (cfg.num_languages, d),
+          param_dtype,
+      )
+    if not cfg.tie_embeddings:
+      self.output_kernel = self.param(
+          "output_kernel",
+          nn.with_logical_partitioning(_kernel_init(), ("embed", "vocab")),
+          (d, cfg.vocab_size),
+          param_dtype,
+      )
+    if cfg.lid_head:
+      self.lid_kernel = self.param(
+          "lid_kernel",
+          nn.with_logical_partitioning(_kernel_init(), ("embed", "languages")),
+          (d, cfg.num_languages),
+          param_dtype,
+      )
+      self.lid_bias = self.param(
+          "lid_bias",
+          nn.with_logical_partitioning(nn.initializers.zeros_init(), ("languages",)),
+          (cfg.num_languages,),
+          param_dtype,
+      )
+    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.blocks = DecoderStack(cfg)
+    self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype)
+
+  def __call__(
+      self,
+      inputs,
+      segment_ids=None,
+      positions=None,
+      lang_ids=None,
+      *,
+      deterministic: bool = True,
+      decode: bool = False,
+      return_hidden: bool = False,
+  ):
+    """Runs the model on int32 ``inputs`` [B, T].
+
+    Args:
+      inputs: token ids, shifted right within each packed segment.
+      segment_ids: 1.. per packed segment, 0 = padding; None means one segment per row.
+      positions: position within the segment; None means 0..T-1 (or, when decoding, the
+        cache index onwards).
+      lang_ids: language index per token; None means language 0. Ignored without
+        ``use_lang_emb``.
+      deterministic: False enables dropout (rng collection 'dropout').
+      decode: use and update the 'cache' collection (KV cache); see ``init_cache``.
+      return_hidden: return the final-norm hidden states instead of the logits, so a loss
+        can project onto the vocabulary in chunks with ``logits_from_hidden``.
+
+    Returns:
+      ``(logits_btv float32, lid_logits_btl float32 or None)``, or with ``return_hidden``
+      ``(hidden_btd, lid_logits_btl or None)``.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    batch, length = inputs.shape
+    # Gather whole rows: like any FSDP weight, the table is all-gathered over its 'embed'
+    # shards before use. Left to itself, SPMD gathers embed-sharded rows and then fully
+    # replicates them to reach the batch-sharded activation layout.
+    table_vd = nn.with_logical_constraint(self.token_embedding, ("vocab", None))
+    x_btd = jnp.take(table_vd, inputs, axis=0).astype(dtype)
+    if cfg.use_lang_emb:
+      if lang_ids is None:
+        lang_ids = jnp.zeros_like(inputs)
+      lang_table_ld = nn.with_logical_constraint(self.lang_embedding, ("languages", None))
+      x_btd = x_btd + jnp.take(lang_table_ld, lang_ids, axis=0).astype(dtype)
+    x_btd = nn.with_logical_constraint(x_btd, BTD)
+    x_btd = self.embed_dropout(x_btd, deterministic=deterministic)
+
+    if segment_ids is None:
+      segment_ids = jnp.ones((batch, length), jnp.int32)
+    if positions is None and not decode:
+      positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    x_btd = self.blocks(x_btd, segment_ids, positions, deterministic, decode)
+    hidden_btd = self.final_norm(x_btd)
+
+    lid_logits_btl = None
+    if cfg.lid_head:
+      lid_logits_btl = (
+          jnp.einsum(
+              "btd,dl->btl",
+              hidden_btd,
+              self.lid_kernel.astype(dtype),
+              preferred_element_type=jnp.float32,
+          )
+          + self.lid_bias.astype(jnp.float32)
+      )
+    if return_hidden:
+      return hidden_btd, lid_logits_btl
+    return self.logits_from_hidden(hidden_btd), lid_logits_btl
+
+  def logits_from_hidden(self, hidden_btd: jax.Array) -> jax.Array:
+    """The output projection: hidden [..., D] → float32 logits [..., V].
+
+    Works on any leading shape, so a loss can call it on slices of the sequence.
+    """
+    cfg = self.config
+    dtype = jnp.dtype(cfg.dtype)
+    hidden_btd = hidden_btd.astype(dtype)
+    if cfg.tie_embeddings:
+      logits_btv = jnp.einsum(
+          "...d,vd->...v",
+          hidden_btd,
+          self.token_embedding.astype(dtype),
+          preferred_element_type=jnp.float32,
+      ) * (cfg.d_model**-0.5)
+    else:
+      logits_btv = jnp.einsum(
+          "...d,dv->...v",
+          hidden_btd,
+          self.output_kernel.astype(dtype),
+          preferred_element_type=jnp.float32,
+      )
+    if logits_btv.ndim == 3:
+      logits_btv = nn.with_logical_constraint(logits_btv, BTV)
+    return logits_btv
+
+
+def init_cache(model: Decoder, batch_size: int) -> dict:
+  """A zeroed KV cache ('cache' collection) for decoding ``batch_size`` rows.
+
+  Traced abstractly, so no parameters are materialised. Thread it through
+  ``model.apply({'params': p, 'cache': c}, tok_b1, ..., decode=True, mutable=['cache'])``.
+  """
+  inputs = jnp.zeros((batch_size, 1), jnp.int32)
+  shapes = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), inputs, decode=True)["cache"]
+  )
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def _matmul_params_per_layer(cfg) -> int:
+  d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  attention = d * n * h + 2 * d * k * h + n * h * d
+  mlp = 3 * d * f
+  return attention + mlp
+
+
+def param_count(model_cfg: ml_collections.ConfigDict) -> int:
+  """Exact number of parameters the Decoder creates for this config."""
+  cfg = model_cfg
+  d = cfg.d_model
+  per_layer = _matmul_params_per_layer(cfg) + 2 * d  # + the two RMSNorm scales
+  total = cfg.vocab_size * d + cfg.num_layers * per_layer + d  # + final norm
+  if cfg.use_lang_emb:
+    total += cfg.num_languages * d
+  if not cfg.tie_embeddings:
+    total += d * cfg.vocab_size
+  if cfg.lid_head:
+    total += d * cfg.num_languages + cfg.num_languages
+  return total
+
+
+def flops_per_token(
+    model_cfg: ml_collections.ConfigDict, seq_len: int, *, halve_causal: bool = True
+) -> float:
+  """Training FLOPs per token (forward + backward) of the model's matmuls.
+
+  flops = 6 * N_mm + A, where
+
+  - N_mm = num_layers * (d*n*h + 2*d*k*h + n*h*d + 3*d*mlp) + d*vocab (+ d*languages with
+    the LID head): every weight that multiplies activations, the output projection included
+    (tied or not); embedding lookups and norms are not matmuls and are not counted.
+    6 = 2 (multiply-add) * 3 (forward, and two matmuls in the backward pass).
+  - A = 12 * num_layers * (n*h) * seq_len for QK^T and AV (2 matmuls * 2 * 3), halved by
+    default because a causal query attends on average to about half the keys. PaLM's MFU
+    convention does not halve; pass ``halve_causal=False`` for that number. Packing makes
+    the real attention work smaller still (segments are shorter than rows); that is not
+    modelled: the kernels compute full causal rows anyway.
+  """
+  cfg = model_cfg
+  n_mm = cfg.num_layers * _matmul_params_per_layer(cfg) + cfg.d_model * cfg.vocab_size
+  if cfg.lid_head:
+    n_mm += cfg.d_model * cfg.num_languages
+  attention = 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+  if halve_causal:
+    attention /= 2.0
+  return 6.0 * n_mm + attention

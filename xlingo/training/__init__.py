@@ -1,0 +1,1 @@
+"""Training: losses, state, the loop."""
