@@ -33,6 +33,9 @@ class InputPlan:
   rates: dict
   mixture: str
   seq_len: int
+  # lang -> task name for validation: every language of data.languages that has data, so a
+  # run on some languages (adaptation) still reports what happens to the others
+  eval_tasks: dict = dataclasses.field(default_factory=dict)
 
   def table_text(self, run_tokens: float) -> str:
     return mixing.format_table(self.stats, self.rates, run_tokens)
@@ -113,9 +116,11 @@ def plan_inputs(config) -> InputPlan:
       stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
       unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}))
   mixture = mixing.register_mixture(rates)
+  eval_tasks = {lang: reg.lm[lang] for lang in d.languages if lang in reg.lm}
+  eval_tasks.update(lm_tasks)
   return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path, lm_tasks=lm_tasks,
                    mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
-                   seq_len=d.seq_len)
+                   seq_len=d.seq_len, eval_tasks=eval_tasks)
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -137,7 +142,7 @@ def train_iterator(plan: InputPlan, config) -> pipeline.PackedIterator:
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:
   """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled)."""
-  name = plan.lm_tasks[lang]
+  name = (plan.eval_tasks or plan.lm_tasks)[lang]
   if "validation" not in seqio.get_mixture_or_task(name).splits:
     return []
   ds = pipeline.mixture_dataset(name, split="validation", seed=0, shuffle=False,

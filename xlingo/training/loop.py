@@ -61,6 +61,10 @@ class Objective:
   check_config: Callable[..., None] | None = None
   # after each evaluation: (step, val_metrics) -> True to save a 'best' copy (early stopping)
   on_eval: Callable[..., bool] | None = None
+  # after each evaluation (and on_eval): () -> True ends the run there (early stopping)
+  should_stop: Callable[[], bool] | None = None
+  # parameters added beside the model's (e.g. LoRA factors); see state.ParamExtension
+  param_extension: state_lib.ParamExtension | None = None
 
 
 def lm_loss(ctx: StepContext, params, batch, rng, extra):
@@ -278,13 +282,14 @@ class Setup:
   byte_table: jax.Array
 
 
-def build(config) -> Setup:
+def build(config, objective: Objective | None = None) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
   model = decoder_lib.Decoder(config.model)
   plan = inputs.plan_inputs(config)
-  factory = state_lib.StateFactory(model, config, mesh, rules)
+  factory = state_lib.StateFactory(model, config, mesh, rules,
+                                   objective.param_extension if objective else None)
   byte_table = jnp.asarray(pipeline.vocab_byte_lengths(plan.vocab))
   return Setup(config, mesh, rules, model, plan, factory, byte_table)
 
@@ -295,7 +300,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   if objective.check_config:
     objective.check_config(config)
   check_workdir(workdir)
-  s = build(config)
+  s = build(config, objective)
   t = config.train
   codes = s.plan.table.codes
   num_langs = len(codes)
@@ -320,9 +325,11 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
     metrics.console(f"resumed from {ckpts.directory} step {start}")
     metrics.truncate_jsonl_after(os.path.join(workdir, "metrics.jsonl"), start)
   elif config.checkpoint.init_from:
-    params = ckpt_lib.restore_params(config.checkpoint.init_from,
-                                     s.factory.abstract_with_shardings().params, config)
-    state, start = s.factory.from_params(params), 0
+    rng = jax.random.PRNGKey(t.seed)
+    params = ckpt_lib.restore_params(
+        config.checkpoint.init_from, s.factory.model_abstract_with_shardings(), config,
+        init_fresh=lambda name: s.factory.init_model_param(rng, name))
+    state, start = s.factory.from_model_params(params, rng), 0
     metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
   elif objective.initial_params is not None:
     state, start = s.factory.from_params(objective.initial_params(s.factory, config)), 0
@@ -350,7 +357,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   metrics.console(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_src})")
 
   val_batches = {lang: inputs.eval_batches(s.plan, config, lang, t.eval_batches)
-                 for lang in s.plan.lm_tasks}
+                 for lang in s.plan.eval_tasks}
 
   def evaluate(params) -> dict:
     return evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra)
@@ -425,6 +432,10 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
         metrics.console(f"step {step:>6} | " + _val_summary(val, codes))
         if objective.on_eval is not None and objective.on_eval(step, val):
           _save_best(workdir, config, state, step)
+        if objective.should_stop is not None and objective.should_stop() and not is_last:
+          metrics.console(f"xlingo: {objective.name} stops early at step {step}")
+          ckpts.save(step, state, train_it, force=True)
+          break
         t_window = time.perf_counter()
       if save_now:
         ckpts.save(step, state, train_it, force=True)

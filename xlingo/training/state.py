@@ -105,15 +105,35 @@ def tree_shardings_like(tree_abstract, params_abstract, param_shardings, mesh):
   return jax.tree_util.tree_map_with_path(pick, tree_abstract)
 
 
+class ParamExtension:
+  """Parameters an objective adds beside the model's (e.g. LoRA factors), as top-level keys.
+
+  ``abstract(boxed_model_params) -> {key: boxed tree}`` gives their shapes and logical axes;
+  ``init(rng, abstract_unboxed) -> {key: tree}`` their initial values. They are not in an
+  ``init_from`` checkpoint: a run starting from one initialises them fresh.
+  """
+
+  def abstract(self, boxed_params) -> dict:
+    raise NotImplementedError
+
+  def init(self, rng, abstract) -> dict:
+    raise NotImplementedError
+
+
 class StateFactory:
   """Builds the abstract state, its shardings and the initialised state for one model."""
 
-  def __init__(self, model: nn.Module, config, mesh, rules):
+  def __init__(self, model: nn.Module, config, mesh, rules,
+               extension: ParamExtension | None = None):
     self.model = model
     self.config = config
     self.mesh = mesh
     self.rules = rules
+    self.extension = extension
     boxed = sharding.abstract_params(model, config.model, 8)
+    self.model_keys = tuple(boxed)  # top-level keys that the model itself owns
+    if extension is not None:
+      boxed = {**boxed, **extension.abstract(boxed)}
     self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
     self.params_abstract = nn.unbox(boxed)
     self.tx = make_optimizer(config.train, self.params_abstract)
@@ -127,10 +147,16 @@ class StateFactory:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=self.tx.init(params))
 
+  def _extension_init(self, rng) -> dict:
+    if self.extension is None:
+      return {}
+    ext = {k: v for k, v in self.params_abstract.items() if k not in self.model_keys}
+    return self.extension.init(jax.random.fold_in(rng, 1), ext)
+
   def init(self, rng) -> TrainState:
     def init_fn(r):
       params = nn.unbox(sharding._init_variables(self.model, r, 8)["params"])
-      return self._init_from_params(params)
+      return self._init_from_params({**params, **self._extension_init(r)})
 
     with sharding.mesh_context(self.mesh, self.rules):
       return jax.jit(init_fn, out_shardings=self.shardings)(rng)
@@ -139,6 +165,27 @@ class StateFactory:
     """A fresh optimizer state around given (already placed) params."""
     with sharding.mesh_context(self.mesh, self.rules):
       return jax.jit(self._init_from_params, out_shardings=self.shardings)(params)
+
+  def init_model_param(self, rng, name: str) -> jax.Array:
+    """One top-level model parameter, freshly initialised and placed (the rest is not built)."""
+    def init_fn(r):
+      return nn.unbox(sharding._init_variables(self.model, r, 8)["params"])[name]
+
+    with sharding.mesh_context(self.mesh, self.rules):
+      return jax.jit(init_fn, out_shardings=self.param_shardings[name])(rng)
+
+  def from_model_params(self, params, rng) -> TrainState:
+    """Like ``from_params`` for params of the model only: the extension's are initialised."""
+    def fn(p, r):
+      return self._init_from_params({**p, **self._extension_init(r)})
+
+    with sharding.mesh_context(self.mesh, self.rules):
+      return jax.jit(fn, out_shardings=self.shardings)(params, rng)
+
+  def model_abstract_with_shardings(self):
+    """The model's own params (no extension) as sharded ShapeDtypeStructs."""
+    params = self.abstract_with_shardings().params
+    return {k: v for k, v in params.items() if k in self.model_keys}
 
   def abstract_with_shardings(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
