@@ -13,6 +13,8 @@ be read is reported and the previous one is used; nothing is ever deleted by a r
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -70,7 +72,7 @@ def model_fingerprint(config) -> dict:
   return {k: m[k] for k in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
                             "head_dim", "mlp_dim", "num_languages", "use_lang_emb",
                             "tie_embeddings", "lid_head", "scan_layers")} | {
-      "languages": list(config.data.languages)}
+      "languages": list(config.data.languages), "vocab_sha1": vocab_sha1(config)}
 
 
 class Checkpoints:
@@ -151,21 +153,140 @@ class Checkpoints:
     self.manager.close()
 
 
-def restore_params(path: str, abstract_params, config=None):
-  """Parameters only from another run's checkpoint (``init_from``): a workdir or a step dir."""
+# Parameters with a language axis (name -> axis): a checkpoint with fewer languages grows them.
+LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
+# Fingerprint keys that may differ for init_from: languages may be appended.
+_GROWABLE = ("languages", "num_languages")
+
+
+def vocab_sha1(config) -> str | None:
+  """SHA-1 of the SentencePiece model file the config uses (None if it cannot be read)."""
+  from xlingo.data import vocab as xvocab
+
+  path = config.data.get("vocab_path", "") or xvocab.embedded_vocab_path()
+  return _file_sha1(os.path.abspath(os.path.expanduser(path)))
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha1(path: str) -> str | None:
+  try:
+    with open(path, "rb") as f:
+      return hashlib.sha1(f.read()).hexdigest()
+  except OSError:
+    return None
+
+
+def restore_params(path: str, abstract_params, config=None, init_fresh=None):
+  """Parameters only from another run's checkpoint (``init_from``): a workdir or a step dir.
+
+  The checkpoint's model must match ``config.model`` except for the number of languages:
+  ``config.data.languages`` may append languages to the checkpoint's (never reorder them);
+  the rows (or columns) of language-indexed parameters for the new languages then come from
+  ``init_fresh(name)`` (a freshly initialised parameter) and everything else is loaded.
+  """
   path = os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
   step_dir = _resolve_step_dir(path)
-  meta_path = os.path.join(step_dir, "meta", "metadata")
-  if config is not None and os.path.exists(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    want = model_fingerprint(config)
-    if meta.get("vocab_size") != want["vocab_size"]:
+  meta = _read_json(os.path.join(step_dir, "meta", "metadata"))
+  old_langs = None
+  if config is not None and meta:
+    _check_init_from_meta(meta, config, step_dir)
+    old_langs = meta.get("num_languages")
+  saved = _saved_param_shapes(step_dir)
+  grow = {}
+  for name, axis in LANGUAGE_AXES.items():
+    if name in abstract_params and name in saved:
+      want, have = abstract_params[name].shape, saved[name]
+      if len(want) == len(have) and have[axis] < want[axis] and (
+          old_langs is None or have[axis] == old_langs):
+        grow[name] = (axis, have)
+  for key, have in saved.items():
+    want = _get_path(abstract_params, key)
+    if want is not None and key not in grow and tuple(want.shape) != tuple(have):
       raise CheckpointError(
-          f"init_from {step_dir}: vocabulary size {meta.get('vocab_size')} differs from "
-          f"model.vocab_size={want['vocab_size']}; the checkpoint needs its own vocabulary")
+          f"init_from {step_dir}: parameter {key} has shape {tuple(have)} in the checkpoint "
+          f"but {tuple(want.shape)} in this model; set model.* to match the checkpoint")
+  if grow and init_fresh is None:
+    raise CheckpointError(f"init_from {step_dir}: the checkpoint has fewer languages than "
+                          "model.num_languages and no initialiser was given for the new ones")
+  target = {"params": {k: v for k, v in abstract_params.items() if k not in grow}}
+  restored = _restore_tree(step_dir, target)
+  params = dict(restored["params"])
+  for name, (axis, have) in grow.items():
+    full = abstract_params[name]
+    old_sds = jax.ShapeDtypeStruct(have, full.dtype, sharding=full.sharding)
+    old = _restore_tree(step_dir, {"params": {name: old_sds}})["params"][name]
+    fresh = init_fresh(name)
+    idx = [slice(None)] * len(full.shape)
+    idx[axis] = slice(have[axis], None)
+    params[name] = jax.jit(lambda o, f, a=axis, i=tuple(idx): jax.numpy.concatenate(
+        [o, f[i]], axis=a), out_shardings=full.sharding)(old, fresh)
+  return params
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_init_from_meta(meta: dict, config, step_dir: str) -> None:
+  want = model_fingerprint(config)
+  if meta.get("vocab_size") != want["vocab_size"]:
+    raise CheckpointError(
+        f"init_from {step_dir}: vocabulary size {meta.get('vocab_size')} differs from "
+        f"model.vocab_size={want['vocab_size']}; the checkpoint needs its own vocabulary")
+  if meta.get("vocab_sha1") and want.get("vocab_sha1") and meta["vocab_sha1"] != want[
+      "vocab_sha1"]:
+    raise CheckpointError(
+        f"init_from {step_dir}: the checkpoint was trained with a different vocabulary "
+        f"(SentencePiece model SHA-1 {meta['vocab_sha1'][:12]} vs {want['vocab_sha1'][:12]} of "
+        "data.vocab_path); set data.vocab_path to the checkpoint's vocabulary")
+  diff = {k: (meta[k], want[k]) for k in want
+          if k in meta and k not in _GROWABLE and k != "vocab_sha1" and meta[k] != want[k]}
+  if diff:
+    first = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
+    raise CheckpointError(f"init_from {step_dir} is from a different model ({first}); set "
+                          "model.* to match the checkpoint")
+  old = list(meta.get("languages") or [])
+  new = list(want["languages"])
+  if old and new[:len(old)] != old:
+    raise CheckpointError(
+        f"init_from {step_dir}: data.languages={tuple(new)} must start with the checkpoint's "
+        f"languages {tuple(old)} in that order (languages can only be appended: a language's "
+        "index is its row of the language embedding)")
+  if meta.get("num_languages", 0) > want["num_languages"]:
+    raise CheckpointError(
+        f"init_from {step_dir}: the checkpoint has num_languages={meta['num_languages']} but "
+        f"model.num_languages={want['num_languages']}; it can grow, not shrink")
+
+
+def _saved_param_shapes(step_dir: str) -> dict:
+  """'a/b/c' -> shape of every saved parameter, from the checkpoint's metadata."""
+  try:
+    md = ocp.PyTreeCheckpointer().metadata(os.path.join(step_dir, "state"))
+    tree = getattr(md, "item_metadata", md)
+    tree = getattr(tree, "tree", tree)
+    params = tree["params"]
+  except Exception:  # noqa: BLE001 - shapes are a courtesy check; restore still validates
+    return {}
+  out = {}
+  for p, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if hasattr(leaf, "shape") and leaf.shape is not None:
+      out["/".join(str(getattr(k, "key", k)) for k in p)] = tuple(leaf.shape)
+  return out
+
+
+def _get_path(tree, key: str):
+  for part in key.split("/"):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree
+
+
+def _restore_tree(step_dir: str, target):
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  target = {"params": abstract_params}
   try:
     restored = ckptr.restore(
         step_dir, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
@@ -175,7 +296,7 @@ def restore_params(path: str, abstract_params, config=None):
     raise CheckpointError(
         f"init_from {step_dir}: parameters do not match the model ({str(e).splitlines()[0]}); "
         "check that model.* matches the checkpoint's model") from None
-  return restored["state"]["params"]
+  return restored["state"]
 
 
 def _restore_arg(x):
