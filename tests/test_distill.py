@@ -1,0 +1,222 @@
+"""Distillation: the KL term, the frozen teacher, layer init, config checks, end to end, resume."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import distill_tiny, tiny
+from xlingo import distill, sharding
+from xlingo.config import ConfigError
+from xlingo.model import decoder as decoder_lib
+from xlingo.training import losses
+from xlingo.training.loop import StepContext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _np_log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _np_kl(t, s, w, tau, k):
+  t, s = t.astype(np.float64) / tau, s.astype(np.float64) / tau
+  log_q = _np_log_softmax(s)
+  if k:
+    idx = np.argsort(-t, axis=-1)[..., :k]
+    log_p = _np_log_softmax(np.take_along_axis(t, idx, -1))
+    log_q = np.take_along_axis(log_q, idx, -1)
+  else:
+    log_p = _np_log_softmax(t)
+  per = (np.exp(log_p) * (log_p - log_q)).sum(-1) * w
+  return per.sum(), per
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.5])
+@pytest.mark.parametrize("k", [None, 5])
+def test_kl_matches_numpy(tau, k):
+  rng = np.random.default_rng(0)
+  t = rng.normal(size=(2, 7, 33)).astype(np.float32) * 3
+  s = rng.normal(size=(2, 7, 33)).astype(np.float32) * 3
+  w = (rng.random((2, 7)) > 0.3).astype(np.float32)
+  kl_sum, per = losses.kl_divergence(jnp.asarray(t), jnp.asarray(s), jnp.asarray(w), tau, k)
+  ref_sum, ref_per = _np_kl(t, s, w, tau, k)
+  np.testing.assert_allclose(per, ref_per, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(kl_sum, ref_sum, rtol=1e-5)
+  assert np.all(np.asarray(per) >= -1e-6)
+  assert np.all(np.asarray(per)[w == 0] == 0)
+
+
+def test_kl_zero_when_student_is_teacher():
+  x = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 40)) * 4
+  w = jnp.ones((3, 5))
+  for tau in (1.0, 3.0):
+    kl_sum, per = losses.kl_divergence(x, x, w, tau)
+    np.testing.assert_allclose(per, 0.0, atol=1e-5)
+    assert abs(float(kl_sum)) < 1e-4
+  # top-k with k = V is the full KL; with k < V it is > 0 unless the student's mass is all on K.
+  np.testing.assert_allclose(losses.kl_divergence(x, x, w, 1.0, 40)[1], 0.0, atol=1e-5)
+  assert float(losses.kl_divergence(x, x, w, 1.0, 4)[0]) > 0
+
+
+def _tiny_models():
+  cfg = distill_tiny.get_config()
+  cfg.distill.teacher_model.dtype = "float32"
+  tm = cfg.distill.teacher_model
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.logical_rules(cfg.mesh)
+  teacher, student = decoder_lib.Decoder(tm), decoder_lib.Decoder(cfg.model)
+  tp = sharding.init_params(teacher, tm, mesh, rules, jax.random.PRNGKey(0), 8)
+  sp = sharding.init_params(student, cfg.model, mesh, rules, jax.random.PRNGKey(1), 8)
+  return cfg, teacher, student, tp, sp
+
+
+def _batch(vocab, b=8, length=16):
+  rng = np.random.default_rng(0)
+  toks = rng.integers(1, vocab, (b, length + 1)).astype(np.int32)
+  w = np.ones((b, length), np.float32)
+  w[:, -3:] = 0
+  return {"inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
+          "segment_ids": jnp.ones((b, length), jnp.int32),
+          "positions": jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)),
+          "lang_ids": jnp.asarray(rng.integers(0, 9, (b, length)).astype(np.int32)),
+          "loss_weights": jnp.asarray(w)}
+
+
+def test_no_gradient_reaches_the_teacher():
+  cfg, teacher, student, tp, sp = _tiny_models()
+  ctx = StepContext(model=student, config=cfg, deterministic=True, step=jnp.int32(0))
+  batch = _batch(cfg.model.vocab_size)
+  rng = jax.random.PRNGKey(0)
+
+  def loss(tparams, sparams):
+    return distill.distill_loss(teacher, ctx, sparams, batch, rng, {"teacher_params": tparams})[0]
+
+  g_teacher, g_student = jax.grad(loss, argnums=(0, 1))(tp, sp)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
+  assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_student))
+  # The loss is alpha * tau^2 * KL + (1 - alpha) * CE, and aux 'loss' is the plain CE.
+  total, aux = distill.distill_loss(teacher, ctx, sp, batch, rng, {"teacher_params": tp})
+  d = cfg.distill
+  want = d.alpha * d.temperature**2 * aux["kl_sum"] + (1 - d.alpha) * aux["ce_sum"]
+  np.testing.assert_allclose(total, want, rtol=1e-6)
+  np.testing.assert_allclose(aux["per_token"]["loss"].sum(), aux["ce_sum"], rtol=1e-6)
+
+
+def test_linear_schedule():
+  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(0), 10)) == pytest.approx(0.8)
+  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(5), 10)) == pytest.approx(0.5)
+  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(20), 10)) == pytest.approx(0.2)
+  assert float(distill.scheduled(0.8, 0.2, "constant", jnp.int32(5), 10)) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("student_scan", [True, False])
+def test_student_from_teacher_layers(student_scan):
+  cfg, _, student, tp, sp = _tiny_models()
+  if not student_scan:
+    cfg.model.scan_layers = False
+    student = decoder_lib.Decoder(cfg.model)
+    sp = student.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
+    from flax import linen as nn
+
+    sp = nn.unbox(sp)
+  new = distill.student_from_teacher_layers(sp, tp, cfg.model, cfg.distill.teacher_model, (1,))
+  got = new["blocks"]["layers"] if student_scan else new["blocks"]["layers_0"]
+  t_layer1 = jax.tree.map(lambda x: x[1], tp["blocks"]["layers"])
+  if student_scan:
+    got = jax.tree.map(lambda x: x[0], got)
+  jax.tree.map(np.testing.assert_array_equal, got, t_layer1)
+  np.testing.assert_array_equal(new["token_embedding"], tp["token_embedding"])
+
+
+# --- end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  from xlingo.training import loop
+
+  d = str(tmp_path_factory.mktemp("teacher"))
+  c = tiny.get_config()
+  c.train.steps = 2
+  c.train.eval_every = 100
+  c.checkpoint.every_steps = 2
+  loop.run(c, d)
+  return d
+
+
+def _distill_config(teacher_dir, **over):
+  c = distill_tiny.get_config()
+  c.distill.teacher_workdir = teacher_dir
+  c.train.steps = 4
+  c.train.log_every = 2
+  c.train.eval_every = 4
+  c.checkpoint.every_steps = 2
+  for k, v in over.items():
+    sec, key = k.split("__")
+    c[sec][key] = v
+  return c
+
+
+def _final_params(workdir, step):
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)["params"]
+
+
+def test_config_errors(teacher_dir):
+  c = _distill_config(teacher_dir, model__vocab_size=4096)
+  with pytest.raises(ConfigError, match="vocabulary and language"):
+    distill.check_distill_config(c)
+  c = _distill_config(teacher_dir)
+  c.data.languages = tuple(reversed(c.data.languages))
+  with pytest.raises(ConfigError, match="languages"):
+    distill.check_distill_config(c)
+  c = _distill_config(teacher_dir, distill__teacher_model_source="config")
+  c.distill.teacher_model.d_model = 32
+  with pytest.raises(ConfigError, match="d_model: checkpoint 64"):
+    distill.check_distill_config(c)
+  # From the checkpoint the right shape is read, whatever teacher_model says.
+  c.distill.teacher_model_source = "checkpoint"
+  distill.check_distill_config(c)
+  assert distill.teacher_model_config(c).d_model == 64
+  c = _distill_config(teacher_dir, distill__init_from_teacher_layers=(0, 1))
+  with pytest.raises(ConfigError, match="num_layers=1"):
+    distill.check_distill_config(c)
+  with pytest.raises(ConfigError, match="holds no checkpoint"):
+    distill.teacher_step_dir(os.path.dirname(teacher_dir))
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path):
+  full = str(tmp_path / "full")
+  # Through the command line, with a linear alpha schedule, top-k and layer init.
+  distill.main(["xlingo.distill", "--config", os.path.join(ROOT, "configs/distill_tiny.py"),
+                "--workdir", full, f"--config.distill.teacher_workdir={teacher_dir}",
+                "--config.train.steps=4", "--config.checkpoint.every_steps=2",
+                "--config.train.eval_every=4", "--config.distill.schedule=linear",
+                "--config.distill.alpha_end=0.1", "--config.distill.top_k=16",
+                "--config.distill.init_from_teacher_layers=(1,)"])
+  with open(os.path.join(full, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f]
+  keys = set().union(*rows)
+  assert {"kl", "ce", "val/bpb", "kl/en", "loss/en", "val/kl/en", "val/bpb/de"} <= keys
+  assert all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
+  # The teacher is not part of the student's checkpoint.
+  params = _final_params(full, 4)
+  assert params["blocks"]["layers"]["mlp"]["gate"].shape[0] == 1
+
+  # Resume: drop the last checkpoint, run again to the same step count -> bitwise equal.
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(full, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+  c = _distill_config(teacher_dir, distill__schedule="linear", distill__alpha_end=0.1,
+                      distill__top_k=16, distill__init_from_teacher_layers=(1,))
+  distill.run(c, resumed)
+  again = _final_params(resumed, 4)
+  jax.tree.map(np.testing.assert_array_equal, params, again)
