@@ -142,9 +142,11 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *,
   if 1 + max(lengths) >= cache_len:
     raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room to generate within "
                      f"model.max_len={cache_len}; shorten the prompt")
-  total = min(1 + max(lengths) + int(max_len), cache_len)
-  prefill = 1 + min(lengths)
-  ends = np.asarray([min(1 + n_p + int(max_len), total) for n_p in lengths], np.int32)
+  # Sizes are rounded (the loop stops per row at ``ends`` anyway), so that batches of varied
+  # prompts reuse a few compiled loops: the prefill to a power of two, the buffer to 32.
+  total = min(-(-(1 + max(lengths) + int(max_len)) // 32) * 32, cache_len)
+  prefill = 1 << (1 + min(lengths)).bit_length() - 1
+  ends = np.asarray([min(1 + n_p + int(max_len), cache_len) for n_p in lengths], np.int32)
   tokens = np.zeros((n, total), np.int32)
   is_prompt = np.zeros((n, total), bool)
   lang_ids = np.zeros((n, total), np.int32)

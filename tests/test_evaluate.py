@@ -1,0 +1,66 @@
+"""xlingo.evaluate: the loop's validation numbers, translation scores, the transfer matrix."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from configs import tiny
+from xlingo import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_transfer_matrix_and_table_from_results():
+  codes = ("en", "de", "ja")
+  results = {
+      "de": {"step": 4, "metrics": {"val/bpb": 3.0, "val/bpb/en": 3.1, "val/bpb/de": 2.5,
+                                    "val/bpb/ja": 4.0}},
+      "ja": {"step": 4, "metrics": {"val/bpb": 3.2, "val/bpb/en": 3.3, "val/bpb/ja": 2.0,
+                                    "translate/en-ja/bleu": 1.5, "translate/en-ja/chrf": 9.0}},
+  }
+  t = evaluate.transfer_matrix(results, codes)
+  assert t["rows"] == ["de", "ja"] and t["cols"] == ["en", "de", "ja"]
+  assert t["values"][0] == [3.1, 2.5, 4.0]
+  assert math.isnan(t["values"][1][1])
+  text = evaluate.format_table({"results": results, "transfer": t}, codes)
+  assert "zero-shot transfer" in text and "1.5/9.0" in text
+
+
+def test_translation_pairs_both_directions_and_unknown():
+  cfg = tiny.get_config()
+  pairs = evaluate.translation_pairs(cfg, ["en-de", "de-en"], {})
+  assert pairs["en-de"][0] == pairs["de-en"][0][::-1]
+  with pytest.raises(evaluate.ConfigError, match="translate_tsv"):
+    evaluate.translation_pairs(cfg, ["de-fr"], {})
+
+
+@pytest.mark.slow
+def test_evaluate_matches_training_log(tmp_path):
+  workdir = str(tmp_path / "run")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-m", "xlingo.train", "--config", "configs/tiny.py",
+                  "--workdir", workdir, "--config.train.steps=2", "--config.train.eval_every=2",
+                  "--config.checkpoint.every_steps=2"], cwd=ROOT, env=env, check=True,
+                 capture_output=True)
+  logged = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+            if r["step"] == 2 and "val/bpb" in r][-1]
+  cfg = tiny.get_config()
+  out = str(tmp_path / "results.json")
+  report = evaluate.run(cfg, {"de": workdir, "ja": workdir}, translate_pairs=["en-de"],
+                        max_examples=4, output=out)
+  saved = json.load(open(out))
+  for label in ("de", "ja"):
+    m = saved["results"][label]["metrics"]
+    assert saved["results"][label]["step"] == 2
+    for lang in cfg.data.languages:
+      assert m[f"val/bpb/{lang}"] == pytest.approx(logged[f"val/bpb/{lang}"], rel=1e-5)
+    assert {"translate/en-de/bleu", "translate/en-de/chrf"} <= set(m)
+    tr = saved["results"][label]["translation"]["en-de"]
+    assert tr["examples"] + tr["skipped_too_long"] == 4 and tr["examples"] > 0
+  t = report["transfer"]
+  assert (len(t["values"]), len(t["values"][0])) == (2, len(cfg.data.languages))

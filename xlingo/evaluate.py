@@ -1,0 +1,275 @@
+"""Evaluate checkpoints: per-language validation loss and bits per byte, translation BLEU/chrF,
+and a zero-shot transfer matrix over several checkpoints.
+
+  python -m xlingo.evaluate --config configs/tiny.py --workdir /tmp/xlingo_tiny \
+      [--checkpoint STEP_DIR] [--output results.json] [--translate en-de,en-fr] \
+      [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
+
+Validation uses exactly the loop's evaluation (``loop.evaluate_batches`` over
+``inputs.eval_batches`` with ``train.eval_batches`` batches per language), so the numbers equal
+what training logged as val/* at the same step. Translation greedily continues each source
+sentence of the validation pairs in the target language (the source tokens carry the source
+language id, as in the conditional training tasks) and scores the outputs with sacrebleu.
+With ``--checkpoints LABEL=PATH,...`` every checkpoint is evaluated, and ``transfer`` holds the
+matrix of val/bpb: one row per checkpoint (the language it was trained or adapted on), one
+column per evaluated language.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from xlingo.config import ConfigError
+
+BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled loop serves all)
+
+
+# --- pieces ---------------------------------------------------------------------------------
+
+
+def resolve_step(path: str) -> tuple[str, int | None]:
+  """(step directory, step) of a workdir's latest checkpoint or of a step directory."""
+  from xlingo.training import checkpoints as ckpt_lib
+
+  step_dir = ckpt_lib._resolve_step_dir(os.path.abspath(os.path.expanduser(path)))
+  base = os.path.basename(step_dir.rstrip("/"))
+  return step_dir, int(base) if base.isdigit() else None
+
+
+def validation_metrics(s, config, params) -> dict:
+  """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them."""
+  from xlingo import sharding
+  from xlingo.data import inputs
+  from xlingo.training import loop
+
+  codes = s.plan.table.codes
+  eval_fn = loop.make_eval_step(loop.LM_OBJECTIVE, s.model, config, s.byte_table, len(codes))
+  # The languages the loop evaluates: every language with data once the plan lists them
+  # (``eval_tasks``), else the trained ones.
+  langs = getattr(s.plan, "eval_tasks", None) or s.plan.lm_tasks
+  val_batches = {lang: inputs.eval_batches(s.plan, config, lang, config.train.eval_batches)
+                 for lang in langs}
+  with sharding.mesh_context(s.mesh, s.rules):
+    return loop.evaluate_batches(jax.jit(eval_fn), params, val_batches, codes,
+                                 sharding.batch_sharding(s.mesh), {})
+
+
+def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
+  """{"src-tgt": [(source, reference)]} from --translate_tsv files or the embedded corpus."""
+  from xlingo.data import vocab as xvocab
+
+  embedded = xvocab.embedded_parallel("validation") if config.data.source == "embedded" else {}
+  out = {}
+  for pair in pairs:
+    if pair.count("-") != 1:
+      raise ConfigError(f"--translate {pair!r}: give pairs as SRC-TGT, e.g. en-de")
+    src, tgt = pair.split("-")
+    if pair in tsv:
+      out[pair] = xvocab.read_parallel(tsv[pair])
+    elif src == "en" and tgt in embedded:
+      out[pair] = embedded[tgt]
+    elif tgt == "en" and src in embedded:
+      out[pair] = [(x, e) for e, x in embedded[src]]
+    else:
+      raise ConfigError(f"--translate {pair}: no validation pairs (embedded: "
+                        f"{sorted('en-' + k for k in embedded)}); pass --translate_tsv "
+                        f"{pair}=FILE.tsv with source<TAB>target lines")
+  return out
+
+
+def translate_scores(s, params, examples, src: str, tgt: str, *, max_examples: int,
+                     max_new: int = 64) -> dict:
+  """Greedy translations of up to ``max_examples`` pairs, scored with BLEU and chrF."""
+  import sacrebleu
+
+  from xlingo import generate as gen
+
+  table, vocab, model = s.plan.table, s.plan.vocab, s.model
+  src_id, tgt_id = table.id(src), table.id(tgt)
+  room = int(model.config.max_len) - 2  # BOS and at least one generated token
+  rows, skipped = [], 0
+  for source, ref in examples[:max_examples]:
+    ids = list(vocab.encode(source))
+    if len(ids) > room:
+      skipped += 1
+      continue
+    rows.append((ids, ref))
+  hyps = []
+  for start in range(0, len(rows), BATCH_ROWS):
+    chunk = [ids for ids, _ in rows[start:start + BATCH_ROWS]]
+    padded = chunk + [chunk[0]] * (BATCH_ROWS - len(chunk))
+    out = gen.generate_ids(model, params, padded, tgt_id, max_len=max_new,
+                           prompt_lang_ids=src_id)
+    hyps += [vocab.decode(o) if o else "" for o in out[:len(chunk)]]
+  refs = [ref for _, ref in rows]
+  # Character-level BLEU tokenisation for Chinese and Japanese (no spaces between words).
+  tok = {"zh": "zh", "ja": "ja-mecab"}.get(tgt, "13a")
+  try:
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize=tok) if rows else None
+  except Exception:  # noqa: BLE001 - ja-mecab needs an optional package; fall back
+    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="char") if rows else None
+  chrf = sacrebleu.corpus_chrf(hyps, [refs]) if rows else None
+  return {"bleu": float(bleu.score) if bleu else float("nan"),
+          "chrf": float(chrf.score) if chrf else float("nan"),
+          "examples": len(rows), "skipped_too_long": skipped,
+          "samples": [{"source": examples[i][0], "reference": refs[i], "output": hyps[i]}
+                      for i in range(min(3, len(rows)))]}
+
+
+def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
+                        max_examples: int = 50, setup=None) -> dict:
+  """Everything for one checkpoint: {"path", "step", "metrics": {...}, "translation": {...}}."""
+  from xlingo.training import checkpoints as ckpt_lib
+  from xlingo.training import loop
+
+  step_dir, step = resolve_step(path)
+  s = setup or loop.build(config)
+  params = ckpt_lib.restore_params(step_dir, s.factory.abstract_with_shardings().params, config)
+  result = {"path": step_dir, "step": step, "metrics": validation_metrics(s, config, params)}
+  if translate:
+    result["translation"] = {}
+    for pair, examples in translate.items():
+      src, tgt = pair.split("-")
+      scores = translate_scores(s, params, examples, src, tgt, max_examples=max_examples)
+      result["translation"][pair] = scores
+      result["metrics"][f"translate/{pair}/bleu"] = scores["bleu"]
+      result["metrics"][f"translate/{pair}/chrf"] = scores["chrf"]
+  return result
+
+
+def transfer_matrix(results: dict, codes, metric: str = "val/bpb") -> dict:
+  """Rows: the checkpoints (trained-on labels); columns: evaluated languages."""
+  rows = list(results)
+  cols = [c for c in codes if any(f"{metric}/{c}" in r["metrics"] for r in results.values())]
+  values = [[results[r]["metrics"].get(f"{metric}/{c}", float("nan")) for c in cols]
+            for r in rows]
+  return {"metric": metric, "rows": rows, "cols": cols, "values": values}
+
+
+def format_table(report: dict, codes) -> str:
+  """Plain-text table: one row per checkpoint, val bpb per language, then translation scores."""
+  results = report["results"]
+  langs = [c for c in codes if any(f"val/bpb/{c}" in r["metrics"] for r in results.values())]
+  pairs = sorted({k.split("/")[1] for r in results.values() for k in r["metrics"]
+                  if k.startswith("translate/")})
+  head = ["checkpoint", "step", "bpb"] + langs + [f"{p} BLEU/chrF" for p in pairs]
+  lines = []
+  for label, r in results.items():
+    m = r["metrics"]
+    cells = [label, str(r["step"]), _f(m.get("val/bpb"))] + [_f(m.get(f"val/bpb/{c}"))
+                                                            for c in langs]
+    cells += [f"{m[f'translate/{p}/bleu']:.1f}/{m[f'translate/{p}/chrf']:.1f}"
+              if f"translate/{p}/bleu" in m else "-" for p in pairs]
+    lines.append(cells)
+  widths = [max(len(x) for x in col) for col in zip(head, *lines)]
+  fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
+                                for i, (c, w) in enumerate(zip(cells, widths)))
+  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else ""),
+         fmt(head)] + [fmt(c) for c in lines]
+  if "transfer" in report:
+    t = report["transfer"]
+    out.append("")
+    out.append(f"zero-shot transfer ({t['metric']}; rows: checkpoint, columns: evaluated on)")
+    w = max(len(r) for r in t["rows"] + ["trained"])
+    out.append("trained".ljust(w) + "  " + "  ".join(c.rjust(6) for c in t["cols"]))
+    for r, vals in zip(t["rows"], t["values"]):
+      out.append(r.ljust(w) + "  " + "  ".join(_f(v).rjust(6) for v in vals))
+  return "\n".join(out)
+
+
+def _f(v) -> str:
+  return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
+
+
+def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_tsv=None,
+        max_examples: int = 50, output: str | None = None) -> dict:
+  """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it."""
+  from xlingo.training import loop
+
+  s = loop.build(config)
+  translate = translation_pairs(config, list(translate_pairs), translate_tsv or {}) \
+      if translate_pairs else None
+  results = {label: evaluate_checkpoint(config, path, translate=translate,
+                                        max_examples=max_examples, setup=s)
+             for label, path in checkpoints.items()}
+  report = {"config_languages": list(s.plan.table.codes), "results": results}
+  if len(results) > 1:
+    report["transfer"] = transfer_matrix(results, s.plan.table.codes)
+  if output and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+      json.dump(report, f, indent=1, ensure_ascii=False)
+  return report
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def _parse_map(value: str, flag: str) -> dict[str, str]:
+  out = {}
+  for item in filter(None, (x.strip() for x in (value or "").split(","))):
+    if "=" not in item:
+      raise ConfigError(f"{flag}: {item!r} is not LABEL=PATH")
+    k, v = item.split("=", 1)
+    out[k.strip()] = v.strip()
+  return out
+
+
+def main(argv=None):
+  from absl import flags
+  from ml_collections import config_flags
+
+  from xlingo import cli
+
+  argv = argv or sys.argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  fl = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                  lock_config=True, flag_values=fl)
+  flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint).", flag_values=fl)
+  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (instead of the latest).",
+                      flag_values=fl)
+  flags.DEFINE_string("checkpoints", None, "LABEL=PATH,... for a transfer matrix.",
+                      flag_values=fl)
+  flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fl)
+  flags.DEFINE_string("translate", "", "Pairs to translate, e.g. en-de,en-fr.", flag_values=fl)
+  flags.DEFINE_string("translate_tsv", "", "PAIR=FILE.tsv,... (source<TAB>reference).",
+                      flag_values=fl)
+  flags.DEFINE_integer("max_examples", 50, "Translation pairs per direction.", flag_values=fl)
+  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
+    print(__doc__.strip())
+    sys.exit(0)
+  try:
+    fl(argv)
+  except flags.Error as e:
+    cli.fail(f"{e} (see --help)")
+  if fl.config is None:
+    cli.fail("--config is required, e.g. --config configs/tiny.py")
+  cli.maybe_initialize_distributed()
+
+  def body():
+    ckpts = _parse_map(fl.checkpoints, "--checkpoints")
+    if not ckpts:
+      path = fl.checkpoint or fl.workdir
+      if not path:
+        raise ConfigError("give --workdir DIR, --checkpoint STEP_DIR or --checkpoints L=DIR,...")
+      ckpts = {os.path.basename(os.path.normpath(path)) or "model": path}
+    pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
+    report = run(fl.config, ckpts, translate_pairs=pairs,
+                 translate_tsv=_parse_map(fl.translate_tsv, "--translate_tsv"),
+                 max_examples=fl.max_examples, output=fl.output)
+    if jax.process_index() == 0:
+      print(format_table(report, report["config_languages"]), flush=True)
+      if fl.output:
+        print(f"results: {fl.output}", flush=True)
+
+  cli.run_body(body)
+
+
+if __name__ == "__main__":
+  main()
