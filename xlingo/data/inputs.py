@@ -133,11 +133,61 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-def train_iterator(plan: InputPlan, config) -> pipeline.PackedIterator:
-  ds = pipeline.mixture_dataset(plan.mixture, split="train", seed=config.data.seed,
-                                shuffle=True, repeat=True, shard=pipeline.shard_info())
-  return pipeline.PackedIterator(ds, plan.table, local_batch_size(config.train.batch_size),
-                                 plan.seq_len)
+class RowSlice:
+  """This process's rows of a global batch that every process packs identically.
+
+  Used when the input cannot be split by files (fewer files per task than processes, e.g. the
+  embedded corpus): every process reads the same full stream, packs the whole global batch and
+  keeps rows [i*B/n, (i+1)*B/n). The global batch is then the one a single process would
+  build, whatever the process count, and so is the iterator state (``replicated``): a
+  checkpoint's data state resumes under any number of processes. The price is that each
+  process tokenizes and packs n times its share.
+  """
+
+  replicated = True
+
+  def __init__(self, it: pipeline.PackedIterator, lo: int, hi: int):
+    self.it, self.lo, self.hi = it, lo, hi
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    return {k: v[self.lo:self.hi] for k, v in next(self.it).items()}
+
+  @property
+  def batches(self) -> int:
+    return self.it.batches
+
+  def save(self, directory: str) -> None:
+    self.it.save(directory)
+
+  def restore(self, directory: str) -> None:
+    self.it.restore(directory)
+
+
+def _packed(plan: InputPlan, name: str, split: str, global_batch: int, **kw):
+  """A PackedIterator for this process: file-sharded, or the full stream sliced by rows."""
+  import jax
+
+  shard = pipeline.shard_info()
+  local = local_batch_size(global_batch)
+  provider = seqio.get_mixture_or_task(name)
+  if shard is None or pipeline._files_per_task_at_least(provider, split, shard.num_shards):
+    ds = pipeline.mixture_dataset(name, split=split, shard=shard, **kw)
+    return pipeline.PackedIterator(ds, plan.table, local, plan.seq_len)
+  logging.info("%s: fewer %s files than the %d processes; every process packs the global "
+               "batch from the full stream and keeps its rows", name, split, shard.num_shards)
+  ds = pipeline.mixture_dataset(name, split=split, shard=None, **kw)
+  lo = jax.process_index() * local
+  return RowSlice(pipeline.PackedIterator(ds, plan.table, global_batch, plan.seq_len),
+                  lo, lo + local)
+
+
+def train_iterator(plan: InputPlan, config):
+  """This process's training batches (a PackedIterator or a RowSlice over one)."""
+  return _packed(plan, plan.mixture, "train", config.train.batch_size, seed=config.data.seed,
+                 shuffle=True, repeat=True)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:
@@ -145,10 +195,8 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   name = (plan.eval_tasks or plan.lm_tasks)[lang]
   if "validation" not in seqio.get_mixture_or_task(name).splits:
     return []
-  ds = pipeline.mixture_dataset(name, split="validation", seed=0, shuffle=False,
-                                repeat=False, shard=pipeline.shard_info())
-  it = pipeline.PackedIterator(ds, plan.table, local_batch_size(config.train.batch_size),
-                               plan.seq_len)
+  it = _packed(plan, name, "validation", config.train.batch_size, seed=0, shuffle=False,
+               repeat=False)
   out = []
   for batch in it:
     out.append(batch)

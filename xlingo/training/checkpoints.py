@@ -40,15 +40,48 @@ class DataIteratorHandler(ocp.CheckpointHandler):
   def save(self, directory: epath.Path, args: DataIteratorSave):
     d = os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
     args.iterator.save(d)
+    with open(os.path.join(d, "layout.json"), "w") as f:
+      json.dump({"num_processes": jax.process_count(),
+                 "replicated": bool(getattr(args.iterator, "replicated", False))}, f)
 
   def restore(self, directory: epath.Path, args: DataIteratorRestore):
-    d = os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
-    if not os.path.isdir(d):
-      raise CheckpointError(
-          f"no data-iterator state for process {jax.process_index()} in {directory}; the "
-          "checkpoint was written by a run with fewer processes")
-    args.iterator.restore(d)
-    return args.iterator
+    """This process's saved state; across a change of process count, see below.
+
+    A replicated stream (``inputs.RowSlice``: every process packs the same global batches)
+    has one state for all, so process 0's restores exactly under any process count. A
+    file-sharded stream's states belong to their process count; with another count the
+    iterator starts afresh and skips as many batches as were trained (not the same examples
+    as an uninterrupted run, but no example is re-seen in order from the start).
+    """
+    base = os.fspath(directory)
+    it = args.iterator
+    own = os.path.join(base, f"process_{jax.process_index()}")
+    first = os.path.join(base, "process_0")
+    layout = _read_json(os.path.join(first, "layout.json")) or {}
+    same_count = layout.get("num_processes", jax.process_count()) == jax.process_count()
+    if os.path.isdir(own) and same_count:
+      it.restore(own)
+    elif layout.get("replicated") and getattr(it, "replicated", False):
+      it.restore(first)
+    elif os.path.isdir(first):
+      batches = int((_read_json(os.path.join(first, "state.json")) or {}).get("batches", 0))
+      if jax.process_index() == 0:
+        print(f"xlingo: the data state in {directory} is from {layout.get('num_processes', '?')} "
+              f"process(es), this run has {jax.process_count()}; skipping {batches} batches of "
+              "a fresh data stream instead", flush=True)
+      for _ in range(batches):
+        next(it)
+    else:
+      raise CheckpointError(f"no data-iterator state in {directory}; move the checkpoint aside "
+                            "or start a new workdir")
+    return it
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
