@@ -7,11 +7,12 @@ import os
 import numpy as np
 import pytest
 import seqio
+import tensorflow as tf
 from scipy import stats as scipy_stats
 
 from configs import tiny
 from xlingo.config import ConfigError
-from xlingo.data import inputs, mixing, pipeline
+from xlingo.data import inputs, mixing, pipeline, tasks
 from xlingo.data.tasks import DataError
 
 
@@ -71,19 +72,58 @@ def plan():
   return inputs.plan_inputs(tiny.get_config())
 
 
+def _light_task(name, lang, index, n, vocab):
+  """A seqio Task with ``n`` examples of one language and no tokenizing: cheap to sample."""
+
+  def dataset_fn(split, shuffle_files, seed=None):
+    del split, shuffle_files, seed
+    return tf.data.Dataset.from_tensors(
+        {"targets": tf.constant([index], tf.int32), "lang": tf.constant(lang)}).repeat(n)
+
+  if name in seqio.TaskRegistry.names():
+    seqio.TaskRegistry.remove(name)
+  return seqio.TaskRegistry.add(
+      name, source=seqio.FunctionDataSource(dataset_fn, splits=["train"],
+                                            num_input_examples={"train": n}),
+      preprocessors=[], output_features=tasks.output_features(vocab), shuffle_buffer_size=64)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 3.33, 1e6])
 def test_mixture_proportions_match_temperature(plan, temperature):
+  """Rates from seqio.mixing_rate_num_examples are n^(1/T); a seqio.Mixture samples them.
+
+  The rates are computed on the plan's real tasks (as plan_inputs does); the 20,000 draws go
+  through seqio's mixture sampling over stand-in tasks with the same example counts and rates,
+  which carry no text, so that sampling is cheap.
+  """
   cfg = tiny.get_config()
-  cfg.data.temperature = temperature
-  p = inputs.plan_inputs(cfg)
-  n = {s.lang: s.examples for s in p.stats}
+  rates = mixing.compute_rates(plan.stats, sampling="temperature", temperature=temperature,
+                               budget_tokens=1e6, unimax_max_epochs=4.0)
+  if temperature == cfg.data.temperature:  # the plan fixture is tiny's config: same path
+    assert plan.rates == pytest.approx(rates)
+  n = {s.lang: s.examples for s in plan.stats}
   raw = {k: v ** (1 / temperature) for k, v in n.items()}
   expected = {k: v / sum(raw.values()) for k, v in raw.items()}
-  ds = pipeline.mixture_dataset(p.mixture, split="train", seed=1, shuffle=True, repeat=True,
-                                shard=None)
+  by_lang = {s.lang: s.name for s in plan.stats}
+  for lang, want in expected.items():
+    assert rates[by_lang[lang]] == pytest.approx(want, rel=1e-6)
+  # The registered mixture over the real tasks carries these rates.
+  real = seqio.get_mixture_or_task(mixing.register_mixture(rates))
+  for t in real.tasks:
+    assert real.get_rate(t) == pytest.approx(rates[t.name] / sum(rates.values()))
+  light = {}
+  for i, s in enumerate(plan.stats):
+    light[s.name] = _light_task(f"test.light.{s.lang}", s.lang, i, s.examples, plan.vocab)
+  name = mixing.register_mixture({light[k].name: v for k, v in rates.items()},
+                                 prefix="test.light.mix")
+  ds = seqio.get_mixture_or_task(name).get_dataset(
+      sequence_length=None, split="train", shuffle=True, seed=1, num_epochs=None,
+      trim_output_features=False, passthrough_features=["lang"])
   num = 20_000
-  counts = collections.Counter(
-      ex["lang"].decode() for ex in ds.take(num).as_numpy_iterator())
+  counts = collections.Counter()
+  for b in ds.take(num).batch(4096).as_numpy_iterator():
+    counts.update(x.decode() for x in b["lang"])
+  assert sum(counts.values()) == num
   langs = sorted(expected)
   obs = np.array([counts[lang] for lang in langs], float)
   exp = np.array([expected[lang] * num for lang in langs])
@@ -103,9 +143,20 @@ def _first_batches(plan, cfg, n, it=None):
   return it, [next(it) for _ in range(n)]
 
 
-def test_batches_are_deterministic_and_language_tagged(plan):
+@pytest.fixture(scope="module")
+def stream(plan, tmp_path_factory):
+  """One train stream: its first 5 batches, its state saved then, and the 4 batches after."""
   cfg = tiny.get_config()
-  _, a = _first_batches(plan, cfg, 3)
+  it, first = _first_batches(plan, cfg, 5)
+  state = str(tmp_path_factory.mktemp("iterator") / "state")
+  it.save(state)
+  after = [next(it) for _ in range(4)]
+  return first, state, after
+
+
+def test_batches_are_deterministic_and_language_tagged(plan, stream):
+  cfg = tiny.get_config()
+  a = stream[0][:3]
   _, b = _first_batches(plan, cfg, 3)
   for x, y in zip(a, b):
     for k in pipeline.FEATURES:
@@ -131,18 +182,41 @@ def test_batches_are_deterministic_and_language_tagged(plan):
   assert not np.array_equal(c[0]["targets"], a[0]["targets"])
 
 
-def test_iterator_state_restores_exactly(plan, tmp_path):
+def test_iterator_state_restores_exactly(plan, stream):
   cfg = tiny.get_config()
-  it, _ = _first_batches(plan, cfg, 5)
-  it.save(str(tmp_path / "state"))
-  expected = [next(it) for _ in range(4)]
+  _, state, expected = stream
   fresh = inputs.train_iterator(plan, cfg)
-  fresh.restore(str(tmp_path / "state"))
+  fresh.restore(state)
   assert fresh.batches == 5
   for want in expected:
     got = next(fresh)
     for k in pipeline.FEATURES:
       np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_batched_chunks_match_per_example_chunks(plan):
+  """The ragged-group path gives exactly the chunks of example_to_chunks, example by example."""
+  cfg = tiny.get_config()
+  cfg.data.translation_pairs = ("en-de",)
+  ds = pipeline.mixture_dataset(plan.lm_tasks["de"], split="train", seed=0, shuffle=False,
+                                repeat=False, shard=None).take(40)
+  examples = list(ds.as_numpy_iterator())
+  # Include a conditional example and a long one that is split.
+  examples.append({"targets": np.arange(2, 30, dtype=np.int32), "lang": b"de",
+                   "src_lang": b"en", "prefix_len": np.int32(5)})
+  seq_len = 16
+  want = [c for ex in examples for c in pipeline.example_to_chunks(ex, plan.table, seq_len)]
+  lens = [len(ex["targets"]) for ex in examples]
+  b = {"values": np.concatenate([ex["targets"] for ex in examples]).astype(np.int32),
+       "row_splits": np.concatenate([[0], np.cumsum(lens)]),
+       "lang": np.array([ex["lang"] for ex in examples], object),
+       "src_lang": np.array([ex["src_lang"] for ex in examples], object),
+       "prefix_len": np.array([ex["prefix_len"] for ex in examples], np.int32)}
+  got = pipeline._batch_to_chunks(b, plan.table, seq_len, {})
+  assert len(got) == len(want) > len(examples)
+  for g, w in zip(got, want, strict=True):
+    for k in ("tokens", "lang_ids", "weights"):
+      np.testing.assert_array_equal(getattr(g, k), getattr(w, k))
 
 
 def test_eval_batches_fixed_per_language(plan):
