@@ -193,15 +193,18 @@ def test_config_errors(teacher_dir):
 
 
 @pytest.mark.slow
-def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path):
+def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path, monkeypatch):
   full = str(tmp_path / "full")
   # Through the command line, with a linear alpha schedule, top-k and layer init.
-  distill.main(["xlingo.distill", "--config", os.path.join(ROOT, "configs/distill_tiny.py"),
+  # (ml_collections finds --config.* overrides in sys.argv, so the argv is put there.)
+  argv = ["xlingo.distill", "--config", os.path.join(ROOT, "configs/distill_tiny.py"),
                 "--workdir", full, f"--config.distill.teacher_workdir={teacher_dir}",
                 "--config.train.steps=4", "--config.checkpoint.every_steps=2",
                 "--config.train.eval_every=4", "--config.distill.schedule=linear",
                 "--config.distill.alpha_end=0.1", "--config.distill.top_k=16",
-                "--config.distill.init_from_teacher_layers=(1,)"])
+                "--config.distill.init_from_teacher_layers=(1,)"]
+  monkeypatch.setattr("sys.argv", argv)
+  distill.main(argv)
   with open(os.path.join(full, "metrics.jsonl")) as f:
     rows = [json.loads(line) for line in f]
   keys = set().union(*rows)

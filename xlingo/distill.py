@@ -72,7 +72,8 @@ def teacher_model_config(config) -> ml_collections.ConfigDict:
   step_dir = teacher_step_dir(d.teacher_workdir)
   meta = _read_meta(step_dir)
   tm = ml_collections.ConfigDict(d.teacher_model.to_dict())
-  shape_keys = [k for k in ckpt_lib.model_fingerprint(config) if k != "languages"]
+  fingerprint = ckpt_lib.model_fingerprint(config)
+  shape_keys = [k for k in fingerprint if k in config.model]
   if d.teacher_model_source not in ("checkpoint", "config"):
     raise ConfigError(f"distill.teacher_model_source={d.teacher_model_source!r}; use "
                       "'checkpoint' (read the teacher's shape from its metadata) or 'config'")
@@ -84,7 +85,7 @@ def teacher_model_config(config) -> ml_collections.ConfigDict:
     if d.teacher_model_source == "checkpoint":
       for k in shape_keys:
         if k in meta:
-          tm[k] = type(tm[k])(meta[k]) if tm[k] is not None else meta[k]
+          tm[k] = type(tm[k])(meta[k])
     else:
       diff = [f"{k}: checkpoint {meta[k]} vs distill.teacher_model {tm[k]}"
               for k in shape_keys if k in meta and meta[k] != tm[k]]
@@ -97,6 +98,8 @@ def teacher_model_config(config) -> ml_collections.ConfigDict:
             "num_languages": (tm.num_languages, config.model.num_languages)}
   if "languages" in meta:
     shared["languages"] = (list(meta["languages"]), list(config.data.languages))
+  if meta.get("vocab_sha1") and fingerprint.get("vocab_sha1"):
+    shared["vocabulary SHA-1"] = (meta["vocab_sha1"][:12], fingerprint["vocab_sha1"][:12])
   diff = [f"{k}: teacher {a} vs student {b}" for k, (a, b) in shared.items() if a != b]
   if diff:
     raise ConfigError(f"teacher {step_dir} and student do not share the vocabulary and language "
