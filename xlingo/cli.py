@@ -24,6 +24,8 @@ def parse(argv, doc: str):
   from ml_collections import config_flags
 
   fl = flags.FlagValues()
+  # config_flags finds the config file's override flags by scanning sys.argv when parsing.
+  sys.argv = list(argv)
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                   lock_config=True, flag_values=fl)
   flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.",
@@ -40,8 +42,9 @@ def parse(argv, doc: str):
       if not os.path.exists(path):
         fail(f"config file {path!r} does not exist; pass --config configs/<name>.py")
     fl(argv)
-  except flags.Error as e:
-    fail(f"{_one_line(e)} (see --help; override existing keys only, e.g. --config.train.steps=10)")
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    fail(f"bad flag or config override: {_one_line(e)} (see --help; only existing keys can be "
+         "overridden, e.g. --config.train.steps=10)")
   if fl.config is None:
     fail("--config is required, e.g. --config configs/tiny.py")
   if not fl.workdir:
