@@ -351,7 +351,17 @@ def _restore_tree(step_dir: str, target):
     raise CheckpointError(
         f"init_from {step_dir}: parameters do not match the model ({str(e).splitlines()[0]}); "
         "check that model.* matches the checkpoint's model") from None
+  # partial_restore hands back the abstract leaf for a parameter the checkpoint lacks.
+  missing = [_key(p) for p, x in jax.tree_util.tree_leaves_with_path(restored["state"])
+             if isinstance(x, jax.ShapeDtypeStruct)]
+  if missing:
+    raise CheckpointError(f"init_from {step_dir}: the checkpoint has no {', '.join(missing[:3])}; "
+                          "check that model.* matches the checkpoint's model")
   return restored["state"]
+
+
+def _key(path) -> str:
+  return "/".join(str(getattr(k, "key", k)) for k in path)
 
 
 def _restore_arg(x):
