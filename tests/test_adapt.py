@@ -103,9 +103,10 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
 
   # the export is plain model params, loadable by init_from, equal to the merge
   merged = jax.device_get(lora.merge(after, c.adapt.lora))
-  s = loop.build(c)
+  s = loop.build(c, objective)
   exported = jax.device_get(ckpt_lib.restore_params(
-      str(tmp_path / "merged"), s.factory.abstract_with_shardings().params, c))
+      str(tmp_path / "merged"), s.factory.model_abstract_with_shardings(), c))
+  assert set(exported) == set(merged)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exported)):
     np.testing.assert_array_equal(a, b)
 

@@ -243,7 +243,9 @@ def load_init_params(config, mesh, rules):
   from xlingo.training import checkpoints as ckpt_lib
   from xlingo.training import state as state_lib
 
-  factory = state_lib.StateFactory(decoder_lib.Decoder(config.model), config, mesh, rules)
+  # With the run's extension, so that train.trainable (e.g. '^lora/') matches something.
+  ext = _lora_extension(config) if config.adapt.mode == "lora" else None
+  factory = state_lib.StateFactory(decoder_lib.Decoder(config.model), config, mesh, rules, ext)
   rng = jax.random.PRNGKey(config.train.seed)  # the loop's: identical fresh rows
   return ckpt_lib.restore_params(
       config.checkpoint.init_from, factory.model_abstract_with_shardings(), config,
