@@ -1,6 +1,6 @@
 """Distillation on the embedded corpus (the docs/DISTILLATION.md result), sized for a CPU.
 
-Teacher: 4 layers, d_model 128 (2.4 M parameters). Student: 2 layers, d_model 64 (0.7 M).
+Teacher: 4 layers, d_model 128 (2.1 M parameters). Student: 2 layers, d_model 64 (0.66 M).
 The exact commands (teacher, distilled student, LM-only student) are in docs/DISTILLATION.md:
 
 python -m xlingo.train --config configs/distill_small.py:teacher --workdir /tmp/distill/teacher
