@@ -68,17 +68,48 @@ def register_tasks(data_cfg, vocab, vocab_path):
   return module.register(data_cfg, vocab, prefix)
 
 
-def _estimate_tokens(task_name: str, examples: int, sample: int = 256) -> int:
-  """Tokens in a task's train split: exact when it is small, else scaled from a sample."""
+def _estimate_tokens(task_name: str, examples: int, vocab, sample: int = 256) -> int:
+  """Tokens in a task's train split: exact when it is small, else scaled from a sample.
+
+  Line-file tasks are sampled straight from their first lines with SentencePiece (a second or
+  less for every task together); other sources go through the task's own tf.data pipeline.
+  """
   task = seqio.get_mixture_or_task(task_name)
-  ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, num_epochs=1,
-                        trim_output_features=False, try_in_mem_cache=False)
-  lens = [int(ex["targets"].shape[0]) for ex in ds.take(sample).as_numpy_iterator()]
+  lens = _line_file_lengths(task, vocab, sample)
+  if lens is None:
+    ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, num_epochs=1,
+                          trim_output_features=False, try_in_mem_cache=False)
+    lens = [int(ex["targets"].shape[0]) for ex in ds.take(sample).as_numpy_iterator()]
   if not lens:
     raise DataError(f"task {task_name}: its train split yields no examples; check its files")
   if len(lens) < sample:
     return int(sum(lens))
   return int(round(np.mean(lens) * examples))
+
+
+def _line_file_lengths(task, vocab, sample: int) -> list[int] | None:
+  """Token counts (with EOS) of the first ``sample`` examples of a plain-text/TSV line task."""
+  src = task.source
+  if not isinstance(src, seqio.TextLineDataSource) or "train" not in src.splits:
+    return None
+  texts: list[str] = []
+  for path in src.list_shards("train"):
+    if path.endswith((".jsonl", ".json")):
+      return None
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        line = line.rstrip("\n")
+        if line.strip():
+          # Parallel (TSV) tasks put source and target in one sequence.
+          texts.extend(line.split("\t", 1) if ".mt." in task.name else [line])
+        if len(texts) >= sample * 2:
+          break
+    if len(texts) >= sample * 2:
+      break
+  ids = vocab.tokenizer.EncodeAsIds(texts)
+  if ".mt." in task.name:
+    return [len(a) + len(b) + 1 for a, b in zip(ids[::2], ids[1::2])][:sample]
+  return [len(x) + 1 for x in ids][:sample]
 
 
 def plan_inputs(config) -> InputPlan:
@@ -110,7 +141,7 @@ def plan_inputs(config) -> InputPlan:
   for lang, name in list(lm_tasks.items()) + [(p.split("-")[1], n) for p, n in mt_tasks.items()]:
     n = seqio.get_mixture_or_task(name).num_input_examples("train") or 0
     stats.append(mixing.TaskStats(name=name, lang=lang, examples=int(n),
-                                  tokens=_estimate_tokens(name, int(n))))
+                                  tokens=_estimate_tokens(name, int(n), vocab)))
   run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
   rates = mixing.compute_rates(
       stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,

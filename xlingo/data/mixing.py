@@ -18,6 +18,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 import seqio
+from absl import logging as absl_logging
 
 from xlingo.config import ConfigError
 
@@ -74,7 +75,14 @@ def compute_rates(stats: Sequence[TaskStats], *, sampling: str, temperature: flo
   if sampling == "temperature":
     check_temperature(temperature)
     rate_fn = functools.partial(seqio.mixing_rate_num_examples, temperature=temperature)
-    raw = {s.name: float(rate_fn(seqio.get_mixture_or_task(s.name))) for s in stats}
+    # Tasks are sized by their sources' example counts; seqio warns once per task about not
+    # using cached statistics, which says nothing here.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+      raw = {s.name: float(rate_fn(seqio.get_mixture_or_task(s.name))) for s in stats}
+    finally:
+      absl_logging.set_verbosity(verbosity)
   elif sampling == "unimax":
     raw = unimax_rates(stats, budget_tokens, unimax_max_epochs)
   else:
