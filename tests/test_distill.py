@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import linen as nn
 
 from configs import distill_tiny, tiny
-from xlingo import distill, sharding
+from xlingo import distill
 from xlingo.config import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import losses
@@ -69,12 +70,14 @@ def _tiny_models():
   cfg = distill_tiny.get_config()
   cfg.distill.teacher_model.dtype = "float32"
   tm = cfg.distill.teacher_model
-  mesh = sharding.make_mesh(cfg.mesh)
-  rules = sharding.logical_rules(cfg.mesh)
   teacher, student = decoder_lib.Decoder(tm), decoder_lib.Decoder(cfg.model)
-  tp = sharding.init_params(teacher, tm, mesh, rules, jax.random.PRNGKey(0), 8)
-  sp = sharding.init_params(student, cfg.model, mesh, rules, jax.random.PRNGKey(1), 8)
+  tp, sp = _init(teacher, 0), _init(student, 1)
   return cfg, teacher, student, tp, sp
+
+
+def _init(model, seed):
+  x = jnp.zeros((1, 8), jnp.int32)
+  return nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), x)["params"])
 
 
 def _batch(vocab, b=8, length=16):
@@ -98,7 +101,7 @@ def test_no_gradient_reaches_the_teacher():
   def loss(tparams, sparams):
     return distill.distill_loss(teacher, ctx, sparams, batch, rng, {"teacher_params": tparams})[0]
 
-  g_teacher, g_student = jax.grad(loss, argnums=(0, 1))(tp, sp)
+  g_teacher, g_student = jax.jit(jax.grad(loss, argnums=(0, 1)))(tp, sp)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
   assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_student))
   # The loss is alpha * tau^2 * KL + (1 - alpha) * CE, and aux 'loss' is the plain CE.
@@ -121,11 +124,7 @@ def test_student_from_teacher_layers(student_scan):
   cfg, _, student, tp, sp = _tiny_models()
   if not student_scan:
     cfg.model.scan_layers = False
-    student = decoder_lib.Decoder(cfg.model)
-    sp = student.init(jax.random.PRNGKey(1), jnp.zeros((1, 8), jnp.int32))["params"]
-    from flax import linen as nn
-
-    sp = nn.unbox(sp)
+    sp = _init(decoder_lib.Decoder(cfg.model), 1)
   new = distill.student_from_teacher_layers(sp, tp, cfg.model, cfg.distill.teacher_model, (1,))
   got = new["blocks"]["layers"] if student_scan else new["blocks"]["layers_0"]
   t_layer1 = jax.tree.map(lambda x: x[1], tp["blocks"]["layers"])
