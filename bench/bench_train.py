@@ -1,0 +1,222 @@
+"""Train-step throughput and MFU, with the matmul ceiling measured in the same run.
+
+  .venv/bin/python bench/bench_train.py [--config configs/small.py] [--steps 10 --warmup 3]
+  .venv/bin/python bench/bench_train.py --config configs/tpu_1b.py --compile_only
+
+Throughput mode: ``loop.build(config)`` -> ``loop.make_train_step`` -> ``jax.jit`` with the
+loop's shardings and donation, ``.lower(abstract state, abstract batch).compile()`` (exactly
+what ``loop.run`` does) -> ``--steps`` timed steps on real packed batches from the config's
+data pipeline (read before timing, so input time is not counted), after ``--warmup`` steps.
+Reports the median step time, tokens/s (batch x seq_len per step, padding included, as the
+loop's ``tokens_per_s``), and MFU = ``decoder.flops_per_token`` x tokens/s / ceiling, where
+the ceiling is the best of ``--matmul_repeats`` runs of an n^3 matmul in the model's compute
+dtype on the same device(s) (n = 2048 on CPU, 8192 on an accelerator).
+
+Compile-only mode: the train step is lowered and compiled from abstract shapes (no parameter
+or optimizer state is materialised, no data is read) on a mesh of ``--devices`` fake CPU
+devices (fsdp over all of them; 0 = the real devices with the config's mesh).
+
+Prints one JSON line at the end. Runs unchanged on a GPU or TPU (it uses the default device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def load_config(path: str, overrides: list[str]):
+  spec = importlib.util.spec_from_file_location("bench_config", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  cfg = mod.get_config()
+  for kv in overrides:
+    key, val = kv.split("=", 1)
+    node = cfg
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(json.loads(val)) if not isinstance(node[leaf], str) else val
+  return cfg
+
+
+def matmul_ceiling(n: int, dtype, repeats: int) -> float:
+  """Best FLOP/s of an n x n x n matmul over ``repeats`` timed runs (after one warm-up)."""
+  import jax
+  import jax.numpy as jnp
+
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dtype)
+  f = jax.jit(lambda x, y: x @ y)
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2.0 * n**3 / best
+
+
+def abstract_batch(cfg, batch_sh):
+  import jax
+  import jax.numpy as jnp
+
+  from xlingo.data import pipeline
+
+  return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
+                                  jnp.float32 if k == "loss_weights" else jnp.int32,
+                                  sharding=batch_sh)
+          for k in pipeline.FEATURES}
+
+
+def compile_step(cfg, mesh, rules, model, factory, byte_table, num_langs):
+  """The loop's train step, lowered and compiled from abstract shapes: (compiled, lower_s,
+  compile_s)."""
+  import jax
+
+  from xlingo import sharding
+  from xlingo.training import loop
+
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = loop.make_train_step(loop.LM_OBJECTIVE, model, cfg, factory.tx, byte_table,
+                                 num_langs)
+  with sharding.mesh_context(mesh, rules):
+    t0 = time.perf_counter()
+    lowered = jax.jit(step_fn, in_shardings=(factory.shardings, batch_sh, None),
+                      out_shardings=(factory.shardings, None), donate_argnums=(0,)).lower(
+                          factory.abstract_with_shardings(), abstract_batch(cfg, batch_sh), {})
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+  return compiled, t1 - t0, t2 - t1
+
+
+def run_compile_only(cfg, args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from xlingo import sharding
+  from xlingo.model import decoder as decoder_lib
+  from xlingo.training import loop
+  from xlingo.training import state as state_lib
+
+  if args.devices:
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, -1, 1
+  loop.validate_config(cfg)
+  t0 = time.perf_counter()
+  mesh = sharding.make_mesh(cfg.mesh)
+  rules = sharding.logical_rules(cfg.mesh)
+  model = decoder_lib.Decoder(cfg.model)
+  factory = state_lib.StateFactory(model, cfg, mesh, rules)
+  setup_s = time.perf_counter() - t0
+  # The byte table only feeds bits-per-byte sums; its values do not change the program.
+  byte_table = jnp.zeros((cfg.model.vocab_size,), jnp.float32)
+  compiled, lower_s, compile_s = compile_step(cfg, mesh, rules, model, factory, byte_table,
+                                              len(cfg.data.languages))
+  mem = loop._memory_line(compiled)
+  out = {"mode": "compile_only", "config": args.config, "devices": jax.device_count(),
+         "platform": jax.devices()[0].platform, "mesh": dict(mesh.shape),
+         "params_m": round(state_lib.param_count(factory.params_abstract) / 1e6, 1),
+         "scan_layers": bool(cfg.model.scan_layers), "remat": cfg.model.remat_policy,
+         "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+         "setup_s": round(setup_s, 2), "lower_s": round(lower_s, 2),
+         "compile_s": round(compile_s, 2), "lower_plus_compile_s": round(lower_s + compile_s, 2)}
+  print(f"compiled the train step in {lower_s:.1f} s (lower) + {compile_s:.1f} s (compile){mem}")
+  return out
+
+
+def run_throughput(cfg, args) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from xlingo import sharding
+  from xlingo.data import inputs, pipeline
+  from xlingo.model import decoder as decoder_lib
+  from xlingo.training import loop
+
+  loop.validate_config(cfg)
+  s = loop.build(cfg)
+  dev = jax.devices()[0]
+  on_cpu = dev.platform == "cpu"
+  n = args.matmul_n or (2048 if on_cpu else 8192)
+  dtype = jnp.dtype(cfg.model.dtype)
+  ceiling_before = matmul_ceiling(n, dtype, args.matmul_repeats)
+
+  compiled, lower_s, compile_s = compile_step(cfg, s.mesh, s.rules, s.model, s.factory,
+                                              s.byte_table, len(s.plan.table))
+  print(f"train step: lower {lower_s:.1f} s, compile {compile_s:.1f} s")
+  it = inputs.train_iterator(s.plan, cfg)
+  host_batches = [next(it) for _ in range(min(args.steps + args.warmup, 8))]
+  batch_sh = sharding.batch_sharding(s.mesh)
+  batches = [pipeline.to_global(b, batch_sh) for b in host_batches]
+  state = s.factory.init(jax.random.PRNGKey(cfg.train.seed))
+  times = []
+  with sharding.mesh_context(s.mesh, s.rules):
+    for i in range(args.warmup + args.steps):
+      b = batches[i % len(batches)]
+      t = time.perf_counter()
+      state, m = compiled(state, b, {})
+      loss = float(m["loss"])  # blocks until the step is done
+      if i >= args.warmup:
+        times.append(time.perf_counter() - t)
+  step_s = statistics.median(times)
+  # Measured before and after the steps (best of both), so a burst of load from other jobs
+  # during one measurement does not set the ceiling.
+  ceiling = max(ceiling_before, matmul_ceiling(n, dtype, args.matmul_repeats))
+  print(f"matmul ceiling ({n}^3, {dtype.name}, best of 2 x {args.matmul_repeats}) on "
+        f"{dev.device_kind}: {ceiling / 1e9:,.1f} GFLOP/s per device")
+  tokens = cfg.train.batch_size * cfg.data.seq_len
+  tps = tokens / step_s
+  flops_tok = decoder_lib.flops_per_token(cfg.model, cfg.data.seq_len)
+  # Fake CPU devices share the host's cores: the host ceiling is the whole budget.
+  ndev = 1 if on_cpu else jax.device_count()
+  mfu = flops_tok * tps / (ceiling * ndev)
+  print(f"{cfg.train.batch_size}x{cfg.data.seq_len} tokens/step: median step {step_s * 1e3:.1f} ms "
+        f"(min {min(times) * 1e3:.1f}, max {max(times) * 1e3:.1f}) over {len(times)} steps -> "
+        f"{tps:,.0f} tokens/s, {flops_tok / 1e6:.1f} MFLOP/token, MFU {mfu:.1%} "
+        f"(final loss {loss:.3f})")
+  return {"mode": "throughput", "config": args.config, "platform": dev.platform,
+          "device_kind": dev.device_kind, "devices": jax.device_count(),
+          "batch": cfg.train.batch_size, "seq_len": cfg.data.seq_len, "dtype": dtype.name,
+          "step_ms_median": round(step_s * 1e3, 2), "step_ms_all": [round(x * 1e3, 1) for x in times],
+          "tokens_per_s": round(tps), "flops_per_token": flops_tok,
+          "matmul_n": n, "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
+          "achieved_gflops": round(flops_tok * tps / 1e9, 1), "mfu": round(mfu, 4),
+          "compile_s": round(lower_s + compile_s, 2), "loss": round(loss, 4)}
+
+
+def main(argv=None) -> dict:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/small.py")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="config override, e.g. --set train.batch_size=16 (repeatable)")
+  ap.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+  ap.add_argument("--warmup", type=int, default=3)
+  ap.add_argument("--matmul_n", type=int, default=0, help="0: 2048 on CPU, 8192 otherwise")
+  ap.add_argument("--matmul_repeats", type=int, default=7)
+  ap.add_argument("--compile_only", action="store_true",
+                  help="only lower+compile the step from abstract shapes and time that")
+  ap.add_argument("--devices", type=int, default=8,
+                  help="compile_only: this many fake CPU devices, fsdp over all (0: real)")
+  args = ap.parse_args(argv)
+  if args.compile_only and args.devices:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = (
+        f"{flags} --xla_force_host_platform_device_count={args.devices}").strip()
+  cfg = load_config(args.config, args.set)
+  out = run_compile_only(cfg, args) if args.compile_only else run_throughput(cfg, args)
+  print(json.dumps(out))
+  return out
+
+
+if __name__ == "__main__":
+  main()
