@@ -175,6 +175,36 @@ def tokenize_batched(ds, output_features, sequence_length=None, batch_size=TOKEN
   return ds.map(dense)
 
 
+def _lines_to_lm_examples(lang: str):
+  """Text lines -> tokenized LM examples, all in batches: one tf.data step per batch.
+
+  Equivalent to ``_line_to_text``, ``_drop_empty``, ``_lm_fields`` and
+  :func:`tokenize_batched` in turn (same examples, same order), with no per-line map or filter
+  before the batch is split up again.
+  """
+
+  def fn(ds, output_features, sequence_length=None, batch_size=TOKENIZE_BATCH):  # noqa: ARG001
+    vocab = output_features["targets"].vocabulary
+    eos = tf.constant(vocab.eos_id, tf.int32)
+
+    def encode(lines):
+      lines = tf.boolean_mask(lines, tf.strings.length(tf.strings.strip(lines)) > 0)
+      ids = tf.cast(vocab.encode_tf(lines), tf.int32)
+      n = ids.nrows()
+      ids = tf.concat([ids, tf.RaggedTensor.from_tensor(tf.fill([n, 1], eos))], axis=1)
+      return {"targets": ids, "lang": tf.fill([n], lang), "src_lang": tf.fill([n], ""),
+              "prefix_len": tf.zeros([n], tf.int32)}
+
+    def dense(ex):
+      t = ex["targets"]
+      return {**ex, "targets": t if isinstance(t, tf.Tensor) else t.to_tensor()}
+
+    ds = ds.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return ds.map(dense)
+
+  return fn
+
+
 def _prefix_lm_preprocessor(ds, output_features, sequence_length=None):
   return ds.map(_pair_to_prefix_lm(output_features, sequence_length),
                 num_parallel_calls=tf.data.AUTOTUNE)
@@ -202,17 +232,16 @@ def register_lm_task(
     num_examples = {s: count_lines(f) for s, f in split_to_files.items()}
   source = seqio.TextLineDataSource(
       {s: list(f) for s, f in split_to_files.items()}, num_input_examples=dict(num_examples))
-  to_text = _line_to_text if jsonl_field is None else _jsonl_to_text(jsonl_field)
+  if jsonl_field is None:
+    preprocessors = [_lines_to_lm_examples(lang)]
+  else:
+    preprocessors = [_jsonl_to_text(jsonl_field), _drop_empty, _lm_fields(lang, None),
+                     tokenize_batched]
   _remove(name)
   return seqio.TaskRegistry.add(
       name,
       source=source,
-      preprocessors=[
-          to_text,
-          _drop_empty,
-          _lm_fields(lang, None),
-          tokenize_batched,
-      ],
+      preprocessors=preprocessors,
       output_features=output_features(vocab),
   )
 
