@@ -219,7 +219,8 @@ def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extr
 def check_workdir(workdir: str) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".xlingo_write_test")
+    # One probe per process: hosts sharing a workdir must not remove each other's.
+    probe = os.path.join(workdir, f".xlingo_write_test.{os.getpid()}.{jax.process_index()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)
