@@ -25,8 +25,12 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, steps, processes):
-  base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+def _start(workdir, steps, processes, cache_dir):
+  # The continuation runs reuse the first runs' compiled programs from the persistent cache.
+  base = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   for k in ("XLINGO_COORDINATOR", "XLINGO_NUM_PROCESSES", "XLINGO_PROCESS_ID"):
     base.pop(k, None)
   cmd = [sys.executable, "-m", "xlingo.train", *ARGS, "--workdir", workdir,
@@ -63,7 +67,8 @@ def _losses(workdir) -> dict:
 @pytest.mark.slow
 def test_two_processes_match_one_and_resume_each_other(tmp_path):
   one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  runs = [_start(one, 2, 1), _start(two, 2, 2)]
+  cache = tmp_path / "jax_cache"
+  runs = [_start(one, 2, 1, cache), _start(two, 2, 2, cache)]
   out_one, out_two = _wait(runs[0]), _wait(runs[1])
   assert "2 process(es)" in out_two and "xlingo: training finished" in out_two
   a, b = _losses(one), _losses(two)
@@ -74,7 +79,7 @@ def test_two_processes_match_one_and_resume_each_other(tmp_path):
   # 1 -> 2 processes: continue the single-process run with two; 2 -> 2: continue the other.
   cont = str(tmp_path / "one_then_two")
   shutil.copytree(one, cont)
-  runs = [_start(cont, 4, 2), _start(two, 4, 2)]
+  runs = [_start(cont, 4, 2, cache), _start(two, 4, 2, cache)]
   out_cont, out_two = _wait(runs[0]), _wait(runs[1])
   assert "resumed from" in out_cont and "resumed from" in out_two
   c, d = _losses(cont), _losses(two)
