@@ -89,11 +89,15 @@ def _samples(workdir: str, config) -> None:
   langs = [lang for lang in SAMPLE_PROMPTS if lang in setup.plan.table.codes]
   prompts = [SAMPLE_PROMPTS[lang] for lang in langs]
   ids = [setup.plan.table.id(lang) for lang in langs]
-  outs = generate.generate(setup.model, params, setup.plan.vocab, prompts, ids, max_len=32,
-                           temperature=0.7, top_k=40, seed=0)
+  vocab = setup.plan.vocab
+  prompt_ids = [list(vocab.encode(p)) for p in prompts]
+  outs = generate.generate_ids(setup.model, params, prompt_ids, ids, max_len=32,
+                               temperature=0.7, top_k=40, seed=0)
   print("\nsamples (temperature 0.7, top-k 40), language chosen by the language embedding:")
-  for lang, prompt, out in zip(langs, prompts, outs, strict=True):
-    print(f"  [{lang}] {prompt}{out}".replace("\n", " "))
+  for lang, p_ids, out in zip(langs, prompt_ids, outs, strict=True):
+    # Decoded with the prompt, so the first piece keeps its word boundary.
+    text = vocab.decode(p_ids + list(out)).replace("\n", " ")
+    print(f"  [{lang}] {text}")
 
 
 if __name__ == "__main__":
