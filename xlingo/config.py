@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.lid_head = False  # auxiliary language-identification head
   c.model.rope_theta = 10000.0
-  c.model.attention_impl = "auto"  # auto | xla | cudnn
+  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices

@@ -23,17 +23,22 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 
 
-def choose_implementation(impl: str, dtype, head_dim: int) -> str | None:
-  """Resolves attention_impl 'auto' to the backend jax.nn.dot_product_attention should use.
+def choose_implementation(impl: str, dtype, head_dim: int) -> str:
+  """Resolves attention_impl 'auto' to 'plain', 'xla' or 'cudnn'.
 
-  cuDNN flash attention needs a GPU, half-precision inputs and head_dim a multiple of 8 up to
-  128; it skips the masked half of causal attention, so it is worth taking where it applies.
-  TPUs and CPUs use the XLA path.
+  'xla' and 'cudnn' are ``jax.nn.dot_product_attention``'s backends; 'plain' is
+  ``plain_attention`` (einsum + masked softmax). cuDNN flash attention needs a GPU,
+  half-precision inputs and head_dim a multiple of 8 up to 128; it skips the masked half of
+  causal attention, so it is worth taking where it applies. CPUs use 'plain' (forward +
+  backward of small's attention 130 vs 158 ms for the XLA path, docs/PERFORMANCE.md); TPUs
+  and other GPU cases use 'xla'.
   """
-  if impl in ("xla", "cudnn"):
+  if impl in ("plain", "xla", "cudnn"):
     return impl
   if impl != "auto":
-    raise ValueError(f"model.attention_impl={impl!r}; use auto, xla or cudnn")
+    raise ValueError(f"model.attention_impl={impl!r}; use auto, plain, xla or cudnn")
+  if jax.default_backend() == "cpu":
+    return "plain"
   fits_cudnn = (
       jax.default_backend() == "gpu"
       and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -65,6 +70,25 @@ def segment_mask(segment_ids_bt: jax.Array) -> jax.Array:
   """
   same_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
   return same_bts[:, None, :, :]
+
+
+def plain_attention(q_btnh, k_bskh, v_bskh, mask_b1ts, is_causal: bool) -> jax.Array:
+  """Softmax attention as two einsums and a masked softmax (grouped-query: K divides N).
+
+  The same result as ``jax.nn.dot_product_attention(..., implementation='xla')`` with the same
+  mask, in fewer ops on CPU. Logits and softmax are computed in float32.
+  """
+  t, n, h = q_btnh.shape[1:]
+  s, kh = k_bskh.shape[1], k_bskh.shape[2]
+  if kh != n:  # grouped-query: each key/value head serves n // kh query heads
+    k_bskh = jnp.repeat(k_bskh, n // kh, axis=2)
+    v_bskh = jnp.repeat(v_bskh, n // kh, axis=2)
+  logits_bnts = jnp.einsum("btnh,bsnh->bnts", q_btnh, k_bskh).astype(jnp.float32) * (h**-0.5)
+  if is_causal:
+    mask_b1ts = mask_b1ts & jnp.tril(jnp.ones((t, s), jnp.bool_))
+  logits_bnts = jnp.where(mask_b1ts, logits_bnts, jnp.finfo(jnp.float32).min)
+  probs_bnts = jax.nn.softmax(logits_bnts, axis=-1).astype(v_bskh.dtype)
+  return jnp.einsum("bnts,bsnh->btnh", probs_bnts, v_bskh)
 
 
 class Attention(nn.Module):
@@ -146,6 +170,10 @@ class Attention(nn.Module):
       # T is 1 or a short prompt here; the XLA path handles a T != S mask directly.
       out_btnh = jax.nn.dot_product_attention(
           q_btnh, k_bskh, v_bskh, mask=mask_11ts, implementation="xla"
+      )
+    elif impl == "plain":
+      out_btnh = plain_attention(
+          q_btnh, k_btkh, v_btkh, segment_mask(segment_ids_bt), is_causal=True
       )
     else:
       out_btnh = jax.nn.dot_product_attention(
