@@ -234,6 +234,40 @@ def test_plain_attention_matches_dot_product_attention(num_kv_heads):
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("num_kv_heads", [4, 2])
+def test_plain_attention_gradient_matches_autodiff_of_xla_path(num_kv_heads):
+  # plain_attention's hand-written backward pass against autodiff of
+  # jax.nn.dot_product_attention, with packed segments, padding and grouped-query heads.
+  b, t, n, h = 2, 10, 4, 8
+  keys = jax.random.split(jax.random.PRNGKey(1), 4)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k = jax.random.normal(keys[1], (b, t, num_kv_heads, h))
+  v = jax.random.normal(keys[2], (b, t, num_kv_heads, h))
+  w = jax.random.normal(keys[3], (b, t, n, h))  # a random cotangent
+  mask = attention_lib.segment_mask(jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3]))
+
+  def grads(attend):
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+    return fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  got = grads(lambda q, k, v: attention_lib.plain_attention(q, k, v, mask, True))
+  want = grads(lambda q, k, v: jax.nn.dot_product_attention(
+      q, k, v, mask=mask, is_causal=True, implementation="xla"))
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4)
+
+
+def test_flat_matmul_equals_einsum():
+  keys = jax.random.split(jax.random.PRNGKey(2), 3)
+  x = jax.random.normal(keys[0], (2, 3, 4, 5))
+  w1 = jax.random.normal(keys[1], (5, 6, 7))
+  w2 = jax.random.normal(keys[2], (4, 5, 6))
+  np.testing.assert_allclose(attention_lib.flat_matmul(x, w1),
+                             jnp.einsum("abcd,def->abcef", x, w1), atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(attention_lib.flat_matmul(x, w2, contract=2),
+                             jnp.einsum("abcd,cde->abe", x, w2), atol=1e-5, rtol=1e-5)
+
+
 def test_flops_per_token_matches_explicit_count():
   cfg = _model_cfg(lid_head=True, tie_embeddings=False)
   seq_len = 64

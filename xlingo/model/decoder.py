@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
-from xlingo.model.attention import BTD, Attention
+from xlingo.model.attention import BTD, Attention, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
@@ -74,10 +74,10 @@ class SwiGluMlp(nn.Module):
     w_down = self.param(
         "down", nn.with_logical_partitioning(_kernel_init(), ("mlp", "embed")), (f, d), param_dtype
     )
-    gate_btf = jnp.einsum("btd,df->btf", x_btd, w_gate.astype(dtype))
-    up_btf = jnp.einsum("btd,df->btf", x_btd, w_up.astype(dtype))
+    gate_btf = flat_matmul(x_btd, w_gate.astype(dtype))
+    up_btf = flat_matmul(x_btd, w_up.astype(dtype))
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
-    out_btd = jnp.einsum("btf,fd->btd", h_btf, w_down.astype(dtype))
+    out_btd = flat_matmul(h_btf, w_down.astype(dtype))
     return nn.with_logical_constraint(out_btd, BTD)
 
 
@@ -270,19 +270,14 @@ class Decoder(nn.Module):
     dtype = jnp.dtype(cfg.dtype)
     hidden_btd = hidden_btd.astype(dtype)
     if cfg.tie_embeddings:
-      logits_btv = jnp.einsum(
-          "...d,vd->...v",
-          hidden_btd,
-          self.token_embedding.astype(dtype),
-          preferred_element_type=jnp.float32,
-      ) * (cfg.d_model**-0.5)
+      # The 1/sqrt(d) scale goes on the [..., D] hidden states rather than the [..., V]
+      # logits: a D-wide multiply instead of a V-wide one, and the logits' gradient reaches
+      # the two backward matmuls without an elementwise op fused into a transposed copy.
+      hidden_btd = (hidden_btd.astype(jnp.float32) * cfg.d_model**-0.5).astype(dtype)
+      kernel_dv = self.token_embedding.astype(dtype).T
     else:
-      logits_btv = jnp.einsum(
-          "...d,dv->...v",
-          hidden_btd,
-          self.output_kernel.astype(dtype),
-          preferred_element_type=jnp.float32,
-      )
+      kernel_dv = self.output_kernel.astype(dtype)
+    logits_btv = flat_matmul(hidden_btd, kernel_dv, preferred_element_type=jnp.float32)
     if logits_btv.ndim == 3:
       logits_btv = nn.with_logical_constraint(logits_btv, BTV)
     return logits_btv
