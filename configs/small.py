@@ -17,6 +17,10 @@ def get_config(arg=None):
   c.model.head_dim = 64
   c.model.mlp_dim = 2048
   c.model.max_len = 256
+  # Four unrolled blocks: 7% faster per train step on CPU than the scan (no stacked residual
+  # buffers or dynamic slices; docs/PERFORMANCE.md), and compile time stays ~4 s. Deep
+  # configs keep the scan (base_config's default) so that compile time does not grow.
+  c.model.scan_layers = False
   # This CPU runs f32 matmuls faster than bf16 (145 vs 104 GFLOP/s measured).
   c.model.dtype = "float32"
   c.data.seq_len = 256
