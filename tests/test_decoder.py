@@ -218,42 +218,43 @@ def test_grouped_query_attention_equals_repeated_kv(base, tokens):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def _attention_case(num_kv_heads, seed):
+  """q [2, 10, 4, 8], k/v with ``num_kv_heads`` heads, a cotangent like q, and a packed mask
+  (two segments in row 0; a segment and padding in row 1)."""
+  b, t, n, h = 2, 10, 4, 8
+  keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+  q = jax.random.normal(keys[0], (b, t, n, h))
+  k = jax.random.normal(keys[1], (b, t, num_kv_heads, h))
+  v = jax.random.normal(keys[2], (b, t, num_kv_heads, h))
+  cotangent = jax.random.normal(keys[3], (b, t, n, h))
+  mask = attention_lib.segment_mask(jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3]))
+  return q, k, v, cotangent, mask
+
+
+def _xla_attention(q, k, v, mask):
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
+
+
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_plain_attention_matches_dot_product_attention(num_kv_heads):
   # attention_impl 'plain' (the CPU default) against jax.nn.dot_product_attention's XLA path,
   # packed segments + causal, multi-head and grouped-query.
-  b, t, n, h = 2, 10, 4, 8
-  keys = jax.random.split(jax.random.PRNGKey(0), 3)
-  q = jax.random.normal(keys[0], (b, t, n, h))
-  k = jax.random.normal(keys[1], (b, t, num_kv_heads, h))
-  v = jax.random.normal(keys[2], (b, t, num_kv_heads, h))
-  seg = jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3])
-  mask = attention_lib.segment_mask(seg)
+  q, k, v, _, mask = _attention_case(num_kv_heads, seed=0)
   got = fast_jit(attention_lib.plain_attention, static_argnums=4)(q, k, v, mask, True)
-  want = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla")
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  np.testing.assert_allclose(got, _xla_attention(q, k, v, mask), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("num_kv_heads", [4, 2])
 def test_plain_attention_gradient_matches_autodiff_of_xla_path(num_kv_heads):
-  # plain_attention's hand-written backward pass against autodiff of
-  # jax.nn.dot_product_attention, with packed segments, padding and grouped-query heads.
-  b, t, n, h = 2, 10, 4, 8
-  keys = jax.random.split(jax.random.PRNGKey(1), 4)
-  q = jax.random.normal(keys[0], (b, t, n, h))
-  k = jax.random.normal(keys[1], (b, t, num_kv_heads, h))
-  v = jax.random.normal(keys[2], (b, t, num_kv_heads, h))
-  w = jax.random.normal(keys[3], (b, t, n, h))  # a random cotangent
-  mask = attention_lib.segment_mask(jnp.array([[1] * 4 + [2] * 6, [1] * 7 + [0] * 3]))
+  # plain_attention's hand-written backward pass against autodiff of the XLA path.
+  q, k, v, cotangent, mask = _attention_case(num_kv_heads, seed=1)
 
   def grads(attend):
-    loss = lambda q, k, v: jnp.sum(attend(q, k, v) * w)
+    loss = lambda q, k, v: jnp.sum(attend(q, k, v, mask) * cotangent)
     return fast_jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-  got = grads(lambda q, k, v: attention_lib.plain_attention(q, k, v, mask, True))
-  want = grads(lambda q, k, v: jax.nn.dot_product_attention(
-      q, k, v, mask=mask, is_causal=True, implementation="xla"))
-  for g, r in zip(got, want):
+  got = grads(lambda q, k, v, m: attention_lib.plain_attention(q, k, v, m, True))
+  for g, r in zip(got, grads(_xla_attention)):
     np.testing.assert_allclose(g, r, atol=1e-5, rtol=1e-4)
 
 
