@@ -18,8 +18,12 @@ def _one_line(e: BaseException) -> str:
   return msg[0] if msg else type(e).__name__
 
 
-def parse(argv, doc: str):
-  """Parses flags; returns (config, workdir). Exits 2 with one line on bad flags or config."""
+def parse_flags(argv, doc: str, define=None, workdir_help: str = "Run directory: checkpoints, "
+                "metrics, plots."):
+  """Parses --config FILE[:arg] [--config.K=V ...] --workdir DIR and the flags ``define(fl)``
+  adds; returns the absl FlagValues. --help prints ``doc``; a missing config file, a bad flag
+  or override, or no --config exits 2 with one line.
+  """
   from absl import flags
   from ml_collections import config_flags
 
@@ -28,14 +32,15 @@ def parse(argv, doc: str):
   sys.argv = list(argv)
   config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
                                   lock_config=True, flag_values=fl)
-  flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, plots.",
-                      flag_values=fl)
+  flags.DEFINE_string("workdir", None, workdir_help, flag_values=fl)
+  if define is not None:
+    define(fl)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
     print(doc.strip())
     sys.exit(0)
   try:
     cfg_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
-    if cfg_arg is None and "--config" in argv:
+    if cfg_arg is None and "--config" in argv[:-1]:
       cfg_arg = argv[argv.index("--config") + 1]
     if cfg_arg is not None:
       path = cfg_arg.split(":", 1)[0]
@@ -47,6 +52,12 @@ def parse(argv, doc: str):
          "overridden, e.g. --config.train.steps=10)")
   if fl.config is None:
     fail("--config is required, e.g. --config configs/tiny.py")
+  return fl
+
+
+def parse(argv, doc: str):
+  """Parses the loops' flags; returns (config, workdir). Exits 2 with one line on bad input."""
+  fl = parse_flags(argv, doc)
   if not fl.workdir:
     fail("--workdir is required, e.g. --workdir workdirs/run1")
   return fl.config, fl.workdir

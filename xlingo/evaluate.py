@@ -220,18 +220,9 @@ def _parse_map(value: str, flag: str) -> dict[str, str]:
   return out
 
 
-def main(argv=None):
+def _define_flags(fl) -> None:
   from absl import flags
-  from ml_collections import config_flags
 
-  from xlingo import cli
-
-  argv = argv or sys.argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  fl = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                  lock_config=True, flag_values=fl)
-  flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint).", flag_values=fl)
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (instead of the latest).",
                       flag_values=fl)
   flags.DEFINE_string("checkpoints", None, "LABEL=PATH,... for a transfer matrix.",
@@ -241,15 +232,15 @@ def main(argv=None):
   flags.DEFINE_string("translate_tsv", "", "PAIR=FILE.tsv,... (source<TAB>reference).",
                       flag_values=fl)
   flags.DEFINE_integer("max_examples", 50, "Translation pairs per direction.", flag_values=fl)
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip())
-    sys.exit(0)
-  try:
-    fl(argv)
-  except flags.Error as e:
-    cli.fail(f"{e} (see --help)")
-  if fl.config is None:
-    cli.fail("--config is required, e.g. --config configs/tiny.py")
+
+
+def main(argv=None):
+  from xlingo import cli
+
+  argv = argv or sys.argv
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  fl = cli.parse_flags(argv, __doc__, _define_flags,
+                       workdir_help="Run directory (its latest checkpoint).")
   cli.maybe_initialize_distributed()
 
   def body():

@@ -216,16 +216,9 @@ def load(config, path: str):
 # --- command line ---------------------------------------------------------------------------
 
 
-def _parse(argv):
+def _define_flags(fl) -> None:
   from absl import flags
-  from ml_collections import config_flags
 
-  from xlingo import cli
-
-  fl = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
-                                  lock_config=True, flag_values=fl)
-  flags.DEFINE_string("workdir", None, "Run directory (its latest checkpoint).", flag_values=fl)
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory instead of --workdir.",
                       flag_values=fl)
   flags.DEFINE_string("lang", None, "Language code to generate in (from data.languages).",
@@ -242,15 +235,13 @@ def _parse(argv):
   flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=fl)
   flags.DEFINE_integer("num_samples", 1, "Samples per prompt.", flag_values=fl)
   flags.DEFINE_integer("batch_size", 16, "Rows decoded together.", flag_values=fl)
-  if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(__doc__.strip())
-    sys.exit(0)
-  try:
-    fl(argv)
-  except flags.Error as e:
-    cli.fail(f"{e} (see --help)")
-  if fl.config is None:
-    cli.fail("--config is required, e.g. --config configs/tiny.py")
+
+
+def _parse(argv):
+  from xlingo import cli
+
+  fl = cli.parse_flags(argv, __doc__, _define_flags,
+                       workdir_help="Run directory (its latest checkpoint).")
   if not (fl.workdir or fl.checkpoint):
     cli.fail("give --workdir DIR (its latest checkpoint) or --checkpoint STEP_DIR")
   if not fl.lang:
