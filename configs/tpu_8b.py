@@ -16,33 +16,16 @@ NUM_DEVICES = 32
 
 def get_config(arg=None):
   del arg
-  c = xconfig.base_config()
-  c.model.vocab_size = 32768
+  c = xconfig.tpu_pretrain_config(seq_len=2048)
   c.model.d_model = 4096
   c.model.num_layers = 32
   c.model.num_heads = 32
   c.model.num_kv_heads = 8
   c.model.head_dim = 128
   c.model.mlp_dim = 16384
-  c.model.max_len = 2048
   c.model.tie_embeddings = False
-  c.model.dtype = "bfloat16"
-  c.model.scan_layers = True
-  c.model.remat_policy = "full"
-
-  c.mesh.data = 1
-  c.mesh.fsdp = 16
-  c.mesh.tensor = 2
-
-  c.data.seq_len = 2048
-  c.data.shuffle_buffer = 10_000
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 2
   c.train.batch_size = 512  # 1M tokens per step
   c.train.steps = 60_000
   c.train.learning_rate = 1.5e-4
-  c.train.warmup_steps = 2000
-  c.train.z_loss = 1e-4
-  c.train.log_every = 50
-  c.train.eval_every = 2000
-  c.train.eval_batches = 16
-  c.checkpoint.every_steps = 1000
   return c

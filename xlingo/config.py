@@ -121,3 +121,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.init_from = ""
   c.checkpoint.async_save = True
   return c
+
+
+def tpu_pretrain_config(seq_len: int = 2048) -> ml_collections.ConfigDict:
+  """``base_config`` with what every TPU pretraining config shares: a 32k vocabulary, bf16
+  compute, scanned and fully rematerialised blocks, z-loss, a large shuffle buffer and the
+  logging / evaluation / checkpoint cadence of a long run. The configs add dimensions, mesh,
+  batch and schedule."""
+  c = base_config()
+  c.model.vocab_size = 32768
+  c.model.max_len = seq_len
+  c.model.dtype = "bfloat16"
+  c.model.scan_layers = True
+  # Saving the blocks' matmul outputs costs tens of GiB per chip at 2048-token rows; full
+  # recomputation keeps the activations to the residual stream.
+  c.model.remat_policy = "full"
+  c.data.seq_len = seq_len
+  c.data.shuffle_buffer = 10_000
+  c.train.warmup_steps = 2000
+  c.train.z_loss = 1e-4
+  c.train.log_every = 50
+  c.train.eval_every = 2000
+  c.train.eval_batches = 16
+  c.checkpoint.every_steps = 1000
+  return c
