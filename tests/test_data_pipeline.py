@@ -330,3 +330,132 @@ def test_file_level_sharding_splits_examples(tmp_path):
   assert not set(seen[0]) & set(seen[1])
   assert {s.split("-")[0] for s in seen[0]} != {s.split("-")[0] for s in seen[1]}
   assert os.path.exists(tmp_path / "de-0.txt")
+
+
+# --- concat packing ------------------------------------------------------------------------
+
+
+def _stream(examples):
+  """(tokens, lang, prefix, src) examples -> a ragged group as PackedIterator reads it."""
+  lens = [len(t) for t, *_ in examples]
+  return {"values": np.concatenate([np.asarray(t, np.int32) for t, *_ in examples]),
+          "row_splits": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+          "lang": np.array([lang.encode() for _, lang, _, _ in examples], object),
+          "src_lang": np.array([src.encode() for *_, src in examples], object),
+          "prefix_len": np.array([p for _, _, p, _ in examples], np.int32)}
+
+
+def test_concat_packer_cuts_the_stream_into_rows():
+  table = pipeline.LanguageTable(["en", "de", "fr"])
+  group = _stream([([5, 6, 1], "de", 0, ""), ([7, 8, 9, 10, 11, 1], "fr", 2, "en"),
+                   ([12, 1], "en", 0, ""), ([13, 14, 15, 16, 17, 18, 19, 1], "de", 0, "")])
+  p = pipeline.ConcatPacker(batch_size=2, seq_len=4)
+  p.add(*pipeline.flatten_group(group, table, {}))
+  assert len(p) == 19
+  b = p.take()
+  # rows: [5 6 1 | 7] [8 9 10 11] -- the fr example continues in row 1 as a new segment
+  np.testing.assert_array_equal(b["targets"], [[5, 6, 1, 7], [8, 9, 10, 11]])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(b["inputs"], [[0, 5, 6, 0], [0, 8, 9, 10]])
+  # fr example: its first 2 tokens are the en source, no loss there
+  np.testing.assert_array_equal(b["lang_ids"], [[1, 1, 1, 0], [0, 2, 2, 2]])
+  np.testing.assert_array_equal(b["loss_weights"], [[1, 1, 1, 0], [0, 1, 1, 1]])
+  b = p.take()
+  np.testing.assert_array_equal(b["targets"], [[1, 12, 1, 13], [14, 15, 16, 17]])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 2, 2, 3], [1, 1, 1, 1]])
+  np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 0], [0, 1, 2, 3]])
+  np.testing.assert_array_equal(b["lang_ids"], [[2, 0, 0, 1], [1, 1, 1, 1]])
+  # the end of a finite stream: zero padding, segment 0, no weight
+  b = p.take()
+  np.testing.assert_array_equal(b["targets"], [[18, 19, 1, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b["inputs"], [[0, 18, 19, 0], [0, 0, 0, 0]])
+  np.testing.assert_array_equal(b["loss_weights"], [[1, 1, 1, 0], [0, 0, 0, 0]])
+  with pytest.raises(StopIteration):
+    p.take()
+
+
+def test_flatten_group_matches_example_to_chunks():
+  table = pipeline.LanguageTable(["en", "de"])
+  rng = np.random.default_rng(0)
+  examples = [(rng.integers(3, 99, n).tolist(), lang, p, src)
+              for n, lang, p, src in [(7, "de", 3, "en"), (1, "en", 0, ""), (12, "de", 0, ""),
+                                      (5, "en", 5, "de")]]
+  tokens, lang_ids, weights, starts = pipeline.flatten_group(_stream(examples), table, {})
+  want = [pipeline.example_to_chunks({"targets": t, "lang": lang, "src_lang": src,
+                                      "prefix_len": p}, table, 1000)[0]
+          for t, lang, p, src in examples]
+  np.testing.assert_array_equal(tokens, np.concatenate([c.tokens for c in want]))
+  np.testing.assert_array_equal(lang_ids, np.concatenate([c.lang_ids for c in want]))
+  np.testing.assert_array_equal(weights, np.concatenate([c.weights for c in want]))
+  np.testing.assert_array_equal(np.flatnonzero(starts), [0, 7, 8, 20])
+  with pytest.raises(DataError, match="unknown language 'xx'"):
+    pipeline.flatten_group(_stream([([3, 1], "xx", 0, "")]), table, {})
+
+
+def test_concat_packing_loses_and_duplicates_no_token(plan):
+  """A finite stream packed with concat: the batches' tokens are the examples', in order."""
+  ds = pipeline.mixture_dataset(plan.lm_tasks["de"], split="validation", seed=0, shuffle=False,
+                                repeat=False, shard=None)
+  examples = [ex["targets"] for ex in ds.as_numpy_iterator()]
+  it = pipeline.PackedIterator(ds, plan.table, 4, 64, packing="concat")
+  batches = list(it)
+  targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
+  segs = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
+  pos = np.concatenate([b["positions"].reshape(-1) for b in batches])
+  assert np.all(segs[:-1][segs[:-1] == 0] == 0) and segs.size - np.count_nonzero(segs) < 4 * 64
+  np.testing.assert_array_equal(targets[segs > 0], np.concatenate(examples))
+  # every example starts a segment (position 0); a segment also starts at every row start
+  starts = np.flatnonzero((pos == 0) & (segs > 0))
+  ex_starts = np.concatenate([[0], np.cumsum([len(e) for e in examples])[:-1]])
+  assert set(ex_starts) <= set(starts)
+  assert set(starts) - set(ex_starts) <= set(range(0, segs.size, 64))
+  de = plan.table.id("de")
+  assert np.all(np.concatenate([b["lang_ids"][b["segment_ids"] > 0] for b in batches]) == de)
+  assert all(np.all(b["loss_weights"] == (b["segment_ids"] > 0)) for b in batches)
+
+
+def test_concat_state_restores_exactly(plan, tmp_path):
+  cfg = tiny.get_config()
+  cfg.data.packing = "concat"
+  it = inputs.train_iterator(plan, cfg)
+  first = [next(it) for _ in range(3)]
+  assert all(np.all(b["segment_ids"] > 0) for b in first)  # no padding in a repeated stream
+  it.save(str(tmp_path / "s"))
+  want = [next(it) for _ in range(4)]
+  fresh = inputs.train_iterator(plan, cfg)
+  fresh.restore(str(tmp_path / "s"))
+  assert fresh.batches == 3
+  for w in want:
+    got = next(fresh)
+    for k in pipeline.FEATURES:
+      np.testing.assert_array_equal(got[k], w[k])
+  # the same seed gives the same batches
+  again = inputs.train_iterator(plan, cfg)
+  np.testing.assert_array_equal(next(again)["targets"], first[0]["targets"])
+
+
+def test_packing_change_at_restore_repacks_unplaced_tokens(plan, stream):
+  """A first_fit state restored under concat keeps every unplaced token (no loss, no repeat)."""
+  _, state, _ = stream
+  cfg = tiny.get_config()
+  cfg.data.packing = "concat"
+  it = inputs.train_iterator(plan, cfg)
+  it.restore(state)
+  with np.load(os.path.join(state, "pending.npz")) as z:
+    pend = [z[k] for k in sorted((k for k in z.files if k.startswith("tokens_")),
+                                 key=lambda k: int(k.split("_")[1]))]
+  head = np.concatenate(pend) if pend else np.zeros(0, np.int32)
+  got = np.concatenate([next(it)["targets"].reshape(-1) for _ in range(3)])
+  n = min(len(head), len(got))
+  assert n > 0
+  np.testing.assert_array_equal(got[:n], head[:n])
+
+
+def test_unknown_packing():
+  cfg = tiny.get_config()
+  cfg.data.packing = "best_fit"
+  with pytest.raises(ConfigError, match="data.packing"):
+    inputs.plan_inputs(cfg)

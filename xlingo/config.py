@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.temperature = 3.33  # mT5's alpha = 0.3
   c.data.unimax_max_epochs = 4.0
   c.data.seq_len = 256
+  # first_fit: whole examples, first row with room (~3% padding); concat: one token stream cut
+  # into rows (no padding, an example may continue in the next row). xlingo/data/pipeline.py.
+  c.data.packing = "first_fit"
   c.data.vocab_path = ""  # empty: the shipped shared vocabulary
   c.data.seed = 0
   c.data.shuffle_buffer = 1024

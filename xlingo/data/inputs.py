@@ -115,6 +115,7 @@ def _line_file_lengths(task, vocab, sample: int) -> list[int] | None:
 def plan_inputs(config) -> InputPlan:
   """Validate the data config, register tasks and the mixture, and compute the rates."""
   d = config.data
+  pipeline.check_packing(d.get("packing", "first_fit"))
   table = pipeline.LanguageTable(d.languages)
   if len(table) > config.model.num_languages and config.model.use_lang_emb:
     raise ConfigError(
@@ -197,7 +198,7 @@ class RowSlice:
     self.it.restore(directory)
 
 
-def _packed(plan: InputPlan, name: str, split: str, global_batch: int, **kw):
+def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, **kw):
   """A PackedIterator for this process: file-sharded, or the full stream sliced by rows."""
   import jax
 
@@ -206,28 +207,32 @@ def _packed(plan: InputPlan, name: str, split: str, global_batch: int, **kw):
   provider = seqio.get_mixture_or_task(name)
   if shard is None or pipeline._files_per_task_at_least(provider, split, shard.num_shards):
     ds = pipeline.mixture_dataset(name, split=split, shard=shard, **kw)
-    return pipeline.PackedIterator(ds, plan.table, local, plan.seq_len)
+    return pipeline.PackedIterator(ds, plan.table, local, plan.seq_len, packing)
   logging.info("%s: fewer %s files than the %d processes; every process packs the global "
                "batch from the full stream and keeps its rows", name, split, shard.num_shards)
   ds = pipeline.mixture_dataset(name, split=split, shard=None, **kw)
   lo = jax.process_index() * local
-  return RowSlice(pipeline.PackedIterator(ds, plan.table, global_batch, plan.seq_len),
+  return RowSlice(pipeline.PackedIterator(ds, plan.table, global_batch, plan.seq_len, packing),
                   lo, lo + local)
 
 
 def train_iterator(plan: InputPlan, config):
   """This process's training batches (a PackedIterator or a RowSlice over one)."""
-  return _packed(plan, plan.mixture, "train", config.train.batch_size, seed=config.data.seed,
-                 shuffle=True, repeat=True)
+  return _packed(plan, plan.mixture, "train", config.train.batch_size,
+                 config.data.get("packing", "first_fit"), seed=config.data.seed, shuffle=True,
+                 repeat=True)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:
-  """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled)."""
+  """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled).
+
+  Always first-fit packed, whatever ``data.packing``: every example is scored whole.
+  """
   name = (plan.eval_tasks or plan.lm_tasks)[lang]
   if "validation" not in seqio.get_mixture_or_task(name).splits:
     return []
-  it = _packed(plan, name, "validation", config.train.batch_size, seed=0, shuffle=False,
-               repeat=False)
+  it = _packed(plan, name, "validation", config.train.batch_size, "first_fit", seed=0,
+               shuffle=False, repeat=False)
   out = []
   for batch in it:
     out.append(batch)

@@ -10,9 +10,21 @@ where it is cheap and its state is small. A batch is a dict of [batch, seq_len] 
   lang_ids      index into ``config.data.languages`` of each token's language (0 on padding)
   loss_weights  1.0 where the loss counts (not on padding, not on a conditional task's source)
 
+Two packings (``config.data.packing``):
+
+  concat     the examples are concatenated into one token stream that
+             is cut into rows of seq_len: no padding, an example that crosses a row boundary
+             continues in the next row as a new segment (positions restart at 0, its input
+             there starts at 0, its tokens keep their language ids and loss weights). All of it
+             is NumPy on whole groups of examples, no Python step per example.
+  first_fit  (the default) each example (split into seq_len chunks when longer) goes whole into the first row
+             of the batch with room for it; a batch is emitted when a chunk fits in no row.
+             Examples are never cut, about 3% of the slots are padding. Evaluation batches
+             always use this packing.
+
 Iteration is deterministic for a seed, and :class:`PackedIterator` saves and restores its state
-(the tf.data iterator checkpoint plus the few chunks not yet placed), so a restored run sees
-exactly the batches an uninterrupted one would.
+(the tf.data iterator checkpoint plus the tokens read but not yet placed), so a restored run
+sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -177,6 +189,111 @@ class Packer:
             "lang_ids": langs, "loss_weights": weights}
 
 
+PACKINGS = ("concat", "first_fit")
+
+
+def check_packing(packing: str) -> None:
+  if packing not in PACKINGS:
+    from xlingo.config import ConfigError
+
+    raise ConfigError(f"data.packing={packing!r} is unknown; use one of {PACKINGS}")
+
+
+def _lang_ids(codes: np.ndarray, table: LanguageTable, cache: dict) -> np.ndarray:
+  """Language code per example (bytes) -> ids, one dict lookup per example."""
+  try:
+    return np.fromiter((cache[c] for c in codes), np.int32, count=len(codes))
+  except KeyError:
+    for c in codes:
+      if c not in cache:
+        cache[c] = table.id(_as_str(c))
+    return np.fromiter((cache[c] for c in codes), np.int32, count=len(codes))
+
+
+def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
+                  lang_cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+  """A ragged group of examples -> flat (tokens, lang_ids, weights, starts), all vectorised.
+
+  ``starts`` marks each example's first token. On a conditional example's first
+  ``prefix_len`` tokens the language is the source's and the weight 0, as in
+  :func:`example_to_chunks`.
+  """
+  values = np.asarray(b["values"], np.int32)
+  splits = np.asarray(b["row_splits"], np.int64)
+  lens = np.diff(splits)
+  n = values.shape[0]
+  lang = np.repeat(_lang_ids(b["lang"], table, lang_cache), lens)
+  weights = np.ones(n, np.float32)
+  prefix = np.asarray(b["prefix_len"], np.int64)
+  if n and prefix.any():
+    offset = np.arange(n, dtype=np.int64) - np.repeat(splits[:-1], lens)
+    src = offset < np.repeat(prefix, lens)
+    has = prefix > 0
+    src_ids = np.zeros(len(lens), np.int32)
+    src_ids[has] = _lang_ids(b["src_lang"][has], table, lang_cache)
+    lang = np.where(src, np.repeat(src_ids, lens), lang)
+    weights[src] = 0.0
+  starts = np.zeros(n, bool)
+  starts[splits[:-1][lens > 0]] = True
+  return values, lang, weights, starts
+
+
+class ConcatPacker:
+  """Concatenates the examples into one stream and cuts it into [batch, seq_len] batches.
+
+  Holds the tokens read but not yet placed (``tokens``, ``lang_ids``, ``weights``,
+  ``starts``); :meth:`take` builds a batch from the first batch*seq_len of them.
+  """
+
+  def __init__(self, batch_size: int, seq_len: int):
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.clear()
+
+  def clear(self):
+    self.tokens = np.zeros(0, np.int32)
+    self.lang_ids = np.zeros(0, np.int32)
+    self.weights = np.zeros(0, np.float32)
+    self.starts = np.zeros(0, bool)
+
+  def __len__(self):
+    return self.tokens.shape[0]
+
+  def add(self, tokens, lang_ids, weights, starts) -> None:
+    self.tokens = np.concatenate([self.tokens, tokens])
+    self.lang_ids = np.concatenate([self.lang_ids, lang_ids])
+    self.weights = np.concatenate([self.weights, weights])
+    self.starts = np.concatenate([self.starts, starts])
+
+  def take(self) -> dict[str, np.ndarray]:
+    """The next batch (zero-padded at the end of a finite stream); StopIteration when empty."""
+    b, length = self.batch_size, self.seq_len
+    size = b * length
+    n = min(size, len(self))
+    if n == 0:
+      raise StopIteration
+    parts = []
+    for a in (self.tokens, self.lang_ids, self.weights, self.starts):
+      out = np.zeros(size, a.dtype)
+      out[:n] = a[:n]
+      parts.append(out.reshape(b, length))
+    targets, langs, weights, starts = parts
+    self.tokens, self.lang_ids = self.tokens[n:], self.lang_ids[n:]
+    self.weights, self.starts = self.weights[n:], self.starts[n:]
+    real = (np.arange(size) < n).reshape(b, length)
+    starts[:, 0] = True
+    segs = np.cumsum(starts, axis=1, dtype=np.int32)
+    arange = np.arange(length, dtype=np.int32)
+    pos = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
+    segs[~real] = 0
+    pos[~real] = 0
+    inputs = np.zeros_like(targets)
+    inputs[:, 1:] = targets[:, :-1]
+    inputs[starts | ~real] = 0
+    return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
+            "lang_ids": langs, "loss_weights": weights}
+
+
 # Examples cross from tf.data to NumPy this many at a time (one ragged batch): the per-element
 # cost of a Python-side tf.data iterator step is paid once per group, not once per example.
 EXAMPLES_PER_TRANSFER = 256
@@ -197,14 +314,19 @@ class PackedIterator:
   """Iterates packed batches from a tf.data dataset of examples; its state can be saved.
 
   ``ds`` yields single examples (``targets``, ``lang``, ``src_lang``, ``prefix_len``); they are
-  read in groups of :data:`EXAMPLES_PER_TRANSFER`. A saved state holds the tf.data iterator
-  (positioned after the last group read) and every chunk read but not yet placed in a batch.
+  read in groups of :data:`EXAMPLES_PER_TRANSFER`. ``packing`` is ``"concat"`` or
+  ``"first_fit"`` (module docstring). A saved state holds the tf.data iterator (positioned
+  after the last group read) and everything read but not yet placed in a batch.
   """
 
-  def __init__(self, ds: tf.data.Dataset, table: LanguageTable, batch_size: int, seq_len: int):
+  def __init__(self, ds: tf.data.Dataset, table: LanguageTable, batch_size: int, seq_len: int,
+               packing: str = "first_fit"):
+    check_packing(packing)
+    self.packing = packing
     self._ds = ds
     self._table = table
     self._packer = Packer(batch_size, seq_len)
+    self._concat = ConcatPacker(batch_size, seq_len)
     self._it = iter(_ragged_examples(ds, EXAMPLES_PER_TRANSFER))
     self._queue: list[_Chunk] = []  # chunks of the last group, not yet given to the packer
     self._qpos = 0
@@ -212,25 +334,39 @@ class PackedIterator:
     self._np_it = self._examples()
     self.batches = 0
 
+  def _next_group(self):
+    try:
+      b = next(self._it)
+    except StopIteration:
+      return None
+    return {k: v.numpy() for k, v in b.items()}
+
   def _examples(self):
     while True:
       while self._qpos < len(self._queue):
         c = self._queue[self._qpos]
         self._qpos += 1
         yield c
-      try:
-        b = next(self._it)
-      except StopIteration:
+      b = self._next_group()
+      if b is None:
         return
-      self._queue = _batch_to_chunks({k: v.numpy() for k, v in b.items()}, self._table,
-                                     self._packer.seq_len, self._lang_cache)
+      self._queue = _batch_to_chunks(b, self._table, self._packer.seq_len, self._lang_cache)
       self._qpos = 0
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
-    batch = self._packer.pack(self._np_it)
+    if self.packing == "concat":
+      p = self._concat
+      while len(p) < p.batch_size * p.seq_len:
+        b = self._next_group()
+        if b is None:
+          break
+        p.add(*flatten_group(b, self._table, self._lang_cache))
+      batch = p.take()
+    else:
+      batch = self._packer.pack(self._np_it)
     self.batches += 1
     return batch
 
@@ -240,11 +376,14 @@ class PackedIterator:
     os.makedirs(directory, exist_ok=True)
     tf.train.Checkpoint(iterator=self._it).write(os.path.join(directory, "tf_iterator"))
     pend = self._packer.pending + self._queue[self._qpos:]
+    c = self._concat
     np.savez(os.path.join(directory, "pending.npz"),
-             **{f"{k}_{i}": getattr(c, k) for i, c in enumerate(pend)
+             concat_tokens=c.tokens, concat_lang_ids=c.lang_ids, concat_weights=c.weights,
+             concat_starts=c.starts,
+             **{f"{k}_{i}": getattr(ch, k) for i, ch in enumerate(pend)
                 for k in ("tokens", "lang_ids", "weights")})
     with open(os.path.join(directory, "state.json"), "w") as f:
-      json.dump({"batches": self.batches, "pending": len(pend)}, f)
+      json.dump({"batches": self.batches, "pending": len(pend), "packing": self.packing}, f)
 
   def restore(self, directory: str) -> None:
     with open(os.path.join(directory, "state.json")) as f:
@@ -252,12 +391,50 @@ class PackedIterator:
     tf.train.Checkpoint(iterator=self._it).read(
         os.path.join(directory, "tf_iterator")).assert_consumed()
     with np.load(os.path.join(directory, "pending.npz")) as z:
-      self._packer.pending = [
-          _Chunk(z[f"tokens_{i}"], z[f"lang_ids_{i}"], z[f"weights_{i}"])
-          for i in range(state["pending"])]
+      chunks = [_Chunk(z[f"tokens_{i}"], z[f"lang_ids_{i}"], z[f"weights_{i}"])
+                for i in range(state["pending"])]
+      stream = ([z[f"concat_{k}"] for k in ("tokens", "lang_ids", "weights", "starts")]
+                if "concat_tokens" in z else None)
+    saved = state.get("packing", "first_fit")
+    if saved != self.packing:
+      # Nothing read is lost, but the batches differ from an uninterrupted run's from here on.
+      logging.warning("data state in %s was saved with data.packing=%r, this run packs %r; "
+                      "its unplaced tokens are repacked", directory, saved, self.packing)
+      if self.packing == "concat":
+        stream = _chunks_to_stream(chunks)
+        chunks = []
+      else:
+        chunks = _stream_to_chunks(stream, self._packer.seq_len) if stream else []
+        stream = None
+    self._packer.pending = chunks
+    self._concat.clear()
+    if stream is not None:
+      self._concat.add(*stream)
     self._queue, self._qpos = [], 0
     self.batches = state["batches"]
     self._np_it = self._examples()
+
+
+def _chunks_to_stream(chunks: Sequence[_Chunk]) -> list[np.ndarray]:
+  starts = [np.zeros(len(c.tokens), bool) for c in chunks]
+  for st in starts:
+    st[:1] = True
+  cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
+  return [cat([c.tokens for c in chunks], np.int32), cat([c.lang_ids for c in chunks], np.int32),
+          cat([c.weights for c in chunks], np.float32), cat(starts, bool)]
+
+
+def _stream_to_chunks(stream, seq_len: int) -> list[_Chunk]:
+  tokens, lang_ids, weights, starts = stream
+  bounds = list(np.flatnonzero(starts)) + [len(tokens)]
+  if not bounds or bounds[0] != 0:
+    bounds = [0] + bounds
+  out = []
+  for lo, hi in zip(bounds[:-1], bounds[1:]):
+    for j in range(lo, hi, seq_len):
+      e = min(j + seq_len, hi)
+      out.append(_Chunk(tokens[j:e], lang_ids[j:e], weights[j:e]))
+  return out
 
 
 def shard_info() -> seqio.ShardInfo | None:
