@@ -88,6 +88,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--seconds", type=float, default=20.0, help="pipeline timing window")
   ap.add_argument("--seq_len", type=int, default=None, help="default: configs/small.py's")
   ap.add_argument("--batch_size", type=int, default=None, help="default: configs/small.py's")
+  ap.add_argument("--packing", default=None, choices=("concat", "first_fit"),
+                  help="default: the config's data.packing")
   ap.add_argument("--warmup_batches", type=int, default=50)
   ap.add_argument("--raw_lines", type=int, default=20_000)
   ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -103,6 +105,8 @@ def main(argv=None) -> dict:
     cfg.model.max_len = max(cfg.model.max_len, args.seq_len)
   if args.batch_size:
     cfg.train.batch_size = args.batch_size
+  if args.packing:
+    cfg.data.packing = args.packing
   t0 = time.perf_counter()
   plan = inputs.plan_inputs(cfg)
   plan_s = time.perf_counter() - t0
@@ -118,7 +122,8 @@ def main(argv=None) -> dict:
   first_s = time.perf_counter() - t0
   res = pipeline_rate(it, args.seconds, args.warmup_batches)
   ratio = res["tokens_per_s"] / raw
-  print(f"pipeline (seq_len={cfg.data.seq_len}, batch={cfg.train.batch_size}): "
+  print(f"pipeline (seq_len={cfg.data.seq_len}, batch={cfg.train.batch_size}, "
+        f"packing={cfg.data.packing}): "
         f"{res['tokens_per_s']:,.0f} packed tokens/s, {res['batches_per_s']:.1f} batches/s "
         f"over {res['seconds']:.1f} s ({res['batches']} batches)")
   print(f"pipeline / raw: {ratio:.1%}   packing efficiency: {res['packing_efficiency']:.1%}   "
@@ -133,7 +138,7 @@ def main(argv=None) -> dict:
   out = {"raw_tokens_per_s": round(raw), "pipeline_tokens_per_s": round(res["tokens_per_s"]),
          "ratio": round(ratio, 4), "packing_efficiency": round(res["packing_efficiency"], 4),
          "batches_per_s": round(res["batches_per_s"], 2), "seq_len": cfg.data.seq_len,
-         "batch_size": cfg.train.batch_size, "seconds": round(res["seconds"], 2),
+         "batch_size": cfg.train.batch_size, "packing": cfg.data.packing, "seconds": round(res["seconds"], 2),
          "plan_s": round(plan_s, 2), "first_batch_s": round(first_s, 2)}
   print(json.dumps(out))
   return out
