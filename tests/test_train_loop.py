@@ -33,10 +33,11 @@ def _env(cache_dir):
   return env
 
 
-def _train(workdir, cache_dir, *extra, check=True, module="xlingo.train"):
+def _train(workdir, cache_dir, *extra, check=True, module="xlingo.train", cwd=ROOT):
   cmd = [sys.executable, "-m", module, *BASE_ARGS, f"--workdir={workdir}", *extra]
-  p = subprocess.run(cmd, cwd=ROOT, env=_env(cache_dir), capture_output=True, text=True,
-                     timeout=600)
+  env = _env(cache_dir)
+  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
+  p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
   if check and p.returncode != 0:
     raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
   return p
@@ -156,6 +157,18 @@ def test_sigkill_then_corrupt_latest_then_resume_is_exact(baseline, tmp_path, ca
   # Nothing lost: the unreadable step is kept aside, not deleted.
   assert any(n.startswith(f"{latest}.unreadable") for n in os.listdir(wd / "checkpoints"))
   _assert_same_run(baseline[0], wd)
+
+
+def test_relative_workdir_saves_and_resumes(tmp_path, cache_dir):
+  # Orbax's array writer needs absolute paths; `--workdir runs/rel` (what the README's demo
+  # passes) must still checkpoint, and a second run must resume from it.
+  args = ("--config.train.steps=4", "--config.train.eval_every=100")
+  _train("runs/rel", cache_dir, *args, cwd=tmp_path)
+  assert os.path.isdir(tmp_path / "runs" / "rel" / "checkpoints" / "4" / "state")
+  p = _train("runs/rel", cache_dir, "--config.train.steps=8", "--config.train.eval_every=100",
+             cwd=tmp_path)
+  assert os.path.isdir(tmp_path / "runs" / "rel" / "checkpoints" / "8" / "state")
+  assert "resumed from" in p.stdout and "step 4" in p.stdout, p.stdout[-2000:]
 
 
 def test_incompatible_checkpoint_is_refused(baseline, tmp_path, capsys):

@@ -113,6 +113,10 @@ class Checkpoints:
   """A thin layer over ``ocp.CheckpointManager`` with xlingo's items and checks."""
 
   def __init__(self, workdir: str, config, *, read_only: bool = False):
+    if "://" not in workdir:
+      # Orbax's OCDBT writer rejects relative paths (in its background save thread, so the
+      # error would surface only after the step was lost).
+      workdir = os.path.abspath(os.path.expanduser(workdir))
     self.directory = os.path.join(workdir, "checkpoints")
     self.config = config
     c = config.checkpoint
