@@ -95,6 +95,14 @@ def _as_str(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
 
+def _cached_lang_id(code, table: LanguageTable, cache: dict) -> int:
+  """``table.id`` of a language code from tf.data (bytes), memoised in ``cache``."""
+  lang_id = cache.get(code)
+  if lang_id is None:
+    lang_id = cache[code] = table.id(_as_str(code))
+  return lang_id
+
+
 def _batch_to_chunks(b: Mapping[str, np.ndarray], table: LanguageTable, seq_len: int,
                      lang_cache: dict) -> list[_Chunk]:
   """A ragged batch of examples (targets as flat values + row_splits) → chunks, in order.
@@ -107,20 +115,13 @@ def _batch_to_chunks(b: Mapping[str, np.ndarray], table: LanguageTable, seq_len:
   for i in range(len(splits) - 1):
     lo, hi = int(splits[i]), int(splits[i + 1])
     n = hi - lo
-    lang = langs[i]
-    tgt = lang_cache.get(lang)
-    if tgt is None:
-      tgt = lang_cache[lang] = table.id(_as_str(lang))
+    tgt = _cached_lang_id(langs[i], table, lang_cache)
     toks = values[lo:hi]
     lang_ids = np.full(n, tgt, np.int32)
     weights = np.ones(n, np.float32)
     prefix = int(prefixes[i])
     if prefix:
-      src = src_langs[i]
-      sid = lang_cache.get(src)
-      if sid is None:
-        sid = lang_cache[src] = table.id(_as_str(src))
-      lang_ids[:prefix] = sid
+      lang_ids[:prefix] = _cached_lang_id(src_langs[i], table, lang_cache)
       weights[:prefix] = 0.0
     if n <= seq_len:
       out.append(_Chunk(toks, lang_ids, weights))
@@ -201,13 +202,8 @@ def check_packing(packing: str) -> None:
 
 def _lang_ids(codes: np.ndarray, table: LanguageTable, cache: dict) -> np.ndarray:
   """Language code per example (bytes) -> ids, one dict lookup per example."""
-  try:
-    return np.fromiter((cache[c] for c in codes), np.int32, count=len(codes))
-  except KeyError:
-    for c in codes:
-      if c not in cache:
-        cache[c] = table.id(_as_str(c))
-    return np.fromiter((cache[c] for c in codes), np.int32, count=len(codes))
+  return np.fromiter((_cached_lang_id(c, table, cache) for c in codes), np.int32,
+                     count=len(codes))
 
 
 def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
