@@ -2,14 +2,17 @@
 
   .venv/bin/python bench/bench_data.py [--seconds 20] [--seq_len 256 --batch_size 8]
 
-In one process:
+In one process, alternating ``--rounds`` times (this machine's speed drifts by +-30% over
+minutes, so the two figures are taken side by side):
   (a) raw: ``SentencePieceProcessor.EncodeAsIds`` over a list of lines (one batched call) of the
       embedded corpus's train split, the lines drawn with the mixture's rates (what the pipeline
-      reads), tokens/s (EOS not counted). This is the ceiling: no reading, mixing or packing.
+      reads), tokens/s (EOS not counted), best pass of about a second. This is the ceiling: no
+      reading, mixing or packing.
   (b) pipeline: ``inputs.plan_inputs(configs/small.py)`` -> ``inputs.train_iterator`` ->
-      ``next()`` for ``--seconds`` after a warm-up, counting non-padding tokens
-      (segment_ids > 0, EOS included).
-Prints both, their ratio and the packing efficiency, then one JSON line with the figures.
+      ``next()`` for ``--seconds / --rounds``, counting non-padding tokens (segment_ids > 0,
+      EOS included), after a warm-up.
+Prints each round, the medians, their ratio (the median of the rounds' ratios) and the packing
+efficiency, then one JSON line with the figures.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def mixed_lines(plan, num: int, seed: int = 0) -> list[str]:
   return out
 
 
-def raw_rate(sp, lines: list[str], min_seconds: float = 2.0) -> tuple[float, int]:
+def raw_rate(sp, lines: list[str], min_seconds: float = 1.0) -> tuple[float, int]:
   """(tokens/s, tokens per pass) of a batched EncodeAsIds over ``lines``, best of the passes."""
   sp.EncodeAsIds(lines[:256])  # warm-up
   best, ntok, spent = 0.0, 0, 0.0
@@ -85,11 +88,14 @@ def pipeline_rate(it, seconds: float, warmup_batches: int) -> dict:
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--seconds", type=float, default=20.0, help="pipeline timing window")
+  ap.add_argument("--seconds", type=float, default=20.0, help="pipeline timing, all rounds")
   ap.add_argument("--seq_len", type=int, default=None, help="default: configs/small.py's")
   ap.add_argument("--batch_size", type=int, default=None, help="default: configs/small.py's")
   ap.add_argument("--packing", default=None, choices=("concat", "first_fit"),
                   help="default: the config's data.packing")
+  ap.add_argument("--rounds", type=int, default=5, help="raw/pipeline alternations")
+  ap.add_argument("--group_size", type=int, default=None,
+                  help="default: the config's data.group_size (0: per-example pipeline)")
   ap.add_argument("--warmup_batches", type=int, default=50)
   ap.add_argument("--raw_lines", type=int, default=20_000)
   ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -107,27 +113,40 @@ def main(argv=None) -> dict:
     cfg.train.batch_size = args.batch_size
   if args.packing:
     cfg.data.packing = args.packing
+  if args.group_size is not None:
+    cfg.data.group_size = args.group_size
   t0 = time.perf_counter()
   plan = inputs.plan_inputs(cfg)
   plan_s = time.perf_counter() - t0
 
   lines = mixed_lines(plan, args.raw_lines, seed=cfg.data.seed)
-  raw, raw_tokens = raw_rate(plan.vocab.tokenizer, lines)
-  print(f"raw SentencePiece EncodeAsIds (batched, {len(lines)} mixed train lines, "
-        f"{raw_tokens} tokens): {raw:,.0f} tokens/s")
-
   t0 = time.perf_counter()
   it = inputs.train_iterator(plan, cfg)
   next(it)
   first_s = time.perf_counter() - t0
-  res = pipeline_rate(it, args.seconds, args.warmup_batches)
-  ratio = res["tokens_per_s"] / raw
+  for _ in range(args.warmup_batches):
+    next(it)
+  rounds = []
+  for r in range(args.rounds):
+    raw, raw_tokens = raw_rate(plan.vocab.tokenizer, lines)
+    res = pipeline_rate(it, args.seconds / args.rounds, 0)
+    rounds.append((raw, res))
+    print(f"round {r}: raw {raw:,.0f} tokens/s, pipeline {res['tokens_per_s']:,.0f} tokens/s "
+          f"({res['tokens_per_s'] / raw:.1%})")
+  raw = float(np.median([x for x, _ in rounds]))
+  tps = float(np.median([y["tokens_per_s"] for _, y in rounds]))
+  ratio = float(np.median([y["tokens_per_s"] / x for x, y in rounds]))
+  eff = sum(y["tokens"] for _, y in rounds) / sum(y["tokens"] / y["packing_efficiency"]
+                                                    for _, y in rounds)
+  bps = float(np.median([y["batches_per_s"] for _, y in rounds]))
+  secs = sum(y["seconds"] for _, y in rounds)
+  print(f"raw SentencePiece EncodeAsIds (batched, {len(lines)} mixed train lines, "
+        f"{raw_tokens} tokens): median {raw:,.0f} tokens/s")
   print(f"pipeline (seq_len={cfg.data.seq_len}, batch={cfg.train.batch_size}, "
-        f"packing={cfg.data.packing}): "
-        f"{res['tokens_per_s']:,.0f} packed tokens/s, {res['batches_per_s']:.1f} batches/s "
-        f"over {res['seconds']:.1f} s ({res['batches']} batches)")
-  print(f"pipeline / raw: {ratio:.1%}   packing efficiency: {res['packing_efficiency']:.1%}   "
-        f"plan: {plan_s:.1f} s   first batch: {first_s:.1f} s")
+        f"packing={cfg.data.packing}, group_size={cfg.data.group_size}): median "
+        f"{tps:,.0f} packed tokens/s, {bps:.1f} batches/s over {secs:.1f} s")
+  print(f"pipeline / raw: {ratio:.1%}   packing efficiency: {eff:.1%}   plan: {plan_s:.1f} s   "
+        f"first batch: {first_s:.1f} s")
   if args.profile:
     prof = cProfile.Profile()
     prof.enable()
@@ -135,10 +154,11 @@ def main(argv=None) -> dict:
       next(it)
     prof.disable()
     pstats.Stats(prof).sort_stats("cumulative").print_stats(25)
-  out = {"raw_tokens_per_s": round(raw), "pipeline_tokens_per_s": round(res["tokens_per_s"]),
-         "ratio": round(ratio, 4), "packing_efficiency": round(res["packing_efficiency"], 4),
-         "batches_per_s": round(res["batches_per_s"], 2), "seq_len": cfg.data.seq_len,
-         "batch_size": cfg.train.batch_size, "packing": cfg.data.packing, "seconds": round(res["seconds"], 2),
+  out = {"raw_tokens_per_s": round(raw), "pipeline_tokens_per_s": round(tps),
+         "ratio": round(ratio, 4), "packing_efficiency": round(eff, 4),
+         "batches_per_s": round(bps, 2), "seq_len": cfg.data.seq_len,
+         "batch_size": cfg.train.batch_size, "packing": cfg.data.packing,
+         "group_size": cfg.data.group_size, "rounds": args.rounds, "seconds": round(secs, 2),
          "plan_s": round(plan_s, 2), "first_batch_s": round(first_s, 2)}
   print(json.dumps(out))
   return out

@@ -137,15 +137,12 @@ def test_targets_only_loss_matches_numpy():
   c, model = _small_model()
   table = pipeline.LanguageTable(("en", "de", "fr"))
   rng = np.random.default_rng(0)
-  chunks = [
-      pipeline.example_to_chunks({"targets": rng.integers(3, 64, 9), "lang": "de",
-                                  "src_lang": "en", "prefix_len": 4}, table, 16)[0],
-      pipeline.example_to_chunks({"targets": rng.integers(3, 64, 5), "lang": "fr",
-                                  "src_lang": "en", "prefix_len": 2}, table, 16)[0],
-      pipeline.example_to_chunks({"targets": rng.integers(3, 64, 7), "lang": "de",
-                                  "src_lang": "", "prefix_len": 0}, table, 16)[0],
+  examples = [
+      {"targets": rng.integers(3, 64, 9), "lang": "de", "src_lang": "en", "prefix_len": 4},
+      {"targets": rng.integers(3, 64, 5), "lang": "fr", "src_lang": "en", "prefix_len": 2},
+      {"targets": rng.integers(3, 64, 7), "lang": "de", "src_lang": "", "prefix_len": 0},
   ]
-  batch = pipeline.Packer(2, 16).pack(iter(chunks))
+  (batch,) = pipeline.pack_examples(examples, table, 2, 16)
   assert batch["loss_weights"][0, :4].sum() == 0  # no loss on the first pair's source
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"], batch["segment_ids"],
                                batch["positions"], batch["lang_ids"])["params"]

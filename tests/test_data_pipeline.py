@@ -1,6 +1,7 @@
 """The SeqIO data layer: rates, packing with language ids, determinism, resume, bad input."""
 
 import collections
+import json
 import math
 import os
 
@@ -16,17 +17,19 @@ from xlingo.data import inputs, mixing, pipeline, tasks
 from xlingo.data.tasks import DataError
 
 
-def _chunk(tokens, lang, w=None):
-  tokens = np.asarray(tokens, np.int32)
-  return pipeline._Chunk(tokens, np.full(len(tokens), lang, np.int32),
-                         np.ones(len(tokens), np.float32) if w is None else np.asarray(w, np.float32))
+def _stream_of(*chunks):
+  """A TokenStream of (tokens, lang) examples."""
+  st = pipeline.TokenStream()
+  for tokens, lang in chunks:
+    n = len(tokens)
+    st.add(np.asarray(tokens, np.int32), np.full(n, lang, np.int32), np.ones(n, np.float32),
+           np.arange(n) == 0)
+  return st
 
 
-def test_packer_ids_positions_and_shift():
-  p = pipeline.Packer(batch_size=2, seq_len=6)
-  chunks = iter([_chunk([5, 6, 1], 3), _chunk([7, 1], 1), _chunk([8, 9, 10, 1], 2),
-                 _chunk([11, 12, 13, 14, 1], 4)])
-  b = p.pack(chunks)
+def test_first_fit_ids_positions_and_shift():
+  st = _stream_of(([5, 6, 1], 3), ([7, 1], 1), ([8, 9, 10, 1], 2), ([11, 12, 13, 14, 1], 4))
+  (b,) = pipeline.first_fit_batches(st, batch_size=2, seq_len=6)
   # first fit: row 0 <- [5 6 1][7 1]; row 1 <- [8 9 10 1]; the 5-token chunk fits nowhere.
   np.testing.assert_array_equal(b["targets"][0], [5, 6, 1, 7, 1, 0])
   np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 2, 2, 0])
@@ -36,25 +39,26 @@ def test_packer_ids_positions_and_shift():
   np.testing.assert_array_equal(b["loss_weights"][0], [1, 1, 1, 1, 1, 0])
   np.testing.assert_array_equal(b["targets"][1], [8, 9, 10, 1, 0, 0])
   np.testing.assert_array_equal(b["lang_ids"][1], [2, 2, 2, 2, 0, 0])
-  assert len(p.pending) == 1
-  b2 = p.pack(chunks)
+  # the last batch is incomplete until the stream ends: its chunk stays in the stream
+  assert len(st) == 5 and pipeline.first_fit_batches(st, 2, 6) == []
+  (b2,) = pipeline.first_fit_batches(st, 2, 6, final=True)
   np.testing.assert_array_equal(b2["targets"][0], [11, 12, 13, 14, 1, 0])
   np.testing.assert_array_equal(b2["lang_ids"][0], [4, 4, 4, 4, 4, 0])
-  with pytest.raises(StopIteration):
-    p.pack(chunks)
+  assert len(st) == 0 and pipeline.first_fit_batches(st, 2, 6, final=True) == []
 
 
-def test_example_to_chunks_prefix_and_long_split():
-  table = pipeline.LanguageTable(["en", "de"])
-  ex = {"targets": np.arange(2, 9), "lang": b"de", "src_lang": b"en", "prefix_len": 3}
-  (c,) = pipeline.example_to_chunks(ex, table, 16)
-  np.testing.assert_array_equal(c.lang_ids, [0, 0, 0, 1, 1, 1, 1])
-  np.testing.assert_array_equal(c.weights, [0, 0, 0, 1, 1, 1, 1])
-  long = {"targets": np.arange(2, 12), "lang": b"en", "src_lang": b"", "prefix_len": 0}
-  chunks = pipeline.example_to_chunks(long, table, 4)
-  assert [len(c.tokens) for c in chunks] == [4, 4, 2]
-  with pytest.raises(DataError, match="unknown language 'xx'"):
-    pipeline.example_to_chunks({**long, "lang": b"xx"}, table, 4)
+def test_first_fit_splits_long_examples_and_packs_many_batches():
+  # a 10-token example at seq_len 4 -> chunks 4, 4, 2, each its own segment
+  st = _stream_of((list(range(20, 30)), 1), ([3, 1], 0))
+  cstart, clens = pipeline._chunks(st.starts, 4)
+  np.testing.assert_array_equal(cstart, [0, 4, 8, 10])
+  np.testing.assert_array_equal(clens, [4, 4, 2, 2])
+  batches = pipeline.first_fit_batches(st, batch_size=1, seq_len=4, final=True)
+  got = [b["targets"][0].tolist() for b in batches]
+  assert got == [[20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 3, 1]]
+  np.testing.assert_array_equal(batches[2]["segment_ids"][0], [1, 1, 2, 2])
+  np.testing.assert_array_equal(batches[2]["positions"][0], [0, 1, 0, 1])
+  np.testing.assert_array_equal(batches[1]["inputs"][0], [0, 24, 25, 26])
 
 
 def test_unimax_budgets_cap_small_languages():
@@ -131,6 +135,92 @@ def test_mixture_proportions_match_temperature(plan, temperature):
   assert pvalue > 1e-3, (temperature, dict(zip(langs, obs, strict=True)), exp, chi2)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 3.33, 1e6])
+def test_grouped_mixture_draws_examples_at_the_rates(plan, temperature):
+  """The training mixture samples groups: 20,000 group draws from the real grouped tasks
+  match the group rates (rate / mean group size; chi-square, the groups being the
+  independent draws), and the examples they carry match the example rates n^(1/T)."""
+  k = 8  # small groups: many short block-end groups, so the size correction matters
+  rates = mixing.compute_rates(plan.stats, sampling="temperature", temperature=temperature,
+                               budget_tokens=1e6, unimax_max_epochs=4.0)
+  mean = {t: tasks.mean_group_size(t, k) for t in rates}
+  assert all(1 <= m <= k for m in mean.values()) and min(mean.values()) < k
+  grouped = {tasks.register_grouped(t, k, 64): rates[t] / mean[t] for t in rates}
+  name = mixing.register_mixture(grouped, prefix="test.gmix")
+  ds = pipeline.mixture_dataset(name, split="train", seed=1, shuffle=True, repeat=True,
+                                shard=None, grouped=True)
+  num = 20_000
+  groups, examples = collections.Counter(), collections.Counter()
+  sized = ds.map(lambda ex: {"lang": ex["lang"], "n": tf.size(ex["targets"])})
+  for b in sized.take(num).batch(4096).as_numpy_iterator():
+    for lang, n in zip(b["lang"], b["n"], strict=True):
+      groups[lang.decode()] += 1
+      examples[lang.decode()] += int(n)
+  assert sum(groups.values()) == num
+  by_lang = {s.lang: s.name for s in plan.stats}
+  langs = sorted(by_lang)
+  g = np.array([grouped[tasks.grouped_task_name(by_lang[lang], k, 64)] for lang in langs])
+  obs = np.array([groups[lang] for lang in langs], float)
+  chi2, pvalue = scipy_stats.chisquare(obs, g / g.sum() * num)
+  assert pvalue > 1e-3, (temperature, dict(zip(langs, obs, strict=True)), chi2)
+  n = {s.lang: s.examples for s in plan.stats}
+  want = np.array([n[lang] ** (1 / temperature) for lang in langs])
+  share = np.array([examples[lang] for lang in langs]) / sum(examples.values())
+  # ~1,000+ groups per language: the example share is within a few percent of its rate
+  np.testing.assert_allclose(share, want / want.sum(), rtol=0.08)
+
+
+def test_mean_group_size_counts_block_end_groups(tmp_path):
+  # 37 lines, 2 blank: one block (k=4 -> 64 lines) of 35 non-blank lines = 8 groups of 4 + 3
+  lines = [f"Zeile {i}" if i not in (5, 20) else "  " for i in range(37)]
+  (tmp_path / "de.txt").write_text("\n".join(lines) + "\n")
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.txt"))
+  p = inputs.plan_inputs(cfg)
+  assert tasks.mean_group_size(p.lm_tasks["de"], 4) == pytest.approx(35 / 9)
+  r = _group_reader(p.lm_tasks["de"], p, group_size=4)
+  texts = [p.vocab.decode([int(t) for t in ex[0][:-1]]) for ex in _examples_of(_pieces(r))]
+  assert sorted(texts) == sorted(x for x in lines if x.strip())
+
+
+def test_grouped_jsonl_and_tsv_files(tmp_path):
+  """JSONL records (text field, blank or missing ones skipped) and TSV pairs from files."""
+  recs = [{"text": "Hallo Welt"}, {"text": "  "}, {"other": 1}, {"text": "Guten Tag"}]
+  (tmp_path / "de.jsonl").write_text("\n".join(json.dumps(r) for r in recs) + "\n\n")
+  (tmp_path / "en-de.tsv").write_text("Hello\tHallo\nGood day\tGuten Tag\n")
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.jsonl"))
+  cfg.data.languages = ("de", "en")
+  cfg.data.train_languages = ("de",)
+  cfg.data.file_pair_patterns["en-de"] = str(tmp_path / "en-de.tsv")
+  cfg.data.translation_pairs = ("en-de",)
+  p = inputs.plan_inputs(cfg)
+  got = _examples_of(_pieces(_group_reader(p.lm_tasks["de"], p)))
+  assert sorted(p.vocab.decode([int(t) for t in ex[0][:-1]]) for ex in got) == [
+      "Guten Tag", "Hallo Welt"]
+  pairs = _examples_of(_pieces(_group_reader(p.mt_tasks["en-de"], p)))
+  assert len(pairs) == 2
+  for toks, langs, weights in pairs:
+    k = weights.index(1.0)
+    assert p.vocab.decode([int(t) for t in toks[:k]]) in ("Hello", "Good day")
+    assert set(langs[:k]) == {p.table.id("en")} and set(langs[k:]) == {p.table.id("de")}
+  batch = next(inputs.train_iterator(p, cfg))
+  assert batch["loss_weights"].sum() > 0
+
+
+def test_jsonl_bad_record_is_named(tmp_path):
+  (tmp_path / "de.jsonl").write_text('{"text": "ok"}\n{not json\n')
+  cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.jsonl"))
+  with pytest.raises(DataError, match="de.jsonl line 2 is not valid JSON"):
+    inputs.plan_inputs(cfg)
+  # past the records sampled at planning, the reader names the record
+  lines = [json.dumps({"text": f"Zeile {i}"}) for i in range(600)] + ["{not json"]
+  (tmp_path / "de.jsonl").write_text("\n".join(lines) + "\n")
+  p = inputs.plan_inputs(cfg)
+  it = inputs.train_iterator(p, cfg)
+  with pytest.raises(DataError, match="not valid JSON: b'{not json'"):
+    for _ in range(20):
+      next(it)
+
+
 def test_plan_table_lists_every_language(plan):
   text = plan.table_text(run_tokens=1e6)
   for lang in tiny.get_config().data.languages:
@@ -194,29 +284,61 @@ def test_iterator_state_restores_exactly(plan, stream):
       np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_batched_chunks_match_per_example_chunks(plan):
-  """The ragged-group path gives exactly the chunks of example_to_chunks, example by example."""
+def _group_reader(name, plan, group_size=64, seed=0, shuffle=False, repeat=False):
+  g = tasks.register_grouped(name, group_size, 1024)
+  ds = pipeline.mixture_dataset(g, split="train", seed=seed, shuffle=shuffle, repeat=repeat,
+                                shard=None, grouped=True)
+  return pipeline.TextGroupReader(ds, plan.table, plan.vocab, group_size, seed)
+
+
+def _examples_of(pieces):
+  """Pieces of the token stream -> [(tokens, lang_ids, weights)] per example."""
+  out = []
+  for tokens, lang_ids, weights, starts in pieces:
+    bounds = list(np.flatnonzero(starts)) + [len(tokens)]
+    out += [(tuple(tokens[a:b]), tuple(lang_ids[a:b]), tuple(weights[a:b]))
+            for a, b in zip(bounds[:-1], bounds[1:])]
+  return out
+
+
+def _pieces(reader):
+  return list(iter(reader.read, None))
+
+
+@pytest.mark.parametrize("kind", ["lm", "mt"])
+def test_grouped_reader_tokenizes_like_the_per_example_task(kind):
+  """Host-tokenized groups = the per-example task's examples (tf_text in tf.data), as a
+  multiset (each read is shuffled), for a whole pass over the de LM task / en-de pairs."""
   cfg = tiny.get_config()
   cfg.data.translation_pairs = ("en-de",)
-  ds = pipeline.mixture_dataset(plan.lm_tasks["de"], split="train", seed=0, shuffle=False,
-                                repeat=False, shard=None).take(40)
-  examples = list(ds.as_numpy_iterator())
-  # Include a conditional example and a long one that is split.
-  examples.append({"targets": np.arange(2, 30, dtype=np.int32), "lang": b"de",
-                   "src_lang": b"en", "prefix_len": np.int32(5)})
-  seq_len = 16
-  want = [c for ex in examples for c in pipeline.example_to_chunks(ex, plan.table, seq_len)]
-  lens = [len(ex["targets"]) for ex in examples]
-  b = {"values": np.concatenate([ex["targets"] for ex in examples]).astype(np.int32),
-       "row_splits": np.concatenate([[0], np.cumsum(lens)]),
-       "lang": np.array([ex["lang"] for ex in examples], object),
-       "src_lang": np.array([ex["src_lang"] for ex in examples], object),
-       "prefix_len": np.array([ex["prefix_len"] for ex in examples], np.int32)}
-  got = pipeline._batch_to_chunks(b, plan.table, seq_len, {})
-  assert len(got) == len(want) > len(examples)
-  for g, w in zip(got, want, strict=True):
-    for k in ("tokens", "lang_ids", "weights"):
-      np.testing.assert_array_equal(getattr(g, k), getattr(w, k))
+  p = inputs.plan_inputs(cfg)
+  name = p.lm_tasks["de"] if kind == "lm" else p.mt_tasks["en-de"]
+  ds = pipeline.mixture_dataset(name, split="train", seed=0, shuffle=False, repeat=False,
+                                shard=None)
+  want = _examples_of(_pieces(pipeline.ExampleReader(ds, p.table)))
+  got = _examples_of(_pieces(_group_reader(name, p)))
+  assert len(got) == len(want) == seqio.get_mixture_or_task(name).num_input_examples("train")
+  # Same texts, same language tags and weights. The token ids agree except where the unigram
+  # model has two segmentations of equal score ("mmm" = "mm"+"m" or "m"+"mm"): tf_text's build
+  # of SentencePiece and the Python one break such ties differently (1 line in ~2,000 here).
+  decode = lambda ex: (p.vocab.decode([int(t) for t in ex[0]]), ex[1][-1], ex[2].count(0.0))  # noqa: E731
+  assert sorted(map(decode, got)) == sorted(map(decode, want))
+  differ = collections.Counter(got) - collections.Counter(want)
+  assert sum(differ.values()) <= len(got) // 200, sum(differ.values())
+  if kind == "mt":  # the source is tagged en with no loss, the target de
+    toks, langs, weights = got[0]
+    k = weights.index(1.0)
+    assert k > 0 and set(langs[:k]) == {p.table.id("en")} and set(langs[k:]) == {p.table.id("de")}
+
+
+def test_grouped_reads_are_shuffled_across_groups(plan):
+  """One read's examples come from many groups, in a seeded order."""
+  r = _group_reader(plan.lm_tasks["de"], plan, group_size=8, seed=0, shuffle=True, repeat=True)
+  first = _examples_of([r.read()])
+  again = _examples_of([_group_reader(plan.lm_tasks["de"], plan, 8, 0, True, True).read()])
+  other = _examples_of([_group_reader(plan.lm_tasks["de"], plan, 8, 5, True, True).read()])
+  assert first == again and first != other
+  assert len(first) >= pipeline.EXAMPLES_PER_READ
 
 
 def test_eval_batches_fixed_per_language(plan):
@@ -237,13 +359,16 @@ def test_translation_task_is_prefix_lm(plan):
   ds = pipeline.mixture_dataset(p.mt_tasks["en-de"], split="train", seed=0, shuffle=False,
                                 repeat=False, shard=None)
   ex = next(ds.as_numpy_iterator())
-  (c,) = pipeline.example_to_chunks(ex, p.table, 10_000)
+  tokens, lang_ids, weights, _ = pipeline.flatten_group(
+      {"values": ex["targets"], "row_splits": np.array([0, len(ex["targets"])]),
+       "lang": np.array([ex["lang"]], object), "src_lang": np.array([ex["src_lang"]], object),
+       "prefix_len": np.array([ex["prefix_len"]])}, p.table, {})
   k = int(ex["prefix_len"])
-  assert k > 0 and np.all(c.weights[:k] == 0) and np.all(c.weights[k:] == 1)
-  assert np.all(c.lang_ids[:k] == p.table.id("en")) and np.all(c.lang_ids[k:] == p.table.id("de"))
-  vocab = p.vocab
-  src_text = vocab.decode(c.tokens[:k].tolist())
-  assert src_text and src_text.isascii() is not None
+  assert k > 0 and np.all(weights[:k] == 0) and np.all(weights[k:] == 1)
+  assert np.all(lang_ids[:k] == p.table.id("en")) and np.all(lang_ids[k:] == p.table.id("de"))
+  src_text = p.vocab.decode(tokens[:k].tolist())
+  tgt_text = p.vocab.decode(tokens[k:-1].tolist())
+  assert src_text.isascii() and tgt_text and tokens[-1] == p.vocab.eos_id
 
 
 # --- bad input -----------------------------------------------------------------------------
@@ -349,10 +474,12 @@ def test_concat_packer_cuts_the_stream_into_rows():
   table = pipeline.LanguageTable(["en", "de", "fr"])
   group = _stream([([5, 6, 1], "de", 0, ""), ([7, 8, 9, 10, 11, 1], "fr", 2, "en"),
                    ([12, 1], "en", 0, ""), ([13, 14, 15, 16, 17, 18, 19, 1], "de", 0, "")])
-  p = pipeline.ConcatPacker(batch_size=2, seq_len=4)
-  p.add(*pipeline.flatten_group(group, table, {}))
-  assert len(p) == 19
-  b = p.take()
+  st = pipeline.TokenStream()
+  st.add(*pipeline.flatten_group(group, table, {}))
+  assert len(st) == 19
+  b1, b2 = pipeline.concat_batches(st, batch_size=2, seq_len=4)  # the two full batches
+  assert len(st) == 3
+  b = b1
   # rows: [5 6 1 | 7] [8 9 10 11] -- the fr example continues in row 1 as a new segment
   np.testing.assert_array_equal(b["targets"], [[5, 6, 1, 7], [8, 9, 10, 11]])
   np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 1]])
@@ -361,36 +488,35 @@ def test_concat_packer_cuts_the_stream_into_rows():
   # fr example: its first 2 tokens are the en source, no loss there
   np.testing.assert_array_equal(b["lang_ids"], [[1, 1, 1, 0], [0, 2, 2, 2]])
   np.testing.assert_array_equal(b["loss_weights"], [[1, 1, 1, 0], [0, 1, 1, 1]])
-  b = p.take()
+  b = b2
   np.testing.assert_array_equal(b["targets"], [[1, 12, 1, 13], [14, 15, 16, 17]])
   np.testing.assert_array_equal(b["segment_ids"], [[1, 2, 2, 3], [1, 1, 1, 1]])
   np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 0], [0, 1, 2, 3]])
   np.testing.assert_array_equal(b["lang_ids"], [[2, 0, 0, 1], [1, 1, 1, 1]])
   # the end of a finite stream: zero padding, segment 0, no weight
-  b = p.take()
+  (b,) = pipeline.concat_batches(st, 2, 4, final=True)
   np.testing.assert_array_equal(b["targets"], [[18, 19, 1, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["inputs"], [[0, 18, 19, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["loss_weights"], [[1, 1, 1, 0], [0, 0, 0, 0]])
-  with pytest.raises(StopIteration):
-    p.take()
+  assert pipeline.concat_batches(st, 2, 4, final=True) == []
 
 
-def test_flatten_group_matches_example_to_chunks():
+def test_flatten_group_tags_sources_and_starts():
   table = pipeline.LanguageTable(["en", "de"])
-  rng = np.random.default_rng(0)
-  examples = [(rng.integers(3, 99, n).tolist(), lang, p, src)
-              for n, lang, p, src in [(7, "de", 3, "en"), (1, "en", 0, ""), (12, "de", 0, ""),
-                                      (5, "en", 5, "de")]]
+  examples = [([11, 12, 13, 14, 1], "de", 3, "en"), ([15], "en", 0, ""), ([16, 17, 1], "de", 0, "")]
   tokens, lang_ids, weights, starts = pipeline.flatten_group(_stream(examples), table, {})
-  want = [pipeline.example_to_chunks({"targets": t, "lang": lang, "src_lang": src,
-                                      "prefix_len": p}, table, 1000)[0]
-          for t, lang, p, src in examples]
-  np.testing.assert_array_equal(tokens, np.concatenate([c.tokens for c in want]))
-  np.testing.assert_array_equal(lang_ids, np.concatenate([c.lang_ids for c in want]))
-  np.testing.assert_array_equal(weights, np.concatenate([c.weights for c in want]))
-  np.testing.assert_array_equal(np.flatnonzero(starts), [0, 7, 8, 20])
+  np.testing.assert_array_equal(tokens, [11, 12, 13, 14, 1, 15, 16, 17, 1])
+  np.testing.assert_array_equal(lang_ids, [0, 0, 0, 1, 1, 0, 1, 1, 1])
+  np.testing.assert_array_equal(weights, [0, 0, 0, 1, 1, 1, 1, 1, 1])
+  np.testing.assert_array_equal(np.flatnonzero(starts), [0, 5, 6])
+  # ids given instead of codes: the same
+  g = _stream(examples)
+  g["lang_ids"] = np.array([1, 0, 1], np.int32)
+  g["src_lang_ids"] = np.array([0, 0, 0], np.int32)
+  for a, b in zip(pipeline.flatten_group(g, table, {}), (tokens, lang_ids, weights, starts)):
+    np.testing.assert_array_equal(a, b)
   with pytest.raises(DataError, match="unknown language 'xx'"):
     pipeline.flatten_group(_stream([([3, 1], "xx", 0, "")]), table, {})
 
@@ -400,7 +526,7 @@ def test_concat_packing_loses_and_duplicates_no_token(plan):
   ds = pipeline.mixture_dataset(plan.lm_tasks["de"], split="validation", seed=0, shuffle=False,
                                 repeat=False, shard=None)
   examples = [ex["targets"] for ex in ds.as_numpy_iterator()]
-  it = pipeline.PackedIterator(ds, plan.table, 4, 64, packing="concat")
+  it = pipeline.PackedIterator(pipeline.ExampleReader(ds, plan.table), 4, 64, packing="concat")
   batches = list(it)
   targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
   segs = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
@@ -438,20 +564,39 @@ def test_concat_state_restores_exactly(plan, tmp_path):
 
 
 def test_packing_change_at_restore_repacks_unplaced_tokens(plan, stream):
-  """A first_fit state restored under concat keeps every unplaced token (no loss, no repeat)."""
-  _, state, _ = stream
+  """A first_fit state restored under concat keeps every token read (no loss, no repeat):
+  its packed batches come first, then its unplaced stream, concatenated."""
+  _, state, after = stream
   cfg = tiny.get_config()
   cfg.data.packing = "concat"
   it = inputs.train_iterator(plan, cfg)
   it.restore(state)
-  with np.load(os.path.join(state, "pending.npz")) as z:
-    pend = [z[k] for k in sorted((k for k in z.files if k.startswith("tokens_")),
-                                 key=lambda k: int(k.split("_")[1]))]
-  head = np.concatenate(pend) if pend else np.zeros(0, np.int32)
-  got = np.concatenate([next(it)["targets"].reshape(-1) for _ in range(3)])
-  n = min(len(head), len(got))
+  with np.load(os.path.join(state, "stream.npz")) as z:
+    ready = len(z["ready_targets"]) if "ready_targets" in z else 0
+    head = z["tokens"]
+  got = [next(it) for _ in range(ready + 3)]
+  for g, w in zip(got[:ready], after, strict=False):
+    np.testing.assert_array_equal(g["targets"], w["targets"])
+  rest = np.concatenate([b["targets"].reshape(-1) for b in got[ready:]])
+  n = min(len(head), len(rest))
   assert n > 0
-  np.testing.assert_array_equal(got[:n], head[:n])
+  np.testing.assert_array_equal(rest[:n], head[:n])
+
+
+def test_restore_under_another_group_size_is_refused(plan, stream, tmp_path):
+  _, state, _ = stream
+  cfg = tiny.get_config()
+  cfg.data.group_size = 0
+  p = inputs.plan_inputs(cfg)
+  with pytest.raises(DataError, match="group_size=64"):
+    inputs.train_iterator(p, cfg).restore(state)
+
+
+def test_bad_group_size():
+  cfg = tiny.get_config()
+  cfg.data.group_size = -1  # (a non-integer is refused by the typed ConfigDict itself)
+  with pytest.raises(ConfigError, match="data.group_size=-1"):
+    inputs.plan_inputs(cfg)
 
 
 def test_unknown_packing():

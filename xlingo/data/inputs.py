@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
+import json
 import logging
 import os
 
@@ -36,6 +37,10 @@ class InputPlan:
   # lang -> task name for validation: every language of data.languages that has data, so a
   # run on some languages (adaptation) still reports what happens to the others
   eval_tasks: dict = dataclasses.field(default_factory=dict)
+  # the mixture training reads: ``mixture`` itself (per example, group_size 0) or the same
+  # rates over the tasks' grouped twins (groups of ``group_size`` texts)
+  train_mixture: str = ""
+  group_size: int = 0
 
   def table_text(self, run_tokens: float) -> str:
     return mixing.format_table(self.stats, self.rates, run_tokens)
@@ -88,34 +93,49 @@ def _estimate_tokens(task_name: str, examples: int, vocab, sample: int = 256) ->
 
 
 def _line_file_lengths(task, vocab, sample: int) -> list[int] | None:
-  """Token counts (with EOS) of the first ``sample`` examples of a plain-text/TSV line task."""
+  """Token counts (with EOS) of the first ``sample`` examples of a text/TSV/JSONL line task."""
   src = task.source
   if not isinstance(src, seqio.TextLineDataSource) or "train" not in src.splits:
     return None
+  spec = tasks.task_spec(task.name)
   texts: list[str] = []
   for path in src.list_shards("train"):
-    if path.endswith((".jsonl", ".json")):
-      return None
     with open(path, encoding="utf-8") as f:
-      for line in f:
+      for lineno, line in enumerate(f, 1):
         line = line.rstrip("\n")
-        if line.strip():
-          # Parallel (TSV) tasks put source and target in one sequence.
-          texts.extend(line.split("\t", 1) if ".mt." in task.name else [line])
+        if not line.strip():
+          continue
+        if spec.kind == "jsonl":
+          line = _json_text(line, spec.field, path, lineno)
+          if not line.strip():
+            continue
+        # Parallel (TSV) tasks put source and target in one sequence.
+        texts.extend((line.split("\t", 1) + [""])[:2] if spec.kind == "tsv" else [line])
         if len(texts) >= sample * 2:
           break
     if len(texts) >= sample * 2:
       break
   ids = vocab.tokenizer.EncodeAsIds(texts)
-  if ".mt." in task.name:
+  if spec.kind == "tsv":
     return [len(a) + len(b) + 1 for a, b in zip(ids[::2], ids[1::2])][:sample]
   return [len(x) + 1 for x in ids][:sample]
+
+
+def _json_text(line: str, field: str, path: str, lineno: int) -> str:
+  try:
+    obj = json.loads(line)
+  except ValueError:
+    raise DataError(f"{path} line {lineno} is not valid JSON ({line[:60]!r}); fix or remove "
+                    "that line") from None
+  text = obj.get(field, "") if isinstance(obj, dict) else ""
+  return text if isinstance(text, str) else ""
 
 
 def plan_inputs(config) -> InputPlan:
   """Validate the data config, register tasks and the mixture, and compute the rates."""
   d = config.data
-  pipeline.check_packing(d.get("packing", "first_fit"))
+  pipeline.check_packing(d.packing)
+  group_size = check_group_size(d.get("group_size", 0))
   table = pipeline.LanguageTable(d.languages)
   if len(table) > config.model.num_languages and config.model.use_lang_emb:
     raise ConfigError(
@@ -148,11 +168,26 @@ def plan_inputs(config) -> InputPlan:
       stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
       unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}))
   mixture = mixing.register_mixture(rates)
+  train_mixture = mixture
+  if group_size:
+    # The mixture draws groups: a task's group rate is its example rate over its mean group
+    # size, so that examples are still drawn at the example rates.
+    grouped = {tasks.register_grouped(k, group_size, d.shuffle_buffer):
+               v / tasks.mean_group_size(k, group_size) for k, v in rates.items()}
+    train_mixture = mixing.register_mixture(grouped, prefix="xlingo.gmix")
   eval_tasks = {lang: reg.lm[lang] for lang in d.languages if lang in reg.lm}
   eval_tasks.update(lm_tasks)
   return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path, lm_tasks=lm_tasks,
                    mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
-                   seq_len=d.seq_len, eval_tasks=eval_tasks)
+                   seq_len=d.seq_len, eval_tasks=eval_tasks, train_mixture=train_mixture,
+                   group_size=group_size)
+
+
+def check_group_size(k) -> int:
+  if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+    raise ConfigError(f"data.group_size={k!r} must be an integer >= 0 (examples per sampled "
+                      "group; 0 samples single examples); e.g. --config.data.group_size=64")
+  return k
 
 
 def local_batch_size(global_batch: int) -> int:
@@ -198,29 +233,38 @@ class RowSlice:
     self.it.restore(directory)
 
 
-def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, **kw):
+def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, *,
+            seed: int, repeat: bool, grouped: bool = False, **kw):
   """A PackedIterator for this process: file-sharded, or the full stream sliced by rows."""
   import jax
 
   shard = pipeline.shard_info()
   local = local_batch_size(global_batch)
   provider = seqio.get_mixture_or_task(name)
+
+  def packed(shard, batch):
+    ds = pipeline.mixture_dataset(name, split=split, shard=shard, seed=seed, repeat=repeat,
+                                  grouped=grouped, **kw)
+    if grouped:
+      reader = pipeline.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed)
+    else:
+      reader = pipeline.ExampleReader(ds, plan.table)
+    # Training streams read ahead in a thread; evaluation reads a few batches and stops.
+    return pipeline.PackedIterator(reader, batch, plan.seq_len, packing, background=repeat)
+
   if shard is None or pipeline._files_per_task_at_least(provider, split, shard.num_shards):
-    ds = pipeline.mixture_dataset(name, split=split, shard=shard, **kw)
-    return pipeline.PackedIterator(ds, plan.table, local, plan.seq_len, packing)
+    return packed(shard, local)
   logging.info("%s: fewer %s files than the %d processes; every process packs the global "
                "batch from the full stream and keeps its rows", name, split, shard.num_shards)
-  ds = pipeline.mixture_dataset(name, split=split, shard=None, **kw)
   lo = jax.process_index() * local
-  return RowSlice(pipeline.PackedIterator(ds, plan.table, global_batch, plan.seq_len, packing),
-                  lo, lo + local)
+  return RowSlice(packed(None, global_batch), lo, lo + local)
 
 
 def train_iterator(plan: InputPlan, config):
   """This process's training batches (a PackedIterator or a RowSlice over one)."""
-  return _packed(plan, plan.mixture, "train", config.train.batch_size,
-                 config.data.get("packing", "first_fit"), seed=config.data.seed, shuffle=True,
-                 repeat=True)
+  return _packed(plan, plan.train_mixture or plan.mixture, "train", config.train.batch_size,
+                 config.data.packing, seed=config.data.seed, grouped=plan.group_size > 0,
+                 shuffle=True, repeat=True)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:

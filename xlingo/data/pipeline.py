@@ -1,7 +1,19 @@
 """Text to sharded batches: tasks → mixture → packed, language-tagged rows → global jax.Arrays.
 
-The tf.data side (SeqIO) reads, shuffles, tokenizes and mixes; packing happens here in NumPy,
-where it is cheap and its state is small. A batch is a dict of [batch, seq_len] arrays:
+Two input paths feed one packer:
+
+  grouped       (training, ``data.group_size`` = k > 0, the default) a seqio mixture of the
+                tasks' grouped twins samples groups of k untokenized examples at the
+                languages' rates; a :class:`TextGroupReader` takes ~1024 examples' worth of
+                groups per tf.data step, shuffles their examples together and tokenizes them
+                in one multi-threaded SentencePiece call on the host.
+  per example   (evaluation, and training with ``data.group_size=0``) seqio tasks tokenize in
+                tf.data and the mixture samples single examples; an :class:`ExampleReader`
+                takes them 256 at a time.
+
+Either reader appends whole examples to a :class:`TokenStream` (flat tokens, language ids,
+loss weights, example starts), and batches are cut from its head in NumPy. A batch is a dict
+of [batch, seq_len] arrays:
 
   inputs        tokens shifted right inside each packed segment (0 at a segment's start)
   targets       the tokens to predict
@@ -12,28 +24,30 @@ where it is cheap and its state is small. A batch is a dict of [batch, seq_len] 
 
 Two packings (``config.data.packing``):
 
-  concat     the examples are concatenated into one token stream that
-             is cut into rows of seq_len: no padding, an example that crosses a row boundary
-             continues in the next row as a new segment (positions restart at 0, its input
-             there starts at 0, its tokens keep their language ids and loss weights). All of it
-             is NumPy on whole groups of examples, no Python step per example.
-  first_fit  (the default) each example (split into seq_len chunks when longer) goes whole into the first row
-             of the batch with room for it; a batch is emitted when a chunk fits in no row.
-             Examples are never cut, about 3% of the slots are padding. Evaluation batches
-             always use this packing.
+  concat     the stream is cut into rows of seq_len: no padding, an example that crosses a
+             row boundary continues in the next row as a new segment (positions restart at 0,
+             its input there starts at 0, its tokens keep their language ids and weights).
+  first_fit  (the default) each example (split into seq_len chunks when longer) goes whole
+             into the first row of the batch with room for it; a batch is emitted when a chunk
+             fits in no row. Examples are never cut; about 3% of the slots are padding.
+             Evaluation batches always use this packing.
 
 Iteration is deterministic for a seed, and :class:`PackedIterator` saves and restores its state
-(the tf.data iterator checkpoint plus the tokens read but not yet placed), so a restored run
-sees exactly the batches an uninterrupted one would.
+(the tf.data iterator checkpoint, the reader's counters and the tokens read but not yet
+placed), so a restored run sees exactly the batches an uninterrupted one would.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import atexit
+import collections
+import contextlib
 import json
 import logging
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import weakref
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
@@ -66,31 +80,6 @@ class LanguageTable:
     return len(self.codes)
 
 
-@dataclasses.dataclass
-class _Chunk:
-  tokens: np.ndarray
-  lang_ids: np.ndarray
-  weights: np.ndarray
-
-
-def example_to_chunks(ex: Mapping[str, object], table: LanguageTable,
-                      seq_len: int) -> list[_Chunk]:
-  """One example → chunks of at most seq_len tokens (long documents are split, not dropped)."""
-  toks = np.asarray(ex["targets"], np.int32)
-  n = toks.shape[0]
-  prefix = int(ex.get("prefix_len", 0))
-  tgt = table.id(_as_str(ex["lang"]))
-  lang_ids = np.full(n, tgt, np.int32)
-  weights = np.ones(n, np.float32)
-  if prefix:
-    lang_ids[:prefix] = table.id(_as_str(ex["src_lang"]))
-    weights[:prefix] = 0.0
-  if n <= seq_len:
-    return [_Chunk(toks, lang_ids, weights)]
-  return [_Chunk(toks[i:i + seq_len], lang_ids[i:i + seq_len], weights[i:i + seq_len])
-          for i in range(0, n, seq_len)]
-
-
 def _as_str(x) -> str:
   return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
@@ -101,93 +90,6 @@ def _cached_lang_id(code, table: LanguageTable, cache: dict) -> int:
   if lang_id is None:
     lang_id = cache[code] = table.id(_as_str(code))
   return lang_id
-
-
-def _batch_to_chunks(b: Mapping[str, np.ndarray], table: LanguageTable, seq_len: int,
-                     lang_cache: dict) -> list[_Chunk]:
-  """A ragged batch of examples (targets as flat values + row_splits) → chunks, in order.
-
-  Same chunks as :func:`example_to_chunks` on each example, with no TensorFlow call per example.
-  """
-  values, splits = b["values"], b["row_splits"]
-  langs, src_langs, prefixes = b["lang"], b["src_lang"], b["prefix_len"]
-  out = []
-  for i in range(len(splits) - 1):
-    lo, hi = int(splits[i]), int(splits[i + 1])
-    n = hi - lo
-    tgt = _cached_lang_id(langs[i], table, lang_cache)
-    toks = values[lo:hi]
-    lang_ids = np.full(n, tgt, np.int32)
-    weights = np.ones(n, np.float32)
-    prefix = int(prefixes[i])
-    if prefix:
-      lang_ids[:prefix] = _cached_lang_id(src_langs[i], table, lang_cache)
-      weights[:prefix] = 0.0
-    if n <= seq_len:
-      out.append(_Chunk(toks, lang_ids, weights))
-    else:
-      out.extend(_Chunk(toks[j:j + seq_len], lang_ids[j:j + seq_len], weights[j:j + seq_len])
-                 for j in range(0, n, seq_len))
-  return out
-
-
-class Packer:
-  """Packs chunks into a [batch, seq_len] batch, first fit over the batch's rows.
-
-  A batch is emitted when a chunk fits in none of its rows; that chunk starts the next batch.
-  """
-
-  def __init__(self, batch_size: int, seq_len: int):
-    self.batch_size = batch_size
-    self.seq_len = seq_len
-    self.pending: list[_Chunk] = []  # chunks taken from the source but not yet in a batch
-
-  def pack(self, chunks: Iterator[_Chunk]) -> dict[str, np.ndarray]:
-    b, length = self.batch_size, self.seq_len
-    targets = np.zeros((b, length), np.int32)
-    segs = np.zeros((b, length), np.int32)
-    pos = np.zeros((b, length), np.int32)
-    langs = np.zeros((b, length), np.int32)
-    weights = np.zeros((b, length), np.float32)
-    fill = [0] * b
-    nseg = [0] * b
-    queue = self.pending
-    self.pending = []
-    qi = 0
-    arange = np.arange(length, dtype=np.int32)
-    while True:
-      if qi < len(queue):
-        c = queue[qi]
-        qi += 1
-      else:
-        c = next(chunks, None)
-      if c is None:
-        if not any(fill):
-          raise StopIteration
-        break
-      n = c.tokens.shape[0]
-      row = -1
-      for r in range(b):
-        if fill[r] + n <= length:
-          row = r
-          break
-      if row < 0:
-        self.pending = [c] + queue[qi:]
-        break
-      s = fill[row]
-      e = s + n
-      targets[row, s:e] = c.tokens
-      langs[row, s:e] = c.lang_ids
-      weights[row, s:e] = c.weights
-      pos[row, s:e] = arange[:n]
-      nseg[row] += 1
-      segs[row, s:e] = nseg[row]
-      fill[row] = e
-    inputs = np.zeros_like(targets)
-    inputs[:, 1:] = targets[:, :-1]
-    inputs[pos == 0] = 0
-    return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
-            "lang_ids": langs, "loss_weights": weights}
 
 
 PACKINGS = ("concat", "first_fit")
@@ -208,25 +110,30 @@ def _lang_ids(codes: np.ndarray, table: LanguageTable, cache: dict) -> np.ndarra
 
 def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
                   lang_cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """A ragged group of examples -> flat (tokens, lang_ids, weights, starts), all vectorised.
+  """A ragged group of tokenized examples -> flat (tokens, lang_ids, weights, starts).
 
-  ``starts`` marks each example's first token. On a conditional example's first
-  ``prefix_len`` tokens the language is the source's and the weight 0, as in
-  :func:`example_to_chunks`.
+  ``b`` holds ``values`` + ``row_splits`` (the examples' tokens, EOS included) and per example
+  ``lang``, ``src_lang`` (codes) and ``prefix_len``; ``lang_ids`` / ``src_lang_ids``, when
+  given, are the codes' ids already (``src_lang_ids`` 0 where there is no source). ``starts`` marks each example's first token. On a
+  conditional example's first ``prefix_len`` tokens (its source) the language is the
+  source's and the loss weight 0. All vectorised: no Python step per token.
   """
   values = np.asarray(b["values"], np.int32)
   splits = np.asarray(b["row_splits"], np.int64)
   lens = np.diff(splits)
   n = values.shape[0]
-  lang = np.repeat(_lang_ids(b["lang"], table, lang_cache), lens)
+  ids = b.get("lang_ids")
+  lang = np.repeat(_lang_ids(b["lang"], table, lang_cache) if ids is None else ids, lens)
   weights = np.ones(n, np.float32)
   prefix = np.asarray(b["prefix_len"], np.int64)
   if n and prefix.any():
     offset = np.arange(n, dtype=np.int64) - np.repeat(splits[:-1], lens)
     src = offset < np.repeat(prefix, lens)
     has = prefix > 0
-    src_ids = np.zeros(len(lens), np.int32)
-    src_ids[has] = _lang_ids(b["src_lang"][has], table, lang_cache)
+    src_ids = b.get("src_lang_ids")
+    if src_ids is None:
+      src_ids = np.zeros(len(lens), np.int32)
+      src_ids[has] = _lang_ids(b["src_lang"][has], table, lang_cache)
     lang = np.where(src, np.repeat(src_ids, lens), lang)
     weights[src] = 0.0
   starts = np.zeros(n, bool)
@@ -234,16 +141,13 @@ def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
   return values, lang, weights, starts
 
 
-class ConcatPacker:
-  """Concatenates the examples into one stream and cuts it into [batch, seq_len] batches.
+class TokenStream:
+  """Tokens read but not yet placed in a batch: flat token, language id, loss weight and
+  example-start arrays. Both packings take batches from its head."""
 
-  Holds the tokens read but not yet placed (``tokens``, ``lang_ids``, ``weights``,
-  ``starts``); :meth:`take` builds a batch from the first batch*seq_len of them.
-  """
+  FIELDS = ("tokens", "lang_ids", "weights", "starts")
 
-  def __init__(self, batch_size: int, seq_len: int):
-    self.batch_size = batch_size
-    self.seq_len = seq_len
+  def __init__(self):
     self.clear()
 
   def clear(self):
@@ -261,176 +165,546 @@ class ConcatPacker:
     self.weights = np.concatenate([self.weights, weights])
     self.starts = np.concatenate([self.starts, starts])
 
-  def take(self) -> dict[str, np.ndarray]:
-    """The next batch (zero-padded at the end of a finite stream); StopIteration when empty."""
-    b, length = self.batch_size, self.seq_len
-    size = b * length
-    n = min(size, len(self))
-    if n == 0:
-      raise StopIteration
-    parts = []
-    for a in (self.tokens, self.lang_ids, self.weights, self.starts):
-      out = np.zeros(size, a.dtype)
-      out[:n] = a[:n]
-      parts.append(out.reshape(b, length))
-    targets, langs, weights, starts = parts
-    self.tokens, self.lang_ids = self.tokens[n:], self.lang_ids[n:]
-    self.weights, self.starts = self.weights[n:], self.starts[n:]
-    real = (np.arange(size) < n).reshape(b, length)
-    starts[:, 0] = True
-    segs = np.cumsum(starts, axis=1, dtype=np.int32)
-    arange = np.arange(length, dtype=np.int32)
-    pos = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
-    segs[~real] = 0
-    pos[~real] = 0
-    inputs = np.zeros_like(targets)
-    inputs[:, 1:] = targets[:, :-1]
-    inputs[starts | ~real] = 0
-    return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
-            "lang_ids": langs, "loss_weights": weights}
+  def pop(self, n: int) -> list[np.ndarray]:
+    """Remove and return the first ``n`` of each array."""
+    out = [getattr(self, f)[:n] for f in self.FIELDS]
+    for f in self.FIELDS:
+      setattr(self, f, getattr(self, f)[n:])
+    return out
 
 
-# Examples cross from tf.data to NumPy this many at a time (one ragged batch): the per-element
-# cost of a Python-side tf.data iterator step is paid once per group, not once per example.
+def _finish(targets, segs, pos, langs, weights) -> dict[str, np.ndarray]:
+  """Add the shifted inputs (0 at every segment start and on padding)."""
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = targets[:, :-1]
+  inputs[pos == 0] = 0
+  return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
+          "lang_ids": langs, "loss_weights": weights}
+
+
+def _split(rows: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
+  """[k*batch, seq_len] arrays -> k batches."""
+  n = rows["targets"].shape[0] // batch_size
+  return [{f: v[i * batch_size:(i + 1) * batch_size] for f, v in rows.items()} for i in range(n)]
+
+
+def concat_batches(stream: TokenStream, batch_size: int, seq_len: int,
+                   final: bool = False) -> list[dict[str, np.ndarray]]:
+  """Every full batch of the stream, cut into rows of seq_len (module docstring, ``concat``).
+
+  ``final``: the stream has ended, so its rest also makes a (zero-padded) batch.
+  """
+  size = batch_size * seq_len
+  n = len(stream) // size * size
+  if final and len(stream) > n:
+    n = len(stream)
+  if n == 0:
+    return []
+  k = -(-n // size)
+  parts = []
+  for a in stream.pop(n):
+    out = np.zeros(k * size, a.dtype)
+    out[:n] = a
+    parts.append(out.reshape(k * batch_size, seq_len))
+  targets, langs, weights, starts = parts
+  real = (np.arange(k * size) < n).reshape(k * batch_size, seq_len)
+  starts[:, 0] = True
+  segs = np.cumsum(starts, axis=1, dtype=np.int32)
+  arange = np.arange(seq_len, dtype=np.int32)
+  pos = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
+  segs[~real] = 0
+  pos[~real] = 0
+  return _split(_finish(targets, segs, pos, langs, weights), batch_size)
+
+
+def _chunks(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """(start, length) of each chunk: examples cut at every ``seq_len`` tokens from their start."""
+  w = starts.shape[0]
+  st = np.flatnonzero(starts)
+  if not st.size or st[0] != 0:  # the head continues an example cut at a chunk boundary
+    st = np.concatenate([[0], st])
+  nch = -(-np.diff(np.append(st, w)) // seq_len)
+  first = np.repeat(np.cumsum(nch) - nch, nch)
+  cstart = np.repeat(st, nch) + seq_len * (np.arange(first.shape[0]) - first)
+  return cstart, np.diff(np.append(cstart, w))
+
+
+def first_fit_batches(stream: TokenStream, batch_size: int, seq_len: int,
+                      final: bool = False) -> list[dict[str, np.ndarray]]:
+  """Every complete first-fit batch of the stream (module docstring, ``first_fit``).
+
+  Chunks (examples cut every seq_len tokens) go, in order, each into the first row of the
+  current batch with room for it; a chunk that fits in no row completes that batch and starts
+  the next. The last batch is complete only when the stream has ended (``final``); until then
+  its chunks stay in the stream. Placement is a loop over chunk lengths; the tokens move in one
+  vectorised scatter for all the batches.
+  """
+  b, length = batch_size, seq_len
+  if not len(stream):
+    return []
+  cstart, clens = _chunks(stream.starts, length)
+  fill = [0] * b
+  nseg = [0] * b
+  dest, segno = [], []
+  batch = open_row = done = 0  # current batch; its first row with room; chunks in full batches
+  for i, n in enumerate(clens.tolist()):
+    r = open_row
+    while r < b and fill[r] + n > length:
+      r += 1
+    if r == b:
+      batch += 1
+      done = i
+      fill = [0] * b
+      nseg = [0] * b
+      r = open_row = 0
+    dest.append((batch * b + r) * length + fill[r])
+    fill[r] += n
+    nseg[r] += 1
+    segno.append(nseg[r])
+    while open_row < b and fill[open_row] == length:
+      open_row += 1
+  nb, k = (batch + 1, len(dest)) if final else (batch, done)
+  if nb == 0:
+    return []
+  lens = clens[:k]
+  ntok = int(cstart[k - 1] + lens[-1])
+  local = np.arange(ntok) - np.repeat(cstart[:k], lens)
+  idx = np.repeat(np.asarray(dest[:k]), lens) + local
+  tokens, lang_ids, weights, _ = stream.pop(ntok)
+  size = nb * b * length
+  out = []
+  for src, dtype in ((tokens, np.int32), (np.repeat(np.asarray(segno[:k], np.int32), lens), np.int32),
+                     (local, np.int32), (lang_ids, np.int32), (weights, np.float32)):
+    a = np.zeros(size, dtype)
+    a[idx] = src
+    out.append(a.reshape(nb * b, length))
+  return _split(_finish(*out), b)
+
+
+_PACKERS = {"concat": concat_batches, "first_fit": first_fit_batches}
+
+
+def pack_examples(examples: Sequence[Mapping[str, object]], table: LanguageTable,
+                  batch_size: int, seq_len: int, packing: str = "first_fit") -> list[dict]:
+  """Pack a finite list of tokenized examples (``targets`` with EOS, ``lang``, optional
+  ``src_lang``/``prefix_len``) into batches."""
+  check_packing(packing)
+  lens = [len(ex["targets"]) for ex in examples]
+  group = {
+      "values": np.concatenate([np.asarray(ex["targets"], np.int32) for ex in examples]),
+      "row_splits": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
+      "lang": np.array([ex["lang"] for ex in examples], object),
+      "src_lang": np.array([ex.get("src_lang", "") for ex in examples], object),
+      "prefix_len": np.array([int(ex.get("prefix_len", 0)) for ex in examples], np.int64)}
+  stream = TokenStream()
+  stream.add(*flatten_group(group, table, {}))
+  return _PACKERS[packing](stream, batch_size, seq_len, final=True)
+
+
+# --- readers: tf.data -> pieces of the token stream ---------------------------------------
+
+# Tokenized examples cross from tf.data to NumPy this many at a time (one ragged batch): the
+# per-element cost of a Python-side tf.data iterator step is paid once per group.
 EXAMPLES_PER_TRANSFER = 256
 
 
-def _ragged_examples(ds: tf.data.Dataset, n: int) -> tf.data.Dataset:
-  """Groups of ``n`` examples as {values, row_splits, lang, src_lang, prefix_len} dense tensors."""
+class ExampleReader:
+  """Tokenized single examples (a seqio task or per-example mixture), 256 per read."""
 
-  def flat(b):
-    t = b["targets"]
-    return {"values": t.values, "row_splits": t.row_splits, "lang": b["lang"],
-            "src_lang": b["src_lang"], "prefix_len": b["prefix_len"]}
+  kind = "examples"
 
-  return ds.ragged_batch(n).map(flat).prefetch(2)
+  def __init__(self, ds: tf.data.Dataset, table: LanguageTable):
+    def flat(b):
+      t = b["targets"]
+      return {"values": t.values, "row_splits": t.row_splits, "lang": b["lang"],
+              "src_lang": b["src_lang"], "prefix_len": b["prefix_len"]}
+
+    self.iterator = iter(ds.ragged_batch(EXAMPLES_PER_TRANSFER).map(flat).prefetch(2))
+    self._table = table
+    self._lang_cache: dict = {}
+
+  def fetch(self):
+    """The next raw group from tf.data (None at the end); cheap, call in order."""
+    b = next(self.iterator, None)
+    return None if b is None else {k: v.numpy() for k, v in b.items()}
+
+  def process(self, b) -> tuple:
+    """A fetched group -> its piece of the token stream; any thread, any order."""
+    return flatten_group(b, self._table, self._lang_cache)
+
+  def read(self):
+    b = self.fetch()
+    return None if b is None else self.process(b)
+
+  def state(self) -> dict:
+    return {}
+
+  def load_state(self, state: dict) -> None:
+    del state
+
+
+# Groups are read so that about this many examples are tokenized (and shuffled) together.
+EXAMPLES_PER_READ = 1024
+
+
+class TextGroupReader:
+  """Groups of raw lines from a grouped mixture (tasks.register_grouped), tokenized here.
+
+  Each read takes ``ceil(EXAMPLES_PER_READ / group_size)`` groups in one tf.data step, shuffles
+  their lines together (a NumPy permutation seeded by (seed, read number), so a restored
+  reader repeats it), drops blank lines, splits TSV pairs and parses JSONL records, and
+  tokenizes all texts in one multi-threaded SentencePiece call: no TensorFlow op and no Python
+  tf.data step per example.
+  """
+
+  def __init__(self, ds: tf.data.Dataset, table: LanguageTable,
+               vocab: seqio.SentencePieceVocabulary, group_size: int, seed: int):
+    self.kind = f"text_groups:{group_size}"
+    groups = max(1, -(-EXAMPLES_PER_READ // group_size))
+
+    def flat(b):
+      t = b["targets"]
+      return {"lines": t.values, "splits": t.row_splits, "lang": b["lang"],
+              "src_lang": b["src_lang"], "format": b["format"]}
+
+    self.iterator = iter(ds.ragged_batch(groups).map(flat).prefetch(2))
+    self._table = table
+    self._sp = vocab.tokenizer
+    self._eos = int(vocab.eos_id)
+    self._seed = int(seed)
+    self._lang_cache: dict = {}
+    self.reads = 0
+
+  def _ids(self, codes) -> np.ndarray:
+    """Language ids of group codes; 0 for "" (no source)."""
+    return np.fromiter((0 if c == b"" else _cached_lang_id(c, self._table, self._lang_cache)
+                        for c in codes), np.int32, count=len(codes))
+
+  def fetch(self):
+    """The next ``groups`` groups from tf.data (None at the end), numbered; call in order."""
+    b = next(self.iterator, None)
+    if b is None:
+      return None
+    b = {k: v.numpy() for k, v in b.items()}
+    b["read"] = self.reads
+    self.reads += 1
+    return b
+
+  def process(self, b) -> tuple:
+    """Fetched groups -> their piece of the token stream; any thread, any order."""
+    sizes = np.diff(b["splits"])
+    rng = np.random.default_rng([self._seed, b["read"]])
+    order = rng.permutation(b["lines"].shape[0])
+    lines = b["lines"][order]
+    lang = np.repeat(self._ids(b["lang"]), sizes)[order]
+    src_lang = np.repeat(self._ids(b["src_lang"]), sizes)[order]
+    fmt = np.repeat(b["format"], sizes)[order]
+    texts, sources, keep = _parse_lines(lines, fmt)
+    if not keep.all():
+      texts = [t for t, k in zip(texts, keep, strict=True) if k]
+    ids = self._sp.Encode(texts, return_type="numpy")
+    lang, src_lang = lang[keep], src_lang[keep]
+    prefix = np.zeros(len(ids), np.int64)
+    if sources is not None:
+      cond = np.flatnonzero(fmt[keep] == tasks.FORMAT_TSV.encode())
+      src_ids = self._sp.Encode(list(sources[keep][cond]), return_type="numpy")
+      for i, s in zip(cond.tolist(), src_ids, strict=True):
+        ids[i] = np.concatenate([s, ids[i]])
+        prefix[i] = len(s)
+    lens = np.fromiter(map(len, ids), np.int64, count=len(ids)) + 1  # + EOS
+    splits = np.zeros(len(ids) + 1, np.int64)
+    np.cumsum(lens, out=splits[1:])
+    values = np.full(int(splits[-1]), self._eos, np.int32)
+    body = np.ones(values.shape[0], bool)
+    body[splits[1:] - 1] = False
+    if ids:
+      values[body] = np.concatenate(ids)
+    return flatten_group({"values": values, "row_splits": splits, "lang_ids": lang,
+                          "src_lang_ids": src_lang, "prefix_len": prefix},
+                         self._table, self._lang_cache)
+
+  def read(self):
+    b = self.fetch()
+    return None if b is None else self.process(b)
+
+  def state(self) -> dict:
+    return {"reads": self.reads}
+
+  def load_state(self, state: dict) -> None:
+    self.reads = int(state["reads"])
+
+
+def _parse_lines(lines: np.ndarray, fmt: np.ndarray):
+  """Raw non-blank lines (bytes) and their groups' formats -> (texts, sources or None, kept).
+
+  ``tsv`` lines are split at the first tab into source and target (a missing target is "");
+  ``json:<field>`` lines are parsed and their field taken, and a record whose field is
+  missing, not a string or blank is not kept.
+  """
+  texts = lines.tolist()
+  keep = np.ones(len(texts), bool)
+  special = np.flatnonzero(fmt != b"")
+  if not special.size:
+    return texts, None, keep
+  sources = np.full(len(texts), b"", object)
+  tsv = tasks.FORMAT_TSV.encode()
+  for i in special.tolist():
+    if fmt[i] == tsv:
+      src, _, tgt = texts[i].partition(b"\t")
+      sources[i], texts[i] = src, tgt
+      continue
+    try:
+      obj = json.loads(texts[i])
+    except ValueError:
+      raise DataError(f"a JSONL record is not valid JSON: {texts[i][:80]!r}...; fix or "
+                      "remove that line of the file") from None
+    field = fmt[i].decode()[len(tasks.FORMAT_JSON):]
+    text = obj.get(field, "") if isinstance(obj, dict) else ""
+    if isinstance(text, str) and text.strip():
+      texts[i] = text
+    else:
+      keep[i] = False
+  return texts, sources, keep
+
+
+class _Background:
+  """Reads ahead in ``workers`` threads, at most ``depth`` pieces ahead, in order.
+
+  A read is a ``reader.fetch()`` (tf.data, in order, under ``read_lock``) then a
+  ``reader.process()`` (parsing, SentencePiece, NumPy; in parallel). SentencePiece and
+  tf.data release the GIL, so tokenizing overlaps the packing and the next fetch. A state
+  saved under ``read_lock`` after :meth:`take_buffered` has every fetched piece in hand.
+  """
+
+  def __init__(self, reader, workers: int = 2, depth: int = 3):
+    self.reader = reader
+    self.workers = workers
+    self.depth = depth
+    self.read_lock = threading.Lock()
+    self.cv = threading.Condition()
+    self.threads: list[threading.Thread] = []
+    self._reset()
+    _LIVE.add(self)
+
+  def _reset(self):
+    self.results: dict[int, tuple] = {}
+    self.issued = 0  # reads fetched
+    self.next = 0  # the next read the consumer takes
+    self.inflight = 0
+    self.end: int | None = None  # read number at which the stream ended
+    self.error: BaseException | None = None
+    self.stop = False
+
+  def _run(self):
+    while True:
+      with self.cv:
+        while self.issued - self.next >= self.depth and not self.stop:
+          self.cv.wait()
+      with self.read_lock:
+        if self.stop or self.end is not None or self.error is not None:
+          return
+        try:
+          raw = self.reader.fetch()
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+          return self._fail(e)
+        with self.cv:
+          if raw is None:
+            self.end = self.issued
+            self.cv.notify_all()
+            return
+          seq = self.issued
+          self.issued += 1
+          self.inflight += 1
+      try:
+        piece = self.reader.process(raw)
+      except BaseException as e:  # noqa: BLE001
+        return self._fail(e)
+      with self.cv:
+        self.results[seq] = piece
+        self.inflight -= 1
+        self.cv.notify_all()
+
+  def _fail(self, e: BaseException):
+    with self.cv:
+      self.error = e
+      self.inflight = 0
+      self.cv.notify_all()
+
+  def get(self):
+    """The next piece, or None at the end of a finite stream."""
+    if not self.threads:
+      self.threads = [threading.Thread(target=self._run, daemon=True, name=f"xlingo-input-{i}")
+                      for i in range(self.workers)]
+      for t in self.threads:
+        t.start()
+    with self.cv:
+      while (self.next not in self.results and self.error is None
+             and (self.end is None or self.next < self.end)):
+        self.cv.wait()
+      if self.next in self.results:
+        piece = self.results.pop(self.next)
+        self.next += 1
+        self.cv.notify_all()
+        return piece
+      if self.error is not None:
+        raise self.error
+      return None
+
+  def take_buffered(self) -> list:
+    """Every piece fetched but not yet taken, in order (call with ``read_lock`` held)."""
+    with self.cv:
+      while self.inflight and self.error is None:
+        self.cv.wait()
+      if self.error is not None:
+        raise self.error
+      out = [self.results.pop(i) for i in range(self.next, self.issued)]
+      self.next = self.issued
+      self.cv.notify_all()
+      return out
+
+  def halt(self) -> None:
+    """Stop the threads (after their current read); pieces not taken are dropped."""
+    with self.cv:
+      self.stop = True
+      self.cv.notify_all()
+    for t in self.threads:
+      if t is not threading.current_thread():
+        t.join()
+    self.threads = []
+    self._reset()
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _halt_all():
+  # A daemon thread inside a tf.data call while the interpreter shuts down can crash it.
+  for bg in list(_LIVE):
+    bg.halt()
 
 
 class PackedIterator:
-  """Iterates packed batches from a tf.data dataset of examples; its state can be saved.
+  """Iterates packed [batch, seq_len] batches from a reader; its state can be saved.
 
-  ``ds`` yields single examples (``targets``, ``lang``, ``src_lang``, ``prefix_len``); they are
-  read in groups of :data:`EXAMPLES_PER_TRANSFER`. ``packing`` is ``"concat"`` or
-  ``"first_fit"`` (module docstring). A saved state holds the tf.data iterator (positioned
-  after the last group read) and everything read but not yet placed in a batch.
+  ``reader`` is an :class:`ExampleReader` or a :class:`TextGroupReader`; ``packing`` is
+  ``"concat"`` or ``"first_fit"`` (module docstring). With ``background``, reads run ahead in
+  a thread (:class:`_Background`). A saved state holds the reader's tf.data iterator
+  (positioned after the last read), its counters and the token stream not yet placed in a
+  batch (read-ahead pieces included), so a restored iterator continues exactly.
   """
 
-  def __init__(self, ds: tf.data.Dataset, table: LanguageTable, batch_size: int, seq_len: int,
-               packing: str = "first_fit"):
+  def __init__(self, reader, batch_size: int, seq_len: int, packing: str = "first_fit",
+               background: bool = False):
     check_packing(packing)
     self.packing = packing
-    self._ds = ds
-    self._table = table
-    self._packer = Packer(batch_size, seq_len)
-    self._concat = ConcatPacker(batch_size, seq_len)
-    self._it = iter(_ragged_examples(ds, EXAMPLES_PER_TRANSFER))
-    self._queue: list[_Chunk] = []  # chunks of the last group, not yet given to the packer
-    self._qpos = 0
-    self._lang_cache: dict = {}
-    self._np_it = self._examples()
+    self.reader = reader
+    self.batch_size = batch_size
+    self.seq_len = seq_len
+    self.stream = TokenStream()
+    self.ready: collections.deque = collections.deque()  # packed, not yet returned
     self.batches = 0
-
-  def _next_group(self):
-    try:
-      b = next(self._it)
-    except StopIteration:
-      return None
-    return {k: v.numpy() for k, v in b.items()}
-
-  def _examples(self):
-    while True:
-      while self._qpos < len(self._queue):
-        c = self._queue[self._qpos]
-        self._qpos += 1
-        yield c
-      b = self._next_group()
-      if b is None:
-        return
-      self._queue = _batch_to_chunks(b, self._table, self._packer.seq_len, self._lang_cache)
-      self._qpos = 0
+    self._bg = _Background(reader) if background else None
 
   def __iter__(self):
     return self
 
+  def __del__(self):
+    bg = getattr(self, "_bg", None)
+    if bg is not None:
+      with bg.cv:
+        bg.stop = True
+        bg.cv.notify_all()
+
   def __next__(self) -> dict[str, np.ndarray]:
-    if self.packing == "concat":
-      p = self._concat
-      while len(p) < p.batch_size * p.seq_len:
-        b = self._next_group()
-        if b is None:
-          break
-        p.add(*flatten_group(b, self._table, self._lang_cache))
-      batch = p.take()
-    else:
-      batch = self._packer.pack(self._np_it)
+    read = self.reader.read if self._bg is None else self._bg.get
+    pack = _PACKERS[self.packing]
+    while not self.ready:
+      piece = read()
+      if piece is None:  # the end of a finite stream: its rest makes the last batch
+        self.ready.extend(pack(self.stream, self.batch_size, self.seq_len, final=True))
+        if not self.ready:
+          raise StopIteration
+        break
+      self.stream.add(*piece)
+      self.ready.extend(pack(self.stream, self.batch_size, self.seq_len))
     self.batches += 1
-    return batch
+    return self.ready.popleft()
 
   # --- state ---------------------------------------------------------------------------------
   def save(self, directory: str) -> None:
     """Write this process's iterator state into ``directory`` (created if needed)."""
+    lock = self._bg.read_lock if self._bg is not None else contextlib.nullcontext()
+    with lock:
+      if self._bg is not None:
+        for piece in self._bg.take_buffered():
+          self.stream.add(*piece)
+      self._save(directory)
+
+  def _save(self, directory: str) -> None:
     os.makedirs(directory, exist_ok=True)
-    tf.train.Checkpoint(iterator=self._it).write(os.path.join(directory, "tf_iterator"))
-    pend = self._packer.pending + self._queue[self._qpos:]
-    c = self._concat
-    np.savez(os.path.join(directory, "pending.npz"),
-             concat_tokens=c.tokens, concat_lang_ids=c.lang_ids, concat_weights=c.weights,
-             concat_starts=c.starts,
-             **{f"{k}_{i}": getattr(ch, k) for i, ch in enumerate(pend)
-                for k in ("tokens", "lang_ids", "weights")})
+    tf.train.Checkpoint(iterator=self.reader.iterator).write(
+        os.path.join(directory, "tf_iterator"))
+    ready = {f"ready_{k}": np.stack([b[k] for b in self.ready]) for k in FEATURES
+             if self.ready}
+    np.savez(os.path.join(directory, "stream.npz"),
+             **{f: getattr(self.stream, f) for f in TokenStream.FIELDS}, **ready)
     with open(os.path.join(directory, "state.json"), "w") as f:
-      json.dump({"batches": self.batches, "pending": len(pend), "packing": self.packing}, f)
+      json.dump({"format": 2, "batches": self.batches, "packing": self.packing,
+                 "reader": self.reader.kind, **self.reader.state()}, f)
 
   def restore(self, directory: str) -> None:
     with open(os.path.join(directory, "state.json")) as f:
       state = json.load(f)
-    tf.train.Checkpoint(iterator=self._it).read(
+    saved_kind = state.get("reader", "examples")
+    if saved_kind != self.reader.kind:
+      raise DataError(
+          f"data state in {directory} was saved by the {_describe(saved_kind)} input pipeline, "
+          f"this run reads {_describe(self.reader.kind)}; resume with "
+          f"--config.data.group_size={_group_size(saved_kind)}")
+    if self._bg is not None:
+      self._bg.halt()
+    tf.train.Checkpoint(iterator=self.reader.iterator).read(
         os.path.join(directory, "tf_iterator")).assert_consumed()
-    with np.load(os.path.join(directory, "pending.npz")) as z:
-      chunks = [_Chunk(z[f"tokens_{i}"], z[f"lang_ids_{i}"], z[f"weights_{i}"])
-                for i in range(state["pending"])]
-      stream = ([z[f"concat_{k}"] for k in ("tokens", "lang_ids", "weights", "starts")]
-                if "concat_tokens" in z else None)
+    self.stream.clear()
+    self.ready.clear()
+    if state.get("format", 1) >= 2:
+      with np.load(os.path.join(directory, "stream.npz")) as z:
+        self.stream.add(*(z[f] for f in TokenStream.FIELDS))
+        if "ready_targets" in z:
+          cols = {k: z[f"ready_{k}"] for k in FEATURES}
+          self.ready.extend({k: v[i] for k, v in cols.items()}
+                            for i in range(cols["targets"].shape[0]))
+    else:
+      self.stream.add(*_v1_stream(directory, state["pending"]))
     saved = state.get("packing", "first_fit")
     if saved != self.packing:
       # Nothing read is lost, but the batches differ from an uninterrupted run's from here on.
       logging.warning("data state in %s was saved with data.packing=%r, this run packs %r; "
-                      "its unplaced tokens are repacked", directory, saved, self.packing)
-      if self.packing == "concat":
-        stream = _chunks_to_stream(chunks)
-        chunks = []
-      else:
-        chunks = _stream_to_chunks(stream, self._packer.seq_len) if stream else []
-        stream = None
-    self._packer.pending = chunks
-    self._concat.clear()
-    if stream is not None:
-      self._concat.add(*stream)
-    self._queue, self._qpos = [], 0
+                      "its %d packed batches come first, then its unplaced tokens are "
+                      "repacked", directory, saved, self.packing, len(self.ready))
+    self.reader.load_state(state)
     self.batches = state["batches"]
-    self._np_it = self._examples()
 
 
-def _chunks_to_stream(chunks: Sequence[_Chunk]) -> list[np.ndarray]:
-  starts = [np.zeros(len(c.tokens), bool) for c in chunks]
-  for st in starts:
-    st[:1] = True
-  cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)  # noqa: E731
-  return [cat([c.tokens for c in chunks], np.int32), cat([c.lang_ids for c in chunks], np.int32),
-          cat([c.weights for c in chunks], np.float32), cat(starts, bool)]
+def _group_size(kind: str) -> int:
+  return int(kind.split(":")[1]) if kind.startswith("text_groups:") else 0
 
 
-def _stream_to_chunks(stream, seq_len: int) -> list[_Chunk]:
-  tokens, lang_ids, weights, starts = stream
-  bounds = list(np.flatnonzero(starts)) + [len(tokens)]
-  if not bounds or bounds[0] != 0:
-    bounds = [0] + bounds
-  out = []
-  for lo, hi in zip(bounds[:-1], bounds[1:]):
-    for j in range(lo, hi, seq_len):
-      e = min(j + seq_len, hi)
-      out.append(_Chunk(tokens[j:e], lang_ids[j:e], weights[j:e]))
-  return out
+def _describe(kind: str) -> str:
+  k = _group_size(kind)
+  return f"grouped (data.group_size={k})" if k else "per-example (data.group_size=0)"
+
+
+def _v1_stream(directory: str, pending: int) -> list[np.ndarray]:
+  """The unplaced tokens of a state written before the token stream (first-fit chunks, or
+  the concat packer's arrays) as one stream."""
+  with np.load(os.path.join(directory, "pending.npz")) as z:
+    if pending:
+      parts = [[z[f"{k}_{i}"] for i in range(pending)] for k in ("tokens", "lang_ids", "weights")]
+      starts = [np.arange(len(t)) == 0 for t in parts[0]]
+      return [np.concatenate(p) for p in parts] + [np.concatenate(starts)]
+    return [z[f"concat_{k}"] for k in ("tokens", "lang_ids", "weights", "starts")]
 
 
 def shard_info() -> seqio.ShardInfo | None:
@@ -441,23 +715,25 @@ def shard_info() -> seqio.ShardInfo | None:
 
 
 def mixture_dataset(mixture_or_task: str, *, split: str, seed: int, shuffle: bool,
-                    repeat: bool, shard: seqio.ShardInfo | None) -> tf.data.Dataset:
-  """The mixed stream of tokenized examples for this process."""
+                    repeat: bool, shard: seqio.ShardInfo | None,
+                    grouped: bool = False) -> tf.data.Dataset:
+  """The mixed stream of this process: tokenized examples, or text groups (``grouped``)."""
   provider = seqio.get_mixture_or_task(mixture_or_task)
   kwargs = dict(sequence_length=None, split=split, shuffle=shuffle, seed=seed,
                 num_epochs=None if repeat else 1, trim_output_features=False,
                 try_in_mem_cache=False)
+  passthrough = tasks.GROUP_PASSTHROUGH if grouped else tasks.PASSTHROUGH_FEATURES
   if isinstance(provider, seqio.Mixture):
-    kwargs["passthrough_features"] = list(tasks.PASSTHROUGH_FEATURES)
+    kwargs["passthrough_features"] = list(passthrough)
   file_shard_ok = shard is None or _files_per_task_at_least(provider, split, shard.num_shards)
   ds = provider.get_dataset(shard_info=shard if file_shard_ok else None, **kwargs)
   if shard is not None and not file_shard_ok:
     logging.warning(
         "%s: fewer input files than the %d processes; every process reads all files and keeps "
-        "every %d-th example. Split each language's files into >= %d shards to read less.",
+        "every %d-th element. Split each language's files into >= %d shards to read less.",
         mixture_or_task, shard.num_shards, shard.num_shards, shard.num_shards)
     ds = ds.shard(shard.num_shards, shard.index)
-  keep = ("targets",) + tasks.PASSTHROUGH_FEATURES
+  keep = ("targets",) + tuple(passthrough)
   ds = ds.map(lambda ex: {k: ex[k] for k in keep}, num_parallel_calls=tf.data.AUTOTUNE)
   opts = tf.data.Options()
   opts.deterministic = True

@@ -8,15 +8,31 @@ Every task emits, per example:
                through the config's language table, so tasks stay independent of that order)
   src_lang     the source language code for conditional tasks, "" for LM tasks
   prefix_len   how many leading tokens are the source (no loss there); 0 for LM tasks
+
+Each task also has a *grouped* twin (:func:`register_grouped`, used by training mixtures when
+``data.group_size`` = k > 0) over the same files or TFDS dataset, whose elements are groups of
+up to k consecutive untokenized examples of that task:
+  targets      [n] strings: the raw lines (text, source<TAB>target, or JSON records)
+  lang         the target language code (one per group)
+  src_lang     the source language code, "" for LM tasks
+  format       how a line becomes an example: "" (text), "tsv", or "json:<field>"
+The mixture samples groups, not examples, and the host parses and tokenizes ~1024 examples at
+once (xlingo/data/pipeline.py, ``TextGroupReader``): seqio/tf.data do work per group, not per
+example. Line files are cut into groups as they are read, so a file's last group of each pass
+is short; the training mixture's rates account for that (:func:`mean_group_size`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import glob
+import itertools
 import json
 import os
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import seqio
 import tensorflow as tf
 
@@ -40,11 +56,8 @@ def mt_task_name(prefix: str, src: str, tgt: str) -> str:
 
 
 def count_lines(paths: Sequence[str]) -> int:
-  n = 0
-  for p in paths:
-    with open(p, "rb") as f:
-      n += sum(1 for line in f if line.strip())
-  return n
+  """Non-blank lines (the examples of a line task) in the files."""
+  return sum(file_line_counts(p)[0] for p in paths)
 
 
 def expand_pattern(pattern: str, what: str) -> list[str]:
@@ -101,7 +114,11 @@ def _line_to_text(ds: tf.data.Dataset) -> tf.data.Dataset:
 def _jsonl_to_text(text_field: str):
   def parse(line):
     def py(b):
-      return json.loads(b.decode("utf-8")).get(text_field, "")
+      if not b.strip():
+        return ""
+      obj = json.loads(b.decode("utf-8"))
+      text = obj.get(text_field, "") if isinstance(obj, dict) else ""
+      return text if isinstance(text, str) else ""
 
     text = tf.numpy_function(py, [line], tf.string, stateful=False)
     text.set_shape([])
@@ -210,12 +227,193 @@ def _prefix_lm_preprocessor(ds, output_features, sequence_length=None):
                 num_parallel_calls=tf.data.AUTOTUNE)
 
 
+# --- grouped twins: k untokenized examples per element --------------------------------------
+
+GROUP_PASSTHROUGH = ("lang", "src_lang", "format")
+
+# ``format`` of a group: how the host turns each line into an example (pipeline.py).
+FORMAT_TEXT = ""  # the line is the text
+FORMAT_TSV = "tsv"  # source<TAB>target
+FORMAT_JSON = "json:"  # + field name: a JSON record, the text in that field
+
+
+def grouped_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  """Raw lines: parsing and tokenization happen on the host, after the mixture (pipeline.py)."""
+  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.string, rank=1)}
+
+
+def _nonblank(lines: tf.Tensor) -> tf.Tensor:
+  return tf.strings.length(tf.strings.strip(lines)) > 0
+
+
+# A file is read this many groups at a time: one tf.data element per block of lines, cut into
+# groups in one op. About 1.5 CPU-us per line; a tf.data element per line costs 4-10 us
+# (docs/PERFORMANCE.md).
+GROUPS_PER_BLOCK = 16
+
+
+def _read_line_groups(group_size: int, lang: str, src_lang: str, fmt: str):
+  """read_file_fn of a grouped line source: a file -> its lines in groups of ``group_size``.
+
+  The file is read in blocks of ``group_size * GROUPS_PER_BLOCK`` lines; each block's blank
+  lines are dropped and the rest cut into groups, all in one op per block, so a block's last
+  group may be short (:func:`mean_group_size` counts the groups). The lines are otherwise raw:
+  the host splits TSV and parses JSON (no per-line TensorFlow op).
+  """
+
+  def split(lines):
+    lines = tf.boolean_mask(lines, _nonblank(lines))
+    n = tf.size(lines, out_type=tf.int64)
+    bounds = tf.concat([tf.range(0, n, group_size, dtype=tf.int64), [n]], 0)
+    k = tf.size(bounds) - 1
+    return {"targets": tf.RaggedTensor.from_row_splits(lines, bounds),
+            "lang": tf.fill([k], lang), "src_lang": tf.fill([k], src_lang),
+            "format": tf.fill([k], fmt)}
+
+  def read(path):
+    blocks = tf.data.TextLineDataset(path).batch(group_size * GROUPS_PER_BLOCK)
+    return blocks.map(split).unbatch()
+
+  return read
+
+
+def _tfds_groups(group_size: int, lang: str, text_field: str):
+  def fn(ds, output_features=None, sequence_length=None):  # noqa: ARG001
+    texts = ds.map(lambda ex: ex[text_field], num_parallel_calls=tf.data.AUTOTUNE)
+    texts = texts.filter(_nonblank).batch(group_size)
+    return texts.map(lambda t: {"targets": t, "lang": tf.constant(lang),
+                                "src_lang": tf.constant(""),
+                                "format": tf.constant(FORMAT_TEXT)})
+
+  return fn
+
+
+class _GroupedLineSource(seqio.FileDataSource):
+  """A FileDataSource whose files are interleaved sequentially.
+
+  seqio's parallel interleave runs a thread pool per task; with one small element per group
+  that costs more CPU than it saves (measured: tf.data CPU per line, docs/PERFORMANCE.md).
+  """
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
+    del kwargs
+    files = self.list_shards(split)
+    if not files:
+      raise DataError(f"no file for split {split!r}: {self._split_to_filepattern[split]}")
+    files_ds = tf.data.Dataset.from_tensor_slices(np.array(files, dtype=str))
+    if shard_info:
+      files_ds = files_ds.shard(shard_info.num_shards, shard_info.index)
+    if shuffle:
+      files_ds = files_ds.shuffle(len(files), seed=seed)
+    return files_ds.interleave(self._reader, cycle_length=self._cycle_length,
+                               block_length=self._block_length)
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_lines(path: str, size: int, mtime: float, group_size: int) -> tuple[int, int]:  # noqa: ARG001
+  """(non-blank lines, groups of :func:`_read_line_groups`) of a file; cached per
+  (path, size, mtime)."""
+  nonblank = groups = 0
+  block = group_size * GROUPS_PER_BLOCK
+  with open(path, "rb") as f:
+    for lines in iter(lambda: list(itertools.islice(f, block)), []):
+      n = sum(1 for line in lines if line.strip())
+      nonblank += n
+      groups += -(-n // group_size)
+  return nonblank, groups
+
+
+def file_line_counts(path: str, group_size: int = 1) -> tuple[int, int]:
+  """(non-blank lines, groups of ``group_size``) of a text file."""
+  st = os.stat(path)
+  return _file_lines(path, st.st_size, st.st_mtime, group_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """How a per-example task was built, so that its grouped twin can be built alike."""
+
+  kind: str  # lines | jsonl | tsv | tfds
+  source: seqio.DataSource
+  vocab: seqio.Vocabulary
+  lang: str
+  src_lang: str = ""
+  field: str = ""
+
+
+_SPECS: dict[str, _Spec] = {}
+
+
+def task_spec(name: str) -> _Spec:
+  """How task ``name`` was registered (kind, source, languages, JSONL field)."""
+  return _SPECS[name]
+
+
+def grouped_task_name(name: str, group_size: int, shuffle_buffer: int) -> str:
+  return f"{name}.g{group_size}.b{shuffle_buffer}"
+
+
+def register_grouped(name: str, group_size: int, shuffle_buffer: int) -> str:
+  """Register (once) the grouped twin of task ``name``; returns its name.
+
+  Same files (or TFDS dataset) and language(s); elements are groups of up to ``group_size``
+  texts (module docstring). Line files are grouped per file as they are read, so each file's
+  last group per pass is short (:func:`mean_group_size`). seqio shuffles the groups with a
+  buffer of ``ceil(shuffle_buffer / group_size)`` groups, so about ``shuffle_buffer`` examples
+  are held per task, as with per-example shuffling.
+  """
+  if group_size < 1:
+    raise ValueError(f"group_size={group_size} must be >= 1")
+  spec = _SPECS.get(name)
+  if spec is None:
+    raise KeyError(f"task {name!r} was not registered through xlingo.data.tasks")
+  gname = grouped_task_name(name, group_size, shuffle_buffer)
+  if gname in seqio.TaskRegistry.names():
+    return gname
+  if spec.kind == "tfds":
+    source, pre = spec.source, [_tfds_groups(group_size, spec.lang, spec.field)]
+  else:
+    fmt = {"lines": FORMAT_TEXT, "tsv": FORMAT_TSV}.get(spec.kind, FORMAT_JSON + spec.field)
+    src = spec.source
+    source = _GroupedLineSource(
+        read_file_fn=_read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
+        split_to_filepattern={s: list(src.list_shards(s)) for s in src.splits},
+        num_input_examples={s: src.num_input_examples(s) for s in src.splits})
+    pre = []
+  seqio.TaskRegistry.add(
+      gname, source=source, preprocessors=pre,
+      output_features=grouped_output_features(spec.vocab),
+      shuffle_buffer_size=max(1, -(-shuffle_buffer // group_size)))
+  return gname
+
+
+def mean_group_size(name: str, group_size: int, split: str = "train") -> float:
+  """Examples per group in one pass over task ``name``'s split, grouped by ``group_size``.
+
+  Line files: non-blank lines / the groups their blocks are cut into. TFDS tasks are
+  grouped after seqio's repeat (blank texts filtered first), so their groups are full.
+  The training mixture divides each task's example rate by this, so that it still draws
+  examples at that rate.
+  """
+  spec = _SPECS[name]
+  if spec.kind == "tfds":
+    return float(group_size)
+  examples = groups = 0
+  for path in spec.source.list_shards(split):
+    nonblank, g = file_line_counts(path, group_size)
+    examples += nonblank
+    groups += g
+  return examples / max(groups, 1)
+
+
 # --- registration ---------------------------------------------------------------------------
 
 
 def _remove(name: str) -> None:
-  if name in seqio.TaskRegistry.names():
-    seqio.TaskRegistry.remove(name)
+  """Drop a task (and its grouped twins) before it is registered again."""
+  for n in [n for n in seqio.TaskRegistry.names() if n == name or n.startswith(name + ".g")]:
+    seqio.TaskRegistry.remove(n)
+  _SPECS.pop(name, None)
 
 
 def register_lm_task(
@@ -238,6 +436,8 @@ def register_lm_task(
     preprocessors = [_jsonl_to_text(jsonl_field), _drop_empty, _lm_fields(lang, None),
                      tokenize_batched]
   _remove(name)
+  _SPECS[name] = _Spec("lines" if jsonl_field is None else "jsonl", source, vocab, lang,
+                       field=jsonl_field or "")
   return seqio.TaskRegistry.add(
       name,
       source=source,
@@ -260,6 +460,7 @@ def register_tfds_lm_task(
   source = seqio.TfdsDataSource(tfds_name=tfds_name, splits=dict(splits),
                                 tfds_data_dir=tfds_data_dir)
   _remove(name)
+  _SPECS[name] = _Spec("tfds", source, vocab, lang, field=text_field)
   return seqio.TaskRegistry.add(
       name,
       source=source,
@@ -288,6 +489,7 @@ def register_translation_task(
   source = seqio.TextLineDataSource(
       {s: list(f) for s, f in split_to_files.items()}, num_input_examples=dict(num_examples))
   _remove(name)
+  _SPECS[name] = _Spec("tsv", source, vocab, tgt, src_lang=src)
   return seqio.TaskRegistry.add(
       name,
       source=source,
