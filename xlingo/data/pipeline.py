@@ -308,18 +308,24 @@ def pack_examples(examples: Sequence[Mapping[str, object]], table: LanguageTable
 EXAMPLES_PER_TRANSFER = 256
 
 
+def _flat_batches(ds: tf.data.Dataset, n: int):
+  """An iterator over batches of ``n`` elements: ``targets`` (a vector per element) as flat
+  ``values`` + ``row_splits``, the other features stacked."""
+
+  def flat(b):
+    t = b.pop("targets")
+    return {"values": t.values, "row_splits": t.row_splits, **b}
+
+  return iter(ds.ragged_batch(n).map(flat).prefetch(2))
+
+
 class ExampleReader:
   """Tokenized single examples (a seqio task or per-example mixture), 256 per read."""
 
   kind = "examples"
 
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable):
-    def flat(b):
-      t = b["targets"]
-      return {"values": t.values, "row_splits": t.row_splits, "lang": b["lang"],
-              "src_lang": b["src_lang"], "prefix_len": b["prefix_len"]}
-
-    self.iterator = iter(ds.ragged_batch(EXAMPLES_PER_TRANSFER).map(flat).prefetch(2))
+    self.iterator = _flat_batches(ds, EXAMPLES_PER_TRANSFER)
     self._table = table
     self._lang_cache: dict = {}
 
@@ -360,14 +366,7 @@ class TextGroupReader:
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable,
                vocab: seqio.SentencePieceVocabulary, group_size: int, seed: int):
     self.kind = f"text_groups:{group_size}"
-    groups = max(1, -(-EXAMPLES_PER_READ // group_size))
-
-    def flat(b):
-      t = b["targets"]
-      return {"lines": t.values, "splits": t.row_splits, "lang": b["lang"],
-              "src_lang": b["src_lang"], "format": b["format"]}
-
-    self.iterator = iter(ds.ragged_batch(groups).map(flat).prefetch(2))
+    self.iterator = _flat_batches(ds, max(1, -(-EXAMPLES_PER_READ // group_size)))
     self._table = table
     self._sp = vocab.tokenizer
     self._eos = int(vocab.eos_id)
@@ -392,10 +391,10 @@ class TextGroupReader:
 
   def process(self, b) -> tuple:
     """Fetched groups -> their piece of the token stream; any thread, any order."""
-    sizes = np.diff(b["splits"])
+    sizes = np.diff(b["row_splits"])
     rng = np.random.default_rng([self._seed, b["read"]])
-    order = rng.permutation(b["lines"].shape[0])
-    lines = b["lines"][order]
+    order = rng.permutation(b["values"].shape[0])
+    lines = b["values"][order]
     lang = np.repeat(self._ids(b["lang"]), sizes)[order]
     src_lang = np.repeat(self._ids(b["src_lang"]), sizes)[order]
     fmt = np.repeat(b["format"], sizes)[order]
