@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
   # tokenizes ~1024 examples at once (10x the per-example rate; xlingo/data/pipeline.py);
   # 0 samples and tokenizes single examples in tf.data.
   c.data.group_size = 64
+  # Grouped input: groups are read (and their examples shuffled together, and tokenized in one
+  # call) about this many examples at a time.
+  c.data.examples_per_read = 4096
   c.data.vocab_path = ""  # empty: the shipped shared vocabulary
   c.data.seed = 0
   c.data.shuffle_buffer = 1024  # examples held per task by seqio's shuffle (grouped: in groups)

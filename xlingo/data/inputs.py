@@ -41,6 +41,7 @@ class InputPlan:
   # rates over the tasks' grouped twins (groups of ``group_size`` texts)
   train_mixture: str = ""
   group_size: int = 0
+  examples_per_read: int = pipeline.EXAMPLES_PER_READ
 
   def table_text(self, run_tokens: float) -> str:
     return mixing.format_table(self.stats, self.rates, run_tokens)
@@ -180,7 +181,8 @@ def plan_inputs(config) -> InputPlan:
   return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path, lm_tasks=lm_tasks,
                    mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
                    seq_len=d.seq_len, eval_tasks=eval_tasks, train_mixture=train_mixture,
-                   group_size=group_size)
+                   group_size=group_size,
+                   examples_per_read=d.examples_per_read)
 
 
 def check_group_size(k) -> int:
@@ -246,7 +248,8 @@ def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: 
     ds = pipeline.mixture_dataset(name, split=split, shard=shard, seed=seed, repeat=repeat,
                                   grouped=grouped, **kw)
     if grouped:
-      reader = pipeline.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed)
+      reader = pipeline.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed,
+                                        plan.examples_per_read)
     else:
       reader = pipeline.ExampleReader(ds, plan.table)
     # Training streams read ahead in a thread; evaluation reads a few batches and stops.

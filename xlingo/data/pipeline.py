@@ -349,14 +349,15 @@ class ExampleReader:
     del state
 
 
-# Groups are read so that about this many examples are tokenized (and shuffled) together.
-EXAMPLES_PER_READ = 1024
+# Default ``data.examples_per_read``: groups are read so that about this many examples are
+# tokenized (and shuffled) together.
+EXAMPLES_PER_READ = 4096
 
 
 class TextGroupReader:
   """Groups of raw lines from a grouped mixture (tasks.register_grouped), tokenized here.
 
-  Each read takes ``ceil(EXAMPLES_PER_READ / group_size)`` groups in one tf.data step, shuffles
+  Each read takes ``ceil(examples_per_read / group_size)`` groups in one tf.data step, shuffles
   their lines together (a NumPy permutation seeded by (seed, read number), so a restored
   reader repeats it), drops blank lines, splits TSV pairs and parses JSONL records, and
   tokenizes all texts in one multi-threaded SentencePiece call: no TensorFlow op and no Python
@@ -364,9 +365,10 @@ class TextGroupReader:
   """
 
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable,
-               vocab: seqio.SentencePieceVocabulary, group_size: int, seed: int):
-    self.kind = f"text_groups:{group_size}"
-    self.iterator = _flat_batches(ds, max(1, -(-EXAMPLES_PER_READ // group_size)))
+               vocab: seqio.SentencePieceVocabulary, group_size: int, seed: int,
+               examples_per_read: int = EXAMPLES_PER_READ):
+    self.kind = f"text_groups:{group_size}/{examples_per_read}"
+    self.iterator = _flat_batches(ds, max(1, -(-examples_per_read // group_size)))
     self._table = table
     self._sp = vocab.tokenizer
     self._eos = int(vocab.eos_id)
@@ -678,9 +680,8 @@ class PackedIterator:
     saved_kind = state.get("reader", "examples")
     if saved_kind != self.reader.kind:
       raise DataError(
-          f"data state in {directory} was saved by the {_describe(saved_kind)} input pipeline, "
-          f"this run reads {_describe(self.reader.kind)}; resume with "
-          f"--config.data.group_size={_group_size(saved_kind)}")
+          f"data state in {directory} was saved by another input pipeline ({saved_kind}) than "
+          f"this run's ({self.reader.kind}); resume with {_flags(saved_kind)}")
     if self._bg is not None:
       self._bg.halt()
     tf.train.Checkpoint(iterator=self.reader.iterator).read(
@@ -706,13 +707,12 @@ class PackedIterator:
     self.batches = state["batches"]
 
 
-def _group_size(kind: str) -> int:
-  return int(kind.split(":")[1]) if kind.startswith("text_groups:") else 0
-
-
-def _describe(kind: str) -> str:
-  k = _group_size(kind)
-  return f"grouped (data.group_size={k})" if k else "per-example (data.group_size=0)"
+def _flags(kind: str) -> str:
+  """The config overrides that select the reader of kind ``kind``."""
+  if not kind.startswith("text_groups:"):
+    return "--config.data.group_size=0"
+  k, _, per_read = kind.split(":")[1].partition("/")
+  return f"--config.data.group_size={k} --config.data.examples_per_read={per_read}"
 
 
 def _v1_stream(directory: str, pending: int) -> list[np.ndarray]:

@@ -253,16 +253,16 @@ GROUPS_PER_BLOCK = 16
 
 
 def _read_line_groups(group_size: int, lang: str, src_lang: str, fmt: str):
-  """read_file_fn of a grouped line source: a file -> its lines in groups of ``group_size``.
+  """A file -> its lines in groups of ``group_size`` (the grouped line source's reader).
 
   The file is read in blocks of ``group_size * GROUPS_PER_BLOCK`` lines; each block's blank
-  lines are dropped and the rest cut into groups, all in one op per block, so a block's last
-  group may be short (:func:`mean_group_size` counts the groups). The lines are otherwise raw:
-  the host splits TSV and parses JSON (no per-line TensorFlow op).
+  lines are dropped, the rest shuffled when a seed is given (so that a group is not a run of
+  consecutive lines) and cut into groups, all in a few ops per block. A block's last group may
+  be short (:func:`mean_group_size` counts the groups). The lines are otherwise raw: the host
+  splits TSV and parses JSON (no per-line TensorFlow op).
   """
 
   def split(lines):
-    lines = tf.boolean_mask(lines, _nonblank(lines))
     n = tf.size(lines, out_type=tf.int64)
     bounds = tf.concat([tf.range(0, n, group_size, dtype=tf.int64), [n]], 0)
     k = tf.size(bounds) - 1
@@ -270,8 +270,13 @@ def _read_line_groups(group_size: int, lang: str, src_lang: str, fmt: str):
             "lang": tf.fill([k], lang), "src_lang": tf.fill([k], src_lang),
             "format": tf.fill([k], fmt)}
 
-  def read(path):
+  def read(path, seed=None):
+    """``seed``: None (file order) or an int64 [2] tensor, one per file of a pass."""
     blocks = tf.data.TextLineDataset(path).batch(group_size * GROUPS_PER_BLOCK)
+    blocks = blocks.map(lambda lines: tf.boolean_mask(lines, _nonblank(lines)))
+    if seed is not None:
+      blocks = blocks.enumerate().map(lambda j, lines: tf.random.experimental.stateless_shuffle(
+          lines, seed=tf.stack([seed[0], seed[1] * (1 << 24) + j])))
     return blocks.map(split).unbatch()
 
   return read
@@ -289,11 +294,16 @@ def _tfds_groups(group_size: int, lang: str, text_field: str):
 
 
 class _GroupedLineSource(seqio.FileDataSource):
-  """A FileDataSource whose files are interleaved sequentially.
+  """The files of a grouped line task, read by :func:`_read_line_groups`.
 
-  seqio's parallel interleave runs a thread pool per task; with one small element per group
-  that costs more CPU than it saves (measured: tf.data CPU per line, docs/PERFORMANCE.md).
+  Files are interleaved sequentially: seqio's parallel interleave runs a thread pool per task,
+  which with one small element per group costs more CPU than it saves (docs/PERFORMANCE.md).
+  When shuffling, each block's lines are shuffled too, seeded by (seed, file position, block).
   """
+
+  def __init__(self, read_groups, **kwargs):
+    super().__init__(read_file_fn=read_groups, **kwargs)
+    self._read_groups = read_groups
 
   def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
     del kwargs
@@ -303,10 +313,14 @@ class _GroupedLineSource(seqio.FileDataSource):
     files_ds = tf.data.Dataset.from_tensor_slices(np.array(files, dtype=str))
     if shard_info:
       files_ds = files_ds.shard(shard_info.num_shards, shard_info.index)
-    if shuffle:
-      files_ds = files_ds.shuffle(len(files), seed=seed)
-    return files_ds.interleave(self._reader, cycle_length=self._cycle_length,
-                               block_length=self._block_length)
+    if not shuffle:
+      return files_ds.interleave(self._read_groups, cycle_length=self._cycle_length,
+                                 block_length=self._block_length)
+    base = int(np.random.randint(1 << 31)) if seed is None else int(seed)
+    files_ds = files_ds.shuffle(len(files), seed=seed).enumerate()
+    return files_ds.interleave(
+        lambda i, path: self._read_groups(path, tf.stack([tf.constant(base, tf.int64), i])),
+        cycle_length=self._cycle_length, block_length=self._block_length)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -376,7 +390,7 @@ def register_grouped(name: str, group_size: int, shuffle_buffer: int) -> str:
     fmt = {"lines": FORMAT_TEXT, "tsv": FORMAT_TSV}.get(spec.kind, FORMAT_JSON + spec.field)
     src = spec.source
     source = _GroupedLineSource(
-        read_file_fn=_read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
+        _read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
         split_to_filepattern={s: list(src.list_shards(s)) for s in src.splits},
         num_input_examples={s: src.num_input_examples(s) for s in src.splits})
     pre = []
