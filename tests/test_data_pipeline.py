@@ -616,6 +616,10 @@ def test_bad_group_size():
   cfg.data.group_size = -1  # (a non-integer is refused by the typed ConfigDict itself)
   with pytest.raises(ConfigError, match="data.group_size=-1"):
     inputs.plan_inputs(cfg)
+  cfg = tiny.get_config()
+  cfg.data.examples_per_read = 0
+  with pytest.raises(ConfigError, match="data.examples_per_read=0"):
+    inputs.plan_inputs(cfg)
 
 
 def test_unknown_packing():

@@ -136,7 +136,7 @@ def plan_inputs(config) -> InputPlan:
   """Validate the data config, register tasks and the mixture, and compute the rates."""
   d = config.data
   pipeline.check_packing(d.packing)
-  group_size = check_group_size(d.get("group_size", 0))
+  group_size = check_group_size(d.group_size, d.examples_per_read)
   table = pipeline.LanguageTable(d.languages)
   if len(table) > config.model.num_languages and config.model.use_lang_emb:
     raise ConfigError(
@@ -185,10 +185,13 @@ def plan_inputs(config) -> InputPlan:
                    examples_per_read=d.examples_per_read)
 
 
-def check_group_size(k) -> int:
+def check_group_size(k, examples_per_read) -> int:
   if isinstance(k, bool) or not isinstance(k, int) or k < 0:
     raise ConfigError(f"data.group_size={k!r} must be an integer >= 0 (examples per sampled "
                       "group; 0 samples single examples); e.g. --config.data.group_size=64")
+  if k and examples_per_read < 1:
+    raise ConfigError(f"data.examples_per_read={examples_per_read} must be >= 1 (examples "
+                      "tokenized per read); e.g. --config.data.examples_per_read=4096")
   return k
 
 

@@ -319,24 +319,28 @@ def _flat_batches(ds: tf.data.Dataset, n: int):
   return iter(ds.ragged_batch(n).map(flat).prefetch(2))
 
 
-class ExampleReader:
-  """Tokenized single examples (a seqio task or per-example mixture), 256 per read."""
+class _Reader:
+  """tf.data batches -> pieces of the token stream.
 
-  kind = "examples"
+  A read is :meth:`fetch` (the next tf.data batch as NumPy; cheap, called in order) then
+  :meth:`process` (the piece; any thread, any order), so reads can run ahead in parallel
+  (:class:`_Background`). ``iterator`` is the tf.data iterator whose state is checkpointed;
+  :meth:`state` holds anything else a restore needs.
+  """
 
-  def __init__(self, ds: tf.data.Dataset, table: LanguageTable):
-    self.iterator = _flat_batches(ds, EXAMPLES_PER_TRANSFER)
+  kind: str
+  iterator: object
+
+  def __init__(self, table: LanguageTable):
     self._table = table
     self._lang_cache: dict = {}
 
-  def fetch(self):
-    """The next raw group from tf.data (None at the end); cheap, call in order."""
+  def fetch(self) -> dict | None:
     b = next(self.iterator, None)
     return None if b is None else {k: v.numpy() for k, v in b.items()}
 
-  def process(self, b) -> tuple:
-    """A fetched group -> its piece of the token stream; any thread, any order."""
-    return flatten_group(b, self._table, self._lang_cache)
+  def process(self, b: dict) -> tuple:
+    raise NotImplementedError
 
   def read(self):
     b = self.fetch()
@@ -349,50 +353,61 @@ class ExampleReader:
     del state
 
 
+class ExampleReader(_Reader):
+  """Tokenized single examples (a seqio task or per-example mixture), 256 per read."""
+
+  kind = "examples"
+
+  def __init__(self, ds: tf.data.Dataset, table: LanguageTable):
+    super().__init__(table)
+    self.iterator = _flat_batches(ds, EXAMPLES_PER_TRANSFER)
+
+  def process(self, b) -> tuple:
+    return flatten_group(b, self._table, self._lang_cache)
+
+
 # Default ``data.examples_per_read``: groups are read so that about this many examples are
 # tokenized (and shuffled) together.
 EXAMPLES_PER_READ = 4096
 
 
-class TextGroupReader:
+class TextGroupReader(_Reader):
   """Groups of raw lines from a grouped mixture (tasks.register_grouped), tokenized here.
 
   Each read takes ``ceil(examples_per_read / group_size)`` groups in one tf.data step, shuffles
   their lines together (a NumPy permutation seeded by (seed, read number), so a restored
-  reader repeats it), drops blank lines, splits TSV pairs and parses JSONL records, and
-  tokenizes all texts in one multi-threaded SentencePiece call: no TensorFlow op and no Python
-  tf.data step per example.
+  reader repeats it), splits TSV pairs and parses JSONL records (dropping records without
+  text), and tokenizes all texts in one multi-threaded SentencePiece call: no TensorFlow op
+  and no Python tf.data step per example.
   """
 
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable,
                vocab: seqio.SentencePieceVocabulary, group_size: int, seed: int,
                examples_per_read: int = EXAMPLES_PER_READ):
+    super().__init__(table)
     self.kind = f"text_groups:{group_size}/{examples_per_read}"
     self.iterator = _flat_batches(ds, max(1, -(-examples_per_read // group_size)))
-    self._table = table
     self._sp = vocab.tokenizer
     self._eos = int(vocab.eos_id)
     self._seed = int(seed)
-    self._lang_cache: dict = {}
     self.reads = 0
 
-  def _ids(self, codes) -> np.ndarray:
+  def _ids(self, codes: np.ndarray) -> np.ndarray:
     """Language ids of group codes; 0 for "" (no source)."""
-    return np.fromiter((0 if c == b"" else _cached_lang_id(c, self._table, self._lang_cache)
-                        for c in codes), np.int32, count=len(codes))
+    ids = np.zeros(len(codes), np.int32)
+    named = codes != b""
+    ids[named] = _lang_ids(codes[named], self._table, self._lang_cache)
+    return ids
 
   def fetch(self):
-    """The next ``groups`` groups from tf.data (None at the end), numbered; call in order."""
-    b = next(self.iterator, None)
-    if b is None:
-      return None
-    b = {k: v.numpy() for k, v in b.items()}
-    b["read"] = self.reads
-    self.reads += 1
+    """The next groups, numbered: the number seeds their permutation."""
+    b = super().fetch()
+    if b is not None:
+      b["read"] = self.reads
+      self.reads += 1
     return b
 
   def process(self, b) -> tuple:
-    """Fetched groups -> their piece of the token stream; any thread, any order."""
     sizes = np.diff(b["row_splits"])
     rng = np.random.default_rng([self._seed, b["read"]])
     order = rng.permutation(b["values"].shape[0])
@@ -426,10 +441,6 @@ class TextGroupReader:
     return flatten_group({"values": values, "row_splits": splits, "lang_ids": lang,
                           "src_lang_ids": src_lang, "prefix_len": prefix},
                          self._table, self._lang_cache)
-
-  def read(self):
-    b = self.fetch()
-    return None if b is None else self.process(b)
 
   def state(self) -> dict:
     return {"reads": self.reads}
@@ -583,11 +594,15 @@ class _Background:
       self.cv.notify_all()
       return out
 
-  def halt(self) -> None:
-    """Stop the threads (after their current read); pieces not taken are dropped."""
+  def request_stop(self) -> None:
+    """Ask the threads to end after their current read (does not wait)."""
     with self.cv:
       self.stop = True
       self.cv.notify_all()
+
+  def halt(self) -> None:
+    """Stop the threads (after their current read); pieces not taken are dropped."""
+    self.request_stop()
     for t in self.threads:
       if t is not threading.current_thread():
         t.join()
@@ -633,9 +648,7 @@ class PackedIterator:
   def __del__(self):
     bg = getattr(self, "_bg", None)
     if bg is not None:
-      with bg.cv:
-        bg.stop = True
-        bg.cv.notify_all()
+      bg.request_stop()
 
   def __next__(self) -> dict[str, np.ndarray]:
     read = self.reader.read if self._bg is None else self._bg.get

@@ -11,15 +11,16 @@ Every task emits, per example:
 
 Each task also has a *grouped* twin (:func:`register_grouped`, used by training mixtures when
 ``data.group_size`` = k > 0) over the same files or TFDS dataset, whose elements are groups of
-up to k consecutive untokenized examples of that task:
+up to k untokenized examples of that task (for line files, k lines of one block of 16k lines,
+shuffled within the block when the dataset is):
   targets      [n] strings: the raw lines (text, source<TAB>target, or JSON records)
   lang         the target language code (one per group)
   src_lang     the source language code, "" for LM tasks
   format       how a line becomes an example: "" (text), "tsv", or "json:<field>"
-The mixture samples groups, not examples, and the host parses and tokenizes ~1024 examples at
-once (xlingo/data/pipeline.py, ``TextGroupReader``): seqio/tf.data do work per group, not per
-example. Line files are cut into groups as they are read, so a file's last group of each pass
-is short; the training mixture's rates account for that (:func:`mean_group_size`).
+The mixture samples groups, not examples, and the host parses and tokenizes
+``data.examples_per_read`` examples at once (xlingo/data/pipeline.py, ``TextGroupReader``):
+seqio/tf.data do work per group, not per example. Each block's last group is short; the
+training mixture's rates account for that (:func:`mean_group_size`).
 """
 
 from __future__ import annotations
@@ -299,11 +300,8 @@ class _GroupedLineSource(seqio.FileDataSource):
   Files are interleaved sequentially: seqio's parallel interleave runs a thread pool per task,
   which with one small element per group costs more CPU than it saves (docs/PERFORMANCE.md).
   When shuffling, each block's lines are shuffled too, seeded by (seed, file position, block).
+  ``read_file_fn`` is :func:`_read_line_groups`'s reader.
   """
-
-  def __init__(self, read_groups, **kwargs):
-    super().__init__(read_file_fn=read_groups, **kwargs)
-    self._read_groups = read_groups
 
   def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **kwargs):
     del kwargs
@@ -314,12 +312,12 @@ class _GroupedLineSource(seqio.FileDataSource):
     if shard_info:
       files_ds = files_ds.shard(shard_info.num_shards, shard_info.index)
     if not shuffle:
-      return files_ds.interleave(self._read_groups, cycle_length=self._cycle_length,
+      return files_ds.interleave(self._reader, cycle_length=self._cycle_length,
                                  block_length=self._block_length)
     base = int(np.random.randint(1 << 31)) if seed is None else int(seed)
     files_ds = files_ds.shuffle(len(files), seed=seed).enumerate()
     return files_ds.interleave(
-        lambda i, path: self._read_groups(path, tf.stack([tf.constant(base, tf.int64), i])),
+        lambda i, path: self._reader(path, tf.stack([tf.constant(base, tf.int64), i])),
         cycle_length=self._cycle_length, block_length=self._block_length)
 
 
@@ -371,8 +369,8 @@ def register_grouped(name: str, group_size: int, shuffle_buffer: int) -> str:
   """Register (once) the grouped twin of task ``name``; returns its name.
 
   Same files (or TFDS dataset) and language(s); elements are groups of up to ``group_size``
-  texts (module docstring). Line files are grouped per file as they are read, so each file's
-  last group per pass is short (:func:`mean_group_size`). seqio shuffles the groups with a
+  texts (module docstring). Line files are cut into groups block by block, so each block's
+  last group is short (:func:`mean_group_size`). seqio shuffles the groups with a
   buffer of ``ceil(shuffle_buffer / group_size)`` groups, so about ``shuffle_buffer`` examples
   are held per task, as with per-example shuffling.
   """
@@ -390,7 +388,7 @@ def register_grouped(name: str, group_size: int, shuffle_buffer: int) -> str:
     fmt = {"lines": FORMAT_TEXT, "tsv": FORMAT_TSV}.get(spec.kind, FORMAT_JSON + spec.field)
     src = spec.source
     source = _GroupedLineSource(
-        _read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
+        read_file_fn=_read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
         split_to_filepattern={s: list(src.list_shards(s)) for s in src.splits},
         num_input_examples={s: src.num_input_examples(s) for s in src.splits})
     pre = []
