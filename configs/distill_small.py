@@ -60,7 +60,7 @@ def get_config(arg=None):
   if arg == "student":
     return student_config()
   if arg:
-    raise ValueError(f"configs/distill_small.py:{arg}: use no argument, 'teacher' or 'student'")
+    raise xconfig.ConfigError(f"configs/distill_small.py:{arg}: use no argument, 'teacher' or 'student'")
   c = student_config()
   c.distill = distill_tiny.distill_section(teacher_config().model)
   return c

@@ -10,6 +10,7 @@ Parallel data: c.data.file_pair_patterns = {"en-sw": "/data/en-sw/train.tsv"} (s
 
 from data_tasks.registered import Registered
 from xlingo.data import tasks
+from xlingo.errors import DataError
 
 
 def _split_files(lang, train_pat, val_pats, what):
@@ -24,7 +25,7 @@ def _split_files(lang, train_pat, val_pats, what):
 def register(data_cfg, vocab, prefix: str = "xlingo.files") -> Registered:
   pats = dict(data_cfg.get("file_patterns", {}))
   if not pats:
-    raise tasks.DataError(
+    raise DataError(
         "data.source='files' but data.file_patterns is empty; set e.g. "
         "--config.data.file_patterns='{\"de\": \"/path/de/*.txt\"}'")
   val_pats = dict(data_cfg.get("file_val_patterns", {}) or {})

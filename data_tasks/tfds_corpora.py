@@ -10,6 +10,7 @@ split per language ("de") and "<lang>-validation".
 
 from data_tasks.registered import Registered
 from xlingo.data import tasks
+from xlingo.errors import DataError
 
 VERSIONS = {"wiki40b": "1.3.0", "c4/multilingual": "3.1.0"}
 
@@ -24,14 +25,14 @@ def tfds_spec(tfds_name: str, lang: str):
   if base in ("c4/multilingual", "mc4"):
     name = "c4/multilingual" + (f":{version}" if version else "")
     return name, {"train": lang, "validation": f"{lang}-validation"}
-  raise tasks.DataError(
+  raise DataError(
       f"data.tfds_name={tfds_name!r} is not supported; use 'wiki40b' or 'c4/multilingual'")
 
 
 def register(data_cfg, vocab, prefix: str = "xlingo.tfds") -> Registered:
   name = data_cfg.get("tfds_name", "")
   if not name:
-    raise tasks.DataError("data.source='tfds_corpora' needs data.tfds_name ('wiki40b' or "
+    raise DataError("data.source='tfds_corpora' needs data.tfds_name ('wiki40b' or "
                           "'c4/multilingual')")
   lm = {}
   for lang in data_cfg.languages:

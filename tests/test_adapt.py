@@ -14,7 +14,7 @@ from configs import adapt_tiny, tiny
 from xlingo import adapt, sharding
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
 from xlingo.data import pipeline
-from xlingo.data.tasks import DataError
+from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
 from xlingo.training import checkpoints as ckpt_lib
@@ -261,20 +261,20 @@ def test_checkpoint_with_other_vocabulary(pretrained, tmp_path):
   def other_vocab(meta):
     meta["vocab_sha1"] = "0" * 40
 
-  with pytest.raises(ckpt_lib.CheckpointError, match="different vocabulary"):
+  with pytest.raises(CheckpointError, match="different vocabulary"):
     _restore_with(pretrained, tmp_path, other_vocab)
 
 
 def test_checkpoint_shape_mismatch_and_reordered_languages(pretrained, tmp_path):
-  with pytest.raises(ckpt_lib.CheckpointError, match="mlp_dim"):
+  with pytest.raises(CheckpointError, match="mlp_dim"):
     _restore_with(pretrained, tmp_path / "a", model__mlp_dim=256)
 
   def drop_meta_shape(meta):  # without the fingerprint, the saved shapes still catch it
     for k in ("mlp_dim",):
       meta.pop(k)
 
-  with pytest.raises(ckpt_lib.CheckpointError, match="shape"):
+  with pytest.raises(CheckpointError, match="shape"):
     _restore_with(pretrained, tmp_path / "b", drop_meta_shape, model__mlp_dim=256)
-  with pytest.raises(ckpt_lib.CheckpointError, match="append"):
+  with pytest.raises(CheckpointError, match="append"):
     _restore_with(pretrained, tmp_path / "c", data__languages=("de", "en") + OLD_LANGS[2:] +
                   ("zh",))

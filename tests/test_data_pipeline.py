@@ -12,9 +12,8 @@ import tensorflow as tf
 from scipy import stats as scipy_stats
 
 from configs import tiny
-from xlingo.config import ConfigError
 from xlingo.data import inputs, mixing, pipeline, tasks
-from xlingo.data.tasks import DataError
+from xlingo.errors import ConfigError, DataError
 
 
 def _stream_of(*chunks):

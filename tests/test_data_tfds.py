@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 from configs import tiny
 from data_tasks import tfds_corpora
 from xlingo.data import inputs, pipeline
-from xlingo.data.tasks import DataError
+from xlingo.errors import DataError
 
 SIZES = {"train": 30, "validation": 10}
 

@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from configs import distill_tiny, tiny
 from xlingo import distill
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import losses
 from xlingo.training.loop import StepContext

@@ -25,7 +25,7 @@ import sys
 import ml_collections
 
 from xlingo import cli
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 MODES = ("full", "freeze", "lora", "lang_emb")
 

@@ -8,9 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-EXPECTED_ERRORS = ("ConfigError", "DataError", "VocabError", "CheckpointError",
-                   "FloatingPointError", "IllegalFlagValueError", "UnrecognizedFlagError",
-                   "FlagsError", "UnparsedFlagAccessError")
+from xlingo.errors import XlingoError
 
 
 def _one_line(e: BaseException) -> str:
@@ -77,14 +75,12 @@ def run_main(argv, doc: str, body) -> None:
 
 
 def run_body(body) -> None:
-  """Call ``body()``, turning known errors into one line on stderr (exit 2, or 3 for NaN)."""
+  """Call ``body()``; an :class:`~xlingo.errors.XlingoError` becomes one line on stderr and
+  its exit code (2, or 3 for a non-finite loss). Anything else is a bug: its traceback shows."""
   try:
     body()
-  except Exception as e:  # noqa: BLE001
-    if type(e).__name__ in EXPECTED_ERRORS or isinstance(e, ValueError) and _is_ours(e):
-      code = 3 if isinstance(e, FloatingPointError) else 2
-      fail(_one_line(e), code)
-    raise
+  except XlingoError as e:
+    fail(_one_line(e), e.exit_code)
 
 
 def maybe_initialize_distributed() -> bool:
@@ -117,10 +113,3 @@ def maybe_initialize_distributed() -> bool:
     jax.distributed.initialize()
     return True
   return False
-
-
-def _is_ours(e: BaseException) -> bool:
-  tb = e.__traceback__
-  while tb is not None and tb.tb_next is not None:
-    tb = tb.tb_next
-  return tb is not None and "xlingo" in tb.tb_frame.f_code.co_filename

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import ml_collections
 
+from xlingo.errors import ConfigError  # noqa: F401 - the name config files use
+
 # The language table of the embedded corpus. A language's id is its index here; the model's
 # language-embedding table has one row per entry. Order is fixed: appending is safe, reordering
 # breaks checkpoints.
 EMBEDDED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh")
 
 
-class ConfigError(ValueError):
-  """A config value is wrong; the message names the key and the fix."""
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from xlingo import cli
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 # Keys of the model section that fix parameter shapes of a single block.
 LAYER_SHAPE_KEYS = ("d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")

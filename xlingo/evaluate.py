@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled loop serves all)
 

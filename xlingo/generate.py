@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlingo.config import ConfigError
 from xlingo.data.vocab import EOS_ID, PAD_ID
+from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 
 BOS_ID = PAD_ID  # the shifted-right input at a segment's start
@@ -123,7 +123,7 @@ def _per_row(value, n: int, what: str) -> list[int]:
     return [int(value)] * n
   value = [int(v) for v in value]
   if len(value) != n:
-    raise ValueError(f"{what} has {len(value)} entries for {n} prompts; give one per prompt")
+    raise ConfigError(f"{what} has {len(value)} entries for {n} prompts; give one per prompt")
   return value
 
 
@@ -140,7 +140,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *,
   lengths = [len(p) for p in prompt_ids]
   cache_len = int(model.config.max_len)
   if 1 + max(lengths) >= cache_len:
-    raise ValueError(f"a prompt of {max(lengths)} tokens leaves no room to generate within "
+    raise ConfigError(f"a prompt of {max(lengths)} tokens leaves no room to generate within "
                      f"model.max_len={cache_len}; shorten the prompt")
   # Sizes are rounded (the loop stops per row at ``ends`` anyway), so that batches of varied
   # prompts reuse a few compiled loops: the prefill to a power of two, the buffer to 32.

@@ -29,7 +29,7 @@ from flax import linen as nn
 from jax.experimental import mesh_utils
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 # Batches are split over every data-parallel axis; 'tensor' replicates the batch.

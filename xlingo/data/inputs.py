@@ -12,10 +12,9 @@ import os
 import numpy as np
 import seqio
 
-from xlingo.config import ConfigError
 from xlingo.data import mixing, pipeline, tasks
 from xlingo.data import vocab as xvocab
-from xlingo.data.tasks import DataError
+from xlingo.errors import ConfigError, DataError
 
 SOURCES = {"embedded": "data_tasks.embedded", "files": "data_tasks.files",
            "tfds": "data_tasks.tfds_corpora", "tfds_corpora": "data_tasks.tfds_corpora"}

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 from absl import logging as absl_logging
 
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

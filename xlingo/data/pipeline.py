@@ -54,7 +54,7 @@ import seqio
 import tensorflow as tf
 
 from xlingo.data import tasks
-from xlingo.data.tasks import DataError
+from xlingo.errors import DataError
 
 FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights")
 
@@ -97,7 +97,7 @@ PACKINGS = ("concat", "first_fit")
 
 def check_packing(packing: str) -> None:
   if packing not in PACKINGS:
-    from xlingo.config import ConfigError
+    from xlingo.errors import ConfigError
 
     raise ConfigError(f"data.packing={packing!r} is unknown; use one of {PACKINGS}")
 

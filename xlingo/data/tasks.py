@@ -37,11 +37,11 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from xlingo.errors import DataError
+
 PASSTHROUGH_FEATURES = ("lang", "src_lang", "prefix_len")
 
 
-class DataError(ValueError):
-  """Bad data input: the message names the file or key and the fix."""
 
 
 def output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:

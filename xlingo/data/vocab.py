@@ -26,14 +26,14 @@ import tempfile
 
 import sentencepiece as spm
 
+from xlingo.errors import VocabError
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
 
 
-class VocabError(ValueError):
-  """A vocabulary or its training input is unusable; the message names the path and the fix."""
 
 
 def corpus_dir() -> str:

@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 from flax import linen as nn
 
+from xlingo.errors import ConfigError
+
 # Logical axis names of the activations; the rules in config.mesh.rules map them to the mesh.
 BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
@@ -39,7 +41,7 @@ def choose_implementation(impl: str, dtype, head_dim: int) -> str:
   if impl in ("plain", "xla", "cudnn"):
     return impl
   if impl != "auto":
-    raise ValueError(f"model.attention_impl={impl!r}; use auto, plain, xla or cudnn")
+    raise ConfigError(f"model.attention_impl={impl!r}; use auto, plain, xla or cudnn")
   if jax.default_backend() == "cpu":
     return "plain"
   fits_cudnn = (
@@ -177,7 +179,7 @@ class Attention(nn.Module):
     param_dtype = jnp.dtype(cfg.param_dtype)
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if n % k:
-      raise ValueError(f"model.num_kv_heads={k} must divide model.num_heads={n}")
+      raise ConfigError(f"model.num_kv_heads={k} must divide model.num_heads={n}")
 
     def proj_init(in_axis, out_axis):
       return nn.initializers.variance_scaling(

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from xlingo.errors import ConfigError
 from xlingo.model.attention import BTD, Attention, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
@@ -115,7 +116,7 @@ class DecoderStack(nn.Module):
     # Decoding computes no gradients, so remat would only cost time there.
     if cfg.remat_policy != "none" and not decode:
       if cfg.remat_policy not in REMAT_POLICIES:
-        raise ValueError(
+        raise ConfigError(
             f"model.remat_policy={cfg.remat_policy!r}; use one of none, "
             + ", ".join(REMAT_POLICIES)
         )

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 KEY = "lora"
 # The attention projections and the MLP kernels, scanned or unrolled.

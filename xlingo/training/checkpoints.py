@@ -25,12 +25,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from xlingo.config import ConfigError
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be used; the message says which and what to do."""
-
+from xlingo.errors import CheckpointError, ConfigError
 
 # --- the data-iterator item ------------------------------------------------------------------
 

@@ -21,8 +21,8 @@ import numpy as np
 import optax
 
 from xlingo import sharding
-from xlingo.config import ConfigError
 from xlingo.data import inputs, pipeline
+from xlingo.errors import ConfigError, NonFiniteError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import losses, metrics
@@ -401,7 +401,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
         if bad is not None:
           ckpts.wait()
           kept = ckpts.latest_step()
-          raise FloatingPointError(
+          raise NonFiniteError(
               f"non-finite loss or gradient at step {bad}; stopping. The last good checkpoint "
               f"(step {kept}) is kept; lower train.learning_rate or enable train.grad_clip")
       if step % t.log_every == 0 or is_last:

@@ -17,7 +17,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
 from xlingo import sharding
-from xlingo.config import ConfigError
+from xlingo.errors import ConfigError
 
 
 @flax.struct.dataclass
