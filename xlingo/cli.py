@@ -19,8 +19,9 @@ def _one_line(e: BaseException) -> str:
 def parse_flags(argv, doc: str, define=None, workdir_help: str = "Run directory: checkpoints, "
                 "metrics, plots."):
   """Parses --config FILE[:arg] [--config.K=V ...] --workdir DIR and the flags ``define(fl)``
-  adds; returns the absl FlagValues. --help prints ``doc``; a missing config file, a bad flag
-  or override, or no --config exits 2 with one line.
+  adds; returns the absl FlagValues. --help prints ``doc`` and every flag with its default; a
+  missing or broken config file, a bad flag or override, or no --config exits 2 with one line.
+  Only absl and ml_collections are imported here, so these errors come before jax/TensorFlow.
   """
   from absl import flags
   from ml_collections import config_flags
@@ -28,14 +29,16 @@ def parse_flags(argv, doc: str, define=None, workdir_help: str = "Run directory:
   fl = flags.FlagValues()
   # config_flags finds the config file's override flags by scanning sys.argv when parsing.
   sys.argv = list(argv)
-  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
+  config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]); override "
+                                  "any key with --config.SECTION.KEY=VALUE.",
                                   lock_config=True, flag_values=fl)
   flags.DEFINE_string("workdir", None, workdir_help, flag_values=fl)
   if define is not None:
     define(fl)
   if any(a in ("-h", "--help", "--helpfull") for a in argv[1:]):
-    print(doc.strip())
+    print(doc.strip() + "\n\nflags:\n" + flags_help(fl))
     sys.exit(0)
+  path = None
   try:
     cfg_arg = next((a.split("=", 1)[1] for a in argv[1:] if a.startswith("--config=")), None)
     if cfg_arg is None and "--config" in argv[:-1]:
@@ -45,12 +48,69 @@ def parse_flags(argv, doc: str, define=None, workdir_help: str = "Run directory:
       if not os.path.exists(path):
         fail(f"config file {path!r} does not exist; pass --config configs/<name>.py")
     fl(argv)
-  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+  except Exception as e:  # noqa: BLE001 - sorted below: the config file's own error, or a flag
+    # config_flags wraps what the config file raised: look at the whole chain.
+    chain = _chain(e)
+    ours = next((x for x in reversed(chain) if isinstance(x, XlingoError)), None)
+    if ours is not None:  # raised by the config file's get_config (e.g. a bad :arg)
+      fail(_one_line(ours))
+    syntax = next((x for x in chain if isinstance(x, SyntaxError)), None)
+    if syntax is not None:
+      fail(f"config file {syntax.filename} line {syntax.lineno}: {syntax.msg}; fix the file's "
+           "Python syntax")
+    where = next((w for w in (_frame_in(x, path) for x in chain) if w is not None), None)
+    if where is not None:
+      fail(f"config file {path} line {where}: {type(e).__name__}: {_one_line(e)}; fix the file "
+           "(it must define get_config(arg=None) returning a ConfigDict)")
+    if not isinstance(e, (flags.Error, AttributeError, KeyError, TypeError, ValueError)):
+      raise
+    key_error = next((x for x in reversed(chain) if isinstance(x, KeyError)), None)
+    if key_error is not None:
+      missing = str(key_error.args[0]).strip("'\"") if key_error.args else ""
+      arg = next((a for a in argv[1:] if a.startswith("--config.") and missing and
+                  missing in a.split("=", 1)[0].split(".")), None)
+      if arg is not None:
+        fail(f"unknown config key {arg.split('=', 1)[0][len('--config.'):]!r} in {arg}; only "
+             "existing keys can be overridden (see the config file, e.g. --config.train.steps=10)")
     fail(f"bad flag or config override: {_one_line(e)} (see --help; only existing keys can be "
          "overridden, e.g. --config.train.steps=10)")
   if fl.config is None:
     fail("--config is required, e.g. --config configs/tiny.py")
   return fl
+
+
+def flags_help(fl) -> str:
+  """One line per flag: name, help, default (the ``--help`` listing of every xlingo command)."""
+  lines = []
+  for name in sorted(fl):
+    flag = fl[name]
+    if name != flag.name or name in ("help", "helpfull", "helpshort", "helpxml"):
+      continue  # short aliases and absl's own help flags
+    default = "" if flag.default is None else f" (default: {flag.default})"
+    lines.append(f"  --{name}: {flag.help}{default}")
+  return "\n".join(lines)
+
+
+def _chain(e: BaseException) -> list[BaseException]:
+  out = []
+  while e is not None and e not in out:
+    out.append(e)
+    e = e.__cause__ or e.__context__
+  return out
+
+
+def _frame_in(e: BaseException, path: str | None) -> int | None:
+  """The line of the innermost traceback frame that runs the config file ``path``, if any."""
+  if not path:
+    return None
+  want = os.path.realpath(path)
+  line = None
+  tb = e.__traceback__
+  while tb is not None:
+    if os.path.realpath(tb.tb_frame.f_code.co_filename) == want:
+      line = tb.tb_lineno
+    tb = tb.tb_next
+  return line
 
 
 def parse(argv, doc: str):

@@ -1,0 +1,67 @@
+"""The command line's own errors: config files that do not load, bad overrides, --help, and no
+start-up noise from TensorFlow before xlingo's own output. Every case is a real subprocess."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args, module="xlingo.train"):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  env.pop("TF_CPP_MIN_LOG_LEVEL", None)  # the commands must be quiet on their own
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(p) -> str:
+  lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+  assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+  assert len(lines) == 1, p.stderr[-2000:]
+  assert lines[0].startswith("xlingo: error: ")
+  return lines[0]
+
+
+def test_config_file_with_syntax_error_is_one_line_with_file_and_line(tmp_path):
+  cfg = tmp_path / "broken.py"
+  cfg.write_text("from xlingo import config as xconfig\n\ndef get_config(arg=None)\n"
+                 "  return xconfig.base_config()\n")
+  line = _one_error_line(_run("--config", str(cfg), "--workdir", str(tmp_path / "w")))
+  assert f"{cfg} line 3" in line and "syntax" in line
+  assert not (tmp_path / "w").exists()
+
+
+def test_config_file_that_raises_names_its_line(tmp_path):
+  cfg = tmp_path / "raises.py"
+  cfg.write_text("from xlingo import config as xconfig\n\ndef get_config(arg=None):\n"
+                 "  c = xconfig.base_config()\n  c.model.no_such_section.x = 1\n  return c\n")
+  line = _one_error_line(_run("--config", str(cfg), "--workdir", str(tmp_path / "w")))
+  assert f"{cfg} line 5" in line and "AttributeError" in line
+
+
+def test_unknown_override_names_the_key(tmp_path):
+  line = _one_error_line(_run("--config", "configs/tiny.py", "--config.train.stepz=3",
+                              "--workdir", str(tmp_path / "w")))
+  assert "unknown config key 'train.stepz'" in line
+
+
+def test_config_argument_error_from_get_config_is_its_own_line(tmp_path):
+  line = _one_error_line(_run("--config", "configs/distill_small.py:nope",
+                              "--workdir", str(tmp_path / "w")))
+  assert line == ("xlingo: error: configs/distill_small.py:nope: use no argument, 'teacher' or "
+                  "'student'")
+
+
+def test_help_lists_every_flag_with_its_default():
+  p = _run("--help", module="xlingo.generate")
+  assert p.returncode == 0, p.stderr
+  assert "--max_len: New tokens per sample at most. (default: 64)" in p.stdout
+  assert "--workdir:" in p.stdout and "--config:" in p.stdout
+
+
+def test_no_tensorflow_start_up_noise_before_our_error(tmp_path):
+  # steps=0 is refused after the data layer (seqio, TensorFlow) has been imported.
+  line = _one_error_line(_run("--config", "configs/tiny.py", "--config.train.steps=0",
+                              "--workdir", str(tmp_path / "w")))
+  assert "train.steps=0" in line
