@@ -26,6 +26,9 @@ EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "ruff==0.17.6"],
     # bench/bench_peer.py's peer half, in its own environment (.venv-bench), not the project's
     "bench": ["torch==2.14.1", "transformers==5.23.0"],
+    # Cloud TPU VMs (launch/tpu.py installs ".[tpu]"): the TPU jax at the CPU pin's version;
+    # it pulls libtpu from PyPI.
+    "tpu": ["jax[tpu]==0.10.2"],
 }
 
 setuptools.setup(
