@@ -53,7 +53,8 @@ def main(argv=None):
   valid = _lines(os.path.join(corpus, "new", f"{args.lang}.validation.txt"))
   embedded = [ln for p in sorted(glob.glob(os.path.join(corpus, "mono", "*.validation.txt")))
               for ln in _lines(p)]
-  pairs = [ln.split("\t") for ln in _lines(os.path.join(corpus, "new", f"en-{args.lang}.validation.tsv"))]
+  tsv = os.path.join(corpus, "new", f"en-{args.lang}.validation.tsv")
+  pairs = [ln.split("\t") for ln in _lines(tsv)]
   old = spm.SentencePieceProcessor(model_file=old_path)
   old_embedded = old.EncodeAsIds(embedded)
 

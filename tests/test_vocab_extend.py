@@ -112,7 +112,8 @@ def test_init_sources_are_the_old_ids_of_each_piece(extended):
 def test_init_sources_refuse_a_model_that_moved_an_old_piece(extended, tmp_path):
   _, new_path = extended
   moved = ve.load_model_proto(new_path)
-  moved.pieces[100].piece, moved.pieces[8192].piece = moved.pieces[8192].piece, moved.pieces[100].piece
+  a, b = moved.pieces[100], moved.pieces[8192]
+  a.piece, b.piece = b.piece, a.piece
   path = tmp_path / "moved.model"
   path.write_bytes(moved.SerializeToString())
   with pytest.raises(VocabError, match="moved.model does not start with the 8192 pieces of"):
@@ -180,6 +181,28 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
   assert not os.path.exists(out + ".model")
   with pytest.raises(VocabError, match="pieces='some'"):
     ve.extend_vocab(OLD, {"el": [small]}, 8, out, pieces="some")
+  bpe = ve.load_model_proto(OLD)
+  bpe.trainer_spec.model_type = bpe.trainer_spec.BPE
+  (tmp_path / "bpe.model").write_bytes(bpe.SerializeToString())
+  err = _cli_error(capsys, ["--vocab", str(tmp_path / "bpe.model"), "--input", f"el={small}"]
+                   + base)
+  assert "bpe.model: not a unigram model" in err
+  bad_jsonl = tmp_path / "bad.jsonl"
+  bad_jsonl.write_text('{"text": "Καλημέρα κόσμε"}\n\n{"txt": 1}\n', encoding="utf-8")
+  err = _cli_error(capsys, ["--vocab", OLD, "--input", f"el={bad_jsonl}"] + base)
+  assert 'bad.jsonl:3: not a JSON object with a "text" field' in err
+
+
+def test_jsonl_input_reads_the_text_field(tmp_path):
+  lines = _lines(EL_VALID)[:40]
+  jsonl = tmp_path / "el.jsonl"
+  jsonl.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(lines)),
+                   encoding="utf-8")
+  assert ve.read_examples(str(jsonl)) == lines
+  a = ve.extend_vocab(OLD, {"el": [str(jsonl)]}, 64, str(tmp_path / "j"))
+  b = ve.extend_vocab(OLD, {"el": [_small_greek(tmp_path)]}, 64, str(tmp_path / "t"))
+  assert a["added"] == b["added"] == 64
+  assert (tmp_path / "j.model").read_bytes() == (tmp_path / "t.model").read_bytes()
 
 
 def test_new_chars_only_versus_all_pieces(tmp_path):

@@ -85,23 +85,30 @@ def load_model_proto(path: str) -> model_pb2.ModelProto:
   except Exception:  # noqa: BLE001 - protobuf raises DecodeError or RuntimeError
     proto = None
   if proto is None or not proto.pieces:
-    raise VocabError(f"{path}: not a SentencePiece model; give the .model file written by the trainer")
+    raise VocabError(f"{path}: not a SentencePiece model; give the .model file written by"
+                     " the trainer")
   return proto
 
 
-def _processor(proto: model_pb2.ModelProto) -> spm.SentencePieceProcessor:
-  return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+def _processor(proto: model_pb2.ModelProto, what: str = "") -> spm.SentencePieceProcessor:
+  try:
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+  except (OSError, RuntimeError) as e:
+    first = (str(e).strip().splitlines() or ["unknown error"])[0]
+    raise VocabError(f"{what or 'model'}: sentencepiece cannot load it ({first}); give a .model"
+                     " file written by `python -m xlingo.data.vocab train`") from None
 
 
 def _check_old(proto: model_pb2.ModelProto, path: str) -> None:
   if proto.trainer_spec.model_type != model_pb2.TrainerSpec.UNIGRAM:
     raise VocabError(f"{path}: not a unigram model; vocabulary extension needs a unigram"
                      " SentencePiece model (train one with `python -m xlingo.data.vocab train`)")
-  sp = _processor(proto)
+  sp = _processor(proto, path)
   ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
   if ids != (vocab_lib.PAD_ID, vocab_lib.EOS_ID, vocab_lib.UNK_ID):
     raise VocabError(f"{path}: special ids pad={ids[0]} eos={ids[1]} unk={ids[2]}, but xlingo"
-                     " needs pad=0 eos=1 unk=2; retrain it with `python -m xlingo.data.vocab train`")
+                     " needs pad=0 eos=1 unk=2; retrain it with"
+                     " `python -m xlingo.data.vocab train`")
 
 
 def read_examples(path: str) -> list[str]:
@@ -111,17 +118,18 @@ def read_examples(path: str) -> list[str]:
   except UnicodeDecodeError as e:
     raise VocabError(f"{path}: not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv"
                      " -t UTF-8") from None
-  lines = [ln.strip() for ln in text.splitlines()]
-  lines = [ln for ln in lines if ln]
+  numbered = [(i, ln.strip()) for i, ln in enumerate(text.splitlines(), 1) if ln.strip()]
+  lines = [ln for _, ln in numbered]
   if path.endswith(".jsonl"):
-    out = []
-    for i, ln in enumerate(lines, 1):
+    lines = []
+    for i, ln in numbered:
       try:
-        out.append(json.loads(ln)["text"])
+        value = json.loads(ln)["text"]
       except (ValueError, KeyError, TypeError):
         raise VocabError(f"{path}:{i}: not a JSON object with a \"text\" field; give one"
                          " {\"text\": ...} object per line") from None
-    lines = [t.strip() for t in out if isinstance(t, str) and t.strip()]
+      if isinstance(value, str) and value.strip():
+        lines.append(value.strip())
   if not lines:
     raise VocabError(f"{path}: no text; give a file with one example per line")
   return lines
@@ -279,7 +287,7 @@ def extend_vocab(
     entry.type = _NORMAL
     clamped += score + offset < floor
   merged.trainer_spec.vocab_size = len(merged.pieces)
-  _processor(merged)  # refuses a broken model (e.g. a duplicate piece) before anything is written
+  _processor(merged, out_model)  # a broken model (a duplicate piece) fails before any write
 
   paths.write_bytes(out_model, merged.SerializeToString())
   vocab_text = "".join(f"{p.piece}\t{p.score:g}\n" for p in merged.pieces)

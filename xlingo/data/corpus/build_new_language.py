@@ -121,6 +121,7 @@ _TRAILING_SPEC = re.compile(rf"[\s:,;=(\[{_QUOTES}]*({_PRINTF.pattern})[\s.:)\]{
 _EMPTY_QUOTES = re.compile(r"(''|\"\"|`'|«\s*»|“\s*”|‘\s*’|„\s*“|「」|\(\s*\)|\[\s*\])")
 _ACCEL = re.compile(r"(?<!\w)[_&](?=\w)")
 _OPTIONS = re.compile(r"^(\s*[-+]{1,2}[\w?@][\w\-]*(\[?=[^\s,]*\]?)?(\s+[A-Z][A-Z_]*\b)?,?)+\s+")
+_TRANSLATOR = re.compile(r"^(?:Last-Translator|Language-Team): *(.+)$", re.M)
 _LEAD_PUNCT = re.compile(r"^[\s:;,.)\]»”’-]+")
 
 
@@ -280,14 +281,15 @@ def build(out_dir: str, workdir: str, languages: list[str]) -> dict:
     letters, man_pkg = LANGUAGES[lang]
     mono, pairs, used = [], [], {}
     for pkg in CATALOG_PACKAGES:
-      mos = sorted(glob.glob(os.path.join(info[pkg]["root"], f"usr/share/locale/{lang}/LC_MESSAGES/*.mo")))
+      locale_dir = os.path.join(info[pkg]["root"], "usr/share/locale", lang, "LC_MESSAGES")
+      mos = sorted(glob.glob(os.path.join(locale_dir, "*.mo")))
       before, translators = len(pairs), set()
       for mo in mos:
         with open(mo, "rb") as f:
           for msgid, msgstr in read_mo(f.read()):
             pairs.extend(catalog_pairs(msgid, msgstr, letters))
             if not msgid:
-              translators.update(re.findall(r"^(?:Last-Translator|Language-Team): *(.+)$", msgstr, re.M))
+              translators.update(_TRANSLATOR.findall(msgstr))
       if len(pairs) > before:
         used[pkg] = {
             "catalogs": [os.path.basename(m) for m in mos],
