@@ -19,7 +19,6 @@ that ``checkpoint.init_from=DIR`` or any tool loads. Resume, SIGTERM and metrics
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import ml_collections
@@ -237,19 +236,10 @@ def make_objective(config):
 
 def load_init_params(config, mesh, rules):
   """The init_from parameters as the run starts from them (new language rows included)."""
-  import jax
+  from xlingo.load import load_model
 
-  from xlingo.model import decoder as decoder_lib
-  from xlingo.training import checkpoints as ckpt_lib
-  from xlingo.training import state as state_lib
-
-  # With the run's extension, so that train.trainable (e.g. '^lora/') matches something.
-  ext = _lora_extension(config) if config.adapt.mode == "lora" else None
-  factory = state_lib.StateFactory(decoder_lib.Decoder(config.model), config, mesh, rules, ext)
-  rng = jax.random.PRNGKey(config.train.seed)  # the loop's: identical fresh rows
-  return ckpt_lib.restore_params(
-      config.checkpoint.init_from, factory.model_abstract_with_shardings(), config,
-      init_fresh=lambda name: factory.init_model_param(rng, name))
+  return load_model(config, config.checkpoint.init_from, what="checkpoint.init_from", mesh=mesh,
+                    rules=rules, model_from="config").params
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -257,9 +247,10 @@ def load_init_params(config, mesh, rules):
 
 def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
   """Before (step 0) / after (last evaluation) validation bpb per language, from metrics.jsonl."""
+  from xlingo import paths
   from xlingo.training import metrics
 
-  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = [r for r in metrics.read_jsonl(paths.join(workdir, "metrics.jsonl"))
           if any(k.startswith("val/bpb/") for k in r)]
   if not rows:
     return "", {}
@@ -336,15 +327,20 @@ def _nullcontext():
   return contextlib.nullcontext()
 
 
-def translation_scores(config, setup, params_by_name: dict, num: int) -> dict:
-  """{pair: {name: {bleu, chrf}, 'examples': [...]}} on the first ``num`` validation pairs."""
+def translation_scores(config, lm, params_by_name: dict, num: int) -> dict:
+  """{pair: {name: {bleu, chrf}, 'examples': [...]}} on the first ``num`` validation pairs of
+  ``data.translation_pairs``, decoded with ``lm``'s model (a ``load.LoadedModel``)."""
   import sacrebleu
   import seqio
 
+  from xlingo.data import inputs
+
   out = {}
-  vocab = setup.plan.vocab
-  table = setup.plan.table
-  for pair, task_name in setup.plan.mt_tasks.items():
+  vocab = lm.vocab
+  table = lm.table
+  registered = inputs.register_tasks(lm.config.data, vocab, lm.vocab_path).mt
+  for pair in config.data.translation_pairs or ():
+    task_name = registered[pair]
     src_lang, tgt_lang = pair.split("-")
     task = seqio.get_mixture_or_task(task_name)
     if "validation" not in task.splits:
@@ -361,10 +357,10 @@ def translation_scores(config, setup, params_by_name: dict, num: int) -> dict:
     tok = {"ja": "char", "zh": "zh"}.get(tgt_lang, "13a")
     res = {"examples": []}
     for name, params in params_by_name.items():
-      ids = greedy_translate(setup.model, params, sources, table.id(src_lang),
+      ids = greedy_translate(lm.model, params, sources, table.id(src_lang),
                              table.id(tgt_lang), config.data.seq_len,
                              int(config.adapt.max_decode_len), vocab.eos_id,
-                             setup.mesh, setup.rules)
+                             lm.mesh, lm.rules)
       hyps = [vocab.decode(x) for x in ids]
       res[name] = {"bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize=tok).score,
                    "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
@@ -374,33 +370,27 @@ def translation_scores(config, setup, params_by_name: dict, num: int) -> dict:
   return out
 
 
-def load_final_params(config, workdir: str, setup):
-  """The run's last parameters, merged to plain model parameters."""
-  from xlingo.model import lora
-  from xlingo.training import checkpoints as ckpt_lib
-
-  abstract = setup.factory.abstract_with_shardings().params
-  params = ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"), abstract)
-  return lora.merge(params, config.adapt.lora)
-
-
-def export_merged(config, params, out_dir: str) -> str:
-  """Writes plain params as a step directory that ``checkpoint.init_from`` accepts."""
+def export_merged(config, params, out_dir: str, step: int | None = None) -> str:
+  """Writes plain params as a step directory that ``checkpoint.init_from`` and the tools load."""
   import orbax.checkpoint as ocp
 
+  from xlingo import paths
   from xlingo.training import checkpoints as ckpt_lib
 
-  out_dir = os.path.abspath(out_dir)
+  out_dir = paths.resolve(out_dir)
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  ckptr.save(out_dir, args=ocp.args.Composite(
+  ckptr.save(paths.as_path(out_dir), args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": params}),
-      meta=ocp.args.JsonSave(ckpt_lib.model_fingerprint(config))), force=True)
+      meta=ocp.args.JsonSave(ckpt_lib.export_meta(config, step))), force=True)
   return out_dir
 
 
 def run(config, workdir: str) -> dict:
   """Adapt, then report; returns {'metrics', 'bpb', 'translation', 'best_step'}."""
-  from xlingo.training import checkpoints as ckpt_lib
+  import jax
+
+  from xlingo import paths
+  from xlingo.load import load_model
   from xlingo.training import loop, metrics
 
   resolve_config(config)
@@ -413,15 +403,14 @@ def run(config, workdir: str) -> dict:
   report = {"metrics": last, "bpb": bpb, "target": target, "mode": config.adapt.mode,
             "best_step": stopper.best_step, "translation": {}}
   needs_params = bool(config.data.translation_pairs) or bool(config.adapt.export_merged)
-  if needs_params and os.path.isdir(os.path.join(workdir, "checkpoints")):
-    setup = loop.build(config, objective)
-    after = load_final_params(config, workdir, setup)
+  if needs_params and paths.isdir(paths.join(workdir, "checkpoints")):
+    # The run's last parameters (LoRA merged) and the ones it started from, loaded without a
+    # training plan or an optimizer.
+    after = load_model(config, workdir)
     if config.data.translation_pairs and config.adapt.bleu_examples > 0:
-      before = ckpt_lib.restore_params(
-          config.checkpoint.init_from, setup.factory.model_abstract_with_shardings(), config,
-          init_fresh=lambda name: setup.factory.init_model_param(
-              __import__("jax").random.PRNGKey(config.train.seed), name))
-      scores = translation_scores(config, setup, {"before": before, "after": after},
+      before = load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                          mesh=after.mesh, rules=after.rules, model_from="config")
+      scores = translation_scores(config, after, {"before": before.params, "after": after.params},
                                   int(config.adapt.bleu_examples))
       report["translation"] = scores
       for pair, r in scores.items():
@@ -430,13 +419,11 @@ def run(config, workdir: str) -> dict:
             f"{r['before']['bleu']:.1f} -> {r['after']['bleu']:.1f}, chrF "
             f"{r['before']['chrf']:.1f} -> {r['after']['chrf']:.1f}")
     if config.adapt.export_merged:
-      path = export_merged(config, after, config.adapt.export_merged)
+      path = export_merged(config, after.params, config.adapt.export_merged, after.step)
       metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
-  import jax
-
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "adapt_report.json"), "w") as f:
-      json.dump(report, f, indent=1, default=float)
+    paths.write_text(paths.join(workdir, "adapt_report.json"),
+                     json.dumps(report, indent=1, default=float))
   return report
 
 

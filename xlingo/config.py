@@ -129,6 +129,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every_steps = 50
   c.checkpoint.keep = 3
   c.checkpoint.init_from = ""
+  # Resume from this step of the workdir instead of the latest (0: the latest), e.g. one from
+  # before a divergence; the later steps are kept aside as <step>.superseded-<time>.
+  c.checkpoint.restore_step = 0
   c.checkpoint.async_save = True
   return c
 

@@ -84,14 +84,15 @@ def _before_after(workdir: str, config) -> None:
 
 def _samples(workdir: str, config) -> None:
   from xlingo import generate
+  from xlingo.load import load_model
 
-  setup, params = generate.load(config, workdir)
-  langs = [lang for lang in SAMPLE_PROMPTS if lang in setup.plan.table.codes]
+  lm = load_model(config, workdir)
+  langs = [lang for lang in SAMPLE_PROMPTS if lang in lm.table.codes]
   prompts = [SAMPLE_PROMPTS[lang] for lang in langs]
-  ids = [setup.plan.table.id(lang) for lang in langs]
-  vocab = setup.plan.vocab
+  ids = [lm.table.id(lang) for lang in langs]
+  vocab = lm.vocab
   prompt_ids = [list(vocab.encode(p)) for p in prompts]
-  outs = generate.generate_ids(setup.model, params, prompt_ids, ids, max_len=32,
+  outs = generate.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
                                temperature=0.7, top_k=40, seed=0)
   print("\nsamples (temperature 0.7, top-k 40), language chosen by the language embedding:")
   for lang, p_ids, out in zip(langs, prompt_ids, outs, strict=True):

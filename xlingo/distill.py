@@ -22,8 +22,6 @@ language table.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 
 import jax
@@ -40,40 +38,21 @@ LAYER_SHAPE_KEYS = ("d_model", "num_heads", "num_kv_heads", "head_dim", "mlp_dim
 # --- the teacher ---------------------------------------------------------------------------
 
 
-def teacher_step_dir(path: str) -> str:
-  """A step directory from a teacher workdir (its latest checkpoint) or a step directory."""
-  if not path:
-    raise ConfigError("distill.teacher_workdir is empty; pass --config.distill.teacher_workdir="
-                      "<workdir or checkpoint step dir of a trained xlingo model>")
-  path = os.path.abspath(os.path.expanduser(path)) if "://" not in path else path
-  if os.path.isdir(os.path.join(path, "state")):
-    return path
-  ck = os.path.join(path, "checkpoints")
-  steps = sorted(int(s) for s in os.listdir(ck) if s.isdigit()) if os.path.isdir(ck) else []
-  if not steps:
-    raise ConfigError(f"distill.teacher_workdir={path!r} holds no checkpoint; train the teacher "
-                      "first (python -m xlingo.train ...) or give a checkpoint step directory")
-  return os.path.join(ck, str(steps[-1]))
+TEACHER = "distill.teacher_workdir"
 
 
-def _read_meta(step_dir: str) -> dict:
-  p = os.path.join(step_dir, "meta", "metadata")
-  if not os.path.exists(p):
-    return {}
-  with open(p) as f:
-    return json.load(f)
-
-
-def teacher_model_config(config) -> ml_collections.ConfigDict:
-  """The teacher's model section, checked against its checkpoint and against the student."""
+def teacher_model_config(config, meta: dict | None = None,
+                         step_dir: str | None = None) -> ml_collections.ConfigDict:
+  """The teacher's model section, checked against its checkpoint's metadata (by default the
+  newest checkpoint whose metadata reads) and against the student."""
   from xlingo.training import checkpoints as ckpt_lib
 
   d = config.distill
-  step_dir = teacher_step_dir(d.teacher_workdir)
-  meta = _read_meta(step_dir)
+  if meta is None:
+    step_dir, meta = ckpt_lib.newest_meta(d.teacher_workdir, TEACHER)
   tm = ml_collections.ConfigDict(d.teacher_model.to_dict())
   fingerprint = ckpt_lib.model_fingerprint(config)
-  shape_keys = [k for k in fingerprint if k in config.model]
+  shape_keys = [k for k in ckpt_lib.MODEL_KEYS if k in config.model]
   if d.teacher_model_source not in ("checkpoint", "config"):
     raise ConfigError(f"distill.teacher_model_source={d.teacher_model_source!r}; use "
                       "'checkpoint' (read the teacher's shape from its metadata) or 'config'")
@@ -112,23 +91,19 @@ def teacher_model_config(config) -> ml_collections.ConfigDict:
 
 
 def restore_teacher(config, mesh, rules, param_dtype: str | None = None):
-  """The teacher's (model, params), the params placed in the teacher's own shardings."""
-  from flax import linen as nn
+  """The teacher (a ``load.LoadedModel``), its params placed in its own shardings on the
+  student's mesh; a teacher workdir whose latest checkpoint is unreadable falls back to the
+  previous one."""
+  from xlingo.load import load_model
 
-  from xlingo import sharding
-  from xlingo.model import decoder as decoder_lib
-  from xlingo.training import checkpoints as ckpt_lib
+  def model_config(meta, step_dir):
+    tm = teacher_model_config(config, meta, step_dir)
+    if param_dtype is not None:
+      tm.param_dtype = param_dtype
+    return tm
 
-  tm = teacher_model_config(config)
-  if param_dtype is not None:
-    tm.param_dtype = param_dtype
-  model = decoder_lib.Decoder(tm)
-  boxed = sharding.abstract_params(model, tm, 8)
-  shardings = sharding.param_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), shardings)
-  params = ckpt_lib.restore_params(teacher_step_dir(config.distill.teacher_workdir), abstract)
-  return model, params
+  return load_model(config, config.distill.teacher_workdir, what=TEACHER, mesh=mesh,
+                    rules=rules, model_config=model_config)
 
 
 # --- student initialisation from teacher layers ---------------------------------------------
@@ -249,21 +224,20 @@ def make_objective():
   teacher: dict = {}
 
   def prepare_extra(config, mesh, rules):
-    model, params = restore_teacher(config, mesh, rules)
-    teacher["model"] = model
-    tm = model.config
-    metrics.console(f"teacher: {teacher_step_dir(config.distill.teacher_workdir)} "
-                    f"(d_model {tm.d_model}, {tm.num_layers} layers, dtype {tm.dtype}), frozen")
-    return {"teacher_params": params}
+    t = restore_teacher(config, mesh, rules)
+    teacher["model"] = t.model
+    tm = t.model.config
+    metrics.console(f"teacher: {t.step_dir} (d_model {tm.d_model}, {tm.num_layers} layers, "
+                    f"dtype {tm.dtype}), frozen")
+    return {"teacher_params": t.params}
 
   def initial_params(factory, config):
     layers = tuple(config.distill.init_from_teacher_layers)
     if not layers:
       return factory.init(jax.random.PRNGKey(config.train.seed)).params
-    _, tparams = restore_teacher(config, factory.mesh, factory.rules, param_dtype="float32")
+    t = restore_teacher(config, factory.mesh, factory.rules, param_dtype="float32")
     fresh = factory.init(jax.random.PRNGKey(config.train.seed)).params
-    params = student_from_teacher_layers(fresh, tparams, config.model,
-                                         teacher_model_config(config), layers)
+    params = student_from_teacher_layers(fresh, t.params, config.model, t.model.config, layers)
     metrics.console(f"student initialised from teacher layers {layers}")
     return jax.device_put(params, factory.param_shardings)
 

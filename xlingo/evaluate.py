@@ -10,6 +10,10 @@ Validation uses exactly the loop's evaluation (``loop.evaluate_batches`` over
 what training logged as val/* at the same step. Translation greedily continues each source
 sentence of the validation pairs in the target language (the source tokens carry the source
 language id, as in the conditional training tasks) and scores the outputs with sacrebleu.
+Checkpoints are loaded with ``xlingo.load.load_model`` (no training plan, no optimizer: the
+model, language table and vocabulary come from the checkpoint); a workdir whose latest
+checkpoint is unreadable falls back to the previous one. ``--output`` is checked before the
+evaluation and the table is printed before it is written (and the JSON, if writing fails).
 With ``--checkpoints LABEL=PATH,...`` every checkpoint is evaluated, and ``transfer`` holds the
 matrix of val/bpb: one row per checkpoint (the language it was trained or adapted on), one
 column per evaluated language.
@@ -17,6 +21,7 @@ column per evaluated language.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -32,31 +37,43 @@ BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled lo
 # --- pieces ---------------------------------------------------------------------------------
 
 
-def resolve_step(path: str) -> tuple[str, int | None]:
-  """(step directory, step) of a workdir's latest checkpoint or of a step directory."""
-  from xlingo.training import checkpoints as ckpt_lib
+def validation_batches(lm) -> dict[str, list]:
+  """Each language's fixed validation batches, as the training loop evaluates them, for the
+  languages of the loaded model's table. Only the validation data is read (no training plan);
+  when the config's data source cannot be registered here (its files are not on this machine),
+  validation is skipped with a note."""
+  from xlingo.data import inputs
+  from xlingo.errors import DataError
 
-  step_dir = ckpt_lib._resolve_step_dir(os.path.abspath(os.path.expanduser(path)))
-  base = os.path.basename(step_dir.rstrip("/"))
-  return step_dir, int(base) if base.isdigit() else None
+  cfg = lm.config
+  try:
+    reg = inputs.register_tasks(cfg.data, lm.vocab, lm.vocab_path)
+  except DataError as e:
+    print(f"xlingo: no validation data here ({str(e).splitlines()[0]}); validation metrics "
+          "skipped", flush=True)
+    return {}
+  plan = inputs.InputPlan(
+      table=lm.table, vocab=lm.vocab, vocab_path=lm.vocab_path, lm_tasks={}, mt_tasks={},
+      stats=[], rates={}, mixture="", seq_len=cfg.data.seq_len,
+      eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm})
+  return {lang: inputs.eval_batches(plan, cfg, lang, cfg.train.eval_batches)
+          for lang in plan.eval_tasks}
 
 
-def validation_metrics(s, config, params) -> dict:
+def validation_metrics(lm) -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them."""
   from xlingo import sharding
-  from xlingo.data import inputs
   from xlingo.training import loop
 
-  codes = s.plan.table.codes
-  eval_fn = loop.make_eval_step(loop.LM_OBJECTIVE, s.model, config, s.byte_table, len(codes))
-  # The languages the loop evaluates: every language with data once the plan lists them
-  # (``eval_tasks``), else the trained ones.
-  langs = getattr(s.plan, "eval_tasks", None) or s.plan.lm_tasks
-  val_batches = {lang: inputs.eval_batches(s.plan, config, lang, config.train.eval_batches)
-                 for lang in langs}
-  with sharding.mesh_context(s.mesh, s.rules):
-    return loop.evaluate_batches(jax.jit(eval_fn), params, val_batches, codes,
-                                 sharding.batch_sharding(s.mesh), {})
+  val_batches = validation_batches(lm)
+  if not val_batches:
+    return {}
+  codes = lm.table.codes
+  eval_fn = loop.make_eval_step(loop.LM_OBJECTIVE, lm.model, lm.config, lm.byte_table,
+                                len(codes))
+  with sharding.mesh_context(lm.mesh, lm.rules):
+    return loop.evaluate_batches(jax.jit(eval_fn), lm.params, val_batches, codes,
+                                 sharding.batch_sharding(lm.mesh), {})
 
 
 def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
@@ -82,14 +99,14 @@ def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str
   return out
 
 
-def translate_scores(s, params, examples, src: str, tgt: str, *, max_examples: int,
+def translate_scores(lm, examples, src: str, tgt: str, *, max_examples: int,
                      max_new: int = 64) -> dict:
   """Greedy translations of up to ``max_examples`` pairs, scored with BLEU and chrF."""
   import sacrebleu
 
   from xlingo import generate as gen
 
-  table, vocab, model = s.plan.table, s.plan.vocab, s.model
+  table, vocab, model, params = lm.table, lm.vocab, lm.model, lm.params
   src_id, tgt_id = table.id(src), table.id(tgt)
   room = int(model.config.max_len) - 2  # BOS and at least one generated token
   rows, skipped = [], 0
@@ -122,20 +139,19 @@ def translate_scores(s, params, examples, src: str, tgt: str, *, max_examples: i
 
 
 def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
-                        max_examples: int = 50, setup=None) -> dict:
-  """Everything for one checkpoint: {"path", "step", "metrics": {...}, "translation": {...}}."""
-  from xlingo.training import checkpoints as ckpt_lib
-  from xlingo.training import loop
+                        max_examples: int = 50, mesh=None, rules=None,
+                        what: str = "--workdir") -> dict:
+  """Everything for one checkpoint: {"path", "step", "languages", "metrics", "translation"}."""
+  from xlingo.load import load_model
 
-  step_dir, step = resolve_step(path)
-  s = setup or loop.build(config)
-  params = ckpt_lib.restore_params(step_dir, s.factory.abstract_with_shardings().params, config)
-  result = {"path": step_dir, "step": step, "metrics": validation_metrics(s, config, params)}
+  lm = load_model(config, path, what=what, mesh=mesh, rules=rules)
+  result = {"path": lm.step_dir, "step": lm.step, "languages": list(lm.table.codes),
+            "metrics": validation_metrics(lm)}
   if translate:
     result["translation"] = {}
     for pair, examples in translate.items():
       src, tgt = pair.split("-")
-      scores = translate_scores(s, params, examples, src, tgt, max_examples=max_examples)
+      scores = translate_scores(lm, examples, src, tgt, max_examples=max_examples)
       result["translation"][pair] = scores
       result["metrics"][f"translate/{pair}/bleu"] = scores["bleu"]
       result["metrics"][f"translate/{pair}/chrf"] = scores["chrf"]
@@ -161,7 +177,8 @@ def format_table(report: dict, codes) -> str:
   lines = []
   for label, r in results.items():
     m = r["metrics"]
-    cells = [label, str(r["step"]), _f(m.get("val/bpb"))] + [_f(m.get(f"val/bpb/{c}"))
+    step = "-" if r["step"] is None else str(r["step"])
+    cells = [label, step, _f(m.get("val/bpb"))] + [_f(m.get(f"val/bpb/{c}"))
                                                             for c in langs]
     cells += [f"{m[f'translate/{p}/bleu']:.1f}/{m[f'translate/{p}/chrf']:.1f}"
               if f"translate/{p}/bleu" in m else "-" for p in pairs]
@@ -186,24 +203,58 @@ def _f(v) -> str:
   return "-" if v is None or not np.isfinite(v) else f"{v:.3f}"
 
 
-def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_tsv=None,
-        max_examples: int = 50, output: str | None = None) -> dict:
-  """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it."""
-  from xlingo.training import loop
+def check_output(output: str) -> None:
+  """ConfigError before anything is evaluated when ``output`` cannot be written."""
+  from xlingo import paths
 
-  s = loop.build(config)
+  parent = paths.dirname(paths.resolve(output))
+  probe = paths.join(parent, f".{paths.basename(output)}.probe-{os.getpid()}")
+  try:
+    if paths.isdir(output):
+      raise IsADirectoryError(errno.EISDIR, "it is a directory")
+    paths.makedirs(parent)
+    paths.write_text(probe, "")
+    paths.remove(probe)
+  except OSError as e:
+    raise ConfigError(f"--output {output!r} cannot be written ({e.strerror or e}); choose "
+                      "another path") from None
+
+
+def write_report(output: str, report: dict) -> None:
+  from xlingo import paths
+
+  try:
+    paths.write_text(output, json.dumps(report, indent=1, ensure_ascii=False, default=float))
+  except OSError as e:
+    raise ConfigError(f"--output {output!r} could not be written ({e.strerror or e}); the "
+                      "results were printed above") from None
+
+
+def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_tsv=None,
+        max_examples: int = 50, output: str | None = None, what: str = "--checkpoints") -> dict:
+  """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it.
+
+  ``output`` is checked before anything is evaluated. No training plan is built: each
+  checkpoint is loaded with ``xlingo.load.load_model``.
+  """
+  from xlingo import sharding
+
+  if output:
+    check_output(output)
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config.mesh)
   translate = translation_pairs(config, list(translate_pairs), translate_tsv or {}) \
       if translate_pairs else None
   results = {label: evaluate_checkpoint(config, path, translate=translate,
-                                        max_examples=max_examples, setup=s)
+                                        max_examples=max_examples, mesh=mesh, rules=rules,
+                                        what=what)
              for label, path in checkpoints.items()}
-  report = {"config_languages": list(s.plan.table.codes), "results": results}
+  codes = list(dict.fromkeys([*config.data.languages,
+                              *(c for r in results.values() for c in r["languages"])]))
+  report = {"config_languages": codes, "results": results}
   if len(results) > 1:
-    report["transfer"] = transfer_matrix(results, s.plan.table.codes)
+    report["transfer"] = transfer_matrix(results, codes)
   if output and jax.process_index() == 0:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-      json.dump(report, f, indent=1, ensure_ascii=False)
+    write_report(output, report)
   return report
 
 
@@ -244,19 +295,34 @@ def main(argv=None):
   cli.maybe_initialize_distributed()
 
   def body():
+    from xlingo import paths
+
+    if fl.max_examples < 1:
+      raise ConfigError(f"--max_examples={fl.max_examples} must be >= 1 (translation pairs per "
+                        "direction)")
     ckpts = _parse_map(fl.checkpoints, "--checkpoints")
+    what = "--checkpoints"
     if not ckpts:
       path = fl.checkpoint or fl.workdir
       if not path:
         raise ConfigError("give --workdir DIR, --checkpoint STEP_DIR or --checkpoints L=DIR,...")
-      ckpts = {os.path.basename(os.path.normpath(path)) or "model": path}
+      what = "--checkpoint" if fl.checkpoint else "--workdir"
+      ckpts = {paths.basename(path) or "model": path}
+    if fl.output:
+      check_output(fl.output)
     pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
     report = run(fl.config, ckpts, translate_pairs=pairs,
                  translate_tsv=_parse_map(fl.translate_tsv, "--translate_tsv"),
-                 max_examples=fl.max_examples, output=fl.output)
+                 max_examples=fl.max_examples, what=what)
     if jax.process_index() == 0:
       print(format_table(report, report["config_languages"]), flush=True)
       if fl.output:
+        try:
+          write_report(fl.output, report)
+        except ConfigError:
+          # The evaluation is not lost: the whole report goes to stdout before the error.
+          print(json.dumps(report, indent=1, ensure_ascii=False, default=float), flush=True)
+          raise
         print(f"results: {fl.output}", flush=True)
 
   cli.run_body(body)

@@ -134,6 +134,8 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *,
   n = len(prompt_ids)
   if n == 0:
     return []
+  if int(max_len) < 1:
+    raise ConfigError(f"max_len={max_len} must be >= 1 (new tokens per row)")
   langs = _per_row(lang_id, n, "lang_id")
   prompt_langs = langs if prompt_lang_ids is None else _per_row(prompt_lang_ids, n,
                                                                 "prompt_lang_ids")
@@ -199,20 +201,6 @@ def generate(model, params, vocab, prompts: list[str], lang_id: int | list[int],
   return [vocab.decode(o) if o else "" for o in out]
 
 
-# --- loading a checkpoint -------------------------------------------------------------------
-
-
-def load(config, path: str):
-  """(loop Setup, params) for ``config`` with parameters from a workdir or a step directory."""
-  from xlingo.training import checkpoints as ckpt_lib
-  from xlingo.training import loop
-
-  s = loop.build(config)
-  abstract = s.factory.abstract_with_shardings().params
-  params = ckpt_lib.restore_params(path, abstract, config)
-  return s, params
-
-
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -237,6 +225,18 @@ def _define_flags(fl) -> None:
   flags.DEFINE_integer("batch_size", 16, "Rows decoded together.", flag_values=fl)
 
 
+# flag -> (test, what it must be): checked before anything is loaded.
+FLAG_RULES = {
+    "max_len": (lambda v: v >= 1, "an integer >= 1 (new tokens per sample)"),
+    "temperature": (lambda v: v >= 0, "a number >= 0 (0: greedy)"),
+    "top_k": (lambda v: v >= 0, "an integer >= 0 (0: no limit)"),
+    "top_p": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "num_samples": (lambda v: v >= 1, "an integer >= 1"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+}
+
+
 def _parse(argv):
   from xlingo import cli
 
@@ -246,18 +246,22 @@ def _parse(argv):
     cli.fail("give --workdir DIR (its latest checkpoint) or --checkpoint STEP_DIR")
   if not fl.lang:
     cli.fail(f"--lang is required (one of {', '.join(fl.config.data.languages)})")
-  if fl.num_samples < 1 or fl.batch_size < 1:
-    cli.fail("--num_samples and --batch_size must be >= 1")
+  for name, (ok, must) in FLAG_RULES.items():
+    value = getattr(fl, name)
+    if not ok(value):
+      cli.fail(f"--{name}={value} must be {must}")
   return fl
 
 
 def read_prompts(prompt_flags, prompts_file) -> list[str]:
+  from xlingo import paths
+
   prompts = list(prompt_flags or [])
   if prompts_file:
-    if not os.path.exists(prompts_file):
+    if not paths.isfile(prompts_file):
       raise ConfigError(f"--prompts_file {prompts_file!r} does not exist; give a text file")
-    with open(prompts_file, encoding="utf-8") as f:
-      prompts += [line.rstrip("\n") for line in f if line.strip()]
+    text = paths.read_text(prompts_file)
+    prompts += [line for line in text.splitlines() if line.strip()]
   return prompts or [""]
 
 
@@ -271,17 +275,23 @@ def main(argv=None):
   cli.maybe_initialize_distributed()
 
   def body():
-    from xlingo.data.pipeline import LanguageTable
+    from xlingo.load import load_model
 
-    table = LanguageTable(config.data.languages)
-    lang = table.id(fl.lang)
-    prompt_lang = table.id(fl.prompt_lang) if fl.prompt_lang else lang
     prompts = read_prompts(fl.prompt, fl.prompts_file)
-    s, params = load(config, fl.checkpoint or fl.workdir)
+    lm = load_model(config, fl.checkpoint or fl.workdir,
+                    what="--checkpoint" if fl.checkpoint else "--workdir")
+    # The checkpoint's language table (which may differ from the config's).
+    for flag in ("lang", "prompt_lang"):
+      code = getattr(fl, flag)
+      if code and code not in lm.table.codes:
+        raise ConfigError(f"--{flag}={code} is not a language of {lm.step_dir} (it has "
+                          f"{', '.join(lm.table.codes)})")
+    lang = lm.table.id(fl.lang)
+    prompt_lang = lm.table.id(fl.prompt_lang) if fl.prompt_lang else lang
     rows = [(p, k) for p in prompts for k in range(fl.num_samples)]
     for start in range(0, len(rows), fl.batch_size):
       chunk = rows[start:start + fl.batch_size]
-      outs = generate(s.model, params, s.plan.vocab, [p for p, _ in chunk], lang,
+      outs = generate(lm.model, lm.params, lm.vocab, [p for p, _ in chunk], lang,
                       max_len=fl.max_len, temperature=fl.temperature, top_k=fl.top_k,
                       top_p=fl.top_p, seed=fl.seed + start, prompt_lang_ids=prompt_lang)
       for (p, k), text in zip(chunk, outs):

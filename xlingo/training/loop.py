@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xlingo import sharding
+from xlingo import load, sharding
 from xlingo.data import inputs, pipeline
 from xlingo.errors import ConfigError, NonFiniteError
 from xlingo.model import decoder as decoder_lib
@@ -234,8 +234,14 @@ def validate_config(config) -> None:
   for key in ("steps", "batch_size", "microbatches", "log_every", "eval_every"):
     if int(t[key]) < 1:
       raise ConfigError(f"train.{key}={t[key]} must be >= 1")
-  if config.checkpoint.every_steps < 1:
-    raise ConfigError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 1")
+  c = config.checkpoint
+  if c.every_steps < 1:
+    raise ConfigError(f"checkpoint.every_steps={c.every_steps} must be >= 1")
+  if c.keep < 1:
+    raise ConfigError(f"checkpoint.keep={c.keep} must be >= 1 (the checkpoints kept; the newest "
+                      "is always among them)")
+  if c.get("restore_step", 0) < 0:
+    raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be >= 0 (0: the latest)")
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.batch_size={t.batch_size} does not divide into "
                       f"train.microbatches={t.microbatches}; use a divisor")
@@ -272,7 +278,7 @@ class _Preemption:
 
 @dataclasses.dataclass
 class Setup:
-  """What the loop builds before the first step (also used by evaluate/generate tools)."""
+  """What the loop builds before the first step (the tools load models with xlingo.load)."""
 
   config: Any
   mesh: Any
@@ -319,18 +325,18 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   train_it = inputs.train_iterator(s.plan, config)
   extra = objective.prepare_extra(config, s.mesh, s.rules) if objective.prepare_extra else {}
 
-  # Resume order: own checkpoint -> init_from (params only) -> objective's init -> scratch.
+  # Resume order: own checkpoint (the latest readable one, or checkpoint.restore_step) ->
+  # init_from (params only) -> objective's init -> scratch. A checkpoint that does not fit the
+  # config stops the run here with one line, before anything is written.
   restored = ckpts.restore_latest(s.factory.abstract_with_shardings(), train_it)
   if restored is not None:
     state, start = restored
     metrics.console(f"resumed from {ckpts.directory} step {start}")
     metrics.truncate_jsonl_after(os.path.join(workdir, "metrics.jsonl"), start)
   elif config.checkpoint.init_from:
-    rng = jax.random.PRNGKey(t.seed)
-    params = ckpt_lib.restore_params(
-        config.checkpoint.init_from, s.factory.model_abstract_with_shardings(), config,
-        init_fresh=lambda name: s.factory.init_model_param(rng, name))
-    state, start = s.factory.from_model_params(params, rng), 0
+    params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                             mesh=s.mesh, rules=s.rules, model_from="config").params
+    state, start = s.factory.from_model_params(params, jax.random.PRNGKey(t.seed)), 0
     metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
   elif objective.initial_params is not None:
     state, start = s.factory.from_params(objective.initial_params(s.factory, config)), 0
@@ -400,10 +406,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
         pending_flags = []
         if bad is not None:
           ckpts.wait()
-          kept = ckpts.latest_step()
-          raise NonFiniteError(
-              f"non-finite loss or gradient at step {bad}; stopping. The last good checkpoint "
-              f"(step {kept}) is kept; lower train.learning_rate or enable train.grad_clip")
+          raise NonFiniteError(_nonfinite_message(bad, ckpts.all_steps(), config, state.params))
       if step % t.log_every == 0 or is_last:
         host = jax.device_get(acc)
         elapsed = time.perf_counter() - t_window
@@ -454,6 +457,23 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
     metrics.console(f"per-language curves: {png}")
   metrics.console(FINISHED_MARKER)
   return last
+
+
+def _nonfinite_message(bad: int, kept: list[int], config, params) -> str:
+  """The NaN stop's one line, with a way out that works: the newest checkpoints may already
+  hold diverging (finite but huge) parameters, so it names the oldest kept step to restore."""
+  t = config.train
+  fix = f"--config.train.learning_rate=<lower than {t.learning_rate:g}>"
+  if not t.grad_clip:
+    fix += " (or --config.train.grad_clip=1.0)"
+  head = f"non-finite loss or gradient at step {bad}; stopping."
+  if not kept:
+    return f"{head} No checkpoint was saved before it; run again with {fix}"
+  top = float(jax.jit(lambda p: jnp.max(jnp.stack(
+      [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(p)])))(params))
+  return (f"{head} Checkpoints kept: steps {', '.join(map(str, kept))} (the newest may already "
+          f"hold diverging parameters: max |param| is now {top:.3g}); resume from the oldest "
+          f"with --config.checkpoint.restore_step={kept[0]} {fix}")
 
 
 def _first_nonfinite(flags) -> int | None:
