@@ -19,7 +19,6 @@ from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import loop
-from xlingo.training import state as state_lib
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 
@@ -91,7 +90,7 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
   # LoRA trained, everything else is exactly the checkpoint's (or the fresh zh row)
   assert np.abs(after["lora"]["blocks"]["layers"]["attn"]["query"]["b"]).max() > 0
   for path, x in jax.tree_util.tree_leaves_with_path(before):
-    key = state_lib.path_str(path)
+    key = sharding.path_str(path)
     y = after
     for part in key.split("/"):
       y = y[part]
@@ -174,7 +173,7 @@ def test_lora_merge_equals_base_plus_adapters():
   # B starts at 0 (merge is the identity then); give it values to test the merge itself
   factors = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-      if state_lib.path_str(p).endswith("/b") else x, factors)
+      if sharding.path_str(p).endswith("/b") else x, factors)
   x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
   base = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
   merged = jax.jit(lambda p: lora.merge(p, cfg))({**base, "lora": factors})
