@@ -13,7 +13,8 @@ from flax import linen as nn
 from configs import adapt_tiny, tiny
 from xlingo import adapt, sharding
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
-from xlingo.data import pipeline
+from xlingo.data import packing
+from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
@@ -134,14 +135,14 @@ def test_full_adaptation_with_replay_and_early_stop(pretrained, tmp_path):
 
 def test_targets_only_loss_matches_numpy():
   c, model = _small_model()
-  table = pipeline.LanguageTable(("en", "de", "fr"))
+  table = LanguageTable(("en", "de", "fr"))
   rng = np.random.default_rng(0)
   examples = [
       {"targets": rng.integers(3, 64, 9), "lang": "de", "src_lang": "en", "prefix_len": 4},
       {"targets": rng.integers(3, 64, 5), "lang": "fr", "src_lang": "en", "prefix_len": 2},
       {"targets": rng.integers(3, 64, 7), "lang": "de", "src_lang": "", "prefix_len": 0},
   ]
-  (batch,) = pipeline.pack_examples(examples, table, 2, 16)
+  (batch,) = packing.pack_examples(examples, table, 2, 16)
   assert batch["loss_weights"][0, :4].sum() == 0  # no loss on the first pair's source
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"], batch["segment_ids"],
                                batch["positions"], batch["lang_ids"])["params"]

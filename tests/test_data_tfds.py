@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from configs import tiny
 from data_tasks import tfds_corpora
-from xlingo.data import inputs, pipeline
+from xlingo.data import inputs, packing
 from xlingo.errors import DataError
 
 SIZES = {"train": 30, "validation": 10}
@@ -60,7 +60,7 @@ def test_wiki40b_mock_batches_carry_language_ids(tmp_path):
   seen = set(np.concatenate([b["lang_ids"][b["segment_ids"] > 0] for b in batches]).tolist())
   assert seen == {plan.table.id("en"), plan.table.id("de")}
   assert len(ev) == 1 and set(ev[0]["lang_ids"][ev[0]["segment_ids"] > 0].tolist()) == {1}
-  assert set(pipeline.FEATURES) <= set(batches[0])
+  assert set(packing.FEATURES) <= set(batches[0])
 
 
 def test_tfds_spec_names_and_splits():

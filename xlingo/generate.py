@@ -271,7 +271,7 @@ def main(argv=None):
   cli.maybe_initialize_distributed()
 
   def body():
-    from xlingo.data.pipeline import LanguageTable
+    from xlingo.data.languages import LanguageTable
 
     table = LanguageTable(config.data.languages)
     lang = table.id(fl.lang)
