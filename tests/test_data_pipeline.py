@@ -639,3 +639,23 @@ def test_unknown_packing():
   cfg.data.packing = "best_fit"
   with pytest.raises(ConfigError, match="data.packing"):
     inputs.plan_inputs(cfg)
+
+
+def test_restore_into_another_pipeline_is_one_line(tmp_path):
+  """A tf.data state of another graph (a data config or an xlingo version whose pipeline
+  differs, e.g. per-example tasks that tokenized in tf.data) is refused in one line; a
+  damaged one is left to the checkpoint layer as unreadable."""
+  saved = iter(tf.data.Dataset.range(100).batch(4).prefetch(2))
+  next(saved)
+  tf.train.Checkpoint(iterator=saved).write(str(tmp_path / iterator.TF_ITERATOR))
+  other = iter(tf.data.Dataset.range(100).shuffle(8, seed=0).batch(4))
+  with pytest.raises(DataError, match="written by another input pipeline than this run's"):
+    iterator._read_tf_iterator(other, str(tmp_path))
+  same = iter(tf.data.Dataset.range(100).batch(4).prefetch(2))
+  iterator._read_tf_iterator(same, str(tmp_path))
+  assert next(same).numpy().tolist() == [4, 5, 6, 7]
+  (data,) = tmp_path.glob(iterator.TF_ITERATOR + ".data-*")
+  data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+  with pytest.raises(tf.errors.OpError):
+    iterator._read_tf_iterator(iter(tf.data.Dataset.range(100).batch(4).prefetch(2)),
+                               str(tmp_path))

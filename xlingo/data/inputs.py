@@ -197,8 +197,8 @@ def local_batch_size(global_batch: int) -> int:
 class RowSlice:
   """This process's rows of a global batch that every process packs identically.
 
-  Used when the input cannot be split by files (fewer files per task than processes, e.g. the
-  embedded corpus): every process reads the same full stream, packs the whole global batch and
+  Used when a source cannot be split among processes (a line task with fewer files than
+  processes, e.g. the embedded corpus; iterator.reads_its_share): every process reads the same full stream, packs the whole global batch and
   keeps rows [i*B/n, (i+1)*B/n). The global batch is then the one a single process would
   build, whatever the process count, and so is the iterator state (``replicated``): a
   checkpoint's data state resumes under any number of processes. The price is that each
@@ -229,7 +229,8 @@ class RowSlice:
 
 def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, *,
             seed: int, repeat: bool, grouped: bool = False, **kw):
-  """A PackedIterator for this process: file-sharded, or the full stream sliced by rows."""
+  """A PackedIterator for this process: over its own share of the data, or over the full
+  stream and sliced by rows (RowSlice)."""
   import jax
 
   shard = iterator.shard_info()
@@ -285,5 +286,5 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   return out
 
 
-__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "load_vocab_for",
-           "DataError", "tasks"]
+__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "task_examples",
+           "load_vocab_for", "DataError", "tasks"]

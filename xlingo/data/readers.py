@@ -30,14 +30,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import tensorflow as tf
 
 from xlingo import paths
 from xlingo.data import packing
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import DataError
+
+if TYPE_CHECKING:  # the readers only call methods of the datasets they are given
+  import tensorflow as tf
 
 FORMAT_TEXT = ""
 FORMAT_TSV = "tsv"

@@ -141,6 +141,10 @@ class TfdsSource(seqio.TfdsDataSource):
   (``tfds.even_splits``), so that no process reads what another one reads.
   """
 
+  def __init__(self, tfds_name: str, splits: Mapping[str, str], tfds_data_dir: str | None):
+    super().__init__(tfds_name=tfds_name, splits=dict(splits), tfds_data_dir=tfds_data_dir)
+    self._tfds_splits = dict(splits)  # our split name -> the TFDS split
+
   @property
   def supports_arbitrary_sharding(self) -> bool:
     return True  # every shard_info comes here, however few files the split has
@@ -150,7 +154,7 @@ class TfdsSource(seqio.TfdsDataSource):
     if n <= 1 or len(self.list_shards(split)) >= n:
       return super().get_dataset(split, shuffle, seed, shard_info if n > 1 else None, **kwargs)
     loader = self.tfds_dataset
-    part = tfds.even_splits(loader._map_split(split), n)[shard_info.index]  # noqa: SLF001
+    part = tfds.even_splits(self._tfds_splits[split], n)[shard_info.index]
     return tfds.load(loader.name, split=part, data_dir=loader.data_dir, shuffle_files=shuffle,
                      download=True, try_gcs=True,
                      read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
@@ -393,7 +397,7 @@ def register_tfds_lm_task(
     tfds_data_dir: str | None = None,
 ) -> seqio.Task:
   """One language's LM task over a TFDS dataset (e.g. wiki40b/de, c4/multilingual's de)."""
-  source = TfdsSource(tfds_name=tfds_name, splits=dict(splits), tfds_data_dir=tfds_data_dir)
+  source = TfdsSource(tfds_name, splits, tfds_data_dir)
   _remove(name)
   _SPECS[name] = _Spec("tfds", source, vocab, lang, field=text_field)
   return seqio.TaskRegistry.add(

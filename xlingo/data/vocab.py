@@ -27,6 +27,7 @@ import numpy as np
 import sentencepiece as spm
 
 from xlingo import paths
+from xlingo.data import readers
 from xlingo.errors import VocabError, XlingoError
 
 PAD_ID = 0
@@ -58,8 +59,6 @@ def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]
 def read_lines(path: str) -> list[str]:
   """The texts of a UTF-8 text file, one per non-empty line, stripped (the lines training
   reads: readers.file_examples); VocabError for a missing, empty or non-UTF-8 file."""
-  from xlingo.data import readers
-
   if not paths.isfile(path):
     raise VocabError(f"{path}: no such file; check the path or glob")
   try:
