@@ -69,12 +69,12 @@ def abstract_batch(cfg, batch_sh):
   import jax
   import jax.numpy as jnp
 
-  from xlingo.data import pipeline
+  from xlingo.data import packing
 
   return {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len),
                                   jnp.float32 if k == "loss_weights" else jnp.int32,
                                   sharding=batch_sh)
-          for k in pipeline.FEATURES}
+          for k in packing.FEATURES}
 
 
 def compile_step(cfg, mesh, rules, model, factory, byte_table, num_langs):
@@ -138,7 +138,7 @@ def run_throughput(cfg, args) -> dict:
   import jax.numpy as jnp
 
   from xlingo import sharding
-  from xlingo.data import inputs, pipeline
+  from xlingo.data import inputs, iterator
   from xlingo.model import decoder as decoder_lib
   from xlingo.training import loop
 
@@ -156,7 +156,7 @@ def run_throughput(cfg, args) -> dict:
   it = inputs.train_iterator(s.plan, cfg)
   host_batches = [next(it) for _ in range(min(args.steps + args.warmup, 8))]
   batch_sh = sharding.batch_sharding(s.mesh)
-  batches = [pipeline.to_global(b, batch_sh) for b in host_batches]
+  batches = [iterator.to_global(b, batch_sh) for b in host_batches]
   state = s.factory.init(jax.random.PRNGKey(cfg.train.seed))
   times = []
   with sharding.mesh_context(s.mesh, s.rules):

@@ -1,10 +1,9 @@
 """The embedded corpus (xlingo/data/corpus): one LM task per language, one task per en-X pair."""
 
-import glob
 import json
-import os
 
 from data_tasks.registered import Registered
+from xlingo import paths
 from xlingo.data import tasks
 from xlingo.data import vocab as xvocab
 
@@ -12,23 +11,24 @@ SPLITS = ("train", "validation")
 
 
 def _manifest() -> dict:
-  with open(os.path.join(xvocab.corpus_dir(), "manifest.json")) as f:
-    return json.load(f)["files"]
+  return json.loads(paths.read_text(paths.join(xvocab.corpus_dir(), "manifest.json")))["files"]
 
 
 def _files(sub: str, stem: str, split: str, ext: str) -> list[str]:
-  base = os.path.join(xvocab.corpus_dir(), sub)
-  return sorted(glob.glob(os.path.join(base, f"{stem}.{split}*.{ext}")))
+  return paths.glob(paths.join(xvocab.corpus_dir(), sub, f"{stem}.{split}*.{ext}"))
+
+
+def _stems(sub: str, ext: str) -> list[str]:
+  return sorted({paths.basename(p).split(".")[0]
+                 for p in paths.glob(paths.join(xvocab.corpus_dir(), sub, f"*.train*.{ext}"))})
 
 
 def available_languages() -> list[str]:
-  return sorted({os.path.basename(p).split(".")[0]
-                 for p in glob.glob(os.path.join(xvocab.corpus_dir(), "mono", "*.train*.txt"))})
+  return _stems("mono", "txt")
 
 
 def available_pairs() -> list[str]:
-  return sorted({os.path.basename(p).split(".")[0]
-                 for p in glob.glob(os.path.join(xvocab.corpus_dir(), "parallel", "*.train*.tsv"))})
+  return _stems("parallel", "tsv")
 
 
 def _counts(manifest: dict, sub: str, stem: str) -> dict:

@@ -13,13 +13,13 @@ from flax import linen as nn
 from configs import adapt_tiny, tiny
 from xlingo import adapt, sharding
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
-from xlingo.data import pipeline
+from xlingo.data import packing
+from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import loop
-from xlingo.training import state as state_lib
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 
@@ -91,7 +91,7 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
   # LoRA trained, everything else is exactly the checkpoint's (or the fresh zh row)
   assert np.abs(after["lora"]["blocks"]["layers"]["attn"]["query"]["b"]).max() > 0
   for path, x in jax.tree_util.tree_leaves_with_path(before):
-    key = state_lib.path_str(path)
+    key = sharding.path_str(path)
     y = after
     for part in key.split("/"):
       y = y[part]
@@ -135,14 +135,14 @@ def test_full_adaptation_with_replay_and_early_stop(pretrained, tmp_path):
 
 def test_targets_only_loss_matches_numpy():
   c, model = _small_model()
-  table = pipeline.LanguageTable(("en", "de", "fr"))
+  table = LanguageTable(("en", "de", "fr"))
   rng = np.random.default_rng(0)
   examples = [
       {"targets": rng.integers(3, 64, 9), "lang": "de", "src_lang": "en", "prefix_len": 4},
       {"targets": rng.integers(3, 64, 5), "lang": "fr", "src_lang": "en", "prefix_len": 2},
       {"targets": rng.integers(3, 64, 7), "lang": "de", "src_lang": "", "prefix_len": 0},
   ]
-  (batch,) = pipeline.pack_examples(examples, table, 2, 16)
+  (batch,) = packing.pack_examples(examples, table, 2, 16)
   assert batch["loss_weights"][0, :4].sum() == 0  # no loss on the first pair's source
   params = jax.jit(model.init)(jax.random.PRNGKey(0), batch["inputs"], batch["segment_ids"],
                                batch["positions"], batch["lang_ids"])["params"]
@@ -174,7 +174,7 @@ def test_lora_merge_equals_base_plus_adapters():
   # B starts at 0 (merge is the identity then); give it values to test the merge itself
   factors = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-      if state_lib.path_str(p).endswith("/b") else x, factors)
+      if sharding.path_str(p).endswith("/b") else x, factors)
   x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
   base = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
   merged = jax.jit(lambda p: lora.merge(p, cfg))({**base, "lora": factors})

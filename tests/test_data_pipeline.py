@@ -12,13 +12,14 @@ import tensorflow as tf
 from scipy import stats as scipy_stats
 
 from configs import tiny
-from xlingo.data import inputs, mixing, pipeline, tasks
+from xlingo.data import inputs, iterator, mixing, packing, readers, tasks
+from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
 
 
 def _stream_of(*chunks):
   """A TokenStream of (tokens, lang) examples."""
-  st = pipeline.TokenStream()
+  st = packing.TokenStream()
   for tokens, lang in chunks:
     n = len(tokens)
     st.add(np.asarray(tokens, np.int32), np.full(n, lang, np.int32), np.ones(n, np.float32),
@@ -28,7 +29,7 @@ def _stream_of(*chunks):
 
 def test_first_fit_ids_positions_and_shift():
   st = _stream_of(([5, 6, 1], 3), ([7, 1], 1), ([8, 9, 10, 1], 2), ([11, 12, 13, 14, 1], 4))
-  (b,) = pipeline.first_fit_batches(st, batch_size=2, seq_len=6)
+  (b,) = packing.first_fit_batches(st, batch_size=2, seq_len=6)
   # first fit: row 0 <- [5 6 1][7 1]; row 1 <- [8 9 10 1]; the 5-token chunk fits nowhere.
   np.testing.assert_array_equal(b["targets"][0], [5, 6, 1, 7, 1, 0])
   np.testing.assert_array_equal(b["segment_ids"][0], [1, 1, 1, 2, 2, 0])
@@ -39,20 +40,20 @@ def test_first_fit_ids_positions_and_shift():
   np.testing.assert_array_equal(b["targets"][1], [8, 9, 10, 1, 0, 0])
   np.testing.assert_array_equal(b["lang_ids"][1], [2, 2, 2, 2, 0, 0])
   # the last batch is incomplete until the stream ends: its chunk stays in the stream
-  assert len(st) == 5 and pipeline.first_fit_batches(st, 2, 6) == []
-  (b2,) = pipeline.first_fit_batches(st, 2, 6, final=True)
+  assert len(st) == 5 and packing.first_fit_batches(st, 2, 6) == []
+  (b2,) = packing.first_fit_batches(st, 2, 6, final=True)
   np.testing.assert_array_equal(b2["targets"][0], [11, 12, 13, 14, 1, 0])
   np.testing.assert_array_equal(b2["lang_ids"][0], [4, 4, 4, 4, 4, 0])
-  assert len(st) == 0 and pipeline.first_fit_batches(st, 2, 6, final=True) == []
+  assert len(st) == 0 and packing.first_fit_batches(st, 2, 6, final=True) == []
 
 
 def test_first_fit_splits_long_examples_and_packs_many_batches():
   # a 10-token example at seq_len 4 -> chunks 4, 4, 2, each its own segment
   st = _stream_of((list(range(20, 30)), 1), ([3, 1], 0))
-  cstart, clens = pipeline._chunks(st.starts, 4)
+  cstart, clens = packing._chunks(st.starts, 4)
   np.testing.assert_array_equal(cstart, [0, 4, 8, 10])
   np.testing.assert_array_equal(clens, [4, 4, 2, 2])
-  batches = pipeline.first_fit_batches(st, batch_size=1, seq_len=4, final=True)
+  batches = packing.first_fit_batches(st, batch_size=1, seq_len=4, final=True)
   got = [b["targets"][0].tolist() for b in batches]
   assert got == [[20, 21, 22, 23], [24, 25, 26, 27], [28, 29, 3, 1]]
   np.testing.assert_array_equal(batches[2]["segment_ids"][0], [1, 1, 2, 2])
@@ -88,7 +89,8 @@ def _light_task(name, lang, index, n, vocab):
   return seqio.TaskRegistry.add(
       name, source=seqio.FunctionDataSource(dataset_fn, splits=["train"],
                                             num_input_examples={"train": n}),
-      preprocessors=[], output_features=tasks.output_features(vocab), shuffle_buffer_size=64)
+      preprocessors=[], shuffle_buffer_size=64,
+      output_features={"targets": seqio.Feature(vocabulary=vocab, dtype=tf.int32)})
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.33, 1e6])
@@ -146,8 +148,8 @@ def test_grouped_mixture_draws_examples_at_the_rates(plan, temperature):
   assert all(1 <= m <= k for m in mean.values()) and min(mean.values()) < k
   grouped = {tasks.register_grouped(t, k, 64): rates[t] / mean[t] for t in rates}
   name = mixing.register_mixture(grouped, prefix="test.gmix")
-  ds = pipeline.mixture_dataset(name, split="train", seed=1, shuffle=True, repeat=True,
-                                shard=None, grouped=True)
+  ds = iterator.mixture_dataset(name, split="train", seed=1, shuffle=True, repeat=True,
+                                shard=None)
   num = 20_000
   groups, examples = collections.Counter(), collections.Counter()
   sized = ds.map(lambda ex: {"lang": ex["lang"], "n": tf.size(ex["targets"])})
@@ -228,12 +230,17 @@ def test_jsonl_bad_record_is_named(tmp_path):
   cfg = _files_cfg(tmp_path, de=str(tmp_path / "de.jsonl"))
   with pytest.raises(DataError, match="de.jsonl line 2 is not valid JSON"):
     inputs.plan_inputs(cfg)
-  # past the records sampled at planning, the reader names the record
+  # past the records sampled at planning, the readers name the file and line too
   lines = [json.dumps({"text": f"Zeile {i}"}) for i in range(600)] + ["{not json"]
   (tmp_path / "de.jsonl").write_text("\n".join(lines) + "\n")
   p = inputs.plan_inputs(cfg)
   it = inputs.train_iterator(p, cfg)
-  with pytest.raises(DataError, match="not valid JSON: b'{not json'"):
+  with pytest.raises(DataError, match=r"de\.jsonl line 601 is not valid JSON \(b'\{not json'\)"):
+    for _ in range(20):
+      next(it)
+  cfg.data.group_size = 0  # the per-example reader (evaluation's) as well
+  it = inputs.train_iterator(inputs.plan_inputs(cfg), cfg)
+  with pytest.raises(DataError, match=r"de\.jsonl line 601 is not valid JSON"):
     for _ in range(20):
       next(it)
 
@@ -266,7 +273,7 @@ def test_batches_are_deterministic_and_language_tagged(plan, stream):
   a = stream[0][:3]
   _, b = _first_batches(plan, cfg, 3)
   for x, y in zip(a, b):
-    for k in pipeline.FEATURES:
+    for k in packing.FEATURES:
       np.testing.assert_array_equal(x[k], y[k])
   batch = a[0]
   assert batch["targets"].shape == (cfg.train.batch_size, cfg.data.seq_len)
@@ -297,15 +304,15 @@ def test_iterator_state_restores_exactly(plan, stream):
   assert fresh.batches == 5
   for want in expected:
     got = next(fresh)
-    for k in pipeline.FEATURES:
+    for k in packing.FEATURES:
       np.testing.assert_array_equal(got[k], want[k])
 
 
 def _group_reader(name, plan, group_size=64, seed=0, shuffle=False, repeat=False):
   g = tasks.register_grouped(name, group_size, 1024)
-  ds = pipeline.mixture_dataset(g, split="train", seed=seed, shuffle=shuffle, repeat=repeat,
-                                shard=None, grouped=True)
-  return pipeline.TextGroupReader(ds, plan.table, plan.vocab, group_size, seed)
+  ds = iterator.mixture_dataset(g, split="train", seed=seed, shuffle=shuffle, repeat=repeat,
+                                shard=None)
+  return readers.TextGroupReader(ds, plan.table, plan.vocab, group_size, seed)
 
 
 def _examples_of(pieces):
@@ -323,27 +330,32 @@ def _pieces(reader):
 
 
 @pytest.mark.parametrize("kind", ["lm", "mt"])
-def test_grouped_reader_tokenizes_like_the_per_example_task(kind):
-  """Host-tokenized groups = the per-example task's examples (tf_text in tf.data), as a
-  multiset (each read is shuffled), for a whole pass over the de LM task / en-de pairs."""
+def test_training_and_evaluation_tokenize_lines_identically(kind):
+  """The training reader (groups, TextGroupReader) and evaluation's (single examples,
+  ExampleReader) give exactly the same examples (tokens, language tags, weights), as a multiset
+  (training shuffles each read), over a whole pass of the de LM task / the en-de pairs; and
+  they are SentencePiece's own ids of each line (source, target, EOS)."""
   cfg = tiny.get_config()
   cfg.data.translation_pairs = ("en-de",)
   p = inputs.plan_inputs(cfg)
   name = p.lm_tasks["de"] if kind == "lm" else p.mt_tasks["en-de"]
-  ds = pipeline.mixture_dataset(name, split="train", seed=0, shuffle=False, repeat=False,
+  ds = iterator.mixture_dataset(name, split="train", seed=0, shuffle=False, repeat=False,
                                 shard=None)
-  want = _examples_of(_pieces(pipeline.ExampleReader(ds, p.table)))
-  got = _examples_of(_pieces(_group_reader(name, p)))
-  assert len(got) == len(want) == seqio.get_mixture_or_task(name).num_input_examples("train")
-  # Same texts, same language tags and weights. The token ids agree except where the unigram
-  # model has two segmentations of equal score ("mmm" = "mm"+"m" or "m"+"mm"): tf_text's build
-  # of SentencePiece and the Python one break such ties differently (1 line in ~2,000 here).
-  decode = lambda ex: (p.vocab.decode([int(t) for t in ex[0]]), ex[1][-1], ex[2].count(0.0))  # noqa: E731
-  assert sorted(map(decode, got)) == sorted(map(decode, want))
-  differ = collections.Counter(got) - collections.Counter(want)
-  assert sum(differ.values()) <= len(got) // 200, sum(differ.values())
+  evaluation = _examples_of(_pieces(readers.ExampleReader(ds, p.table, p.vocab)))
+  training = _examples_of(_pieces(_group_reader(name, p)))
+  assert len(training) == len(evaluation) == seqio.get_mixture_or_task(
+      name).num_input_examples("train")
+  assert collections.Counter(training) == collections.Counter(evaluation)
+  sp = p.vocab.tokenizer
+  spec = tasks.task_spec(name)
+  want = []
+  for line in open(spec.files["train"][0], encoding="utf-8").read().split("\n"):
+    if line.strip():
+      src, tgt = line.split("\t", 1) if kind == "mt" else ("", line)
+      want.append(tuple(sp.EncodeAsIds(src) + sp.EncodeAsIds(tgt) + [p.vocab.eos_id]))
+  assert sorted(want) == sorted(ex[0] for ex in evaluation)
   if kind == "mt":  # the source is tagged en with no loss, the target de
-    toks, langs, weights = got[0]
+    toks, langs, weights = evaluation[0]
     k = weights.index(1.0)
     assert k > 0 and set(langs[:k]) == {p.table.id("en")} and set(langs[k:]) == {p.table.id("de")}
 
@@ -355,7 +367,7 @@ def test_grouped_reads_are_shuffled_across_groups(plan):
   again = _examples_of([_group_reader(plan.lm_tasks["de"], plan, 8, 0, True, True).read()])
   other = _examples_of([_group_reader(plan.lm_tasks["de"], plan, 8, 5, True, True).read()])
   assert first == again and first != other
-  assert len(first) >= 0.9 * pipeline.EXAMPLES_PER_READ  # (block-end groups are short)
+  assert len(first) >= 0.9 * readers.EXAMPLES_PER_READ  # (block-end groups are short)
 
 
 def test_eval_batches_fixed_per_language(plan):
@@ -373,14 +385,12 @@ def test_translation_task_is_prefix_lm(plan):
   cfg = tiny.get_config()
   cfg.data.translation_pairs = ("en-de",)
   p = inputs.plan_inputs(cfg)
-  ds = pipeline.mixture_dataset(p.mt_tasks["en-de"], split="train", seed=0, shuffle=False,
-                                repeat=False, shard=None)
-  ex = next(ds.as_numpy_iterator())
-  tokens, lang_ids, weights, _ = pipeline.flatten_group(
+  (ex,) = inputs.task_examples(p.mt_tasks["en-de"], "train", 1, p.table, p.vocab)
+  tokens, lang_ids, weights, _ = packing.flatten_group(
       {"values": ex["targets"], "row_splits": np.array([0, len(ex["targets"])]),
-       "lang": np.array([ex["lang"]], object), "src_lang": np.array([ex["src_lang"]], object),
+       "lang_ids": np.array([ex["lang_id"]]), "src_lang_ids": np.array([ex["src_lang_id"]]),
        "prefix_len": np.array([ex["prefix_len"]])}, p.table, {})
-  k = int(ex["prefix_len"])
+  k = ex["prefix_len"]
   assert k > 0 and np.all(weights[:k] == 0) and np.all(weights[k:] == 1)
   assert np.all(lang_ids[:k] == p.table.id("en")) and np.all(lang_ids[k:] == p.table.id("de"))
   src_text = p.vocab.decode(tokens[:k].tolist())
@@ -465,9 +475,9 @@ def test_file_level_sharding_splits_examples(tmp_path):
   p = inputs.plan_inputs(cfg)
   seen = []
   for idx in range(2):
-    ds = pipeline.mixture_dataset(p.lm_tasks["de"], split="train", seed=0, shuffle=False,
+    ds = iterator.mixture_dataset(p.lm_tasks["de"], split="train", seed=0, shuffle=False,
                                   repeat=False, shard=seqio.ShardInfo(idx, 2))
-    seen.append([p.vocab.decode(ex["targets"].tolist()) for ex in ds.as_numpy_iterator()])
+    seen.append([ex["targets"].decode() for ex in ds.as_numpy_iterator()])
   assert len(seen[0]) == len(seen[1]) == 40
   assert not set(seen[0]) & set(seen[1])
   assert {s.split("-")[0] for s in seen[0]} != {s.split("-")[0] for s in seen[1]}
@@ -488,13 +498,13 @@ def _stream(examples):
 
 
 def test_concat_packer_cuts_the_stream_into_rows():
-  table = pipeline.LanguageTable(["en", "de", "fr"])
+  table = LanguageTable(["en", "de", "fr"])
   group = _stream([([5, 6, 1], "de", 0, ""), ([7, 8, 9, 10, 11, 1], "fr", 2, "en"),
                    ([12, 1], "en", 0, ""), ([13, 14, 15, 16, 17, 18, 19, 1], "de", 0, "")])
-  st = pipeline.TokenStream()
-  st.add(*pipeline.flatten_group(group, table, {}))
+  st = packing.TokenStream()
+  st.add(*packing.flatten_group(group, table, {}))
   assert len(st) == 19
-  b1, b2 = pipeline.concat_batches(st, batch_size=2, seq_len=4)  # the two full batches
+  b1, b2 = packing.concat_batches(st, batch_size=2, seq_len=4)  # the two full batches
   assert len(st) == 3
   b = b1
   # rows: [5 6 1 | 7] [8 9 10 11] -- the fr example continues in row 1 as a new segment
@@ -511,19 +521,19 @@ def test_concat_packer_cuts_the_stream_into_rows():
   np.testing.assert_array_equal(b["positions"], [[0, 0, 1, 0], [0, 1, 2, 3]])
   np.testing.assert_array_equal(b["lang_ids"], [[2, 0, 0, 1], [1, 1, 1, 1]])
   # the end of a finite stream: zero padding, segment 0, no weight
-  (b,) = pipeline.concat_batches(st, 2, 4, final=True)
+  (b,) = packing.concat_batches(st, 2, 4, final=True)
   np.testing.assert_array_equal(b["targets"], [[18, 19, 1, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["segment_ids"], [[1, 1, 1, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["positions"], [[0, 1, 2, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["inputs"], [[0, 18, 19, 0], [0, 0, 0, 0]])
   np.testing.assert_array_equal(b["loss_weights"], [[1, 1, 1, 0], [0, 0, 0, 0]])
-  assert pipeline.concat_batches(st, 2, 4, final=True) == []
+  assert packing.concat_batches(st, 2, 4, final=True) == []
 
 
 def test_flatten_group_tags_sources_and_starts():
-  table = pipeline.LanguageTable(["en", "de"])
+  table = LanguageTable(["en", "de"])
   examples = [([11, 12, 13, 14, 1], "de", 3, "en"), ([15], "en", 0, ""), ([16, 17, 1], "de", 0, "")]
-  tokens, lang_ids, weights, starts = pipeline.flatten_group(_stream(examples), table, {})
+  tokens, lang_ids, weights, starts = packing.flatten_group(_stream(examples), table, {})
   np.testing.assert_array_equal(tokens, [11, 12, 13, 14, 1, 15, 16, 17, 1])
   np.testing.assert_array_equal(lang_ids, [0, 0, 0, 1, 1, 0, 1, 1, 1])
   np.testing.assert_array_equal(weights, [0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -532,18 +542,21 @@ def test_flatten_group_tags_sources_and_starts():
   g = _stream(examples)
   g["lang_ids"] = np.array([1, 0, 1], np.int32)
   g["src_lang_ids"] = np.array([0, 0, 0], np.int32)
-  for a, b in zip(pipeline.flatten_group(g, table, {}), (tokens, lang_ids, weights, starts)):
+  for a, b in zip(packing.flatten_group(g, table, {}), (tokens, lang_ids, weights, starts)):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(DataError, match="unknown language 'xx'"):
-    pipeline.flatten_group(_stream([([3, 1], "xx", 0, "")]), table, {})
+    packing.flatten_group(_stream([([3, 1], "xx", 0, "")]), table, {})
 
 
 def test_concat_packing_loses_and_duplicates_no_token(plan):
   """A finite stream packed with concat: the batches' tokens are the examples', in order."""
-  ds = pipeline.mixture_dataset(plan.lm_tasks["de"], split="validation", seed=0, shuffle=False,
-                                repeat=False, shard=None)
-  examples = [ex["targets"] for ex in ds.as_numpy_iterator()]
-  it = pipeline.PackedIterator(pipeline.ExampleReader(ds, plan.table), 4, 64, packing="concat")
+  name = plan.lm_tasks["de"]
+  examples = [ex["targets"] for ex in inputs.task_examples(name, "validation", 10**6, plan.table,
+                                                            plan.vocab)]
+  ds = iterator.mixture_dataset(name, split="validation", seed=0, shuffle=False, repeat=False,
+                                shard=None)
+  it = iterator.PackedIterator(readers.ExampleReader(ds, plan.table, plan.vocab), 4, 64,
+                               packing="concat")
   batches = list(it)
   targets = np.concatenate([b["targets"].reshape(-1) for b in batches])
   segs = np.concatenate([b["segment_ids"].reshape(-1) for b in batches])
@@ -573,7 +586,7 @@ def test_concat_state_restores_exactly(plan, tmp_path):
   assert fresh.batches == 3
   for w in want:
     got = next(fresh)
-    for k in pipeline.FEATURES:
+    for k in packing.FEATURES:
       np.testing.assert_array_equal(got[k], w[k])
   # the same seed gives the same batches
   again = inputs.train_iterator(plan, cfg)
@@ -626,3 +639,23 @@ def test_unknown_packing():
   cfg.data.packing = "best_fit"
   with pytest.raises(ConfigError, match="data.packing"):
     inputs.plan_inputs(cfg)
+
+
+def test_restore_into_another_pipeline_is_one_line(tmp_path):
+  """A tf.data state of another graph (a data config or an xlingo version whose pipeline
+  differs, e.g. per-example tasks that tokenized in tf.data) is refused in one line; a
+  damaged one is left to the checkpoint layer as unreadable."""
+  saved = iter(tf.data.Dataset.range(100).batch(4).prefetch(2))
+  next(saved)
+  tf.train.Checkpoint(iterator=saved).write(str(tmp_path / iterator.TF_ITERATOR))
+  other = iter(tf.data.Dataset.range(100).shuffle(8, seed=0).batch(4))
+  with pytest.raises(DataError, match="written by another input pipeline than this run's"):
+    iterator._read_tf_iterator(other, str(tmp_path))
+  same = iter(tf.data.Dataset.range(100).batch(4).prefetch(2))
+  iterator._read_tf_iterator(same, str(tmp_path))
+  assert next(same).numpy().tolist() == [4, 5, 6, 7]
+  (data,) = tmp_path.glob(iterator.TF_ITERATOR + ".data-*")
+  data.write_bytes(bytes(b ^ 0xFF for b in data.read_bytes()))
+  with pytest.raises(tf.errors.OpError):
+    iterator._read_tf_iterator(iter(tf.data.Dataset.range(100).batch(4).prefetch(2)),
+                               str(tmp_path))

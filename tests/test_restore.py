@@ -398,7 +398,7 @@ def test_load_model_merges_lora_and_reads_best_and_exports(tmp_path):
   # B starts at zero (the merge is then the identity); give it values.
   params = dict(state.params)
   params[lora.KEY] = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 if state_lib.path_str(p).endswith("/b") else x, params[lora.KEY])
+      lambda p, x: x + 0.1 if sharding.path_str(p).endswith("/b") else x, params[lora.KEY])
   state = state.replace(params=params)
   merged = jax.device_get(lora.merge(params, c.adapt.lora))
   wd = tmp_path / "lora_run"

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import pytest
 from flax import linen as nn
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
@@ -17,6 +16,7 @@ from configs import tiny, tpu_1b, tpu_8b
 from xlingo import sharding
 from xlingo.config import ConfigError, base_config
 from xlingo.model.decoder import Decoder, param_count
+from xlingo.training import state as state_lib
 from xlingo.training.losses import cross_entropy_loss
 
 SNAPSHOT_DIR = os.path.join(os.path.dirname(__file__), "snapshots")
@@ -100,29 +100,32 @@ def test_sharded_loss_and_grads_match_single_device(setup, shape):
 
 
 def test_fsdp_memory_per_device(setup):
-  cfg = setup["cfg"]
+  """The train state as production builds it (StateFactory): Adam's mu and nu take their
+  parameters' shardings, and each of 8 fsdp devices holds an eighth of the state."""
+  cfg = tiny.get_config()
+  cfg.model = setup["cfg"]
   mesh = sharding.make_mesh(_mesh_cfg(1, 8, 1))
   rules = sharding.logical_rules(_mesh_cfg(1, 8, 1))
-  params = sharding.init_params(setup["model"], cfg, mesh, rules, jax.random.PRNGKey(0), T)
-  assert not any(isinstance(x, nn.Partitioned) for x in jax.tree.leaves(params))
-  p_shardings = jax.tree.map(lambda x: x.sharding, params)
-  tx = optax.adamw(1e-3, weight_decay=0.1)
-  opt_shardings = sharding.opt_state_shardings(jax.eval_shape(tx.init, params), p_shardings)
-  opt_state = fast_jit(tx.init, out_shardings=opt_shardings)(params)
-
-  # The same plan from the boxed route (optax keeps the Partitioned boxes on mu and nu).
-  boxed_opt = jax.eval_shape(tx.init, setup["abstract"])
-  via_boxes = sharding.shardings_for_tree(boxed_opt, mesh, rules)
-  assert [s.spec for s in jax.tree.leaves(via_boxes)] == [
-      s.spec for s in jax.tree.leaves(opt_shardings)
-  ]
-
-  state = (params, opt_state)
+  factory = state_lib.StateFactory(setup["model"], cfg, mesh, rules)
+  state = factory.init(jax.random.PRNGKey(0))
+  assert not any(isinstance(x, nn.Partitioned) for x in jax.tree.leaves(state.params))
+  specs = {sharding.path_str(p): x.sharding.spec
+           for p, x in jax.tree_util.tree_leaves_with_path(state.params)}
+  mirrored = 0
+  for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state):
+    ps = sharding.path_str(path)
+    match = [k for k in specs if ps.endswith("/" + k)]
+    if x.ndim and match:  # mu and nu: sharded exactly like their parameter
+      assert x.sharding.spec == specs[max(match, key=len)], ps
+      mirrored += 1
+    else:  # counts and scalars: replicated
+      assert x.sharding.spec == PartitionSpec(), ps
+  assert mirrored == 2 * len(specs)  # AdamW: mu and nu of every parameter
   total = sum(x.nbytes for x in jax.tree.leaves(state))
   per_device = sharding.per_device_bytes(state)
   assert len(per_device) == 8
   assert max(per_device.values()) <= total / 8 * 1.05
-  assert sum(x.size for x in jax.tree.leaves(params)) == param_count(cfg)
+  assert sum(x.size for x in jax.tree.leaves(state.params)) == param_count(setup["cfg"])
 
 
 def _check_snapshot(name, table):

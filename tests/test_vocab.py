@@ -145,3 +145,33 @@ def test_cli_bad_file_exits_2(tmp_path, capsys):
   code = vocab_lib.main(["train", "--input", f"en={bad}", "--output", str(tmp_path / "v")])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "bad.txt: not valid UTF-8" in err[0]
+
+
+def test_missing_vocab_names_the_config_key(tmp_path):
+  with pytest.raises(vocab_lib.VocabError, match="point data.vocab_path at an existing .model"):
+    vocab_lib.load_vocab(str(tmp_path / "missing.model"))
+
+
+def test_remote_vocab_is_loaded_from_a_content_addressed_local_copy(tmp_path, monkeypatch):
+  """A model on a remote store (gs://) is fetched through the path layer into a local file
+  named by its content, which seqio and SentencePiece then read (they cannot reach every store
+  the path layer can). The "remote" store here is a local directory the path layer is told to
+  treat as remote."""
+  import hashlib
+  import tempfile
+
+  from xlingo import paths
+
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
+  data = open(vocab_lib.embedded_vocab_path(), "rb").read()
+  (bucket / "v.model").write_bytes(data)
+  real = paths.is_remote
+  monkeypatch.setattr(paths, "is_remote", lambda p: os.fspath(p).startswith(str(bucket))
+                      or real(p))
+  monkeypatch.setattr(tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+  vocab = vocab_lib.load_vocab(str(bucket / "v.model"))
+  assert vocab.encode(SENTENCES["de"]) == vocab_lib.load_vocab().encode(SENTENCES["de"])
+  cached = tmp_path / "tmp" / "xlingo-cache" / (hashlib.sha1(data).hexdigest() + ".model")
+  assert cached.read_bytes() == data
+  assert vocab_lib.local_model(str(bucket / "v.model")) == str(cached)

@@ -345,11 +345,9 @@ def translation_scores(config, lm, params_by_name: dict, num: int) -> dict:
     task = seqio.get_mixture_or_task(task_name)
     if "validation" not in task.splits:
       continue
-    ds = task.get_dataset(sequence_length=None, split="validation", shuffle=False,
-                          num_epochs=1, trim_output_features=False)
     sources, refs = [], []
-    for ex in ds.take(num).as_numpy_iterator():
-      k = int(ex["prefix_len"])
+    for ex in inputs.task_examples(task_name, "validation", num, table, vocab):
+      k = ex["prefix_len"]
       sources.append(ex["targets"][:k].tolist())
       refs.append(vocab.decode(ex["targets"][k:-1].tolist()))
     if not sources:

@@ -5,6 +5,7 @@ Bad input ends in one line on stderr naming the problem and the fix, and exit co
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -134,10 +135,43 @@ def run_main(argv, doc: str, body) -> None:
   run_body(lambda: body(config, workdir))
 
 
+@contextlib.contextmanager
+def native_stderr_silenced():
+  """Silence the process's C-level stderr (fd 2) inside the block; Python errors still raise."""
+  try:
+    saved = os.dup(2)
+  except OSError:  # no usable fd 2 (embedded interpreters): nothing to silence
+    yield
+    return
+  try:
+    with open(os.devnull, "w") as null:
+      os.dup2(null.fileno(), 2)
+      yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def import_tensorflow_quietly() -> None:
+  """Load seqio and TensorFlow once, before a command's own output.
+
+  tensorflow_text's native libraries log oneDNN and CUDA start-up lines through absl before any
+  log level applies, which buried every command's output under 6-10 lines of noise. Called
+  after the flags are parsed, so config errors still come before this heavy import.
+  """
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  if "seqio" in sys.modules:
+    return
+  with native_stderr_silenced():
+    import seqio  # noqa: F401
+    import tensorflow  # noqa: F401
+
+
 def run_body(body) -> None:
   """Call ``body()``; an :class:`~xlingo.errors.XlingoError` becomes one line on stderr and
   its exit code (2, or 3 for a non-finite loss). Anything else is a bug: its traceback shows."""
   try:
+    import_tensorflow_quietly()
     body()
   except XlingoError as e:
     fail(_one_line(e), e.exit_code)

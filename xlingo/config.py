@@ -84,11 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.unimax_max_epochs = 4.0
   c.data.seq_len = 256
   # first_fit: whole examples, first row with room (~3% padding); concat: one token stream cut
-  # into rows (no padding, an example may continue in the next row). xlingo/data/pipeline.py.
+  # into rows (no padding, an example may continue in the next row). xlingo/data/packing.py.
   c.data.packing = "first_fit"
   # Training mixtures sample groups of this many consecutive examples of one task and the host
-  # tokenizes ~1024 examples at once (10x the per-example rate; xlingo/data/pipeline.py);
-  # 0 samples and tokenizes single examples in tf.data.
+  # tokenizes ~1024 examples at once (10x the per-example rate; xlingo/data/readers.py);
+  # 0 samples single examples (tokenized on the host all the same).
   c.data.group_size = 64
   # Grouped input: groups are read (and their examples shuffled together, and tokenized in one
   # call) about this many examples at a time.

@@ -26,8 +26,8 @@ import ml_collections
 from flax import linen as nn
 
 from xlingo import paths, sharding
-from xlingo.data import pipeline
 from xlingo.data import vocab as xvocab
+from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
@@ -44,7 +44,7 @@ class LoadedModel:
   params: Any
   vocab: Any
   vocab_path: str
-  table: pipeline.LanguageTable
+  table: LanguageTable
   mesh: Any
   rules: Any
   step: int | None
@@ -54,7 +54,7 @@ class LoadedModel:
   @functools.cached_property
   def byte_table(self) -> jax.Array:
     """UTF-8 bytes per vocabulary piece (bits per byte)."""
-    return jnp.asarray(pipeline.vocab_byte_lengths(self.vocab))
+    return jnp.asarray(xvocab.vocab_byte_lengths(self.vocab))
 
 
 def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, rules=None,
@@ -104,7 +104,7 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
   path, vocab = _vocabulary(cfg, r.meta, f"{what} {r.step_dir}")
   cfg.data.vocab_path = "" if path == paths.resolve(xvocab.embedded_vocab_path()) else path
   return LoadedModel(config=cfg, model=built["model"], params=_plain_params(r.params, built["lora"]),
-                     vocab=vocab, vocab_path=path, table=pipeline.LanguageTable(cfg.data.languages),
+                     vocab=vocab, vocab_path=path, table=LanguageTable(cfg.data.languages),
                      mesh=mesh, rules=rules, step=r.step, step_dir=r.step_dir, meta=r.meta)
 
 

@@ -178,3 +178,21 @@ def copy_tree(src, dst) -> None:
 
 def match_any(name: str, patterns: Iterable[str]) -> bool:
   return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def local_copy(path, cache_dir: str | None = None) -> str:
+  """A local file with the content of ``path``: ``path`` itself (resolved) when it is local,
+  else a copy in a local cache named by the content's SHA-1, so it is never stale. For
+  libraries that read only local files or go through tf.io.gfile (SentencePiece, seqio's
+  vocabulary), which cannot reach every store the path layer can."""
+  import hashlib
+  import tempfile
+
+  if not is_remote(path):
+    return resolve(path)
+  data = read_bytes(path)
+  name = hashlib.sha1(data).hexdigest() + posixpath.splitext(basename(path))[1]
+  local = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "xlingo-cache"), name)
+  if not exists(local):
+    write_bytes(local, data)
+  return local

@@ -2,8 +2,9 @@
 
 The model names every parameter axis logically ('embed', 'vocab', 'heads', ...); the rules in
 ``config.mesh.rules`` map those names onto the mesh axes ('data', 'fsdp', 'tensor'). Nothing
-here knows the model beyond that: any tree whose leaves are ``nn.Partitioned`` (an abstract
-init, or an abstract optimizer state built from one) gets its shardings from the same rules.
+here knows the model beyond that: the boxed (``nn.Partitioned``) abstract params get their
+shardings from the rules, and the optimizer state takes its parameters' shardings
+(:func:`opt_state_shardings`).
 
 The usual sequence (abstract first, so no full-size array ever lands on one device)::
 
@@ -128,9 +129,6 @@ def init_variables(model: nn.Module, rng: jax.Array, seq_len: int):
   return model.init(rng, b["inputs"], b["segment_ids"], b["positions"], b["lang_ids"])
 
 
-_init_variables = init_variables  # older private name, still used by callers
-
-
 def abstract_params(model: nn.Module, model_cfg: ml_collections.ConfigDict, seq_len: int):
   """The params tree as ShapeDtypeStructs, still boxed in ``nn.Partitioned`` (no FLOPs run).
 
@@ -152,19 +150,15 @@ def logical_specs(tree) -> Any:
   return nn.get_partition_spec(tree)
 
 
-def shardings_for_tree(tree, mesh: Mesh, rules: Rules) -> Any:
-  """NamedShardings for any tree whose leaves are ``nn.Partitioned`` (or plain: replicated).
-
-  Works for the params and equally for an optimizer state built abstractly from boxed params
-  (optax keeps the boxes on mu/nu), so the whole train state shares one set of rules.
-  """
+def _boxed_shardings(tree, mesh: Mesh, rules: Rules) -> Any:
+  """NamedShardings for a tree whose leaves are ``nn.Partitioned`` (plain leaves: replicated)."""
   return nn.logical_to_mesh_sharding(logical_specs(tree), mesh, rules)
 
 
 def param_shardings(abstract_params_boxed, mesh: Mesh, rules: Rules) -> Any:
   """NamedShardings for the params, after checking that every sharded dim divides evenly."""
   check_param_divisibility(abstract_params_boxed, mesh, rules)
-  return shardings_for_tree(abstract_params_boxed, mesh, rules)
+  return _boxed_shardings(abstract_params_boxed, mesh, rules)
 
 
 def path_str(path) -> str:
@@ -178,9 +172,6 @@ def path_str(path) -> str:
     else:
       parts.append(str(key))
   return "/".join(parts)
-
-
-_path_str = path_str  # older private name, still used by callers
 
 
 def _mesh_size(mesh: Mesh | AbstractMesh, axes) -> int:
@@ -211,26 +202,28 @@ def check_param_divisibility(tree, mesh: Mesh | AbstractMesh, rules: Rules) -> N
         )
 
 
-def opt_state_shardings(opt_state_abstract, params_shardings) -> Any:
-  """Shardings for an optax state built from *unboxed* params.
+def opt_state_shardings(opt_state_abstract, params_abstract, param_shardings, mesh) -> Any:
+  """Shardings for an optimizer state (or any tree) whose leaves mirror parameters.
 
-  Every subtree with exactly the params' tree structure (Adam's mu and nu, momentum, ...)
-  takes the params' shardings; anything else (step counts, scalars) is replicated. States
-  that change the tree (e.g. ``optax.masked``'s MaskedNode) fall back to replication for
-  those parts: build them from boxed params and use ``shardings_for_tree`` instead.
+  A leaf takes the sharding of the parameter whose path is a suffix of the leaf's path and
+  whose shape matches (Adam's mu/nu, momentum, also inside ``optax.multi_transform``'s inner
+  states); anything else (counts, scalars, masked nodes) is replicated. The state is built
+  from unboxed params, so the match is by path and shape rather than by logical boxes.
   """
-  params_def = jax.tree.structure(params_shardings)
-  mesh = jax.tree.leaves(params_shardings)[0].mesh
+  by_path = {}
+  for (p, a), s in zip(jax.tree_util.tree_leaves_with_path(params_abstract),
+                       jax.tree.leaves(param_shardings)):
+    by_path[path_str(p)] = (a.shape, s)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def is_params_like(x) -> bool:
-    return jax.tree.structure(x) == params_def
+  def pick(path, leaf):
+    ps = path_str(path)
+    for k, (shape, s) in by_path.items():
+      if (ps == k or ps.endswith("/" + k)) and tuple(leaf.shape) == tuple(shape):
+        return s
+    return replicated
 
-  return jax.tree.map(
-      lambda x: params_shardings if is_params_like(x) else replicated,
-      opt_state_abstract,
-      is_leaf=is_params_like,
-  )
+  return jax.tree_util.tree_map_with_path(pick, opt_state_abstract)
 
 
 def init_params(
@@ -263,7 +256,7 @@ def partition_spec_table(params_or_abstract, mesh: Mesh, rules: Rules) -> dict[s
   """
   leaves = jax.tree_util.tree_leaves_with_path(params_or_abstract, is_leaf=_is_partitioned)
   if any(_is_partitioned(leaf) for _, leaf in leaves):
-    specs = [s.spec for s in jax.tree.leaves(shardings_for_tree(params_or_abstract, mesh, rules))]
+    specs = [s.spec for s in jax.tree.leaves(_boxed_shardings(params_or_abstract, mesh, rules))]
     shapes = [(leaf.value if _is_partitioned(leaf) else leaf).shape for _, leaf in leaves]
   else:
     specs = [leaf.sharding.spec for _, leaf in leaves]

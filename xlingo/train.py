@@ -10,10 +10,15 @@ import sys
 from xlingo import cli
 
 
-def main(argv=None):
+def run(config, workdir: str) -> dict:
   from xlingo.training import loop
 
-  cli.run_main(argv or sys.argv, __doc__, lambda c, w: loop.run(c, w, loop.LM_OBJECTIVE))
+  return loop.run(config, workdir, loop.LM_OBJECTIVE)
+
+
+def main(argv=None):
+  # The loop (jax, TensorFlow) is imported only after the flags parsed: config errors first.
+  cli.run_main(argv or sys.argv, __doc__, run)
 
 
 if __name__ == "__main__":

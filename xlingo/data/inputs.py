@@ -5,15 +5,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib
-import json
 import logging
-import os
 
 import numpy as np
 import seqio
 
-from xlingo.data import mixing, pipeline, tasks
+from xlingo import paths
+from xlingo.data import iterator, mixing, packing, readers, tasks
 from xlingo.data import vocab as xvocab
+from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
 
 SOURCES = {"embedded": "data_tasks.embedded", "files": "data_tasks.files",
@@ -24,7 +24,7 @@ SOURCES = {"embedded": "data_tasks.embedded", "files": "data_tasks.files",
 class InputPlan:
   """Everything decided about the input before the first batch."""
 
-  table: pipeline.LanguageTable
+  table: LanguageTable
   vocab: seqio.SentencePieceVocabulary
   vocab_path: str
   lm_tasks: dict  # lang -> task name, for the languages in the run
@@ -40,7 +40,7 @@ class InputPlan:
   # rates over the tasks' grouped twins (groups of ``group_size`` texts)
   train_mixture: str = ""
   group_size: int = 0
-  examples_per_read: int = pipeline.EXAMPLES_PER_READ
+  examples_per_read: int = readers.EXAMPLES_PER_READ
 
   def table_text(self, run_tokens: float) -> str:
     return mixing.format_table(self.stats, self.rates, run_tokens)
@@ -58,7 +58,7 @@ def _prefix(data_cfg, vocab_path: str) -> str:
   src = data_cfg.source
   if src == "embedded" and not data_cfg.vocab_path:
     return "xlingo"
-  h = hashlib.sha1(os.path.abspath(vocab_path).encode()).hexdigest()[:8]
+  h = hashlib.sha1(paths.resolve(vocab_path).encode()).hexdigest()[:8]
   return f"xlingo.{src}.v{h}"
 
 
@@ -73,70 +73,60 @@ def register_tasks(data_cfg, vocab, vocab_path):
   return module.register(data_cfg, vocab, prefix)
 
 
-def _estimate_tokens(task_name: str, examples: int, vocab, sample: int = 256) -> int:
+def _estimate_tokens(task_name: str, examples: int, table: LanguageTable, vocab,
+                     sample: int = 256) -> int:
   """Tokens in a task's train split: exact when it is small, else scaled from a sample.
 
-  Line-file tasks are sampled straight from their first lines with SentencePiece (a second or
-  less for every task together); other sources go through the task's own tf.data pipeline.
+  The sample is the split's first examples, parsed and tokenized as training reads them
+  (readers.py). Line-file tasks are read straight from their files (a second or less for
+  every task together); other sources go through the task's own tf.data pipeline.
   """
-  task = seqio.get_mixture_or_task(task_name)
-  lens = _line_file_lengths(task, vocab, sample)
-  if lens is None:
-    ds = task.get_dataset(sequence_length=None, split="train", shuffle=False, num_epochs=1,
-                          trim_output_features=False, try_in_mem_cache=False)
-    lens = [int(ex["targets"].shape[0]) for ex in ds.take(sample).as_numpy_iterator()]
-  if not lens:
+  spec = tasks.task_spec(task_name)
+  if spec.files.get("train"):
+    texts, sources = [], []
+    for path in spec.files["train"]:
+      for text, source in readers.file_examples(path, spec.fmt, limit=sample - len(texts)):
+        texts.append(text)
+        sources.append(source or "")
+      if len(texts) >= sample:
+        break
+    srcs = np.array(sources, object) if spec.fmt == readers.FORMAT_TSV else None
+    lens = np.diff(readers.encode_examples(vocab.tokenizer, vocab.eos_id, texts, srcs)[1])
+  else:
+    lens = [len(ex["targets"]) for ex in task_examples(task_name, "train", sample, table, vocab)]
+  if not len(lens):
     raise DataError(f"task {task_name}: its train split yields no examples; check its files")
   if len(lens) < sample:
     return int(sum(lens))
   return int(round(np.mean(lens) * examples))
 
 
-def _line_file_lengths(task, vocab, sample: int) -> list[int] | None:
-  """Token counts (with EOS) of the first ``sample`` examples of a text/TSV/JSONL line task."""
-  src = task.source
-  if not isinstance(src, seqio.TextLineDataSource) or "train" not in src.splits:
-    return None
-  spec = tasks.task_spec(task.name)
-  texts: list[str] = []
-  for path in src.list_shards("train"):
-    with open(path, encoding="utf-8") as f:
-      for lineno, line in enumerate(f, 1):
-        line = line.rstrip("\n")
-        if not line.strip():
-          continue
-        if spec.kind == "jsonl":
-          line = _json_text(line, spec.field, path, lineno)
-          if not line.strip():
-            continue
-        # Parallel (TSV) tasks put source and target in one sequence.
-        texts.extend((line.split("\t", 1) + [""])[:2] if spec.kind == "tsv" else [line])
-        if len(texts) >= sample * 2:
-          break
-    if len(texts) >= sample * 2:
+def task_examples(name: str, split: str, num: int, table: LanguageTable, vocab) -> list[dict]:
+  """The first ``num`` examples of a task's split (unshuffled), tokenized as training and
+  evaluation tokenize them: ``targets`` (tokens, EOS included), ``prefix_len`` (a conditional
+  example's source tokens), ``lang_id`` and ``src_lang_id`` (0 without a source)."""
+  ds = iterator.mixture_dataset(name, split=split, seed=0, shuffle=False, repeat=False,
+                                shard=None)
+  reader = readers.ExampleReader(ds, table, vocab, locate=tasks.find_line)
+  out: list[dict] = []
+  while len(out) < num:
+    raw = reader.fetch()
+    if raw is None:
       break
-  ids = vocab.tokenizer.EncodeAsIds(texts)
-  if spec.kind == "tsv":
-    return [len(a) + len(b) + 1 for a, b in zip(ids[::2], ids[1::2])][:sample]
-  return [len(x) + 1 for x in ids][:sample]
-
-
-def _json_text(line: str, field: str, path: str, lineno: int) -> str:
-  try:
-    obj = json.loads(line)
-  except ValueError:
-    raise DataError(f"{path} line {lineno} is not valid JSON ({line[:60]!r}); fix or remove "
-                    "that line") from None
-  text = obj.get(field, "") if isinstance(obj, dict) else ""
-  return text if isinstance(text, str) else ""
+    g = reader.examples(raw)
+    bounds = g["row_splits"].tolist()
+    out += [{"targets": g["values"][a:b], "prefix_len": int(g["prefix_len"][i]),
+             "lang_id": int(g["lang_ids"][i]), "src_lang_id": int(g["src_lang_ids"][i])}
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+  return out[:num]
 
 
 def plan_inputs(config) -> InputPlan:
   """Validate the data config, register tasks and the mixture, and compute the rates."""
   d = config.data
-  pipeline.check_packing(d.packing)
+  packing.check_packing(d.packing)
   group_size = check_group_size(d.group_size, d.examples_per_read)
-  table = pipeline.LanguageTable(d.languages)
+  table = LanguageTable(d.languages)
   if len(table) > config.model.num_languages and config.model.use_lang_emb:
     raise ConfigError(
         f"data.languages has {len(table)} languages but model.num_languages="
@@ -162,7 +152,7 @@ def plan_inputs(config) -> InputPlan:
   for lang, name in list(lm_tasks.items()) + [(p.split("-")[1], n) for p, n in mt_tasks.items()]:
     n = seqio.get_mixture_or_task(name).num_input_examples("train") or 0
     stats.append(mixing.TaskStats(name=name, lang=lang, examples=int(n),
-                                  tokens=_estimate_tokens(name, int(n), vocab)))
+                                  tokens=_estimate_tokens(name, int(n), table, vocab)))
   run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
   rates = mixing.compute_rates(
       stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
@@ -207,8 +197,8 @@ def local_batch_size(global_batch: int) -> int:
 class RowSlice:
   """This process's rows of a global batch that every process packs identically.
 
-  Used when the input cannot be split by files (fewer files per task than processes, e.g. the
-  embedded corpus): every process reads the same full stream, packs the whole global batch and
+  Used when a source cannot be split among processes (a line task with fewer files than
+  processes, e.g. the embedded corpus; iterator.reads_its_share): every process reads the same full stream, packs the whole global batch and
   keeps rows [i*B/n, (i+1)*B/n). The global batch is then the one a single process would
   build, whatever the process count, and so is the iterator state (``replicated``): a
   checkpoint's data state resumes under any number of processes. The price is that each
@@ -217,7 +207,7 @@ class RowSlice:
 
   replicated = True
 
-  def __init__(self, it: pipeline.PackedIterator, lo: int, hi: int):
+  def __init__(self, it: iterator.PackedIterator, lo: int, hi: int):
     self.it, self.lo, self.hi = it, lo, hi
 
   def __iter__(self):
@@ -239,25 +229,25 @@ class RowSlice:
 
 def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, *,
             seed: int, repeat: bool, grouped: bool = False, **kw):
-  """A PackedIterator for this process: file-sharded, or the full stream sliced by rows."""
+  """A PackedIterator for this process: over its own share of the data, or over the full
+  stream and sliced by rows (RowSlice)."""
   import jax
 
-  shard = pipeline.shard_info()
+  shard = iterator.shard_info()
   local = local_batch_size(global_batch)
   provider = seqio.get_mixture_or_task(name)
 
   def packed(shard, batch):
-    ds = pipeline.mixture_dataset(name, split=split, shard=shard, seed=seed, repeat=repeat,
-                                  grouped=grouped, **kw)
+    ds = iterator.mixture_dataset(name, split=split, shard=shard, seed=seed, repeat=repeat, **kw)
     if grouped:
-      reader = pipeline.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed,
-                                        plan.examples_per_read)
+      reader = readers.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed,
+                                       plan.examples_per_read, locate=tasks.find_line)
     else:
-      reader = pipeline.ExampleReader(ds, plan.table)
+      reader = readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line)
     # Training streams read ahead in a thread; evaluation reads a few batches and stops.
-    return pipeline.PackedIterator(reader, batch, plan.seq_len, packing, background=repeat)
+    return iterator.PackedIterator(reader, batch, plan.seq_len, packing, background=repeat)
 
-  if shard is None or pipeline._files_per_task_at_least(provider, split, shard.num_shards):
+  if shard is None or iterator.reads_its_share(provider, split, shard.num_shards):
     return packed(shard, local)
   logging.info("%s: fewer %s files than the %d processes; every process packs the global "
                "batch from the full stream and keeps its rows", name, split, shard.num_shards)
@@ -296,5 +286,5 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   return out
 
 
-__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "load_vocab_for",
-           "DataError", "tasks"]
+__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "task_examples",
+           "load_vocab_for", "DataError", "tasks"]

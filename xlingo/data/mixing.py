@@ -97,11 +97,20 @@ def compute_rates(stats: Sequence[TaskStats], *, sampling: str, temperature: flo
 
 
 def register_mixture(task_rates: Mapping[str, float], prefix: str = "xlingo.mix") -> str:
-  """Register (idempotently) a mixture of the given tasks and rates; returns its name."""
+  """Register (idempotently) a mixture of the given tasks and rates; returns its name.
+
+  A seqio mixture holds the Task objects it was made with: when a task was registered again
+  since (same name, other files), the mixture is made again over the current ones.
+  """
   key = ",".join(f"{k}:{v:.12g}" for k, v in sorted(task_rates.items()))
   name = f"{prefix}.{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-  if name not in seqio.MixtureRegistry.names():
-    seqio.MixtureRegistry.add(name, [(k, float(v)) for k, v in sorted(task_rates.items())])
+  if name in seqio.MixtureRegistry.names():
+    tasks = seqio.MixtureRegistry.get(name).tasks
+    if all(t.name in seqio.TaskRegistry.names() and seqio.TaskRegistry.get(t.name) is t
+           for t in tasks):
+      return name
+    seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(name, [(k, float(v)) for k, v in sorted(task_rates.items())])
   return name
 
 

@@ -2,50 +2,56 @@
 
 ``data_tasks/`` calls these to register tasks; this module holds the logic.
 
-Every task emits, per example:
-  targets      int32 token ids, EOS appended (for conditional tasks: source then target tokens)
-  lang         the language code of the target text (a string; the pipeline maps it to an id
+Tasks deliver raw examples: parsing and tokenization happen on the host, after the mixture, in
+one place for training and evaluation alike (readers.py). Every task emits, per example:
+  targets      the raw line (a string: text, source<TAB>target, or a JSON record)
+  lang         the language code of the target text (a string; the readers map it to an id
                through the config's language table, so tasks stay independent of that order)
   src_lang     the source language code for conditional tasks, "" for LM tasks
-  prefix_len   how many leading tokens are the source (no loss there); 0 for LM tasks
+  format       how the line is an example: "" (text), "tsv", or "json:<field>" (readers.py)
+Blank lines are dropped here (cheap tf.data ops on batches of lines).
 
 Each task also has a *grouped* twin (:func:`register_grouped`, used by training mixtures when
 ``data.group_size`` = k > 0) over the same files or TFDS dataset, whose elements are groups of
-up to k untokenized examples of that task (for line files, k lines of one block of 16k lines,
-shuffled within the block when the dataset is):
-  targets      [n] strings: the raw lines (text, source<TAB>target, or JSON records)
-  lang         the target language code (one per group)
-  src_lang     the source language code, "" for LM tasks
-  format       how a line becomes an example: "" (text), "tsv", or "json:<field>"
+up to k examples of that task (for line files, k lines of one block of 16k lines, shuffled
+within the block when the dataset is), with the same features (``targets`` a vector of lines).
 The mixture samples groups, not examples, and the host parses and tokenizes
-``data.examples_per_read`` examples at once (xlingo/data/pipeline.py, ``TextGroupReader``):
-seqio/tf.data do work per group, not per example. Each block's last group is short; the
-training mixture's rates account for that (:func:`mean_group_size`).
+``data.examples_per_read`` examples at once (readers.TextGroupReader): seqio/tf.data do work
+per group, not per example. Each block's last group is short; the training mixture's rates
+account for that (:func:`mean_group_size`).
+
+File lists are expanded, sized, counted and checked through the path layer (xlingo/paths.py),
+so ``gs://`` globs work; the lines themselves are read by tf.data (tf.io.gfile), which reaches
+real GCS but not a GCS emulator.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import glob
 import itertools
-import json
-import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import seqio
 import tensorflow as tf
+import tensorflow_datasets as tfds
 
+from xlingo import paths
+from xlingo.data import readers
 from xlingo.errors import DataError
 
-PASSTHROUGH_FEATURES = ("lang", "src_lang", "prefix_len")
-
-
+PASSTHROUGH_FEATURES = ("lang", "src_lang", "format")
 
 
 def output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=True, dtype=tf.int32)}
+  """A task's raw lines: tokenization happens on the host, after the mixture (readers.py)."""
+  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.string, rank=0)}
+
+
+def grouped_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  """A grouped task's vectors of raw lines."""
+  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.string, rank=1)}
 
 
 def lm_task_name(prefix: str, lang: str) -> str:
@@ -56,196 +62,105 @@ def mt_task_name(prefix: str, src: str, tgt: str) -> str:
   return f"{prefix}.mt.{src}_{tgt}"
 
 
-def count_lines(paths: Sequence[str]) -> int:
+def count_lines(files: Sequence[str]) -> int:
   """Non-blank lines (the examples of a line task) in the files."""
-  return sum(file_line_counts(p)[0] for p in paths)
+  return sum(file_line_counts(p)[0] for p in files)
 
 
 def expand_pattern(pattern: str, what: str) -> list[str]:
-  """Glob a pattern; a pattern matching nothing or only empty files is a DataError."""
-  paths = sorted(glob.glob(os.path.expanduser(pattern)))
-  if not paths:
+  """Glob a pattern (local or gs://); one matching nothing or only empty files is a DataError."""
+  files = paths.glob(pattern)
+  if not files:
     raise DataError(f"{what}: no file matches {pattern!r}; check the path or glob in the config")
-  for p in paths:
-    if os.path.getsize(p) == 0:
+  for p in files:
+    if paths.size(p) == 0:
       raise DataError(f"{what}: file {p} is empty; remove it or point the glob elsewhere")
-  return paths
+  return files
 
 
-def check_utf8(paths: Sequence[str], what: str, max_bytes: int = 64 << 20) -> None:
+def check_utf8(files: Sequence[str], what: str, max_bytes: int = 64 << 20) -> None:
   """Fail early, naming the file and line, on text that is not valid UTF-8."""
-  for p in paths:
-    with open(p, "rb") as f:
+  for p in files:
+    with paths.open(p, "rb") as f:
       data = f.read(max_bytes)
     try:
-      data.decode("utf-8")
-    except UnicodeDecodeError as e:
-      if e.start >= len(data) - 4 and len(data) == max_bytes:
-        continue  # cut mid-character by max_bytes
-      line = data[: e.start].count(b"\n") + 1
-      raise DataError(
-          f"{what}: {p} line {line} is not valid UTF-8 (byte offset {e.start}); "
-          "re-encode the file as UTF-8 (e.g. iconv -t UTF-8)"
-      ) from None
+      readers.decode_utf8(data, p, complete=len(data) < max_bytes)
+    except DataError as e:
+      raise DataError(f"{what}: {e}") from None
 
 
-# --- preprocessors -------------------------------------------------------------------------
+# --- per-example preprocessors: raw lines, blank ones dropped --------------------------------
 
-
-def _lm_fields(lang: str, text_key: str | None):
-  """Line or JSONL record -> {targets: text, lang, src_lang, prefix_len}."""
-
-  @seqio.map_over_dataset
-  def fn(ex):
-    text = ex["text"] if text_key is None else ex[text_key]
-    return {
-        "targets": text,
-        "lang": tf.constant(lang),
-        "src_lang": tf.constant(""),
-        "prefix_len": tf.constant(0, tf.int32),
-    }
-
-  return fn
-
-
-def _line_to_text(ds: tf.data.Dataset) -> tf.data.Dataset:
-  return ds.map(lambda line: {"text": line}, num_parallel_calls=tf.data.AUTOTUNE)
-
-
-def _jsonl_to_text(text_field: str):
-  def parse(line):
-    def py(b):
-      if not b.strip():
-        return ""
-      obj = json.loads(b.decode("utf-8"))
-      text = obj.get(text_field, "") if isinstance(obj, dict) else ""
-      return text if isinstance(text, str) else ""
-
-    text = tf.numpy_function(py, [line], tf.string, stateful=False)
-    text.set_shape([])
-    return {"text": text}
-
-  def fn(ds):
-    # numpy_function is not checkpointable by tf.data; JSONL corpora resume by replay.
-    return ds.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
-
-  return fn
-
-
-def _drop_empty(ds: tf.data.Dataset) -> tf.data.Dataset:
-  return ds.filter(lambda ex: tf.strings.length(tf.strings.strip(ex["text"])) > 0)
-
-
-def _tsv_to_pair(src: str, tgt: str):
-  @seqio.map_over_dataset
-  def fn(line):
-    parts = tf.strings.split(line, "\t", maxsplit=1)
-    parts = tf.pad(parts, [[0, 2 - tf.shape(parts)[0]]])
-    return {"inputs": parts[0], "targets": parts[1], "src": src, "tgt": tgt}
-
-  return fn
-
-
-def _pair_to_prefix_lm(output_features, sequence_length=None):  # noqa: ARG001
-  """Tokenize source and target; targets = source + target + EOS, no loss on the source."""
-  vocab = output_features["targets"].vocabulary
-
-  def fn(ex):
-    src_ids = tf.cast(vocab.encode_tf(ex["inputs"]), tf.int32)
-    tgt_ids = tf.cast(vocab.encode_tf(ex["targets"]), tf.int32)
-    ids = tf.concat([src_ids, tgt_ids, [vocab.eos_id]], axis=0)
-    return {
-        "targets": ids,
-        "lang": ex["tgt"],
-        "src_lang": ex["src"],
-        "prefix_len": tf.size(src_ids, out_type=tf.int32),
-    }
-
-  return fn
-
-
-# Lines are tokenized this many at a time: one SentencePiece op call per batch instead of one
-# per line (about 3-4x the per-line rate on 2 CPU cores; docs/PERFORMANCE.md, "Data pipeline").
-TOKENIZE_BATCH = 1024
-
-
-def tokenize_batched(ds, output_features, sequence_length=None, batch_size=TOKENIZE_BATCH):  # noqa: ARG001
-  """Tokenize ``targets`` and append EOS, ``batch_size`` examples per SentencePiece call.
-
-  The same examples, in the same order, as ``seqio.preprocessors.tokenize`` followed by
-  ``append_eos`` (lines are batched, encoded as one ragged batch, and unbatched again), so
-  seqio's shuffling and mixture sampling still see single examples. The other features pass
-  through unchanged.
-  """
-  vocab = output_features["targets"].vocabulary
-  eos = tf.constant(vocab.eos_id, tf.int32)
-
-  def encode(b):
-    ids = tf.cast(vocab.encode_tf(b["targets"]), tf.int32)
-    ids = tf.concat([ids, tf.RaggedTensor.from_tensor(tf.fill([ids.nrows(), 1], eos))], axis=1)
-    return {**b, "targets": ids}
-
-  def dense(ex):
-    t = ex["targets"]
-    return {**ex, "targets": t if isinstance(t, tf.Tensor) else t.to_tensor()}
-
-  ds = ds.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-  return ds.map(dense)
-
-
-def _lines_to_lm_examples(lang: str):
-  """Text lines -> tokenized LM examples, all in batches: one tf.data step per batch.
-
-  Equivalent to ``_line_to_text``, ``_drop_empty``, ``_lm_fields`` and
-  :func:`tokenize_batched` in turn (same examples, same order), with no per-line map or filter
-  before the batch is split up again.
-  """
-
-  def fn(ds, output_features, sequence_length=None, batch_size=TOKENIZE_BATCH):  # noqa: ARG001
-    vocab = output_features["targets"].vocabulary
-    eos = tf.constant(vocab.eos_id, tf.int32)
-
-    def encode(lines):
-      lines = tf.boolean_mask(lines, tf.strings.length(tf.strings.strip(lines)) > 0)
-      ids = tf.cast(vocab.encode_tf(lines), tf.int32)
-      n = ids.nrows()
-      ids = tf.concat([ids, tf.RaggedTensor.from_tensor(tf.fill([n, 1], eos))], axis=1)
-      return {"targets": ids, "lang": tf.fill([n], lang), "src_lang": tf.fill([n], ""),
-              "prefix_len": tf.zeros([n], tf.int32)}
-
-    def dense(ex):
-      t = ex["targets"]
-      return {**ex, "targets": t if isinstance(t, tf.Tensor) else t.to_tensor()}
-
-    ds = ds.batch(batch_size).map(encode, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
-    return ds.map(dense)
-
-  return fn
-
-
-def _prefix_lm_preprocessor(ds, output_features, sequence_length=None):
-  return ds.map(_pair_to_prefix_lm(output_features, sequence_length),
-                num_parallel_calls=tf.data.AUTOTUNE)
-
-
-# --- grouped twins: k untokenized examples per element --------------------------------------
-
-GROUP_PASSTHROUGH = ("lang", "src_lang", "format")
-
-# ``format`` of a group: how the host turns each line into an example (pipeline.py).
-FORMAT_TEXT = ""  # the line is the text
-FORMAT_TSV = "tsv"  # source<TAB>target
-FORMAT_JSON = "json:"  # + field name: a JSON record, the text in that field
-
-
-def grouped_output_features(vocab: seqio.Vocabulary) -> dict[str, seqio.Feature]:
-  """Raw lines: parsing and tokenization happen on the host, after the mixture (pipeline.py)."""
-  return {"targets": seqio.Feature(vocabulary=vocab, add_eos=False, dtype=tf.string, rank=1)}
+# Lines pass through tf.data this many at a time on their way to the task's examples: a few
+# ops per batch instead of a map and a filter per line (docs/PERFORMANCE.md, "Data pipeline").
+LINES_PER_BATCH = 1024
 
 
 def _nonblank(lines: tf.Tensor) -> tf.Tensor:
   return tf.strings.length(tf.strings.strip(lines)) > 0
 
+
+def _raw_examples(lang: str, src_lang: str, fmt: str, text_field: str | None = None):
+  """Lines (or TFDS records' ``text_field``) -> raw examples (module docstring), in batches."""
+
+  def fn(ds):
+    if text_field is not None:
+      ds = ds.map(lambda ex: ex[text_field], num_parallel_calls=tf.data.AUTOTUNE)
+
+    def fields(lines):
+      lines = tf.boolean_mask(lines, _nonblank(lines))
+      n = tf.size(lines)
+      return {"targets": lines, "lang": tf.fill([n], lang), "src_lang": tf.fill([n], src_lang),
+              "format": tf.fill([n], fmt)}
+
+    return ds.batch(LINES_PER_BATCH).map(fields, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+
+  return fn
+
+
+# --- sources ---------------------------------------------------------------------------------
+
+
+class _ListedFiles:
+  """A file source over explicit file lists (globbed by the path layer): seqio would glob each
+  name again through tf.io.gfile."""
+
+  def list_shards(self, split: str) -> Sequence[str]:
+    return list(self._split_to_filepattern[split])
+
+
+class _LineSource(_ListedFiles, seqio.TextLineDataSource):
+  """One example per line (seqio's line source)."""
+
+
+class TfdsSource(seqio.TfdsDataSource):
+  """seqio's TFDS source that reads only this process's share of a split.
+
+  With ``shard_info`` for n processes: whole files when the split has at least n (TFDS's
+  ``input_context``, as seqio does), else an even slice of its examples
+  (``tfds.even_splits``), so that no process reads what another one reads.
+  """
+
+  def __init__(self, tfds_name: str, splits: Mapping[str, str], tfds_data_dir: str | None):
+    super().__init__(tfds_name=tfds_name, splits=dict(splits), tfds_data_dir=tfds_data_dir)
+    self._tfds_splits = dict(splits)  # our split name -> the TFDS split
+
+  @property
+  def supports_arbitrary_sharding(self) -> bool:
+    return True  # every shard_info comes here, however few files the split has
+
+  def get_dataset(self, split=None, shuffle=True, seed=None, shard_info=None, **kwargs):
+    n = shard_info.num_shards if shard_info else 1
+    if n <= 1 or len(self.list_shards(split)) >= n:
+      return super().get_dataset(split, shuffle, seed, shard_info if n > 1 else None, **kwargs)
+    loader = self.tfds_dataset
+    part = tfds.even_splits(self._tfds_splits[split], n)[shard_info.index]
+    return tfds.load(loader.name, split=part, data_dir=loader.data_dir, shuffle_files=shuffle,
+                     download=True, try_gcs=True,
+                     read_config=tfds.ReadConfig(shuffle_seed=seed, skip_prefetch=True))
+
+
+# --- grouped twins: k untokenized examples per element --------------------------------------
 
 # A file is read this many groups at a time: one tf.data element per block of lines, cut into
 # groups in one op. About 1.5 CPU-us per line; a tf.data element per line costs 4-10 us
@@ -289,12 +204,12 @@ def _tfds_groups(group_size: int, lang: str, text_field: str):
     texts = texts.filter(_nonblank).batch(group_size)
     return texts.map(lambda t: {"targets": t, "lang": tf.constant(lang),
                                 "src_lang": tf.constant(""),
-                                "format": tf.constant(FORMAT_TEXT)})
+                                "format": tf.constant(readers.FORMAT_TEXT)})
 
   return fn
 
 
-class _GroupedLineSource(seqio.FileDataSource):
+class _GroupedLineSource(_ListedFiles, seqio.FileDataSource):
   """The files of a grouped line task, read by :func:`_read_line_groups`.
 
   Files are interleaved sequentially: seqio's parallel interleave runs a thread pool per task,
@@ -327,18 +242,17 @@ def _file_lines(path: str, size: int, mtime: float, group_size: int) -> tuple[in
   (path, size, mtime)."""
   nonblank = groups = 0
   block = group_size * GROUPS_PER_BLOCK
-  with open(path, "rb") as f:
-    for lines in iter(lambda: list(itertools.islice(f, block)), []):
-      n = sum(1 for line in lines if line.strip())
-      nonblank += n
-      groups += -(-n // group_size)
+  lines = readers.file_lines(path)
+  for chunk in iter(lambda: list(itertools.islice(lines, block)), []):
+    n = sum(1 for line in chunk if not readers.is_blank(line))
+    nonblank += n
+    groups += -(-n // group_size)
   return nonblank, groups
 
 
 def file_line_counts(path: str, group_size: int = 1) -> tuple[int, int]:
   """(non-blank lines, groups of ``group_size``) of a text file."""
-  st = os.stat(path)
-  return _file_lines(path, st.st_size, st.st_mtime, group_size)
+  return _file_lines(path, paths.size(path), paths.mtime(path), group_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,14 +265,27 @@ class _Spec:
   lang: str
   src_lang: str = ""
   field: str = ""
+  fmt: str = readers.FORMAT_TEXT  # how a line is an example (readers.py)
+  files: Mapping[str, Sequence[str]] = dataclasses.field(default_factory=dict)  # line files
 
 
 _SPECS: dict[str, _Spec] = {}
 
 
 def task_spec(name: str) -> _Spec:
-  """How task ``name`` was registered (kind, source, languages, JSONL field)."""
+  """How task ``name`` was registered (kind, source, languages, format, files)."""
   return _SPECS[name]
+
+
+def find_line(line: bytes) -> str | None:
+  """"PATH line N" of the first registered line file holding ``line`` (for error messages)."""
+  for spec in list(_SPECS.values()):
+    for files in spec.files.values():
+      for path in files:
+        for n, got in enumerate(readers.file_lines(path), 1):
+          if got == line:
+            return f"{path} line {n}"
+  return None
 
 
 def grouped_task_name(name: str, group_size: int, shuffle_buffer: int) -> str:
@@ -385,11 +312,10 @@ def register_grouped(name: str, group_size: int, shuffle_buffer: int) -> str:
   if spec.kind == "tfds":
     source, pre = spec.source, [_tfds_groups(group_size, spec.lang, spec.field)]
   else:
-    fmt = {"lines": FORMAT_TEXT, "tsv": FORMAT_TSV}.get(spec.kind, FORMAT_JSON + spec.field)
     src = spec.source
     source = _GroupedLineSource(
-        read_file_fn=_read_line_groups(group_size, spec.lang, spec.src_lang, fmt),
-        split_to_filepattern={s: list(src.list_shards(s)) for s in src.splits},
+        read_file_fn=_read_line_groups(group_size, spec.lang, spec.src_lang, spec.fmt),
+        split_to_filepattern={s: list(f) for s, f in spec.files.items()},
         num_input_examples={s: src.num_input_examples(s) for s in src.splits})
     pre = []
   seqio.TaskRegistry.add(
@@ -411,7 +337,7 @@ def mean_group_size(name: str, group_size: int, split: str = "train") -> float:
   if spec.kind == "tfds":
     return float(group_size)
   examples = groups = 0
-  for path in spec.source.list_shards(split):
+  for path in spec.files[split]:
     nonblank, g = file_line_counts(path, group_size)
     examples += nonblank
     groups += g
@@ -428,6 +354,21 @@ def _remove(name: str) -> None:
   _SPECS.pop(name, None)
 
 
+def _register_lines(name: str, kind: str, lang: str, src_lang: str, fmt: str,
+                    split_to_files: Mapping[str, Sequence[str]], vocab: seqio.Vocabulary,
+                    num_examples: Mapping[str, int] | None, field: str = "") -> seqio.Task:
+  files = {s: list(f) for s, f in split_to_files.items()}
+  if num_examples is None:
+    num_examples = {s: count_lines(f) for s, f in files.items()}
+  source = _LineSource(files, num_input_examples=dict(num_examples))
+  _remove(name)
+  _SPECS[name] = _Spec(kind, source, vocab, lang, src_lang=src_lang, field=field, fmt=fmt,
+                       files=files)
+  return seqio.TaskRegistry.add(name, source=source,
+                                preprocessors=[_raw_examples(lang, src_lang, fmt)],
+                                output_features=output_features(vocab))
+
+
 def register_lm_task(
     name: str,
     lang: str,
@@ -438,24 +379,11 @@ def register_lm_task(
     num_examples: Mapping[str, int] | None = None,
 ) -> seqio.Task:
   """One language's LM task over plain-text lines (or JSONL records with a text field)."""
-  if num_examples is None:
-    num_examples = {s: count_lines(f) for s, f in split_to_files.items()}
-  source = seqio.TextLineDataSource(
-      {s: list(f) for s, f in split_to_files.items()}, num_input_examples=dict(num_examples))
   if jsonl_field is None:
-    preprocessors = [_lines_to_lm_examples(lang)]
-  else:
-    preprocessors = [_jsonl_to_text(jsonl_field), _drop_empty, _lm_fields(lang, None),
-                     tokenize_batched]
-  _remove(name)
-  _SPECS[name] = _Spec("lines" if jsonl_field is None else "jsonl", source, vocab, lang,
-                       field=jsonl_field or "")
-  return seqio.TaskRegistry.add(
-      name,
-      source=source,
-      preprocessors=preprocessors,
-      output_features=output_features(vocab),
-  )
+    return _register_lines(name, "lines", lang, "", readers.FORMAT_TEXT, split_to_files, vocab,
+                           num_examples)
+  return _register_lines(name, "jsonl", lang, "", readers.FORMAT_JSON + jsonl_field,
+                         split_to_files, vocab, num_examples, field=jsonl_field)
 
 
 def register_tfds_lm_task(
@@ -469,19 +397,13 @@ def register_tfds_lm_task(
     tfds_data_dir: str | None = None,
 ) -> seqio.Task:
   """One language's LM task over a TFDS dataset (e.g. wiki40b/de, c4/multilingual's de)."""
-  source = seqio.TfdsDataSource(tfds_name=tfds_name, splits=dict(splits),
-                                tfds_data_dir=tfds_data_dir)
+  source = TfdsSource(tfds_name, splits, tfds_data_dir)
   _remove(name)
   _SPECS[name] = _Spec("tfds", source, vocab, lang, field=text_field)
   return seqio.TaskRegistry.add(
       name,
       source=source,
-      preprocessors=[
-          seqio.map_over_dataset(lambda ex: {"text": ex[text_field]}),
-          _drop_empty,
-          _lm_fields(lang, None),
-          tokenize_batched,
-      ],
+      preprocessors=[_raw_examples(lang, "", readers.FORMAT_TEXT, text_field)],
       output_features=output_features(vocab),
   )
 
@@ -496,15 +418,5 @@ def register_translation_task(
     num_examples: Mapping[str, int] | None = None,
 ) -> seqio.Task:
   """A conditional task over TSV lines ``source<TAB>target`` (packed prefix-LM)."""
-  if num_examples is None:
-    num_examples = {s: count_lines(f) for s, f in split_to_files.items()}
-  source = seqio.TextLineDataSource(
-      {s: list(f) for s, f in split_to_files.items()}, num_input_examples=dict(num_examples))
-  _remove(name)
-  _SPECS[name] = _Spec("tsv", source, vocab, tgt, src_lang=src)
-  return seqio.TaskRegistry.add(
-      name,
-      source=source,
-      preprocessors=[_tsv_to_pair(src, tgt), _prefix_lm_preprocessor],
-      output_features=output_features(vocab),
-  )
+  return _register_lines(name, "tsv", tgt, src, readers.FORMAT_TSV, split_to_files, vocab,
+                         num_examples)

@@ -18,22 +18,22 @@ Command line::
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import random
 import sys
 import tempfile
 
+import numpy as np
 import sentencepiece as spm
 
-from xlingo.errors import VocabError
+from xlingo import paths
+from xlingo.data import readers
+from xlingo.errors import VocabError, XlingoError
 
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
 EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
-
-
 
 
 def corpus_dir() -> str:
@@ -57,18 +57,15 @@ def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]
 
 
 def read_lines(path: str) -> list[str]:
-  """Non-empty lines of a UTF-8 text file; VocabError for a missing, empty or non-UTF-8 file."""
-  if not os.path.isfile(path):
+  """The texts of a UTF-8 text file, one per non-empty line, stripped (the lines training
+  reads: readers.file_examples); VocabError for a missing, empty or non-UTF-8 file."""
+  if not paths.isfile(path):
     raise VocabError(f"{path}: no such file; check the path or glob")
-  with open(path, "rb") as f:
-    raw = f.read()
   try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise VocabError(
-        f"{path}: not valid UTF-8 (byte {e.start}); convert it, e.g. with iconv -t UTF-8"
-    ) from None
-  lines = [ln.strip() for ln in text.splitlines()]
+    lines = [t.strip() for t, _ in readers.file_examples(path, readers.FORMAT_TEXT)]
+  except readers.NotUtf8 as e:
+    raise VocabError(f"{path}: not valid UTF-8 (line {e.line}, byte {e.offset} of the line); "
+                     "convert it, e.g. with iconv -t UTF-8") from None
   lines = [ln for ln in lines if ln]
   if not lines:
     raise VocabError(f"{path}: file is empty; give a file with one example per line")
@@ -81,7 +78,7 @@ def expand_globs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
   for lang, patterns in lang_to_globs.items():
     files = []
     for pattern in patterns:
-      matched = sorted(p for p in glob.glob(os.path.expanduser(pattern)) if os.path.isfile(p))
+      matched = [p for p in paths.glob(pattern) if paths.isfile(p)]
       if not matched:
         raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
       files.extend(matched)
@@ -146,22 +143,26 @@ def train_vocab(
   sample = balanced_sample(lang_to_lines, temperature, min(max_sentences, total), seed)
   lines = [ln for lang in sorted(sample) for ln in sample[lang]]
   random.Random(seed).shuffle(lines)
-  out_dir = os.path.dirname(os.path.abspath(output_prefix))
-  os.makedirs(out_dir, exist_ok=True)
-  with tempfile.TemporaryDirectory() as tmp:
+  output_prefix = paths.resolve(output_prefix)
+  paths.makedirs(paths.dirname(output_prefix))
+  # The trainer reads and writes local files only: train in a local temporary directory, then
+  # copy the model (and its piece list) to the output through the path layer.
+  with tempfile.TemporaryDirectory(prefix="xlingo-vocab-") as tmp:
     text_path = os.path.join(tmp, "train.txt")
-    with open(text_path, "w", encoding="utf-8") as f:
-      f.writelines(ln + "\n" for ln in lines)
-    with open(os.path.join(tmp, "trainer.log"), "w") as log:
-      _train(text_path, output_prefix, vocab_size, num_threads, log)
+    paths.write_text(text_path, "".join(ln + "\n" for ln in lines))
+    prefix = os.path.join(tmp, paths.basename(output_prefix))
+    with paths.open(os.path.join(tmp, "trainer.log"), "w") as log:
+      _train(text_path, prefix, output_prefix, vocab_size, num_threads, log)
+    for ext in (".model", ".vocab"):
+      paths.copy_file(prefix + ext, output_prefix + ext)
   return output_prefix + ".model"
 
 
-def _train(text_path, output_prefix, vocab_size, num_threads, log):
+def _train(text_path, model_prefix, output_prefix, vocab_size, num_threads, log):
   try:
     spm.SentencePieceTrainer.train(
         input=text_path,
-        model_prefix=output_prefix,
+        model_prefix=model_prefix,
         model_type="unigram",
         vocab_size=vocab_size,
         character_coverage=0.9995,
@@ -183,15 +184,23 @@ def _train(text_path, output_prefix, vocab_size, num_threads, log):
     raise VocabError(f"sentencepiece training for {output_prefix} failed: {first}{hint}") from None
 
 
-def _processor(path: str) -> spm.SentencePieceProcessor:
-  if not os.path.isfile(path):
+def local_model(path: str) -> str:
+  """A local file with the model at ``path``: the path itself, or for a remote model (gs://) a
+  content-addressed local copy fetched through the path layer (seqio and SentencePiece read
+  models through tf.io.gfile or local files only)."""
+  if not paths.isfile(path):
     raise VocabError(
         f"{path}: vocabulary file not found; train one with `python -m xlingo.data.vocab train`"
-        " or point data.vocab at an existing .model"
+        " or point data.vocab_path at an existing .model"
     )
+  return paths.local_copy(path)
+
+
+def _processor(path: str) -> spm.SentencePieceProcessor:
+  """The SentencePiece processor of the model at ``path`` (local or remote), checked."""
   sp = spm.SentencePieceProcessor()
   try:
-    sp.Load(path)
+    sp.Load(local_model(path))
   except (OSError, RuntimeError):
     raise VocabError(
         f"{path}: not a SentencePiece model; give the .model file written by the trainer"
@@ -210,7 +219,7 @@ def load_vocab(path: str | None = None):
   _processor(path)  # clear errors before seqio's own
   import seqio
 
-  return seqio.SentencePieceVocabulary(path)
+  return seqio.SentencePieceVocabulary(local_model(path))
 
 
 def check_vocab_matches(vocab, expected_size: int) -> None:
@@ -282,8 +291,8 @@ def read_parallel(path: str) -> list[tuple[str, str]]:
 def embedded_parallel(split: str = "validation") -> dict[str, list[tuple[str, str]]]:
   """``{lang: [(english, translation)]}`` of the embedded parallel corpus for ``split``."""
   out = {}
-  for path in sorted(glob.glob(os.path.join(corpus_dir(), "parallel", f"en-*.{split}.tsv"))):
-    lang = os.path.basename(path)[len("en-") :].split(".")[0]
+  for path in paths.glob(os.path.join(corpus_dir(), "parallel", f"en-*.{split}.tsv")):
+    lang = paths.basename(path)[len("en-") :].split(".")[0]
     out[lang] = read_parallel(path)
   return out
 
@@ -307,6 +316,20 @@ def format_parity_table(rows: list[dict]) -> str:
         f" {fmt(r.get('parallel_ratio'))} |"
     )
   return "\n".join(lines)
+
+
+def vocab_byte_lengths(vocab) -> np.ndarray:
+  """UTF-8 bytes each piece stands for (for bits per byte); control pieces count 0."""
+  sp = vocab.tokenizer
+  out = np.zeros(vocab.vocab_size, np.float32)
+  for i in range(sp.get_piece_size()):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    if sp.is_byte(i):
+      out[i] = 1.0
+      continue
+    out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  return out
 
 
 def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
@@ -356,9 +379,8 @@ def main(argv=None) -> int:
       table = format_parity_table(parity_report(vocab_path, texts, parallel))
       print(table)
       if args.markdown:
-        with open(args.markdown, "w", encoding="utf-8") as f:
-          f.write(table + "\n")
-  except VocabError as e:
+        paths.write_text(args.markdown, table + "\n")
+  except XlingoError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   return 0

@@ -54,8 +54,7 @@ import statistics
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from xlingo import paths
-from xlingo.data import _native_stderr_silenced
+from xlingo import cli, paths
 from xlingo.data import vocab as vocab_lib
 from xlingo.errors import VocabError
 
@@ -159,7 +158,7 @@ def _train_new_model(
   options.update({f: getattr(ns, f) for f in _COPIED_NORMALIZER_FIELDS})
   writer = io.BytesIO()
   # The trainer logs dozens of lines to fd 2; its errors still arrive as RuntimeError.
-  with _native_stderr_silenced():
+  with cli.native_stderr_silenced():
     try:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(lines),
@@ -365,7 +364,6 @@ def build_parser(prog: str = "python -m xlingo.data.vocab_extend") -> argparse.A
 
 def main(argv=None) -> int:
   """``--vocab OLD.model --input LANG='GLOB' --new_pieces N --output NEW`` (argv without prog)."""
-  from xlingo import cli
 
   args = build_parser().parse_args(argv)
 

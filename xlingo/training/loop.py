@@ -21,7 +21,8 @@ import numpy as np
 import optax
 
 from xlingo import load, sharding
-from xlingo.data import inputs, pipeline
+from xlingo.data import inputs, iterator, packing
+from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
@@ -204,7 +205,7 @@ def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extr
   for lang, batches in val_batches.items():
     lang_tot = None
     for b in batches:
-      r = eval_step(params, pipeline.to_global(b, batch_sh), extra)
+      r = eval_step(params, iterator.to_global(b, batch_sh), extra)
       lang_tot = r if lang_tot is None else jax.tree.map(jnp.add, lang_tot, r)
     if lang_tot is None:
       continue
@@ -297,7 +298,7 @@ def build(config, objective: Objective | None = None) -> Setup:
   plan = inputs.plan_inputs(config)
   factory = state_lib.StateFactory(model, config, mesh, rules,
                                    objective.param_extension if objective else None)
-  byte_table = jnp.asarray(pipeline.vocab_byte_lengths(plan.vocab))
+  byte_table = jnp.asarray(xvocab.vocab_byte_lengths(plan.vocab))
   return Setup(config, mesh, rules, model, plan, factory, byte_table)
 
 
@@ -349,7 +350,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   abstract_batch = {
       k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),
                               jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
-      for k in pipeline.FEATURES}
+      for k in packing.FEATURES}
   with sharding.mesh_context(s.mesh, s.rules):
     t0 = time.perf_counter()
     train_step = jax.jit(step_fn, in_shardings=(s.factory.shardings, batch_sh, None),
@@ -392,7 +393,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
       tw = time.perf_counter()
       batch = next(train_it)
       wait_s += time.perf_counter() - tw
-      gbatch = pipeline.to_global(batch, batch_sh)
+      gbatch = iterator.to_global(batch, batch_sh)
       state, m = train_step(state, gbatch, extra)
       step += 1
       steps_in_window += 1

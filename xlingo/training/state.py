@@ -27,10 +27,6 @@ class TrainState:
   opt_state: Any
 
 
-def path_str(path) -> str:
-  return sharding._path_str(path)
-
-
 def learning_rate_schedule(t) -> optax.Schedule:
   if t.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
@@ -50,10 +46,10 @@ def trainable_labels(params, pattern: str):
   except re.error as e:
     raise ConfigError(f"train.trainable={pattern!r} is not a valid regex ({e})") from None
   labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "train" if rx.search(path_str(p)) else "freeze", params)
+      lambda p, _: "train" if rx.search(sharding.path_str(p)) else "freeze", params)
   if "train" not in jax.tree.leaves(labels):
     raise ConfigError(f"train.trainable={pattern!r} matches no parameter; parameter paths "
-                      f"look like {path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
+                      f"look like {sharding.path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
   return labels
 
 
@@ -82,27 +78,6 @@ def make_optimizer(t, params_abstract) -> optax.GradientTransformation:
 
 def _replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
-
-
-def tree_shardings_like(tree_abstract, params_abstract, param_shardings, mesh):
-  """Shardings for a tree (e.g. an optimizer state) whose leaves mirror parameters.
-
-  A leaf takes the sharding of the parameter whose path is a suffix of the leaf's path and
-  whose shape matches (Adam's mu/nu, momentum); anything else (counts, scalars) is replicated.
-  """
-  by_path = {}
-  for (p, a), s in zip(jax.tree_util.tree_leaves_with_path(params_abstract),
-                       jax.tree.leaves(param_shardings)):
-    by_path[path_str(p)] = (a.shape, s)
-
-  def pick(path, leaf):
-    ps = path_str(path)
-    for k, (shape, s) in by_path.items():
-      if (ps == k or ps.endswith("/" + k)) and tuple(leaf.shape) == tuple(shape):
-        return s
-    return _replicated(mesh)
-
-  return jax.tree_util.tree_map_with_path(pick, tree_abstract)
 
 
 class ParamExtension:
@@ -140,8 +115,8 @@ class StateFactory:
     self.abstract = jax.eval_shape(self._init_from_params, self.params_abstract)
     self.shardings = TrainState(
         step=_replicated(mesh), params=self.param_shardings,
-        opt_state=tree_shardings_like(self.abstract.opt_state, self.params_abstract,
-                                       self.param_shardings, mesh))
+        opt_state=sharding.opt_state_shardings(self.abstract.opt_state, self.params_abstract,
+                                               self.param_shardings, mesh))
 
   def _init_from_params(self, params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
@@ -155,7 +130,7 @@ class StateFactory:
 
   def init(self, rng) -> TrainState:
     def init_fn(r):
-      params = nn.unbox(sharding._init_variables(self.model, r, 8)["params"])
+      params = nn.unbox(sharding.init_variables(self.model, r, 8)["params"])
       return self._init_from_params({**params, **self._extension_init(r)})
 
     with sharding.mesh_context(self.mesh, self.rules):
@@ -169,7 +144,7 @@ class StateFactory:
   def init_model_param(self, rng, name: str) -> jax.Array:
     """One top-level model parameter, freshly initialised and placed (the rest is not built)."""
     def init_fn(r):
-      return nn.unbox(sharding._init_variables(self.model, r, 8)["params"])[name]
+      return nn.unbox(sharding.init_variables(self.model, r, 8)["params"])[name]
 
     with sharding.mesh_context(self.mesh, self.rules):
       return jax.jit(init_fn, out_shardings=self.param_shardings[name])(rng)
