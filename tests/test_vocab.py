@@ -175,3 +175,25 @@ def test_remote_vocab_is_loaded_from_a_content_addressed_local_copy(tmp_path, mo
   cached = tmp_path / "tmp" / "xlingo-cache" / (hashlib.sha1(data).hexdigest() + ".model")
   assert cached.read_bytes() == data
   assert vocab_lib.local_model(str(bucket / "v.model")) == str(cached)
+
+
+def test_cli_output_whose_directory_cannot_be_made_is_one_line_before_training(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  src = tmp_path / "en.txt"
+  src.write_text("one line of text\n")
+  proc = subprocess.run(
+      [sys.executable, "-m", "xlingo.data.vocab", "train", "--input", f"en={src}",
+       "--output", str(blocker / "sub" / "v")],
+      capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)) or ".",
+  )
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+  assert "cannot create the directory" in lines[0] and "a_file" in lines[0]
+
+
+def test_cli_extend_is_routed_to_vocab_extend():
+  proc = subprocess.run([sys.executable, "-m", "xlingo.data.vocab", "extend", "--help"],
+                        capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.dirname(__file__)) or ".")
+  assert proc.returncode == 0 and "--new_pieces" in proc.stdout and "vocab extend" in proc.stdout

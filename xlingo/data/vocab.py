@@ -343,23 +343,34 @@ def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m xlingo.data.vocab", description=__doc__.split("\n")[0])
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv[:1] == ["extend"]:
+    from xlingo.data import vocab_extend
+
+    return vocab_extend.main(argv[1:], prog="python -m xlingo.data.vocab extend")
+  fmt = argparse.ArgumentDefaultsHelpFormatter
+  parser = argparse.ArgumentParser(prog="python -m xlingo.data.vocab", formatter_class=fmt,
+                                   description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  t = sub.add_parser("train", help="train a vocabulary on your own corpus")
+  t = sub.add_parser("train", help="train a vocabulary on your own corpus", formatter_class=fmt)
   t.add_argument("--input", action="append", required=True, help="lang=GLOB, repeatable")
   t.add_argument("--output", required=True, help="output prefix; writes PREFIX.model")
-  t.add_argument("--vocab_size", type=int, default=8192)
-  t.add_argument("--temperature", type=float, default=3.33)
-  t.add_argument("--max_sentences", type=int, default=2_000_000)
-  t.add_argument("--seed", type=int, default=0)
-  p = sub.add_parser("parity", help="tokens per byte/char per language")
+  t.add_argument("--vocab_size", type=int, default=8192, help="pieces")
+  t.add_argument("--temperature", type=float, default=3.33, help="language sampling temperature")
+  t.add_argument("--max_sentences", type=int, default=2_000_000, help="training lines at most")
+  t.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p = sub.add_parser("parity", help="tokens per byte/char per language", formatter_class=fmt)
   p.add_argument("--vocab", default=None, help="a .model file (default: the shipped one)")
-  p.add_argument("--split", default="validation", choices=("train", "validation"))
+  p.add_argument("--split", default="validation", choices=("train", "validation"),
+                 help="split of the embedded corpus")
   p.add_argument("--input", action="append", default=[], help="lang=GLOB instead of the corpus")
   p.add_argument("--markdown", default="", help="also write the table to this file")
+  sub.add_parser("extend", help="add pieces for a new language without changing any id "
+                 "(python -m xlingo.data.vocab extend --help)")
   args = parser.parse_args(argv)
   try:
     if args.command == "train":
+      _check_output_dir(args.output)
       files = expand_globs(_parse_inputs(args.input))
       path = train_vocab(
           files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed
@@ -381,9 +392,22 @@ def main(argv=None) -> int:
       if args.markdown:
         paths.write_text(args.markdown, table + "\n")
   except XlingoError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    print(f"xlingo: error: {e}", file=sys.stderr)
+    return e.exit_code
   return 0
+
+
+def _check_output_dir(output_prefix: str) -> None:
+  """Create the output's directory before any work, or say in one line why it cannot be."""
+  parent = paths.dirname(paths.resolve(output_prefix))
+  try:
+    paths.makedirs(parent)
+  except OSError as e:
+    raise VocabError(f"--output {output_prefix}: cannot create the directory {parent} "
+                     f"({e.strerror or e}); choose a writable place") from None
+  if not paths.isdir(parent):
+    raise VocabError(f"--output {output_prefix}: {parent} is not a directory; choose another "
+                     "output prefix")
 
 
 if __name__ == "__main__":

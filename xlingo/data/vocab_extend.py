@@ -347,7 +347,8 @@ def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
 
 
 def build_parser(prog: str = "python -m xlingo.data.vocab_extend") -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--vocab", required=True, help="the OLD .model to extend")
   parser.add_argument("--input", action="append", required=True,
                       help="LANG=GLOB of the new language's text, repeatable")
@@ -362,10 +363,10 @@ def build_parser(prog: str = "python -m xlingo.data.vocab_extend") -> argparse.A
   return parser
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m xlingo.data.vocab_extend") -> int:
   """``--vocab OLD.model --input LANG='GLOB' --new_pieces N --output NEW`` (argv without prog)."""
 
-  args = build_parser().parse_args(argv)
+  args = build_parser(prog).parse_args(argv)
 
   def body():
     files = expand_inputs(_parse_inputs(args.input))
