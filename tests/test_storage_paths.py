@@ -188,9 +188,9 @@ def test_contenders_one_winner(root):
 
 def test_failed_start_leaves_no_workdir(root):
   with pytest.raises(ConfigError):
-    with workdir_lib.WorkdirLock(root):
+    with workdir_lib.WorkdirLock(paths.join(root, "new", "wd")):
       raise ConfigError("bad config")
-  assert not paths.exists(root)
+  assert not paths.exists(root)  # nor the parents it made
   # An existing workdir stays, released.
   paths.write_text(paths.join(root, "metrics.jsonl"), "")
   with pytest.raises(ConfigError):

@@ -130,6 +130,7 @@ class Checkpoints:
           jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"))
+    _quiet_disk_full_logs()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -156,8 +157,18 @@ class Checkpoints:
       yield
     except Exception as e:
       if paths.is_disk_full(e):
+        self._remove_partial_saves()
         raise disk_full_error(self.workdir, self._state_bytes) from None
       raise
+
+  def _remove_partial_saves(self) -> None:
+    """A save that ran out of space leaves Orbax's temporary step directory: no checkpoint, and
+    it would keep the disk full (the workdir lock rules out another trainer's save here)."""
+    if jax.process_index() != 0:
+      return
+    for name in paths.listdir(self.directory):
+      if "orbax-checkpoint-tmp" in name:
+        paths.rmtree(paths.join(self.directory, name))
 
   def read_meta(self, step: int) -> dict:
     path = os.path.join(self.directory, str(step), "meta", "metadata")
@@ -228,13 +239,29 @@ class Checkpoints:
     self.manager.close()
 
 
+class _DropDiskFullRecords(logging.Filter):
+  """Orbax logs a failed background save with its traceback (six chained ones for a full
+  disk) before the error reaches the loop, which reports a full disk as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ((exc is not None and paths.is_disk_full(exc))
+                or "No space left on device" in record.getMessage())
+
+
+def _quiet_disk_full_logs() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropDiskFullRecords) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropDiskFullRecords())
+
+
 def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointError:
   """The one line for 'no space left on device' while a run writes to its workdir."""
   wd = paths.resolve(workdir)
   ck = paths.join(wd, "checkpoints")
   steps = sorted(int(n) for n in paths.listdir(ck) if n.isdigit())
-  if need_bytes is None and steps:
-    need_bytes = paths.tree_size(paths.join(ck, str(steps[-1])))
+  if steps:  # the state alone undercounts: the data state can be larger
+    need_bytes = max(need_bytes or 0, paths.tree_size(paths.join(ck, str(steps[-1]))))
   free = paths.free_bytes(wd)
   mib = lambda b: f"{b / 2**20:,.0f} MiB"
   space = (f"a checkpoint of this run needs about {mib(need_bytes)}" if need_bytes

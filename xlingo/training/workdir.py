@@ -119,7 +119,7 @@ class WorkdirLock:
     self.me = Holder.this_process()
     self.number: int | None = None
     self.lost: str | None = None
-    self._created_workdir = False
+    self._created: str | None = None  # the outermost directory this run created, if any
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
 
@@ -147,7 +147,11 @@ class WorkdirLock:
   # --- acquire / release ---------------------------------------------------------------------
 
   def acquire(self) -> None:
-    self._created_workdir = not paths.exists(self.workdir)
+    if not paths.exists(self.workdir):
+      self._created = self.workdir
+      while not paths.is_remote(self._created) and not paths.exists(
+          paths.dirname(self._created)):
+        self._created = paths.dirname(self._created)
     for _ in range(20):
       numbers = self._numbers()
       taking_over = None
@@ -216,8 +220,8 @@ class WorkdirLock:
       self._thread.join(timeout=10)
     if self.number is None or self.lost is not None:
       return
-    if failed and self._created_workdir and paths.listdir(self.workdir) == [LOCK_DIR]:
-      paths.rmtree(self.workdir)  # a run that failed before writing anything leaves nothing
+    if failed and self._created and paths.listdir(self.workdir) == [LOCK_DIR]:
+      paths.rmtree(self._created)  # a run that failed before writing anything leaves nothing
     else:
       self.me.released = True
       self._write_own()
