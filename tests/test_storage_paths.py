@@ -212,3 +212,22 @@ def test_heartbeat_and_taken_over_holder_stops(root):
       lock.check()
   # The taker's lock is left alone.
   assert _read_holder(root, "00000002.json")["host"] == "other-vm"
+
+
+def test_check_workdir_refuses_without_creating(gcs_emulator, tmp_path):
+  from xlingo.training import loop
+
+  with pytest.raises(ConfigError, match="is not writable") as e:
+    loop.check_workdir("gs://no-such-bucket-here/run")
+  assert "\n" not in str(e.value)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(ConfigError, match="is a file, not a directory"):
+    loop.check_workdir(str(blocker))
+  with pytest.raises(ConfigError, match="a_file is a file"):
+    loop.check_workdir(str(blocker / "wd"))
+  loop.check_workdir(str(tmp_path / "new" / "wd"))
+  assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == ["a_file"]
+  bucket = gcs_emulator.bucket("probe")
+  loop.check_workdir(f"gs://{bucket}/run")
+  assert paths.listdir(f"gs://{bucket}") == []
