@@ -90,7 +90,7 @@ def run_body(body) -> None:
     fail(_one_line(e), e.exit_code)
 
 
-def maybe_initialize_distributed(environ=None, initialize=None, tpu_clusters=None) -> bool:
+def maybe_initialize_distributed(initialize=None) -> bool:
   """Join a multi-process run (``jax.distributed.initialize``) when the environment is one.
 
   Must run before anything touches the devices. In order:
@@ -103,9 +103,10 @@ def maybe_initialize_distributed(environ=None, initialize=None, tpu_clusters=Non
     times MEGASCALE_NUM_SLICES for multislice), then initialised with that same detection.
   A single-host TPU VM and a plain CPU or GPU machine run as one process.
 
-  ``environ``, ``initialize`` (called as ``initialize(**kwargs)``) and ``tpu_clusters`` (JAX's
-  cluster classes) are injectable so that tests can simulate each environment. Returns True
-  when this process is (now) part of a multi-process run.
+  ``initialize`` (called as ``initialize(**kwargs)``; default ``jax.distributed.initialize``)
+  is injectable, and the environment is read where JAX reads it (os.environ, JAX's metadata
+  probe), so tests simulate each environment without starting anything. Returns True when this
+  process is (now) part of a multi-process run.
   """
   import jax
 
@@ -113,7 +114,7 @@ def maybe_initialize_distributed(environ=None, initialize=None, tpu_clusters=Non
     if jax.distributed.is_initialized():
       return True
     initialize = _initialize_jax
-  env = os.environ if environ is None else environ
+  env = os.environ
   coordinator = env.get("XLINGO_COORDINATOR", "")
   if coordinator:
     try:
@@ -126,7 +127,7 @@ def maybe_initialize_distributed(environ=None, initialize=None, tpu_clusters=Non
   if env.get("XLINGO_DISTRIBUTED") == "1":
     initialize()
     return True
-  cluster, count = _tpu_cluster(tpu_clusters)
+  cluster, count = _tpu_cluster()
   if cluster is not None and count > 1:
     # The same detection JAX would run, named so that no other cluster type (SLURM, MPI) wins.
     initialize(cluster_detection_method=cluster.name)
@@ -134,14 +135,12 @@ def maybe_initialize_distributed(environ=None, initialize=None, tpu_clusters=Non
   return False
 
 
-def _tpu_cluster(tpu_clusters=None):
+def _tpu_cluster():
   """(JAX's TPU cluster class that is present, its process count) or (None, 1)."""
-  if tpu_clusters is None:
-    from jax._src.clusters import cloud_tpu_cluster
+  from jax._src.clusters import cloud_tpu_cluster
 
-    # JAX's own order: GKE's environment variables before the GCE metadata server.
-    tpu_clusters = (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster)
-  for cluster in tpu_clusters:
+  # JAX's own order: GKE's environment variables before the GCE metadata server.
+  for cluster in (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster):
     try:
       if cluster.is_env_present():
         return cluster, int(cluster.get_process_count())

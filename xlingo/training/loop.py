@@ -489,8 +489,9 @@ def _first_nonfinite(flags) -> int | None:
 
 
 def _save_best(workdir, config, state, step) -> None:
-  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous: a
-  complete copy is written to best.tmp first, so a crash leaves the old best or the new one."""
+  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous. The
+  new copy is complete in best.tmp before the old one goes, so a crash leaves one whole copy
+  (under best/ or best.tmp/); on gs:// the final rename is a copy, not atomic."""
   import orbax.checkpoint as ocp
 
   del config

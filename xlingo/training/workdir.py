@@ -152,6 +152,7 @@ class WorkdirLock:
       while not paths.is_remote(self._created) and not paths.exists(
           paths.dirname(self._created)):
         self._created = paths.dirname(self._created)
+    unreadable = None
     for _ in range(20):
       numbers = self._numbers()
       taking_over = None
@@ -162,6 +163,7 @@ class WorkdirLock:
           # Just created and not yet written, or unreadable: judge by the file's age.
           age = time.time() - _mtime_or_now(self._path(n))
           if age <= STALE_S:
+            unreadable = self._path(n)
             time.sleep(0.5)
             continue
           taking_over = f"an unreadable lock file {self._path(n)} (untouched for {age:.0f} s)"
@@ -185,6 +187,10 @@ class WorkdirLock:
           _remove_quietly(self._path(old))
         return
       # Another trainer created that number first: look again (it will usually refuse us).
+    if unreadable is not None:
+      raise ConfigError(f"--workdir {self.workdir}: the lock file {unreadable} is empty or "
+                        "unreadable (a trainer starting, or one killed while writing it); if no "
+                        f"trainer is starting there, remove it, or wait {STALE_S:.0f} s")
     raise ConfigError(f"--workdir {self.workdir}: could not take the workdir lock in {self.dir} "
                       "(it keeps changing); is another trainer starting there?")
 
