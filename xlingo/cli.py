@@ -128,11 +128,18 @@ def fail(msg: str, code: int = 2):
 
 
 def run_main(argv, doc: str, body) -> None:
-  """Parse flags and call ``body(config, workdir)``, turning known errors into one line."""
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  config, workdir = parse(argv, doc)
-  maybe_initialize_distributed()
-  run_body(lambda: body(config, workdir))
+  """Parse flags and call ``body(config, workdir)``, turning known errors into one line.
+
+  SIGTERM and SIGINT are stop requests from here on (before the slow imports, the compile and
+  the restore), so a signal at any point ends in a clean stop, never an exit 143.
+  """
+  from xlingo.training import preemption
+
+  with preemption.handling():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    config, workdir = parse(argv, doc)
+    maybe_initialize_distributed()
+    run_body(lambda: body(config, workdir))
 
 
 @contextlib.contextmanager
@@ -177,19 +184,30 @@ def run_body(body) -> None:
     fail(_one_line(e), e.exit_code)
 
 
-def maybe_initialize_distributed() -> bool:
-  """Join a multi-process run (``jax.distributed.initialize``) when the environment asks for it.
+def maybe_initialize_distributed(initialize=None) -> bool:
+  """Join a multi-process run (``jax.distributed.initialize``) when the environment is one.
 
-  Must run before anything touches the devices. Explicit: XLINGO_COORDINATOR=host:port,
-  XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID (any platform; on CPU the collectives go through
-  gloo). Automatic: XLINGO_DISTRIBUTED=1, or a TPU VM whose TPU_WORKER_HOSTNAMES lists more
-  than one host, where JAX finds the coordinator and process index itself. Returns True when
-  this process is (now) part of a multi-process run.
+  Must run before anything touches the devices. In order:
+  - explicit: XLINGO_COORDINATOR=host:port with XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID
+    (any platform; the CPU tests use it, their collectives through gloo);
+  - XLINGO_DISTRIBUTED=1: JAX's own detection, whatever the cluster;
+  - a Cloud TPU slice with more than one process, found the way JAX finds it (its
+    ``GkeTpuCluster``: TPU_WORKER_HOSTNAMES / TPU_PROCESS_ADDRESSES on GKE; its
+    ``GceTpuCluster``: the GCE metadata server's worker list on a TPU VM made by gcloud; both
+    times MEGASCALE_NUM_SLICES for multislice), then initialised with that same detection.
+  A single-host TPU VM and a plain CPU or GPU machine run as one process.
+
+  ``initialize`` (called as ``initialize(**kwargs)``; default ``jax.distributed.initialize``)
+  is injectable, and the environment is read where JAX reads it (os.environ, JAX's metadata
+  probe), so tests simulate each environment without starting anything. Returns True when this
+  process is (now) part of a multi-process run.
   """
   import jax
 
-  if jax.distributed.is_initialized():
-    return True
+  if initialize is None:
+    if jax.distributed.is_initialized():
+      return True
+    initialize = _initialize_jax
   env = os.environ
   coordinator = env.get("XLINGO_COORDINATOR", "")
   if coordinator:
@@ -198,12 +216,39 @@ def maybe_initialize_distributed() -> bool:
     except (KeyError, ValueError):
       fail("XLINGO_COORDINATOR is set, so XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID must be "
            "integers too")
-    # Only the CPU client reads this; without it CPU collectives across processes fail.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator, num_processes=num, process_id=pid)
+    initialize(coordinator_address=coordinator, num_processes=num, process_id=pid)
     return True
-  hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-  if env.get("XLINGO_DISTRIBUTED") == "1" or len(hosts) > 1:
-    jax.distributed.initialize()
+  if env.get("XLINGO_DISTRIBUTED") == "1":
+    initialize()
+    return True
+  cluster, count = _tpu_cluster()
+  if cluster is not None and count > 1:
+    # The same detection JAX would run, named so that no other cluster type (SLURM, MPI) wins.
+    initialize(cluster_detection_method=cluster.name)
     return True
   return False
+
+
+def _tpu_cluster():
+  """(JAX's TPU cluster class that is present, its process count) or (None, 1)."""
+  from jax._src.clusters import cloud_tpu_cluster
+
+  # JAX's own order: GKE's environment variables before the GCE metadata server.
+  for cluster in (cloud_tpu_cluster.GkeTpuCluster, cloud_tpu_cluster.GceTpuCluster):
+    try:
+      if cluster.is_env_present():
+        return cluster, int(cluster.get_process_count())
+    except Exception as e:  # noqa: BLE001 - the metadata server's failures come in many types
+      fail(f"could not read this TPU VM's slice from {cluster.__name__} ({type(e).__name__}: "
+           f"{_one_line(e)[:160]}); for one host set TPU_SKIP_MDS_QUERY=1, for several set "
+           "XLINGO_COORDINATOR, XLINGO_NUM_PROCESSES and XLINGO_PROCESS_ID")
+  return None, 1
+
+
+def _initialize_jax(**kwargs) -> None:
+  import jax
+
+  if "coordinator_address" in kwargs:
+    # Only the CPU client reads this; without it CPU collectives across processes fail.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)

@@ -6,11 +6,17 @@ vocabularies, corpus globs). Local paths are expanded (``~``) and made absolute;
 (anything with ``://``) are left as they are and never touch the local disk, so no local
 directory named ``gs:`` can appear.
 
+Backend: ``xlingo/__init__.py`` sets ``EPATH_USE_TF=false``, so ``gs://`` goes through gcsfs
+(fsspec) in production and under the tests' GCS emulator alike, never through TensorFlow's gfile.
+Remote metadata queries (``exists``, ``isdir``, ``listdir``, ``glob``) drop gcsfs's listing cache
+first, so they see what other processes wrote since.
+
 Functions take and return ``str`` paths (``Path`` where a caller wants epath's methods).
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import posixpath
@@ -54,33 +60,54 @@ def dirname(path) -> str:
   return posixpath.dirname(path) if is_remote(path) else os.path.dirname(path)
 
 
+def _fsspec(path):
+  """The fsspec filesystem epath itself uses for a remote path (one instance, one cache)."""
+  from etils.epath import backend
+
+  return backend.fsspec_backend.fs(os.fspath(path))
+
+
+def _fresh(path) -> str:
+  """``path`` resolved; for a remote path, gcsfs's cached listings of it are dropped first."""
+  path = resolve(path)
+  if is_remote(path):
+    _fsspec(path).invalidate_cache(path)
+  return path
+
+
 def exists(path) -> bool:
-  return as_path(path).exists()
+  return epath.Path(_fresh(path)).exists()
 
 
 def isdir(path) -> bool:
-  return as_path(path).is_dir()
+  return epath.Path(_fresh(path)).is_dir()
 
 
 def isfile(path) -> bool:
-  return as_path(path).is_file()
+  return epath.Path(_fresh(path)).is_file()
 
 
 def makedirs(path) -> str:
+  """Create a local directory and its parents; nothing for a remote one (object stores have no
+  directories: writing a file under a prefix is what makes it appear)."""
   p = as_path(path)
-  p.mkdir(parents=True, exist_ok=True)
+  if not is_remote(p):
+    p.mkdir(parents=True, exist_ok=True)
   return os.fspath(p)
 
 
 def listdir(path) -> list[str]:
   """Names in a directory (not paths), sorted; [] when it does not exist."""
-  p = as_path(path)
+  p = epath.Path(_fresh(path))
   if not p.is_dir():
     return []
   return sorted(c.name for c in p.iterdir())
 
 
 def open(path, mode: str = "r", **kwargs):  # noqa: A001 - the path layer's open
+  if is_remote(path) and "a" in mode:
+    raise ValueError(f"cannot append to {path}: objects in a bucket are written whole; use "
+                     "paths.append_text")
   return as_path(path).open(mode, **kwargs)
 
 
@@ -107,24 +134,79 @@ def write_bytes(path, data: bytes) -> None:
     return
   p.parent.mkdir(parents=True, exist_ok=True)
   tmp = p.with_name(f".{p.name}.tmp.{os.getpid()}")
-  with tmp.open("wb") as f:
-    f.write(data)
+  try:
+    with tmp.open("wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, p)
+  except BaseException:
+    # A full disk must not also leave a half-written temporary behind.
+    if tmp.exists():
+      tmp.unlink()
+    raise
+
+
+def append_text(path, text: str, encoding: str = "utf-8") -> None:
+  """Append to a file (created if missing). Local: an append and fsync, so a crash can tear at
+  most the last line. Remote: objects cannot be appended to, so the whole file is rewritten in
+  one upload (atomic, O(size)); callers that append often should batch (see MetricWriter)."""
+  p = as_path(path)
+  if is_remote(p):
+    old = p.read_text(encoding=encoding) if exists(p) else ""
+    p.write_text(old + text, encoding=encoding)
+    return
+  p.parent.mkdir(parents=True, exist_ok=True)
+  with p.open("a", encoding=encoding) as f:
+    f.write(text)
     f.flush()
     os.fsync(f.fileno())
-  os.replace(tmp, p)
+
+
+def create_new(path, data: bytes) -> bool:
+  """Create ``path`` holding ``data`` only if nothing is there yet; True if this call created it.
+
+  Atomic against every other writer: locally ``O_CREAT | O_EXCL``; on GCS an upload with the
+  precondition ``ifGenerationMatch=0``, which the server refuses once the object exists. The
+  primitive the workdir lock is built on.
+  """
+  path = resolve(path)
+  if is_remote(path):
+    if not path.startswith(("gs://", "gcs://")):
+      raise NotImplementedError(f"create_new supports local and gs:// paths, not {path}")
+    try:
+      _fsspec(path).pipe_file(path, data, mode="create")
+    except FileExistsError:  # gcsfs's translation of HTTP 412 (precondition failed)
+      return False
+    _fsspec(path).invalidate_cache(path)
+    return True
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+  except FileExistsError:
+    return False
+  try:
+    os.write(fd, data)
+    os.fsync(fd)
+  except BaseException:
+    os.close(fd)
+    os.unlink(path)
+    raise
+  os.close(fd)
+  return True
 
 
 def remove(path) -> None:
   """Remove a file; nothing if it is not there."""
   p = as_path(path)
-  if p.exists():
+  if exists(p):
     p.unlink()
 
 
 def rmtree(path) -> None:
   """Remove a directory tree; nothing if it is not there."""
   p = as_path(path)
-  if p.exists():
+  if exists(p):
     p.rmtree()
 
 
@@ -141,6 +223,32 @@ def mtime(path) -> float:
   return float(as_path(path).stat().mtime)
 
 
+def free_bytes(path) -> int | None:
+  """Bytes free to this user on the disk holding ``path`` (or its nearest existing parent);
+  None for a remote path (a bucket has no such limit)."""
+  path = resolve(path)
+  if is_remote(path):
+    return None
+  while not os.path.exists(path) and os.path.dirname(path) != path:
+    path = os.path.dirname(path)
+  st = os.statvfs(path)
+  return st.f_bavail * st.f_frsize
+
+
+def is_disk_full(e: BaseException) -> bool:
+  """True when ``e`` or anything it was raised from is 'no space left on device' (ENOSPC, or
+  the same reported by tensorstore/Orbax in a message)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(e) or "Disk quota exceeded" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
 def has_glob(pattern: str) -> bool:
   return any(ch in pattern for ch in "*?[")
 
@@ -155,7 +263,7 @@ def glob(pattern) -> list[str]:
   i = next(k for k, part in enumerate(parts) if has_glob(part))
   root = "/".join(parts[:i]) or "/"
   rest = "/".join(parts[i:])
-  base = epath.Path(root)
+  base = epath.Path(_fresh(root))
   if not base.exists():
     return []
   return sorted(os.fspath(p) for p in base.glob(rest))
@@ -165,15 +273,25 @@ def copy_file(src, dst) -> None:
   write_bytes(dst, read_bytes(src))
 
 
+def walk_files(path) -> list[str]:
+  """Every file under ``path``, as paths relative to it ('a/b.txt'), sorted."""
+  root = epath.Path(_fresh(path))
+  if not root.is_dir():
+    return []
+  # fsspec's walk yields remote directories without their 'gs://'; strip the same prefix.
+  prefix = os.fspath(root).split("://", 1)[-1].rstrip("/")
+  out = []
+  for dirpath, _, filenames in root.walk():
+    rel = os.fspath(dirpath).split("://", 1)[-1][len(prefix):].strip("/")
+    out.extend(posixpath.join(rel, name) if rel else name for name in filenames)
+  return sorted(out)
+
+
 def copy_tree(src, dst) -> None:
   """Copy every file under ``src`` to the same relative place under ``dst`` (either side may
   be remote)."""
-  src_p = as_path(src)
-  for dirpath, _, filenames in src_p.walk():
-    rel = os.fspath(dirpath)[len(os.fspath(src_p)):].lstrip("/")
-    for name in filenames:
-      copy_file(join(os.fspath(dirpath), name), join(resolve(dst), rel, name) if rel
-                else join(resolve(dst), name))
+  for rel in walk_files(src):
+    copy_file(join(resolve(src), *rel.split("/")), join(resolve(dst), *rel.split("/")))
 
 
 def match_any(name: str, patterns: Iterable[str]) -> bool:
@@ -196,3 +314,12 @@ def local_copy(path, cache_dir: str | None = None) -> str:
   if not exists(local):
     write_bytes(local, data)
   return local
+
+
+def tree_size(path) -> int:
+  """Total bytes of the files under ``path`` (a file: its size); 0 when it does not exist."""
+  if not exists(path):
+    return 0
+  if not isdir(path):
+    return size(path)
+  return sum(size(join(resolve(path), *rel.split("/"))) for rel in walk_files(path))

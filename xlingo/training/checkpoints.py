@@ -22,6 +22,7 @@ use:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,14 +44,17 @@ from xlingo.errors import CheckpointError, ConfigError, XlingoError
 
 
 class DataIteratorHandler(ocp.CheckpointHandler):
-  """Saves/restores an object with ``save(dir)``/``restore(dir)`` (a PackedIterator), per process."""
+  """Saves/restores an object with ``save(dir)``/``restore(dir)`` (a PackedIterator), per process.
+
+  Every file goes through ``xlingo.paths``, so a ``gs://`` checkpoint holds its data state too.
+  """
 
   def save(self, directory: epath.Path, args: DataIteratorSave):
-    d = os.path.join(os.fspath(directory), f"process_{jax.process_index()}")
+    d = paths.join(os.fspath(directory), f"process_{jax.process_index()}")
     args.iterator.save(d)
-    with open(os.path.join(d, "layout.json"), "w") as f:
-      json.dump({"num_processes": jax.process_count(),
-                 "replicated": bool(getattr(args.iterator, "replicated", False))}, f)
+    paths.write_text(paths.join(d, "layout.json"), json.dumps(
+        {"num_processes": jax.process_count(),
+         "replicated": bool(getattr(args.iterator, "replicated", False))}))
 
   def restore(self, directory: epath.Path, args: DataIteratorRestore):
     """This process's saved state; across a change of process count, see below.
@@ -63,16 +67,16 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     """
     base = os.fspath(directory)
     it = args.iterator
-    own = os.path.join(base, f"process_{jax.process_index()}")
-    first = os.path.join(base, "process_0")
-    layout = _read_json(os.path.join(first, "layout.json")) or {}
+    own = paths.join(base, f"process_{jax.process_index()}")
+    first = paths.join(base, "process_0")
+    layout = _json_or_none(paths.join(first, "layout.json")) or {}
     same_count = layout.get("num_processes", jax.process_count()) == jax.process_count()
-    if os.path.isdir(own) and same_count:
+    if paths.isdir(own) and same_count:
       it.restore(own)
     elif layout.get("replicated") and getattr(it, "replicated", False):
       it.restore(first)
-    elif os.path.isdir(first):
-      batches = int((_read_json(os.path.join(first, "state.json")) or {}).get("batches", 0))
+    elif paths.isdir(first):
+      batches = int((_json_or_none(paths.join(first, "state.json")) or {}).get("batches", 0))
       if jax.process_index() == 0:
         print(f"xlingo: the data state in {directory} is from {layout.get('num_processes', '?')} "
               f"process(es), this run has {jax.process_count()}; skipping {batches} batches of "
@@ -85,11 +89,10 @@ class DataIteratorHandler(ocp.CheckpointHandler):
     return it
 
 
-def _read_json(path: str) -> dict | None:
-  if not os.path.exists(path):
+def _json_or_none(path: str) -> dict | None:
+  if not paths.exists(path):
     return None
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 @ocp.args.register_with_handler(DataIteratorHandler, for_save=True)
@@ -124,11 +127,11 @@ class Checkpoints:
   """A thin layer over ``ocp.CheckpointManager`` with xlingo's items and checks."""
 
   def __init__(self, workdir: str, config, *, read_only: bool = False):
-    if "://" not in workdir:
-      # Orbax's OCDBT writer rejects relative paths (in its background save thread, so the
-      # error would surface only after the step was lost).
-      workdir = os.path.abspath(os.path.expanduser(workdir))
-    self.directory = os.path.join(workdir, "checkpoints")
+    # Absolute: Orbax's OCDBT writer rejects relative paths (in its background save thread, so
+    # the error would surface only after the step was lost). Orbax writes gs:// itself.
+    self.workdir = paths.resolve(workdir)
+    self.directory = paths.join(self.workdir, "checkpoints")
+    self._state_bytes: int | None = None
     self.config = config
     c = config.checkpoint
     options = ocp.CheckpointManagerOptions(
@@ -142,6 +145,7 @@ class Checkpoints:
           jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"))
+    _quiet_disk_full_logs()
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -154,11 +158,36 @@ class Checkpoints:
   branched_from: int | None = None
 
   def save(self, step: int, state, iterator=None, *, force: bool = False) -> bool:
+    """Save ``step`` (asynchronously when configured). A full disk, here or in the previous
+    asynchronous save, is one line naming the workdir and the space a checkpoint needs; Orbax
+    removes old steps only after a save succeeded, so the previous checkpoint is kept."""
+    if self._state_bytes is None:
+      self._state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
     items = {"state": ocp.args.StandardSave(state),
              "meta": ocp.args.JsonSave(checkpoint_meta(self.config, step, self.branched_from))}
     if iterator is not None:
       items["data"] = DataIteratorSave(iterator)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._disk_full_is_one_line():
+      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  @contextlib.contextmanager
+  def _disk_full_is_one_line(self):
+    try:
+      yield
+    except Exception as e:
+      if paths.is_disk_full(e):
+        self._remove_partial_saves()
+        raise disk_full_error(self.workdir, self._state_bytes) from None
+      raise
+
+  def _remove_partial_saves(self) -> None:
+    """A save that ran out of space leaves Orbax's temporary step directory: no checkpoint, and
+    it would keep the disk full (the workdir lock rules out another trainer's save here)."""
+    if jax.process_index() != 0:
+      return
+    for name in paths.listdir(self.directory):
+      if "orbax-checkpoint-tmp" in name:
+        paths.rmtree(paths.join(self.directory, name))
 
   def step_dir(self, step: int) -> str:
     return paths.join(self.directory, str(step))
@@ -313,11 +342,48 @@ class Checkpoints:
           f"scratch on purpose, move them out of {self.directory} or use a new --workdir")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    with self._disk_full_is_one_line():
+      self.manager.wait_until_finished()
     self.manager.close()
+
+
+class _DropDiskFullRecords(logging.Filter):
+  """Orbax logs a failed background save with its traceback (six chained ones for a full
+  disk) before the error reaches the loop, which reports a full disk as one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not ((exc is not None and paths.is_disk_full(exc))
+                or "No space left on device" in record.getMessage())
+
+
+def _quiet_disk_full_logs() -> None:
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _DropDiskFullRecords) for f in absl_logger.filters):
+    absl_logger.addFilter(_DropDiskFullRecords())
+
+
+def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointError:
+  """The one line for 'no space left on device' while a run writes to its workdir."""
+  wd = paths.resolve(workdir)
+  ck = paths.join(wd, "checkpoints")
+  steps = sorted(int(n) for n in paths.listdir(ck) if n.isdigit())
+  if steps:  # the state alone undercounts: the data state can be larger
+    need_bytes = max(need_bytes or 0, paths.tree_size(paths.join(ck, str(steps[-1]))))
+  free = paths.free_bytes(wd)
+  mib = lambda b: f"{b / 2**20:,.0f} MiB"
+  space = (f"a checkpoint of this run needs about {mib(need_bytes)}" if need_bytes
+           else "a checkpoint needs more than that")
+  free_txt = f"{mib(free)} free there" if free is not None else "the store is full"
+  kept = (f"the last complete checkpoint (step {steps[-1]}) is kept" if steps
+          else "no checkpoint had been saved yet")
+  return CheckpointError(
+      f"disk full while writing to --workdir {wd} ({free_txt}; {space}); {kept}. Free space "
+      "(or copy the workdir to a larger disk) and run the same command again to resume")
 
 
 # Parameters with a language axis (name -> axis): a checkpoint with fewer languages grows them.
@@ -331,14 +397,13 @@ def vocab_sha1(config) -> str | None:
   from xlingo.data import vocab as xvocab
 
   path = config.data.get("vocab_path", "") or xvocab.embedded_vocab_path()
-  return _file_sha1(os.path.abspath(os.path.expanduser(path)))
+  return _file_sha1(paths.resolve(path))
 
 
 @functools.lru_cache(maxsize=8)
 def _file_sha1(path: str) -> str | None:
   try:
-    with open(path, "rb") as f:
-      return hashlib.sha1(f.read()).hexdigest()
+    return hashlib.sha1(paths.read_bytes(path)).hexdigest()
   except OSError:
     return None
 

@@ -8,9 +8,10 @@ data, state, compiled step, logging, evaluation, checkpoints, preemption) lives 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
-import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,14 +21,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from xlingo import load, sharding
+from xlingo import load, paths, sharding
 from xlingo.data import inputs, iterator, packing
 from xlingo.data import vocab as xvocab
-from xlingo.errors import ConfigError, NonFiniteError
+from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import losses, metrics
+from xlingo.training import losses, metrics, preemption
 from xlingo.training import state as state_lib
+from xlingo.training import workdir as workdir_lib
 
 FINISHED_MARKER = "xlingo: training finished"
 LN2 = math.log(2.0)
@@ -218,16 +220,37 @@ def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extr
 
 
 def check_workdir(workdir: str) -> None:
+  """Refuse an unusable ``--workdir`` before anything is written; nothing is created here (the
+  workdir lock creates the directory, and removes it again if the run fails at once)."""
+  wd = paths.resolve(workdir)
+  probe_name = f".xlingo_write_test.{socket.gethostname()}.{os.getpid()}.{jax.process_index()}"
+  if paths.is_remote(wd):
+    probe = paths.join(wd, probe_name)
+    try:
+      paths.write_text(probe, "ok")
+      paths.remove(probe)
+    except Exception as e:  # noqa: BLE001 - whatever the store answers, the workdir is unusable
+      msg = (str(e).strip().splitlines() or [""])[0][:200]
+      raise ConfigError(f"--workdir {wd} is not writable ({type(e).__name__}: {msg}); check the "
+                        "bucket's name and this machine's access to it") from None
+    return
+  if paths.exists(wd) and not paths.isdir(wd):
+    raise ConfigError(f"--workdir {wd} is a file, not a directory; choose another --workdir or "
+                      "move the file away")
+  parent = wd
+  while not paths.exists(parent):
+    parent = paths.dirname(parent)
+  if not paths.isdir(parent):
+    raise ConfigError(f"--workdir {wd} is not writable: {parent} is a file, not a directory; "
+                      "choose another --workdir")
+  # One probe per process: hosts sharing a workdir must not remove each other's.
+  probe = paths.join(parent, probe_name)
   try:
-    os.makedirs(workdir, exist_ok=True)
-    # One probe per process: hosts sharing a workdir must not remove each other's.
-    probe = os.path.join(workdir, f".xlingo_write_test.{os.getpid()}.{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    paths.write_text(probe, "ok")
+    paths.remove(probe)
   except OSError as e:
-    raise ConfigError(f"workdir {workdir!r} is not writable ({e.strerror}); choose another "
-                      "--workdir or fix its permissions") from None
+    raise ConfigError(f"--workdir {wd} is not writable ({e.strerror} in {parent}); choose "
+                      "another --workdir or fix its permissions") from None
 
 
 def validate_config(config) -> None:
@@ -249,32 +272,6 @@ def validate_config(config) -> None:
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
                       f"{config.model.max_len}; raise model.max_len or shorten data.seq_len")
-
-
-class _Preemption:
-  """Turns SIGTERM into a flag checked at step boundaries."""
-
-  def __init__(self):
-    self.flag = False
-    self._old = None
-
-  def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.flag = True
-
-  def __exit__(self, *a):
-    signal.signal(signal.SIGTERM, self._old or signal.SIG_DFL)
-
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1:
-      return self.flag
-    from jax.experimental import multihost_utils
-
-    return bool(np.any(multihost_utils.process_allgather(np.array([self.flag]))))
 
 
 @dataclasses.dataclass
@@ -303,11 +300,28 @@ def build(config, objective: Objective | None = None) -> Setup:
 
 
 def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
-  """Train until ``train.steps``, resuming from the workdir; returns the last metrics."""
+  """Train until ``train.steps``, resuming from the workdir; returns the last metrics.
+
+  One trainer per workdir (``workdir.WorkdirLock``); SIGTERM or SIGINT, even during start-up,
+  stops cleanly (``preemption``); a full disk is one line naming the workdir and the space.
+  """
+  check_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(workdir, is_leader=jax.process_index() == 0)
+  try:
+    with preemption.handling() as preempt, lock:
+      return _run_locked(config, workdir, objective, lock, preempt)
+  except XlingoError:
+    raise
+  except Exception as e:
+    if paths.is_disk_full(e):  # metrics, plots, best/: one line too, not a traceback
+      raise ckpt_lib.disk_full_error(workdir) from None
+    raise
+
+
+def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   validate_config(config)
   if objective.check_config:
     objective.check_config(config)
-  check_workdir(workdir)
   s = build(config, objective)
   t = config.train
   codes = s.plan.table.codes
@@ -333,7 +347,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   if restored is not None:
     state, start = restored
     metrics.console(f"resumed from {ckpts.directory} step {start}")
-    metrics.truncate_jsonl_after(os.path.join(workdir, "metrics.jsonl"), start)
+    metrics.truncate_jsonl_after(paths.join(workdir, "metrics.jsonl"), start)
   elif config.checkpoint.init_from:
     params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
                              mesh=s.mesh, rules=s.rules, model_from="config").params
@@ -370,7 +384,14 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   def evaluate(params) -> dict:
     return evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra)
 
-  writer = metrics.MetricWriter(workdir)
+  if preempt.requested_locally():  # a signal during start-up: nothing trained, nothing to save
+    ckpts.close()
+    metrics.console(f"xlingo: stopped by {preempt.label} before training step {start + 1}; "
+                    f"nothing new to save. Run the same command again to "
+                    f"{'resume' if start else 'start'}.")
+    return {}
+  preemption.check_multi_process_ready()
+  writer = metrics.MetricWriter(workdir, start)
   progress = metrics.Progress(t.steps, start)
   lr_fn = state_lib.learning_rate_schedule(t)
   step = start
@@ -388,7 +409,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   t_window = time.perf_counter()
   steps_in_window = 0
   stopped_by_signal = False
-  with _Preemption() as preempt, sharding.mesh_context(s.mesh, s.rules):
+  with sharding.mesh_context(s.mesh, s.rules):
     while step < t.steps:
       tw = time.perf_counter()
       batch = next(train_it)
@@ -400,7 +421,7 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
       pending_flags.append((step, m["nonfinite"]))
       acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
       is_last = step == t.steps
-      stop = preempt.should_stop()
+      stop = preempt.should_stop(step)
       save_now = step % config.checkpoint.every_steps == 0 or is_last or stop
       if step % t.log_every == 0 or is_last or save_now:
         bad = _first_nonfinite(pending_flags)
@@ -439,10 +460,14 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
           _save_best(workdir, config, state, step)
         if objective.should_stop is not None and objective.should_stop() and not is_last:
           metrics.console(f"xlingo: {objective.name} stops early at step {step}")
+          writer.flush()
+          lock.check()
           ckpts.save(step, state, train_it, force=True)
           break
         t_window = time.perf_counter()
       if save_now:
+        writer.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint
+        lock.check()
         ckpts.save(step, state, train_it, force=True)
       if stop and not is_last:
         stopped_by_signal = True
@@ -450,7 +475,8 @@ def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
   ckpts.close()
   writer.close()
   if stopped_by_signal:
-    metrics.console(f"xlingo: preempted (SIGTERM) at step {step}; checkpoint saved. Run the "
+    how = "preempted" if preempt.label == "SIGTERM" else "interrupted"
+    metrics.console(f"xlingo: {how} ({preempt.label}) at step {step}; checkpoint saved. Run the "
                     "same command again to resume.")
     return last
   png = metrics.plot_languages(workdir, codes)
@@ -485,25 +511,35 @@ def _first_nonfinite(flags) -> int | None:
 
 
 def _save_best(workdir, config, state, step) -> None:
-  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous."""
+  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous. The
+  new copy is complete in best.tmp before the old one goes, so a crash leaves one whole copy
+  (under best/ or best.tmp/); on gs:// the final rename is a copy, not atomic."""
   import orbax.checkpoint as ocp
 
-  path = os.path.join(os.path.abspath(workdir), "best")
-  ckptr = ocp.StandardCheckpointer()
+  path = paths.join(paths.resolve(workdir), "best")
   tmp = path + ".tmp"
-  if os.path.exists(tmp):
-    import shutil
-
-    shutil.rmtree(tmp)
-  ckptr.save(os.path.join(tmp, "state"), state)
+  leader = jax.process_index() == 0
+  if leader:
+    paths.rmtree(tmp)
+  _sync_hosts("xlingo_best_clear")
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(paths.join(tmp, "state"), state)
   ckptr.wait_until_finished()
-  with open(os.path.join(tmp, "step"), "w") as f:
-    f.write(str(step))
-  if os.path.exists(path):
-    import shutil
+  if leader:
+    paths.write_text(paths.join(tmp, "step"), str(step))
+    # The same metadata as a checkpoint's, so that tools load best/ on its own.
+    paths.write_text(paths.join(tmp, "meta", "metadata"),
+                     json.dumps(ckpt_lib.checkpoint_meta(config, step)))
+    paths.rmtree(path)
+    paths.rename(tmp, path)
+  _sync_hosts("xlingo_best_done")
 
-    shutil.rmtree(path)
-  os.replace(tmp, path)
+
+def _sync_hosts(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def _val_summary(val: dict, codes) -> str:

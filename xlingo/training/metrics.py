@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from xlingo import paths
 
 # Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
 PEAK_FLOPS = {
@@ -56,51 +61,150 @@ def peak_flops_per_device(configured: float, compute_dtype: str) -> tuple[float,
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (clu) and to WORKDIR/metrics.jsonl; process 0 only."""
+  """Writes scalars to WORKDIR/metrics.jsonl and TensorBoard (clu); process 0 only.
 
-  def __init__(self, workdir: str):
+  ``start_step`` is the step the run continues from: the file is first made that checkpoint's
+  history (``truncate_jsonl_after``; a fresh start sets an older file aside).
+
+  metrics.jsonl: locally one appended, fsynced line per write, so a crash tears at most the
+  last line (dropped by the next run). In a bucket, where an object cannot be appended to, the
+  whole file is uploaded at each ``flush`` (the loop flushes before every checkpoint save, so a
+  resumed run finds every row up to its checkpoint), at most every ``FLUSH_S`` seconds between
+  and at ``close``.
+
+  TensorBoard: clu writes through ``tf.io.gfile``, which cannot reach a GCS emulator, so a test
+  against one could not cover a gs:// workdir's events. For a remote workdir the events are
+  written to a local temporary directory and copied through the path layer at each flush;
+  production takes the same route, so the route the tests prove is the one that runs.
+  """
+
+  FLUSH_S = 60.0
+
+  def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.workdir = paths.resolve(workdir)
+    self.path = paths.join(self.workdir, "metrics.jsonl")
+    self.remote = paths.is_remote(self.workdir)
     self._tb = None
-    if self.active:
-      os.makedirs(workdir, exist_ok=True)
-      from clu import metric_writers
+    self._tb_dir = paths.join(self.workdir, "tensorboard")
+    self._tb_local = None
+    self._copied: dict[str, int] = {}
+    self._pending = ""
+    self._text = ""
+    self._last_flush = time.monotonic()
+    if not self.active:
+      return
+    _start_history(self.path, start_step)
+    if self.remote:
+      self._text = paths.read_text(self.path) if paths.exists(self.path) else ""
+      self._tb_local = tempfile.mkdtemp(prefix="xlingo_tensorboard_")
+    else:
+      paths.makedirs(self.workdir)
+    from clu import metric_writers
 
-      self._tb = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._tb = metric_writers.SummaryWriter(self._tb_local or self._tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.active:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self.remote:
+      self._pending += line
+      if time.monotonic() - self._last_flush > self.FLUSH_S:
+        self.flush()
+    else:
+      paths.append_text(self.path, line)
     self._tb.write_scalars(int(step), clean)
 
   def flush(self) -> None:
-    if self._tb is not None:
-      self._tb.flush()
+    if not self.active:
+      return
+    self._tb.flush()
+    if not self.remote:
+      return
+    if self._pending:
+      paths.write_text(self.path, self._text + self._pending)
+      self._text += self._pending
+      self._pending = ""
+    for name in os.listdir(self._tb_local):  # our own temporary directory
+      local = os.path.join(self._tb_local, name)
+      n = os.path.getsize(local)
+      if self._copied.get(name) != n:
+        paths.copy_file(local, paths.join(self._tb_dir, name))
+        self._copied[name] = n
+    self._last_flush = time.monotonic()
 
   def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    if self._tb is None:
+      return
+    self._tb.close()
+    self.flush()
+    if self._tb_local is not None:
+      shutil.rmtree(self._tb_local, ignore_errors=True)  # our own temporary directory
+    self._tb = None
 
 
 def read_jsonl(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  """The rows of a metrics.jsonl; a torn last line (a kill mid-append) and unparsable lines
+  are skipped."""
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  rows = []
+  for line in paths.read_text(path).splitlines():
+    try:
+      row = json.loads(line)
+    except ValueError:
+      continue
+    if isinstance(row, dict):
+      rows.append(row)
+  return rows
 
 
 def truncate_jsonl_after(path: str, step: int) -> None:
-  """Drop records past ``step`` (written after the checkpoint a resumed run starts from)."""
+  """Make metrics.jsonl the history of the checkpoint at ``step``: drop the rows past it
+  (written after that checkpoint was saved) and a torn last line (what a kill or a full disk
+  in the middle of an append leaves); keep every other line as it was."""
+  if not paths.exists(path):
+    return
+  text = paths.read_text(path)
+  lines = text.splitlines(keepends=True)
+  keep, dropped, torn = [], 0, False
+  for i, line in enumerate(lines):
+    try:
+      row = json.loads(line)
+    except ValueError:
+      if i == len(lines) - 1 and line.strip():
+        torn = True
+        continue
+      keep.append(line)
+      continue
+    if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+      dropped += 1
+      continue
+    keep.append(line if line.endswith("\n") else line + "\n")
+  new = "".join(keep)
+  if new != text:
+    paths.write_text(path, new)
+  if torn:
+    console(f"xlingo: dropped a torn last line of {path} ({len(lines[-1])} bytes, from an "
+            f"interrupted write); the {len(keep)} rows before it are kept")
+
+
+def _start_history(path: str, start_step: int) -> None:
+  """A resumed run keeps the rows up to its checkpoint. A fresh start (step 0) redoes step 0;
+  rows past it belong to a run whose checkpoints are gone, so the file is set aside, not lost."""
+  if start_step > 0:
+    truncate_jsonl_after(path, start_step)
+    return
   rows = read_jsonl(path)
-  keep = [r for r in rows if r["step"] <= step]
-  if len(keep) != len(rows):
-    with open(path + ".tmp", "w") as f:
-      for r in keep:
-        f.write(json.dumps(r) + "\n")
-    os.replace(path + ".tmp", path)
+  if any(isinstance(r.get("step"), int) and r["step"] > 0 for r in rows):
+    aside = f"{path}.before-{int(time.time())}"
+    paths.rename(path, aside)
+    console(f"xlingo: {path} held rows of an earlier run with no checkpoint left; kept them "
+            f"as {aside} and start a new history")
+  else:
+    truncate_jsonl_after(path, -1)
 
 
 class Progress:
@@ -137,7 +241,7 @@ def console(msg: str) -> None:
 
 def plot_languages(workdir: str, languages, out_name: str = "languages.png") -> str | None:
   """PNG of per-language training loss and validation bits per byte over steps."""
-  rows = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = read_jsonl(paths.join(paths.resolve(workdir), "metrics.jsonl"))
   if not rows or jax.process_index() != 0:
     return None
   import matplotlib
@@ -159,7 +263,9 @@ def plot_languages(workdir: str, languages, out_name: str = "languages.png") -> 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
-  path = os.path.join(workdir, out_name)
-  fig.savefig(path, dpi=90)
+  path = paths.join(paths.resolve(workdir), out_name)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=90)
   plt.close(fig)
+  paths.write_bytes(path, buf.getvalue())
   return path
