@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.lid_head = False  # auxiliary language-identification head
   c.model.rope_theta = 10000.0
-  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn
+  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1
   c.train.grad_clip = 1.0
   c.train.z_loss = 0.0
+  # Sequence positions per chunk of the loss's vocabulary projection (losses.py): the
+  # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk.
+  c.train.loss_chunk_size = 0
   c.train.lid_loss_weight = 0.0
   c.train.log_every = 10
   c.train.eval_every = 50

@@ -45,10 +45,10 @@ def validation_metrics(s, config, params) -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them."""
   from xlingo import sharding
   from xlingo.data import inputs
-  from xlingo.training import loop
+  from xlingo.training import loop, step
 
   codes = s.plan.table.codes
-  eval_fn = loop.make_eval_step(loop.LM_OBJECTIVE, s.model, config, s.byte_table, len(codes))
+  eval_fn = step.make_eval_step(step.LM_OBJECTIVE, s.model, config, s.byte_table, len(codes))
   # The languages the loop evaluates: every language with data once the plan lists them
   # (``eval_tasks``), else the trained ones.
   langs = getattr(s.plan, "eval_tasks", None) or s.plan.lm_tasks

@@ -11,9 +11,9 @@ from xlingo import cli
 
 
 def main(argv=None):
-  from xlingo.training import loop
+  from xlingo.training import loop, step
 
-  cli.run_main(argv or sys.argv, __doc__, lambda c, w: loop.run(c, w, loop.LM_OBJECTIVE))
+  cli.run_main(argv or sys.argv, __doc__, lambda c, w: loop.run(c, w, step.LM_OBJECTIVE))
 
 
 if __name__ == "__main__":
