@@ -76,20 +76,11 @@ def matmul_ceiling(n: int, dtype, repeats: int) -> float:
 def compile_step(cfg, mesh, rules, model, factory, byte_table, num_langs):
   """The loop's train step, lowered and compiled from abstract shapes: (compiled, lower_s,
   compile_s)."""
-  from xlingo import sharding
   from xlingo.training import step as step_lib
 
-  batch_sh = sharding.batch_sharding(mesh)
   step_fn = step_lib.make_train_step(step_lib.LM_OBJECTIVE, model, cfg, factory.tx, byte_table,
                                      num_langs)
-  with sharding.mesh_context(mesh, rules):
-    t0 = time.perf_counter()
-    lowered = step_lib.jit_train_step(step_fn, factory, batch_sh).lower(
-        factory.abstract_with_shardings(), step_lib.abstract_batch(cfg, batch_sh), {})
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-  return compiled, t1 - t0, t2 - t1
+  return step_lib.compile_train_step(step_fn, factory, mesh, rules, cfg)
 
 
 def synthetic_setup(cfg):

@@ -16,10 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _tpu_aot():
   if importlib.util.find_spec("libtpu") is None:
     pytest.skip("libtpu is not installed (pip install -e '.[test]' brings it)")
-  # Before libtpu starts: no TPU VM metadata server to ask, no worker list to complain about.
-  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   sys.path.insert(0, os.path.join(ROOT, "bench"))
+  # Its import sets libtpu's environment (no metadata server, a shared lockfile) before
+  # libtpu loads.
   import tpu_aot
 
   return tpu_aot

@@ -207,13 +207,10 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
   step_fn = step_lib.make_train_step(objective, s.model, config, s.factory.tx, s.byte_table,
                                     num_langs)
   eval_fn = step_lib.make_eval_step(objective, s.model, config, s.byte_table, num_langs)
-  with sharding.mesh_context(s.mesh, s.rules):
-    t0 = time.perf_counter()
-    train_step = step_lib.jit_train_step(step_fn, s.factory, batch_sh).lower(
-        s.factory.abstract_with_shardings(), step_lib.abstract_batch(config, batch_sh),
-        extra).compile()
-    compile_s = time.perf_counter() - t0
-    eval_step = jax.jit(eval_fn)
+  train_step, lower_s, compile_s = step_lib.compile_train_step(
+      step_fn, s.factory, s.mesh, s.rules, config, extra)
+  compile_s += lower_s
+  eval_step = jax.jit(eval_fn)
   mem = _memory_line(train_step)
   metrics.console(f"train step compiled in {compile_s:.1f} s{mem}")
   peak, peak_src = metrics.peak_flops_per_device(t.peak_flops_per_device, config.model.dtype)

@@ -14,6 +14,7 @@ This module imports the model, the losses and the train state, never the data la
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from xlingo import sharding
 from xlingo.training import losses
 from xlingo.training import state as state_lib
 
@@ -190,3 +192,19 @@ def jit_train_step(step_fn, factory: state_lib.StateFactory, batch_sharding):
   the batch split over the data-parallel axes, ``extra`` placed as given."""
   return jax.jit(step_fn, in_shardings=(factory.shardings, batch_sharding, None),
                  out_shardings=(factory.shardings, None), donate_argnums=(0,))
+
+
+def compile_train_step(step_fn, factory: state_lib.StateFactory, mesh, rules, config,
+                       extra=None):
+  """``jit_train_step`` lowered from abstract state and batch and compiled, under the mesh and
+  rules: ``(compiled, lower_s, compile_s)``. Nothing is allocated, so this also serves for
+  devices that are not there (abstract TPU topologies, bench/tpu_aot.py)."""
+  batch_sh = sharding.batch_sharding(mesh)
+  with sharding.mesh_context(mesh, rules):
+    t0 = time.perf_counter()
+    lowered = jit_train_step(step_fn, factory, batch_sh).lower(
+        factory.abstract_with_shardings(), abstract_batch(config, batch_sh),
+        {} if extra is None else extra)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+  return compiled, t1 - t0, time.perf_counter() - t1
