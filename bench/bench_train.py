@@ -5,7 +5,9 @@
       --config.mesh.fsdp=1 --config.train.batch_size=8 [--config.K=V ...]
   .venv/bin/python bench/bench_train.py --config configs/tpu_1b.py --compile_only
 
-Config overrides: ``--config.K=V`` (or ``--set K=V``), repeatable.
+Config overrides: ``--config.K=V`` (or ``--set K=V``), repeatable. ``--ab K=V`` times a second
+program with one more override, alternating with the first step by step (on a shared machine
+the load then falls on both alike); its figures are the ``ab_*`` fields.
 
 Throughput mode: the loop's train step (``step.make_train_step`` jitted by
 ``step.jit_train_step``: the loop's shardings and donation), ``.lower(abstract state, abstract
@@ -192,18 +194,31 @@ def run_throughput(cfg, args) -> dict:
   compiled, lower_s, compile_s = compile_step(cfg, mesh, rules, model, factory, byte_table,
                                               num_langs)
   print(f"train step: lower {lower_s:.1f} s, compile {compile_s:.1f} s")
+  runs = {"a": compiled}
+  ab = getattr(args, "ab", None)
+  if ab:
+    # The variant shares the state's shapes (a loss or attention knob), so the same factory
+    # and batches serve both.
+    cfg_b = load_config(args.config, list(args.set) + [ab])
+    runs["b"] = compile_step(cfg_b, mesh, rules, decoder_lib.Decoder(cfg_b.model), factory,
+                             byte_table, num_langs)[0]
   batch_sh = sharding.batch_sharding(mesh)
   batches = [jax.make_array_from_process_local_data(batch_sh, b) for b in host_batches]
-  state = factory.init(jax.random.PRNGKey(cfg.train.seed))
-  times = []
+  states = {k: factory.init(jax.random.PRNGKey(cfg.train.seed)) for k in runs}
+  all_times = {k: [] for k in runs}
+  losses = {}
   with sharding.mesh_context(mesh, rules):
     for i in range(args.warmup + args.steps):
       b = batches[i % len(batches)]
-      t = time.perf_counter()
-      state, m = compiled(state, b, {})
-      loss = float(m["loss"])  # blocks until the step is done
-      if i >= args.warmup:
-        times.append(time.perf_counter() - t)
+      # With --ab the two programs alternate step by step, so load from other jobs falls on
+      # both alike.
+      for k, fn in runs.items():
+        t = time.perf_counter()
+        states[k], m = fn(states[k], b, {})
+        losses[k] = float(m["loss"])  # blocks until the step is done
+        if i >= args.warmup:
+          all_times[k].append(time.perf_counter() - t)
+  times, loss = all_times["a"], losses["a"]
   step_s = statistics.median(times)
   # Measured before and after the steps (best of both), so a burst of load from other jobs
   # during one measurement does not set the ceiling.
@@ -233,7 +248,10 @@ def run_throughput(cfg, args) -> dict:
           "achieved_gflops": round(flops_tok * tps / 1e9, 1), "mfu": round(mfu, 4),
           "mfu_peak": round(mfu_peak, 4) if mfu_peak else None,
           "attention": cfg.model.attention_impl, "loss_chunk_size": cfg.train.loss_chunk_size,
-          "compile_s": round(lower_s + compile_s, 2), "loss": round(loss, 4)}
+          "compile_s": round(lower_s + compile_s, 2), "loss": round(loss, 4),
+          **({"ab": ab, "ab_step_ms_median": round(statistics.median(all_times["b"]) * 1e3, 2),
+              "ab_step_ms_all": [round(x * 1e3, 1) for x in all_times["b"]],
+              "ab_loss": round(losses["b"], 4)} if ab else {})}
 
 
 def main(argv=None) -> dict:
@@ -251,6 +269,8 @@ def main(argv=None) -> dict:
                   help="compile_only: this many fake CPU devices, fsdp over all (0: real)")
   ap.add_argument("--synthetic", action="store_true",
                   help="random token batches of the config's shape; no data layer, no TF")
+  ap.add_argument("--ab", metavar="KEY=VALUE",
+                  help="also time the config with this override, alternating step by step")
   argv = list(sys.argv[1:] if argv is None else argv)
   # --config.K=V, as the loops take them, next to --set K=V.
   overrides = [a[len("--config."):] for a in argv if a.startswith("--config.")]
