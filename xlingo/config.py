@@ -123,7 +123,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.z_loss = 0.0
   # Sequence positions per chunk of the loss's vocabulary projection (losses.py): the
-  # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk.
+  # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk, which on
+  # CPU is as fast or faster (docs/PERFORMANCE.md); the TPU configs chunk.
   c.train.loss_chunk_size = 0
   c.train.lid_loss_weight = 0.0
   c.train.log_every = 10
@@ -164,10 +165,12 @@ def tpu_pretrain_config(seq_len: int = 2048) -> ml_collections.ConfigDict:
   # (docs/TPU.md has what each config needs per chip).
   c.train.loss_chunk_size = 512
   c.checkpoint.every_steps = 1000
-  # A real corpus: mC4 (TFDS c4/multilingual, what mT5 trained on) holds billions of tokens in
-  # each of these languages, so a 21-63B-token run reads each well under once; wiki40b's
-  # smaller languages (ja, zh) would be read several times over. Prepare it with TFDS into a
-  # bucket and pass --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets.
+  # A real corpus: mC4 (TFDS c4/multilingual, what mT5 trained on) holds tens to thousands of
+  # billions of tokens in each of these languages (the mT5 paper's counts), so a 21-63B-token
+  # run reads each well under once; wiki40b's ja and zh Wikipedias (under a million articles
+  # each) would be read several times over at this temperature (an estimate; the start-of-run
+  # table gives the figure). Prepare it with TFDS into a bucket and pass
+  # --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets.
   c.data.source = "tfds"
   c.data.tfds_name = "c4/multilingual"
   c.data.temperature = 3.33  # mT5's alpha = 0.3
