@@ -4,7 +4,7 @@
 
 One run measures both, back to back on the same machine:
   xlingo: configs/small.py through bench_train.py's throughput mode (loop.build,
-          loop.make_train_step, the compiled step with the loop's shardings; real packed
+          step.make_train_step, the compiled step with the loop's shardings; real packed
           batches), in this process (the project's .venv).
   peer:   transformers.LlamaForCausalLM with identical dimensions (vocab 8192, d_model 512,
           4 layers, 8 heads x 64, SwiGLU MLP 2048, tied embeddings, float32), trained with

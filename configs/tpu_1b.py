@@ -1,11 +1,15 @@
-"""A ~1B-parameter cross-lingual LM at sequence length 2048 on 16 chips (v4-32 or v5e-16).
+"""A ~1B-parameter cross-lingual LM at sequence length 2048 on 16 chips (v5e-16 or v4-32).
 
 Pure FSDP (fsdp=16): at this size every chip holds 1/16 of the params and optimizer state
-and no tensor parallelism is needed. Needs a 32k SentencePiece vocabulary: train one with
-xlingo.data.vocab and set data.vocab_path.
+and no tensor parallelism is needed. Splash attention and the chunked loss keep one v5e chip
+(16 GB) at about 10.4 GiB without microbatching (bench/tpu_aot.py, docs/TPU.md). Reads mC4
+(TFDS c4/multilingual, prepared in a bucket) and needs a 32k SentencePiece vocabulary: train
+one with xlingo.data.vocab and set data.vocab_path. configs/tpu_1b_v6e.py runs the same model
+on one v6e-8 host.
 
 python -m xlingo.train --config configs/tpu_1b.py --workdir gs://BUCKET/xlingo/tpu_1b \
-  --config.data.vocab_path=gs://BUCKET/xlingo/vocab32k.model
+  --config.data.vocab_path=gs://BUCKET/xlingo/vocab32k.model \
+  --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
 
 from xlingo import config as xconfig

@@ -3,10 +3,13 @@
 v5p-64 counts TensorCores: 64 cores are 32 chips, and JAX sees one device per chip.
 Mesh fsdp=16 x tensor=2: tensor parallelism over pairs of chips halves the activation
 memory of the wide SwiGLU and the heads, FSDP shards the rest. Grouped-query attention
-(8 KV heads) shrinks the decode-time KV cache 4x. Needs a 32k SentencePiece vocabulary.
+(8 KV heads) shrinks the decode-time KV cache 4x. Per chip about 36 of 95 GB
+(bench/tpu_aot.py, docs/TPU.md). Reads mC4 (TFDS c4/multilingual, prepared in a bucket) and
+needs a 32k SentencePiece vocabulary.
 
 python -m xlingo.train --config configs/tpu_8b.py --workdir gs://BUCKET/xlingo/tpu_8b \
-  --config.data.vocab_path=gs://BUCKET/xlingo/vocab32k.model
+  --config.data.vocab_path=gs://BUCKET/xlingo/vocab32k.model \
+  --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets
 """
 
 from xlingo import config as xconfig

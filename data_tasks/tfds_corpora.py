@@ -10,7 +10,7 @@ split per language ("de") and "<lang>-validation".
 
 from data_tasks.registered import Registered
 from xlingo.data import tasks
-from xlingo.errors import DataError
+from xlingo.errors import ConfigError, DataError
 
 VERSIONS = {"wiki40b": "1.3.0", "c4/multilingual": "3.1.0"}
 
@@ -34,6 +34,9 @@ def register(data_cfg, vocab, prefix: str = "xlingo.tfds") -> Registered:
   if not name:
     raise DataError("data.source='tfds_corpora' needs data.tfds_name ('wiki40b' or "
                           "'c4/multilingual')")
+  if not data_cfg.get("tfds_data_dir"):
+    raise ConfigError(f"data.tfds_data_dir is empty; set --config.data.tfds_data_dir=gs://BUCKET/"
+                      f"tensorflow_datasets where {name} has been prepared (tfds build)")
   lm = {}
   for lang in data_cfg.languages:
     tfds_name, splits = tfds_spec(name, lang)

@@ -19,7 +19,7 @@ from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import loop
+from xlingo.training import loop, step
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 
@@ -151,7 +151,7 @@ def test_targets_only_loss_matches_numpy():
   ac.model = c.model
   ac.checkpoint.init_from = "unused"
   objective, _ = adapt.make_objective(ac)
-  ctx = loop.StepContext(model=model, config=ac, deterministic=True)
+  ctx = step.StepContext(model=model, config=ac, deterministic=True)
   # jitted: op by op on 8 fake devices is slow
   got, _ = jax.jit(lambda p, b: objective.loss_fn(ctx, p, b, jax.random.PRNGKey(0), {}))(
       params, jax.tree.map(jnp.asarray, batch))

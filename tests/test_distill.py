@@ -17,7 +17,7 @@ from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import losses
-from xlingo.training.loop import StepContext
+from xlingo.training.step import StepContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -198,7 +198,7 @@ def make_objective(config):
   import jax.numpy as jnp
 
   from xlingo.model import lora
-  from xlingo.training import loop
+  from xlingo.training import step
 
   a = config.adapt
   use_lora = a.mode == "lora"
@@ -211,7 +211,7 @@ def make_objective(config):
     p = model_params(params)
     # Targets-only loss on translation pairs comes from the batch: its loss_weights are 0 on
     # the source tokens, so the shared LM loss is already the conditional loss.
-    total, aux = loop.lm_loss(ctx, p, batch, rng, None)
+    total, aux = step.lm_loss(ctx, p, batch, rng, None)
     if l2 and extra:
       sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32) - x0.astype(jnp.float32)))
                for x, x0 in zip(jax.tree.leaves(p), jax.tree.leaves(extra["init"])))
@@ -228,7 +228,7 @@ def make_objective(config):
     return {"init": load_init_params(cfg, mesh, rules)}
 
   stopper = EarlyStopping(f"val/bpb/{target_language(config)}", int(a.early_stop_patience))
-  return loop.Objective(
+  return step.Objective(
       name="adapt", loss_fn=loss_fn, prepare_extra=prepare_extra, check_config=check_config,
       on_eval=stopper.on_eval, should_stop=stopper.should_stop,
       param_extension=_lora_extension(config) if use_lora else None), stopper

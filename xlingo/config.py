@@ -47,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.scan_layers = True
   c.model.lid_head = False  # auxiliary language-identification head
   c.model.rope_theta = 10000.0
-  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn
+  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: all remaining devices
@@ -101,7 +101,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
   c.data.jsonl_field = "text"
   c.data.tfds_name = ""  # "wiki40b" or "c4/multilingual", for source=tfds
-  c.data.tfds_data_dir = ""
+  c.data.tfds_data_dir = ""  # required for source=tfds: where the prepared datasets live
+  # Refuse to start when a language's planned passes over its data exceed this (0: no bound):
+  # past a few epochs repeated text adds little (Muennighoff et al. 2023, "Scaling
+  # Data-Constrained Language Models"), and a run that plans thousands has the wrong corpus.
+  c.data.max_epochs = 0.0
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 100
@@ -118,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.1
   c.train.grad_clip = 1.0
   c.train.z_loss = 0.0
+  # Sequence positions per chunk of the loss's vocabulary projection (losses.py): the
+  # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk, which on
+  # CPU is as fast or faster (docs/PERFORMANCE.md); the TPU configs chunk.
+  c.train.loss_chunk_size = 0
   c.train.lid_loss_weight = 0.0
   c.train.log_every = 10
   c.train.eval_every = 50
@@ -156,5 +164,18 @@ def tpu_pretrain_config(seq_len: int = 2048) -> ml_collections.ConfigDict:
   c.train.log_every = 50
   c.train.eval_every = 2000
   c.train.eval_batches = 16
+  # One [rows, 512, 32768] float32 block of logits at a time instead of the whole row's
+  # (docs/TPU.md has what each config needs per chip).
+  c.train.loss_chunk_size = 512
   c.checkpoint.every_steps = 1000
+  # A real corpus: mC4 (TFDS c4/multilingual, what mT5 trained on) holds tens to thousands of
+  # billions of tokens in each of these languages (the mT5 paper's counts), so a 21-63B-token
+  # run reads each well under once; wiki40b's ja and zh Wikipedias (under a million articles
+  # each) would be read several times over at this temperature (an estimate; the start-of-run
+  # table gives the figure). Prepare it with TFDS into a bucket and pass
+  # --config.data.tfds_data_dir=gs://BUCKET/tensorflow_datasets.
+  c.data.source = "tfds"
+  c.data.tfds_name = "c4/multilingual"
+  c.data.temperature = 3.33  # mT5's alpha = 0.3
+  c.data.max_epochs = 4.0
   return c

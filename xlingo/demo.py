@@ -41,10 +41,10 @@ def main(argv=None) -> int:
   state = {}
 
   def body(config, workdir):
-    from xlingo.training import loop
+    from xlingo.training import loop, step
 
     state["config"] = config
-    state["last"] = loop.run(config, workdir, loop.LM_OBJECTIVE)
+    state["last"] = loop.run(config, workdir, step.LM_OBJECTIVE)
 
   cli.run_main(argv_train, __doc__, body)
   config = state["config"]

@@ -189,24 +189,32 @@ def check_distill_config(config) -> None:
 
 
 def distill_loss(teacher_model, ctx, params, batch, rng, extra):
-  """alpha * tau^2 * KL + (1 - alpha) * CE, summed over tokens; ``extra['teacher_params']``."""
-  from xlingo.training import losses
+  """alpha * tau^2 * KL + (1 - alpha) * CE, summed over tokens; ``extra['teacher_params']``.
+
+  Both models return hidden states; the loss projects them onto the vocabulary
+  ``train.loss_chunk_size`` positions at a time (``losses.chunked_distillation``), so neither
+  the teacher's nor the student's [B, T, V] logits are ever held whole.
+  """
+  from xlingo.training import losses, step
 
   d, t = ctx.config.distill, ctx.config.train
   feats = (batch["inputs"], batch["segment_ids"], batch["positions"], batch["lang_ids"])
   # Frozen teacher: no gradient, so no activations are kept for a backward pass.
   teacher_params = jax.lax.stop_gradient(extra["teacher_params"])
-  t_logits, _ = teacher_model.apply({"params": teacher_params}, *feats, deterministic=True)
-  t_logits = jax.lax.stop_gradient(t_logits)
-  s_logits, lid_logits = ctx.model.apply({"params": params}, *feats,
-                                         deterministic=ctx.deterministic, rngs={"dropout": rng})
-  step = getattr(ctx, "step", None)
-  alpha = scheduled(d.alpha, d.alpha_end, d.schedule, step, t.steps)
-  tau = scheduled(d.temperature, d.temperature_end, d.schedule, step, t.steps)
+  t_hidden, _ = teacher_model.apply({"params": teacher_params}, *feats, deterministic=True,
+                                    return_hidden=True)
+  s_hidden, lid_logits = ctx.model.apply({"params": params}, *feats,
+                                         deterministic=ctx.deterministic, rngs={"dropout": rng},
+                                         return_hidden=True)
+  step_now = getattr(ctx, "step", None)
+  alpha = scheduled(d.alpha, d.alpha_end, d.schedule, step_now, t.steps)
+  tau = scheduled(d.temperature, d.temperature_end, d.schedule, step_now, t.steps)
   w = batch["loss_weights"]
-  ce_sum, _, ce_pt = losses.cross_entropy_loss(s_logits, batch["targets"], w, z_loss=t.z_loss)
-  kl_sum, kl_pt = losses.kl_divergence(t_logits, s_logits, w, temperature=tau,
-                                       top_k=d.top_k or None)
+  ce_sum, ce_pt, kl_sum, kl_pt = losses.chunked_distillation(
+      step.output_logits_fn(ctx.model, params), s_hidden,
+      step.output_logits_fn(teacher_model, teacher_params), t_hidden, batch["targets"], w,
+      z_loss=t.z_loss, temperature=tau, top_k=d.top_k or None,
+      chunk_size=step.loss_chunk_size(ctx.config))
   total = alpha * tau**2 * kl_sum + (1.0 - alpha) * ce_sum
   # 'loss' stays the student's own cross-entropy: the loop turns it into bits per byte.
   aux = {"per_token": {"loss": ce_pt, "kl": kl_pt}, "kl_sum": kl_sum, "ce_sum": ce_sum}
@@ -218,8 +226,8 @@ def distill_loss(teacher_model, ctx, params, batch, rng, extra):
 
 
 def make_objective():
-  """The distillation :class:`~xlingo.training.loop.Objective` (teacher built on first use)."""
-  from xlingo.training import loop, metrics
+  """The distillation :class:`~xlingo.training.step.Objective` (teacher built on first use)."""
+  from xlingo.training import metrics, step
 
   teacher: dict = {}
 
@@ -244,7 +252,7 @@ def make_objective():
   def loss_fn(ctx, params, batch, rng, extra):
     return distill_loss(teacher["model"], ctx, params, batch, rng, extra)
 
-  return loop.Objective(name="distill", loss_fn=loss_fn, prepare_extra=prepare_extra,
+  return step.Objective(name="distill", loss_fn=loss_fn, prepare_extra=prepare_extra,
                         initial_params=initial_params, check_config=check_distill_config)
 
 

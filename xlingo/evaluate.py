@@ -63,13 +63,13 @@ def validation_batches(lm) -> dict[str, list]:
 def validation_metrics(lm) -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them."""
   from xlingo import sharding
-  from xlingo.training import loop
+  from xlingo.training import loop, step
 
   val_batches = validation_batches(lm)
   if not val_batches:
     return {}
   codes = lm.table.codes
-  eval_fn = loop.make_eval_step(loop.LM_OBJECTIVE, lm.model, lm.config, lm.byte_table,
+  eval_fn = step.make_eval_step(step.LM_OBJECTIVE, lm.model, lm.config, lm.byte_table,
                                 len(codes))
   with sharding.mesh_context(lm.mesh, lm.rules):
     return loop.evaluate_batches(jax.jit(eval_fn), lm.params, val_batches, codes,

@@ -11,9 +11,9 @@ from xlingo import cli
 
 
 def run(config, workdir: str) -> dict:
-  from xlingo.training import loop
+  from xlingo.training import loop, step
 
-  return loop.run(config, workdir, loop.LM_OBJECTIVE)
+  return loop.run(config, workdir, step.LM_OBJECTIVE)
 
 
 def main(argv=None):

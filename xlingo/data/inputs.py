@@ -157,6 +157,7 @@ def plan_inputs(config) -> InputPlan:
   rates = mixing.compute_rates(
       stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
       unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}))
+  mixing.check_epochs(stats, rates, run_tokens, d.get("max_epochs", 0.0))
   mixture = mixing.register_mixture(rates)
   train_mixture = mixture
   if group_size:

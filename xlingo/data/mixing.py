@@ -133,3 +133,21 @@ def format_table(stats: Sequence[TaskStats], rates: Mapping[str, float],
                  f"{rates[s.name]:>7.3f} {epochs[s.name]:>8.2f}")
   lines.append(f"run: {run_tokens:,.0f} tokens")
   return "\n".join(lines)
+
+
+def check_epochs(stats: Sequence[TaskStats], rates: Mapping[str, float], run_tokens: float,
+                 max_epochs: float) -> None:
+  """ConfigError when any language would be read more than ``max_epochs`` times over the run
+  (``data.max_epochs``; 0 or less: no bound)."""
+  if not max_epochs or max_epochs <= 0:
+    return
+  epochs = epochs_over_run(stats, rates, run_tokens)
+  over = sorted(((epochs[s.name], s.lang) for s in stats if epochs[s.name] > max_epochs),
+                reverse=True)
+  if over:
+    listed = ", ".join(f"{lang} {e:,.1f}" for e, lang in over)
+    raise ConfigError(
+        f"planned epochs over the run exceed data.max_epochs={max_epochs:g} ({listed}); use a "
+        "larger corpus for them (data.source, data.tfds_name), lower their rates "
+        "(data.temperature, data.language_weights) or train.steps, or raise data.max_epochs "
+        "(0 = no bound)")

@@ -4,6 +4,11 @@ Packing puts several documents in one row; ``segment_ids`` (1.. per document, 0 
 keep each token's attention inside its own document. Grouped-query attention falls out of
 ``jax.nn.dot_product_attention`` when ``num_kv_heads < num_heads``.
 
+Four implementations compute the same thing (``choose_implementation``): 'plain' (CPU),
+'xla' and 'cudnn' (``jax.nn.dot_product_attention``), and 'splash' (TPU): Pallas' splash
+attention kernel, which never forms the [B, N, T, T] scores, run per device under
+``shard_map`` (``splash_attention``).
+
 Decoding (``decode=True``) keeps ``cached_key``/``cached_value`` [B, max_len, K, H] and a
 scalar ``cache_index`` in the ``cache`` collection. Each call writes its T new keys at the
 index (T=1 for a step, T>1 for a prompt prefill) and attends causally over the filled part.
@@ -28,29 +33,140 @@ BTD = ("activation_batch", "activation_length", "activation_embed")
 BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 
 
-def choose_implementation(impl: str, dtype, head_dim: int) -> str:
-  """Resolves attention_impl 'auto' to 'plain', 'xla' or 'cudnn'.
+IMPLEMENTATIONS = ("auto", "plain", "xla", "cudnn", "splash")
+# Splash attention's blocks are multiples of the TPU's 128 lanes; 512 is the largest used.
+SPLASH_LANES = 128
+SPLASH_MAX_BLOCK = 512
+
+
+def compile_platform() -> str:
+  """The platform of the devices the program is being built for: the active mesh's, else the
+  default backend's. Not ``jax.default_backend()`` alone: a CPU host compiles for abstract TPU
+  devices (``bench/tpu_aot.py``), and the mesh says so."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
+def choose_implementation(impl: str, dtype, head_dim: int, platform: str | None = None) -> str:
+  """Resolves attention_impl 'auto' to 'plain', 'xla', 'cudnn' or 'splash'.
 
   'xla' and 'cudnn' are ``jax.nn.dot_product_attention``'s backends; 'plain' is
-  ``plain_attention`` (einsum + masked softmax). cuDNN flash attention needs a GPU,
-  half-precision inputs and head_dim a multiple of 8 up to 128; it skips the masked half of
-  causal attention, so it is worth taking where it applies. CPUs use 'plain' (forward +
-  backward of small's attention 130 vs 158 ms for the XLA path, docs/PERFORMANCE.md); TPUs
-  and other GPU cases use 'xla'.
+  ``plain_attention`` (einsum + masked softmax); 'splash' is ``splash_attention``. TPUs take
+  splash: it never forms the [B, N, T, T] float32 scores (4 GiB per layer for 16 rows of 2048
+  positions and 16 heads) and skips the masked half of causal attention. cuDNN flash attention
+  needs a GPU, half-precision inputs and head_dim a multiple of 8 up to 128, and likewise skips
+  the masked half. CPUs use 'plain' (forward + backward of small's attention 130 vs 158 ms for
+  the XLA path, docs/PERFORMANCE.md); other GPU cases use 'xla'. ``platform`` defaults to
+  :func:`compile_platform`.
   """
-  if impl in ("plain", "xla", "cudnn"):
+  if impl in IMPLEMENTATIONS[1:]:
     return impl
   if impl != "auto":
-    raise ConfigError(f"model.attention_impl={impl!r}; use auto, plain, xla or cudnn")
-  if jax.default_backend() == "cpu":
+    raise ConfigError(f"model.attention_impl={impl!r}; use one of {', '.join(IMPLEMENTATIONS)}")
+  platform = platform or compile_platform()
+  if platform == "cpu":
     return "plain"
+  if platform == "tpu":
+    return "splash"
   fits_cudnn = (
-      jax.default_backend() == "gpu"
+      platform == "gpu"
       and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
       and head_dim % 8 == 0
       and head_dim <= 128
   )
   return "cudnn" if fits_cudnn else "xla"
+
+
+def splash_block_size(length: int) -> int:
+  """The largest multiple of 128 up to 512 that divides ``length`` (a multiple of 128): the
+  kernel's query and key/value tile, forward and backward. Larger tiles mean fewer grid steps;
+  512 is what MaxText settled on for 2k-8k rows, and a 512 x 512 float32 tile of scores
+  (1 MiB) stays well inside a TensorCore's vector memory."""
+  block = min(SPLASH_MAX_BLOCK, length)
+  while length % block:
+    block -= SPLASH_LANES
+  return block
+
+
+def splash_supported(length: int) -> bool:
+  return length >= SPLASH_LANES and length % SPLASH_LANES == 0
+
+
+def _splash_kernel(num_heads: int, length: int, interpret: bool):
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_kernel as splash,
+  )
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+    splash_attention_mask as splash_mask,
+  )
+
+  block = splash_block_size(length)
+  sizes = splash.BlockSizes(
+      block_q=block, block_kv=block, block_kv_compute=block,
+      block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
+      block_q_dq=block, block_kv_dq=block)
+  mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((length, length))] * num_heads)
+  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1,
+                                  interpret=interpret)
+
+  def attend_bnth(q_nth, k_kth, v_kth, segment_ids_t):
+    ids = splash.SegmentIds(q=segment_ids_t, kv=segment_ids_t)
+    return kernel(q_nth, k_kth, v_kth, segment_ids=ids)
+
+  return jax.vmap(attend_bnth)
+
+
+def _mesh_axes_if_divisible(logical: str, size: int, mesh):
+  """The mesh axes the rules give ``logical``, or None where they do not divide ``size``."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  if axes is None or mesh.empty:
+    return None
+  parts = int(np.prod([mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,))]))
+  return axes if size % parts == 0 else None
+
+
+def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *,
+                     interpret: bool | None = None) -> jax.Array:
+  """Causal, segment-masked attention with Pallas' splash kernel; [B, T, N, H] out.
+
+  The kernel does not scale the scores, so q is multiplied by 1/sqrt(H) first. It takes one
+  row's [heads, T, H] arrays (vmapped over the batch) and reads grouped-query K/V heads itself
+  (query head i uses K/V head i // (N / K)). Under a mesh it runs in ``shard_map``, each device
+  on its own rows (the 'activation_batch' mesh axes) and heads ('activation_heads'); rows are
+  never split along the sequence, which the kernel cannot do. Where an axis does not divide
+  (e.g. K/V heads fewer than the 'tensor' devices) that dimension is replicated instead (K/V
+  heads are first repeated to N). ``interpret`` (default: not compiling for a TPU) runs the
+  kernel through the Pallas interpreter, which is how tests check it on CPU.
+  """
+  b, t, n, h = q_btnh.shape
+  kh = k_btkh.shape[2]
+  if interpret is None:
+    interpret = compile_platform() != "tpu"
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = _mesh_axes_if_divisible("activation_batch", b, mesh)
+  head_axes = _mesh_axes_if_divisible("activation_heads", n, mesh)
+  if head_axes is not None and _mesh_axes_if_divisible("activation_heads", kh, mesh) is None:
+    k_btkh = jnp.repeat(k_btkh, n // kh, axis=2)
+    v_btkh = jnp.repeat(v_btkh, n // kh, axis=2)
+  scale = h**-0.5
+  q_bnth = jnp.swapaxes((q_btnh.astype(jnp.float32) * scale).astype(q_btnh.dtype), 1, 2)
+  k_bkth = jnp.swapaxes(k_btkh, 1, 2)
+  v_bkth = jnp.swapaxes(v_btkh, 1, 2)
+  segment_ids_bt = segment_ids_bt.astype(jnp.int32)
+
+  def attend(q, k, v, seg):
+    return _splash_kernel(q.shape[1], t, interpret)(q, k, v, seg)
+
+  if mesh.empty:
+    out_bnth = attend(q_bnth, k_bkth, v_bkth, segment_ids_bt)
+  else:
+    spec = jax.sharding.PartitionSpec(batch_axes, head_axes)
+    out_bnth = jax.shard_map(
+        attend, mesh=mesh, in_specs=(spec, spec, spec, jax.sharding.PartitionSpec(batch_axes)),
+        out_specs=spec, check_vma=False)(q_bnth, k_bkth, v_bkth, segment_ids_bt)
+  return jnp.swapaxes(out_bnth, 1, 2)
 
 
 def flat_matmul(x: jax.Array, w: jax.Array, contract: int = 1, **kw) -> jax.Array:
@@ -226,6 +342,9 @@ class Attention(nn.Module):
     k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta)
 
     impl = choose_implementation(cfg.attention_impl, dtype, h)
+    if impl == "splash" and not splash_supported(length):
+      # Parameter init (8 positions) and odd lengths: the kernel tiles rows in 128s.
+      impl = "xla"
     if cache is not None and cache[3]:
       # A filled cache: write the new keys at the index, attend over everything before.
       cached_key, cached_value, cache_index, _ = cache
@@ -241,6 +360,8 @@ class Attention(nn.Module):
       out_btnh = jax.nn.dot_product_attention(
           q_btnh, k_bskh, v_bskh, mask=mask_11ts, implementation="xla"
       )
+    elif impl == "splash":
+      out_btnh = splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt)
     elif impl == "plain":
       out_btnh = plain_attention(
           q_btnh, k_btkh, v_btkh, segment_mask(segment_ids_bt), is_causal=True

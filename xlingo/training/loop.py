@@ -1,8 +1,9 @@
 """The one training loop shared by pretraining, adaptation and distillation.
 
-An :class:`Objective` says what differs: the loss, any extra (frozen) tree the step needs, such
-as a teacher's parameters, and how the initial parameters are obtained. Everything else (mesh,
-data, state, compiled step, logging, evaluation, checkpoints, preemption) lives here once.
+An objective (``xlingo.training.step.Objective``) says what differs: the loss, any extra
+(frozen) tree the step needs, such as a teacher's parameters, and how the initial parameters are
+obtained. The compiled step is built in ``xlingo.training.step``; everything else (mesh, data,
+state, logging, evaluation, checkpoints, preemption) lives here once.
 """
 
 from __future__ import annotations
@@ -13,160 +14,25 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from xlingo import load, paths, sharding
-from xlingo.data import inputs, iterator, packing
+from xlingo.data import inputs, iterator
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import losses, metrics, preemption
+from xlingo.training import metrics, preemption
 from xlingo.training import state as state_lib
+from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
 
 FINISHED_MARKER = "xlingo: training finished"
 LN2 = math.log(2.0)
-
-
-@dataclasses.dataclass
-class StepContext:
-  """What a loss function may use besides params and batch."""
-
-  model: Any
-  config: Any
-  deterministic: bool
-  # The state's step (a traced int32) inside the train step, for loss schedules; None in eval.
-  step: Any = None
-
-
-# loss_fn(ctx, params, batch, rng, extra) -> (loss_sum, aux). ``loss_sum`` is summed over
-# tokens (the step divides by the batch's total weight); aux holds 'per_token' (name ->
-# [B, L] weighted per-token values, reported per language as name/<lang>) and scalar sums.
-LossFn = Callable[..., tuple[jax.Array, dict]]
-
-
-@dataclasses.dataclass
-class Objective:
-  name: str
-  loss_fn: LossFn
-  # (config, mesh, rules) -> pytree that the step receives unchanged (e.g. teacher params)
-  prepare_extra: Callable[..., Any] | None = None
-  # (factory, config) -> params, used instead of a fresh init when there is no checkpoint
-  initial_params: Callable[..., Any] | None = None
-  # called with (config) before anything is built: objective-specific config checks
-  check_config: Callable[..., None] | None = None
-  # after each evaluation: (step, val_metrics) -> True to save a 'best' copy (early stopping)
-  on_eval: Callable[..., bool] | None = None
-  # after each evaluation (and on_eval): () -> True ends the run there (early stopping)
-  should_stop: Callable[[], bool] | None = None
-  # parameters added beside the model's (e.g. LoRA factors); see state.ParamExtension
-  param_extension: state_lib.ParamExtension | None = None
-
-
-def lm_loss(ctx: StepContext, params, batch, rng, extra):
-  """Next-token cross-entropy (+ z-loss, + lambda * language-ID loss)."""
-  del extra
-  t = ctx.config.train
-  logits, lid_logits = ctx.model.apply(
-      {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-      batch["lang_ids"], deterministic=ctx.deterministic, rngs={"dropout": rng})
-  ce_sum, _, per_token = losses.cross_entropy_loss(
-      logits, batch["targets"], batch["loss_weights"], z_loss=t.z_loss)
-  aux = {"per_token": {"loss": per_token}}
-  total = ce_sum
-  if lid_logits is not None and t.lid_loss_weight:
-    lid_sum, _ = losses.lid_loss(lid_logits, batch["lang_ids"], batch["loss_weights"])
-    total = total + t.lid_loss_weight * lid_sum
-    aux["lid_loss_sum"] = lid_sum
-  return total, aux
-
-
-LM_OBJECTIVE = Objective(name="lm", loss_fn=lm_loss)
-
-
-# --- the compiled step ----------------------------------------------------------------------
-
-
-def _per_language(aux, batch, byte_table, num_langs):
-  """Sums per language: every per-token quantity, the weights, and the bytes they stand for."""
-  w = batch["loss_weights"].astype(jnp.float32)
-  ids = batch["lang_ids"].reshape(-1)
-  seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_langs)
-  out = {f"{k}_lang": seg(v) for k, v in aux["per_token"].items()}
-  out["weight_lang"] = seg(w)
-  out["bytes_lang"] = seg(jnp.take(byte_table, batch["targets"]) * w)
-  return out
-
-
-def _sums(aux, batch, byte_table, num_langs):
-  sums = {k: v for k, v in aux.items() if k != "per_token"}
-  sums.update(_per_language(aux, batch, byte_table, num_langs))
-  return sums
-
-
-def make_train_step(objective: Objective, model, config, tx, byte_table, num_langs):
-  t = config.train
-  ctx = StepContext(model=model, config=config, deterministic=False)
-  base_rng = jax.random.PRNGKey(t.seed)
-
-  def step_fn(state: state_lib.TrainState, batch, extra):
-    rng = jax.random.fold_in(base_rng, state.step)
-    total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
-
-    step_ctx = dataclasses.replace(ctx, step=state.step)
-
-    def micro_loss(params, mb, r):
-      loss_sum, aux = objective.loss_fn(step_ctx, params, mb, r, extra)
-      return loss_sum / total_weight, _sums(aux, mb, byte_table, num_langs)
-
-    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
-    m = t.microbatches
-    if m == 1:
-      (loss, sums), grads = grad_fn(state.params, batch, rng)
-    else:
-      mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
-
-      def body(carry, xs):
-        mb, i = xs
-        (mb_loss, mb_sums), mb_grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
-        acc_loss, acc_sums, acc_grads = carry
-        return (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_sums, mb_sums),
-                jax.tree.map(jnp.add, acc_grads, mb_grads)), None
-
-      first = jax.tree.map(lambda x: x[0], mbs)
-      (l0, s0), g0 = grad_fn(state.params, first, rng)
-      rest = jax.tree.map(lambda x: x[1:], mbs)
-      (loss, sums, grads), _ = jax.lax.scan(body, (l0, s0, g0), (rest, jnp.arange(1, m)))
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    # A non-finite step leaves the state as it was; the host stops the run on seeing it.
-    new = state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    new = new.replace(step=state.step + 1)
-    out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~ok).astype(jnp.int32),
-           "total_weight": total_weight, **sums}
-    return new, out
-
-  return step_fn
-
-
-def make_eval_step(objective: Objective, model, config, byte_table, num_langs):
-  ctx = StepContext(model=model, config=config, deterministic=True)
-
-  def eval_fn(params, batch, extra):
-    _, aux = objective.loss_fn(ctx, params, batch, jax.random.PRNGKey(0), extra)
-    return _per_language(aux, batch, byte_table, num_langs)
-
-  return eval_fn
 
 
 # --- host side ------------------------------------------------------------------------------
@@ -287,7 +153,7 @@ class Setup:
   byte_table: jax.Array
 
 
-def build(config, objective: Objective | None = None) -> Setup:
+def build(config, objective: step_lib.Objective | None = None) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
@@ -299,7 +165,7 @@ def build(config, objective: Objective | None = None) -> Setup:
   return Setup(config, mesh, rules, model, plan, factory, byte_table)
 
 
-def run(config, workdir: str, objective: Objective = LM_OBJECTIVE) -> dict:
+def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECTIVE) -> dict:
   """Train until ``train.steps``, resuming from the workdir; returns the last metrics.
 
   One trainer per workdir (``workdir.WorkdirLock``); SIGTERM or SIGINT, even during start-up,
@@ -359,20 +225,13 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
     state, start = s.factory.init(jax.random.PRNGKey(t.seed)), 0
 
   batch_sh = sharding.batch_sharding(s.mesh)
-  step_fn = make_train_step(objective, s.model, config, s.factory.tx, s.byte_table, num_langs)
-  eval_fn = make_eval_step(objective, s.model, config, s.byte_table, num_langs)
-  abstract_batch = {
-      k: jax.ShapeDtypeStruct((t.batch_size, config.data.seq_len),
-                              jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
-      for k in packing.FEATURES}
-  with sharding.mesh_context(s.mesh, s.rules):
-    t0 = time.perf_counter()
-    train_step = jax.jit(step_fn, in_shardings=(s.factory.shardings, batch_sh, None),
-                         out_shardings=(s.factory.shardings, None),
-                         donate_argnums=(0,)).lower(
-                             s.factory.abstract_with_shardings(), abstract_batch, extra).compile()
-    compile_s = time.perf_counter() - t0
-    eval_step = jax.jit(eval_fn)
+  step_fn = step_lib.make_train_step(objective, s.model, config, s.factory.tx, s.byte_table,
+                                    num_langs)
+  eval_fn = step_lib.make_eval_step(objective, s.model, config, s.byte_table, num_langs)
+  train_step, lower_s, compile_s = step_lib.compile_train_step(
+      step_fn, s.factory, s.mesh, s.rules, config, extra)
+  compile_s += lower_s
+  eval_step = jax.jit(eval_fn)
   mem = _memory_line(train_step)
   metrics.console(f"train step compiled in {compile_s:.1f} s{mem}")
   peak, peak_src = metrics.peak_flops_per_device(t.peak_flops_per_device, config.model.dtype)

@@ -1,14 +1,32 @@
 """Losses: token cross-entropy (with optional z-loss), the language-identification loss and
-the distillation KL.
+the distillation KL, each also chunked over the sequence.
 
 All return sums plus the weight sum rather than a mean, so that microbatches, hosts and
 per-language breakdowns can be added up before one final division.
+
+The chunked forms take the model's final hidden states [B, T, D] and a function that projects
+a slice of them onto the vocabulary, instead of the [B, T, V] float32 logits: at a 32k
+vocabulary and 2048-token rows the full logits and their gradient are 4 GiB each per 16 rows.
+The sequence is cut into chunks of ``chunk_size`` positions and a ``lax.scan`` runs over them
+with a rematerialised body (``jax.checkpoint``): the forward pass keeps only per-token values
+and the backward pass recomputes one chunk's logits at a time, pulls its gradient back to the
+hidden states and the output weights, and drops it. So at most one chunk's [B, C, V] logits
+(and their gradient) exist at any time, at the price of recomputing the output projection
+(one extra [B*T, D] x [D, V] matmul per step). The batch axis is kept whole inside a chunk, so
+a batch sharded over data-parallel devices stays sharded.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
+
+from xlingo.errors import ConfigError
+
+# hidden [B, C, D] -> float32 logits [B, C, V]
+LogitsFn = Callable[[jax.Array], jax.Array]
 
 
 def cross_entropy_loss(
@@ -92,3 +110,101 @@ def kl_divergence(
   kl_bt = jnp.sum(jnp.exp(log_p_btk) * (log_p_btk - log_q_btk), axis=-1)
   per_token_bt = kl_bt * weights
   return jnp.sum(per_token_bt), per_token_bt
+
+
+def _num_chunks(length: int, chunk_size: int) -> int:
+  """How many chunks of ``chunk_size`` positions cover ``length``; 1 means unchunked."""
+  if chunk_size <= 0 or chunk_size >= length:
+    return 1
+  if length % chunk_size:
+    raise ConfigError(f"train.loss_chunk_size={chunk_size} does not divide the sequence length "
+                      f"{length}; use a divisor of it (or 0 for no chunking)")
+  return length // chunk_size
+
+
+def chunked_over_length(fn, chunk_size: int, *arrays_bt):
+  """``fn(*chunks) -> (sums, per_token)`` over chunks of the sequence axis, added up.
+
+  ``arrays_bt`` are [B, T, ...] arrays cut along T; ``fn`` returns a tuple of scalars (summed
+  over the chunks) and a tuple of [B, C] per-token arrays (put back together into [B, T]).
+  Each chunk's body is rematerialised in the backward pass, so nothing [B, C, V]-sized is kept
+  between chunks.
+  """
+  b, length = arrays_bt[0].shape[:2]
+  n = _num_chunks(length, chunk_size)
+  if n == 1:
+    return fn(*arrays_bt)
+  c = length // n
+
+  def split(x):  # [B, T, ...] -> [n, B, C, ...]
+    return jnp.moveaxis(x.reshape(b, n, c, *x.shape[2:]), 1, 0)
+
+  # Inside scan the recomputation cannot be merged with the forward pass, so CSE prevention
+  # is not needed.
+  body_fn = jax.checkpoint(fn, prevent_cse=False)
+
+  def body(acc, xs):
+    sums, per_token = body_fn(*xs)
+    return tuple(a + s for a, s in zip(acc, sums)), per_token
+
+  zero_sums, _ = jax.eval_shape(fn, *(x[:, :c] for x in arrays_bt))
+  init = tuple(jnp.zeros(s.shape, s.dtype) for s in zero_sums)
+  sums, per_token_nbc = jax.lax.scan(body, init, tuple(split(x) for x in arrays_bt))
+  per_token = tuple(jnp.moveaxis(p, 0, 1).reshape(b, length) for p in per_token_nbc)
+  return sums, per_token
+
+
+def chunked_cross_entropy(
+    logits_fn: LogitsFn,
+    hidden_btd: jax.Array,
+    targets_bt: jax.Array,
+    weights_bt: jax.Array,
+    z_loss: float = 0.0,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """:func:`cross_entropy_loss` of ``logits_fn(hidden_btd)``, ``chunk_size`` positions at a
+  time (0: all at once). Same returns: ``(loss_sum, weight_sum, per_token_loss_bt)``."""
+
+  def chunk(h, tgt, w):
+    loss_sum, weight_sum, per_token = cross_entropy_loss(logits_fn(h), tgt, w, z_loss=z_loss)
+    return (loss_sum, weight_sum), (per_token,)
+
+  (loss_sum, weight_sum), (per_token,) = chunked_over_length(
+      chunk, chunk_size, hidden_btd, targets_bt, weights_bt)
+  return loss_sum, weight_sum, per_token
+
+
+def chunked_distillation(
+    student_logits_fn: LogitsFn,
+    student_hidden_btd: jax.Array,
+    teacher_logits_fn: LogitsFn,
+    teacher_hidden_btd: jax.Array,
+    targets_bt: jax.Array,
+    weights_bt: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    temperature: float | jax.Array = 1.0,
+    top_k: int | None = None,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """The student's cross-entropy and KL(teacher || student), one chunk of positions at a time.
+
+  Each chunk projects both models' hidden states onto the vocabulary and computes
+  :func:`cross_entropy_loss` and :func:`kl_divergence` (full or top-k) from them, so neither
+  model's full [B, T, V] logits exist. The teacher side carries no gradient.
+
+  Returns:
+    ``(ce_sum, ce_per_token_bt, kl_sum, kl_per_token_bt)``.
+  """
+  teacher_hidden_btd = jax.lax.stop_gradient(teacher_hidden_btd)
+
+  def chunk(s_h, t_h, tgt, w):
+    s_logits = student_logits_fn(s_h)
+    ce_sum, _, ce_pt = cross_entropy_loss(s_logits, tgt, w, z_loss=z_loss)
+    t_logits = jax.lax.stop_gradient(teacher_logits_fn(t_h))
+    kl_sum, kl_pt = kl_divergence(t_logits, s_logits, w, temperature=temperature, top_k=top_k)
+    return (ce_sum, kl_sum), (ce_pt, kl_pt)
+
+  (ce_sum, kl_sum), (ce_pt, kl_pt) = chunked_over_length(
+      chunk, chunk_size, student_hidden_btd, teacher_hidden_btd, targets_bt, weights_bt)
+  return ce_sum, ce_pt, kl_sum, kl_pt

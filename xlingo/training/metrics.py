@@ -18,19 +18,51 @@ import numpy as np
 
 from xlingo import paths
 
-# Dense bf16 peak FLOP/s per device, from the vendors' data sheets.
+# Dense bf16 peak FLOP/s per JAX device, keyed by ``device.device_kind`` (the strings JAX
+# reports; jax's own Pallas TPU table maps the same names). One JAX device is one chip on
+# every TPU below (v4 and v5p join their two TensorCores as one "megacore" device), so these
+# are Google's per-chip figures, from the Cloud TPU system-architecture pages:
+#   v4:  https://cloud.google.com/tpu/docs/v4   "Peak compute per chip 275 teraflops (bf16)"
+#   v5e: https://cloud.google.com/tpu/docs/v5e  "Peak compute per chip (bf16) 197 TFLOPs"
+#   v5p: https://cloud.google.com/tpu/docs/v5p  "Peak compute per chip (bf16) 459 TFLOPs"
+#   v6e: https://cloud.google.com/tpu/docs/v6e  "Peak compute per chip (bf16) 918 TFLOPs"
+# GPUs from NVIDIA's data sheets (dense bf16, SXM); their kinds carry a suffix such as
+# "NVIDIA H100 80GB HBM3", so they are matched by prefix.
 PEAK_FLOPS = {
     "TPU v4": 275e12,
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
     "TPU v5": 459e12,
+    "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
     "NVIDIA A100": 312e12,
 }
+
+# HBM per chip from the same pages: v4 "32 GiB"; v5e "16 GB", v5p "95 GB", v6e "32 GB". The
+# latter are taken as decimal gigabytes, the smaller reading, so a plan that fits here fits.
+TPU_HBM_BYTES = {
+    "TPU v4": 32 * 2**30,
+    "TPU v5 lite": 16e9,
+    "TPU v5e": 16e9,
+    "TPU v5": 95e9,
+    "TPU v5p": 95e9,
+    "TPU v6 lite": 32e9,
+    "TPU v6e": 32e9,
+}
+
+
+def lookup_device_kind(table: Mapping[str, float], kind: str) -> float | None:
+  """``table[kind]``, else the entry whose name is the longest prefix of ``kind``, else None.
+
+  Exact first: "TPU v5" (v5p) is a prefix of "TPU v5 lite" (v5e), which has its own entry.
+  """
+  if kind in table:
+    return table[kind]
+  names = [name for name in table if kind.startswith(name + " ")]
+  return table[max(names, key=len)] if names else None
 
 
 def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> float:
@@ -51,9 +83,9 @@ def peak_flops_per_device(configured: float, compute_dtype: str) -> tuple[float,
   if configured and configured > 0:
     return float(configured), "config"
   kind = jax.devices()[0].device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name) or name in kind:
-      return flops, f"table ({kind})"
+  flops = lookup_device_kind(PEAK_FLOPS, kind)
+  if flops is not None:
+    return flops, f"table ({kind})"
   # CPU or unknown: measure. With fake CPU devices all share the same cores, so the ceiling of
   # the whole host is divided among them.
   host = measure_matmul_flops(1024, jnp.dtype(compute_dtype))

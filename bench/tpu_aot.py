@@ -1,0 +1,149 @@
+"""Compile the real train step for a TPU topology on a machine without a TPU; print its memory.
+
+  python bench/tpu_aot.py --config configs/tpu_1b.py --topology v5e:4x4 [--config.K=V ...]
+
+libtpu (``pip install -e '.[tpu]'``) describes the topology's chips as abstract devices
+(``jax.experimental.topologies.get_topology_desc``); the config's mesh is built on them, and the
+loop's own train step (``step.make_train_step`` jitted by ``step.jit_train_step``: the state's
+shardings, the batch's, donation) is lowered from abstract state and compiled for them. Nothing
+runs and nothing is allocated. ``compiled.memory_analysis()`` gives what one chip needs:
+
+  total_gib = args_gib + out_gib + temp_gib - alias_gib   (the donated state is aliased)
+
+against ``hbm_gib`` (Google's per-chip figure, ``metrics.TPU_HBM_BYTES``). ``attention`` is what
+``model.attention_impl`` resolved to for these devices, and ``splash_kernels`` counts the
+Mosaic kernel calls in the compiled program (the proof that splash attention is in it).
+``flops`` is XLA's cost analysis of one chip's program (it does not see inside Mosaic kernels,
+so splash attention's FLOPs are missing from it); ``model_flops`` is one chip's share of
+``decoder.flops_per_token`` x tokens per step. Prints one JSON line.
+
+Topology names are libtpu's: v4:2x2x4, v5e:4x4, v5p:2x4x4, v6e:2x4, ... (chips per dimension).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# Before jax is imported: the host computes on CPU; libtpu must not look for a TPU VM's
+# metadata server (it waits on it otherwise).
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # else libtpu logs errors about it
+# libtpu takes /tmp/libtpu_lockfile for the life of any process that loads it (any JAX process
+# without JAX_PLATFORMS=cpu, once libtpu is installed); compiling needs no chip, so share it.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GIB = 2**30
+
+
+def topology_devices(name: str):
+  """The abstract TPU devices of a topology such as 'v5e:4x4'; ConfigError without libtpu."""
+  import importlib.util
+
+  from xlingo.errors import ConfigError
+
+  if importlib.util.find_spec("libtpu") is None:
+    raise ConfigError("libtpu is not installed; pip install -e '.[tpu]' (it compiles for TPU "
+                      "topologies on any machine)")
+  from jax.experimental import topologies
+
+  try:
+    return topologies.get_topology_desc(topology_name=name, platform="tpu").devices
+  except Exception as e:  # noqa: BLE001 - libtpu raises its own types
+    raise ConfigError(f"--topology={name!r} is not a TPU topology libtpu knows ({e}); use e.g. "
+                      "v5e:4x4, v5p:2x4x4, v6e:2x4") from None
+
+
+def compile_for_devices(config, devices, objective=None):
+  """Lower and compile the loop's train step for ``devices``: (figures dict, compiled)."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from xlingo import sharding
+  from xlingo.model import attention
+  from xlingo.model import decoder as decoder_lib
+  from xlingo.training import metrics
+  from xlingo.training import state as state_lib
+  from xlingo.training import step as step_lib
+
+  objective = objective or step_lib.LM_OBJECTIVE
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.logical_rules(config.mesh)
+  t = config.train
+  sharding.check_batch_divisible(t.batch_size // t.microbatches, mesh)
+  model = decoder_lib.Decoder(config.model)
+  factory = state_lib.StateFactory(model, config, mesh, rules)
+  # Only bits-per-byte sums read the byte table; its values do not change the program.
+  byte_table = np.ones((config.model.vocab_size,), np.float32)
+  step_fn = step_lib.make_train_step(objective, model, config, factory.tx, byte_table,
+                                     len(config.data.languages))
+  compiled, lower_s, compile_s = step_lib.compile_train_step(step_fn, factory, mesh, rules,
+                                                             config)
+  ma = compiled.memory_analysis()
+  total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
+           - ma.alias_size_in_bytes)
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list | tuple) else cost
+  kind = devices[0].device_kind
+  hbm = metrics.lookup_device_kind(metrics.TPU_HBM_BYTES, kind)
+  n = len(devices)
+  tokens = t.batch_size * config.data.seq_len
+  model_flops = decoder_lib.flops_per_token(config.model, config.data.seq_len) * tokens / n
+  impl = attention.choose_implementation(config.model.attention_impl,
+                                         jnp.dtype(config.model.dtype), config.model.head_dim,
+                                         platform=devices[0].platform)
+  if impl == "splash" and not attention.splash_supported(config.data.seq_len):
+    impl = "xla"
+  hlo = compiled.as_text()
+  return {
+      "devices": n, "device_kind": kind, "mesh": dict(mesh.shape),
+      "params_b": round(state_lib.param_count(factory.params_abstract) / 1e9, 3),
+      "batch": t.batch_size, "seq_len": config.data.seq_len, "microbatches": t.microbatches,
+      "loss_chunk_size": step_lib.loss_chunk_size(config), "remat": config.model.remat_policy,
+      "attention": impl, "splash_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+      "args_gib": round(ma.argument_size_in_bytes / GIB, 3),
+      "out_gib": round(ma.output_size_in_bytes / GIB, 3),
+      "alias_gib": round(ma.alias_size_in_bytes / GIB, 3),
+      "temp_gib": round(ma.temp_size_in_bytes / GIB, 3),
+      "total_gib": round(total / GIB, 3),
+      "hbm_gib": round(hbm / GIB, 2) if hbm else None,
+      "spare": round(1 - total / hbm, 3) if hbm else None,
+      "flops": float(cost.get("flops", float("nan"))) if cost else None,
+      "model_flops": model_flops,
+      "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
+  }, compiled
+
+
+def main(argv=None) -> dict:
+  from xlingo import cli
+
+  def define(fl):
+    from absl import flags
+
+    flags.DEFINE_string("topology", None, "libtpu topology, e.g. v5e:4x4", flag_values=fl)
+
+  argv = list(argv or sys.argv)
+  fl = cli.parse_flags(argv, __doc__, define)
+  if not fl.topology:
+    cli.fail("--topology is required, e.g. --topology v5e:4x4")
+  config = fl.config
+  cfg_path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if cfg_path is None and "--config" in argv:
+    cfg_path = argv[argv.index("--config") + 1]
+  out: dict = {}
+
+  def body():
+    out.update({"config": cfg_path, "topology": fl.topology})
+    out.update(compile_for_devices(config, topology_devices(fl.topology))[0])
+
+  cli.run_body(body)
+  print(json.dumps(out), flush=True)
+  return out
+
+
+if __name__ == "__main__":
+  main()

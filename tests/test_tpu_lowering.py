@@ -1,0 +1,70 @@
+"""The train step lowers and compiles for a real TPU topology (libtpu, no TPU needed): splash
+attention and the chunked loss included, so a change that breaks TPU lowering fails here."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+from configs import tiny
+from xlingo.training import metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tpu_aot():
+  if importlib.util.find_spec("libtpu") is None:
+    pytest.skip("libtpu is not installed (pip install -e '.[test]' brings it)")
+  sys.path.insert(0, os.path.join(ROOT, "bench"))
+  # Its import sets libtpu's environment (no metadata server, a shared lockfile) before
+  # libtpu loads.
+  import tpu_aot
+
+  return tpu_aot
+
+
+def test_train_step_compiles_for_v5e_2x2_with_splash_and_chunked_loss():
+  tpu_aot = _tpu_aot()
+  c = tiny.get_config()
+  c.model.max_len = c.data.seq_len = 128  # splash tiles rows in blocks of 128
+  c.model.dtype = "bfloat16"
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 2, 2  # heads and vocabulary over tensor
+  c.train.loss_chunk_size = 32
+  figures, compiled = tpu_aot.compile_for_devices(c, tpu_aot.topology_devices("v5e:2x2"))
+  assert figures["devices"] == 4 and figures["device_kind"] == "TPU v5 lite"
+  assert figures["attention"] == "splash"
+  # Forward, dq and dkv Mosaic kernels, once each inside the scanned block.
+  assert figures["splash_kernels"] == 3
+  hlo = compiled.as_text()
+  # Per chip: 8 rows / fsdp 2 = 4, vocabulary 8192 / tensor 2 = 4096. Chunks of 32 positions,
+  # never the whole 128-position row of logits.
+  assert "f32[4,32,4096]" in hlo and "f32[4,128,4096]" not in hlo
+  assert 0 < figures["total_gib"] < figures["hbm_gib"]
+
+
+def test_topology_name_errors_are_one_line():
+  tpu_aot = _tpu_aot()
+  from xlingo.errors import ConfigError
+
+  with pytest.raises(ConfigError, match="not a TPU topology"):
+    tpu_aot.topology_devices("v5e:3x7x9")
+
+
+@pytest.mark.parametrize("kind,flops,hbm", [
+    ("TPU v4", 275e12, 32 * 2**30),
+    ("TPU v5 lite", 197e12, 16e9),  # v5e, as JAX names it
+    ("TPU v5e", 197e12, 16e9),
+    ("TPU v5", 459e12, 95e9),  # v5p, as libtpu's topology names it
+    ("TPU v5p", 459e12, 95e9),
+    ("TPU v6 lite", 918e12, 32e9),  # v6e
+])
+def test_tpu_peak_and_hbm_lookup(kind, flops, hbm):
+  assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, kind) == flops
+  assert metrics.lookup_device_kind(metrics.TPU_HBM_BYTES, kind) == hbm
+
+
+def test_device_kind_lookup_by_prefix_and_unknown():
+  assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "NVIDIA H100 80GB HBM3") == 989e12
+  assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "cpu") is None
+  assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "TPU v7x") is None
