@@ -130,6 +130,6 @@ def test_distill_loss_and_grads_equal_unchunked(top_k):
 
 
 def test_step_batch_features_are_the_data_layers():
-  from xlingo.data import pipeline
+  from xlingo.data import packing
 
-  assert step.BATCH_FEATURES == pipeline.FEATURES
+  assert step.BATCH_FEATURES == packing.FEATURES
