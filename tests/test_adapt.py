@@ -18,8 +18,8 @@ from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
-from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import loop, step
+from xlingo.training import restore as restore_lib
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 
@@ -48,7 +48,7 @@ def _adapt_config(init_from: str, **adapt_kw):
 
 def _params(workdir, config, objective=None):
   s = loop.build(config, objective)
-  return ckpt_lib.restore_params(os.path.join(workdir, "checkpoints"),
+  return restore_lib.restore_params(os.path.join(workdir, "checkpoints"),
                                  s.factory.abstract_with_shardings().params)
 
 
@@ -104,7 +104,7 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
   # the export is plain model params, loadable by init_from, equal to the merge
   merged = jax.device_get(lora.merge(after, c.adapt.lora))
   s = loop.build(c, objective)
-  exported = jax.device_get(ckpt_lib.restore_params(
+  exported = jax.device_get(restore_lib.restore_params(
       str(tmp_path / "merged"), s.factory.model_abstract_with_shardings(), c))
   assert set(exported) == set(merged)
   for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exported)):
@@ -252,7 +252,7 @@ def _restore_with(pretrained, tmp_path, edit_meta=None, **cfg_kw):
     section, key = k.split("__")
     c[section][key] = v
   s = loop.build(c)
-  return ckpt_lib.restore_params(
+  return restore_lib.restore_params(
       copy, s.factory.model_abstract_with_shardings(), c,
       init_fresh=lambda n: s.factory.init_model_param(jax.random.PRNGKey(0), n))
 

@@ -373,13 +373,13 @@ def export_merged(config, params, out_dir: str, step: int | None = None) -> str:
   import orbax.checkpoint as ocp
 
   from xlingo import paths
-  from xlingo.training import checkpoints as ckpt_lib
+  from xlingo.training import restore as restore_lib
 
   out_dir = paths.resolve(out_dir)
   ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
   ckptr.save(paths.as_path(out_dir), args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": params}),
-      meta=ocp.args.JsonSave(ckpt_lib.export_meta(config, step))), force=True)
+      meta=ocp.args.JsonSave(restore_lib.export_meta(config, step))), force=True)
   return out_dir
 
 

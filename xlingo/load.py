@@ -31,7 +31,7 @@ from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import lora
-from xlingo.training import checkpoints as ckpt_lib
+from xlingo.training import restore as restore_lib
 
 
 @dataclasses.dataclass
@@ -98,7 +98,7 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
                          jax.random.PRNGKey(config.train.seed))
 
   grow = model_from == "config" and model_config is None
-  r = ckpt_lib.load_params(checkpoint, abstract_for, config if grow else None,
+  r = restore_lib.load_params(checkpoint, abstract_for, config if grow else None,
                            init_fresh if grow else None, what=what)
   cfg = built["cfg"]
   path, vocab = _vocabulary(cfg, r.meta, f"{what} {r.step_dir}")
@@ -116,7 +116,7 @@ def _config_for(config, meta: dict, step_dir: str, model_from: str, model_config
   if model_config is not None:
     cfg.model = ml_collections.ConfigDict(model_config(meta, step_dir).to_dict())
   elif model_from == "checkpoint":
-    for k in ckpt_lib.MODEL_KEYS:
+    for k in restore_lib.MODEL_KEYS:
       if k in meta:
         cfg.model[k] = type(cfg.model[k])(meta[k])
     if meta.get("languages"):
@@ -150,7 +150,7 @@ def _vocabulary(cfg, meta: dict, where: str):
   candidates = [given] if given else [meta.get("vocab_path"), xvocab.embedded_vocab_path()]
   for path in filter(None, candidates):
     path = paths.resolve(path)
-    if not want or ckpt_lib._file_sha1(path) == want:
+    if not want or restore_lib._file_sha1(path) == want:
       vocab = xvocab.load_vocab(path)
       xvocab.check_vocab_matches(vocab, cfg.model.vocab_size)
       return path, vocab

@@ -27,6 +27,7 @@ from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import metrics, preemption
+from xlingo.training import restore as restore_lib
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
@@ -388,7 +389,7 @@ def _save_best(workdir, config, state, step) -> None:
     paths.write_text(paths.join(tmp, "step"), str(step))
     # The same metadata as a checkpoint's, so that tools load best/ on its own.
     paths.write_text(paths.join(tmp, "meta", "metadata"),
-                     json.dumps(ckpt_lib.checkpoint_meta(config, step)))
+                     json.dumps(restore_lib.checkpoint_meta(config, step)))
     paths.rmtree(path)
     paths.rename(tmp, path)
   _sync_hosts("xlingo_best_done")
