@@ -166,6 +166,7 @@ def run_throughput(cfg, args) -> dict:
   import jax.numpy as jnp
 
   from xlingo import sharding
+  from xlingo.model import attention as attention_lib
   from xlingo.model import decoder as decoder_lib
   from xlingo.training import metrics
 
@@ -247,7 +248,9 @@ def run_throughput(cfg, args) -> dict:
           "matmul_n": n, "matmul_ceiling_gflops": round(ceiling / 1e9, 1),
           "achieved_gflops": round(flops_tok * tps / 1e9, 1), "mfu": round(mfu, 4),
           "mfu_peak": round(mfu_peak, 4) if mfu_peak else None,
-          "attention": cfg.model.attention_impl, "loss_chunk_size": cfg.train.loss_chunk_size,
+          "attention": attention_lib.choose_implementation(
+              cfg.model.attention_impl, dtype, cfg.model.head_dim, dev.platform),
+          "remat": cfg.model.remat_policy, "loss_chunk_size": cfg.train.loss_chunk_size,
           "compile_s": round(lower_s + compile_s, 2), "loss": round(loss, 4),
           **({"ab": ab, "ab_step_ms_median": round(statistics.median(all_times["b"]) * 1e3, 2),
               "ab_step_ms_all": [round(x * 1e3, 1) for x in all_times["b"]],
