@@ -227,12 +227,15 @@ def test_hidden_layer_scanned_equals_unrolled_and_final_norm():
   u_params["blocks"] = {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], params["blocks"]["layers"])
                         for i in range(cfg.num_layers)}
   x = jnp.asarray(np.random.default_rng(0).integers(2, VOCAB, (2, 10)), jnp.int32)
+
+  def hidden(model, p, layer):
+    return fast_jit(lambda p, x: model.apply({"params": p}, x, hidden_layer=layer))(p, x)
+
   for layer in (0, 1, -1):
-    a = scanned.apply({"params": params}, x, hidden_layer=layer)
-    b = unrolled.apply({"params": u_params}, x, hidden_layer=layer)
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
-  final, _ = scanned.apply({"params": params}, x, return_hidden=True)
-  last = scanned.apply({"params": params}, x, hidden_layer=-1)
+    np.testing.assert_allclose(np.asarray(hidden(scanned, params, layer)),
+                               np.asarray(hidden(unrolled, u_params, layer)), rtol=1e-4, atol=1e-4)
+  final, _ = fast_jit(lambda p, x: scanned.apply({"params": p}, x, return_hidden=True))(params, x)
+  last = hidden(scanned, params, -1)
   normed = scanned.apply({"params": params}, last, method=lambda m, h: m.final_norm(h))
   np.testing.assert_allclose(np.asarray(final), np.asarray(normed), rtol=1e-5, atol=1e-5)
   with pytest.raises(ConfigError, match="layer 2 does not exist"):
