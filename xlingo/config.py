@@ -46,6 +46,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.remat_policy = "none"  # none | full | dots_saveable
   c.model.scan_layers = True
   c.model.lid_head = False  # auxiliary language-identification head
+  # Per example (packed segment), the rate at which training hides the language hint (the
+  # "unknown language", a zero language vector): the model learns to work without one
+  # (generate --lang none), and the language-ID loss is taken where the hint is hidden.
+  c.model.lang_emb_dropout = 0.0
   c.model.rope_theta = 10000.0
   c.model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
 
@@ -126,7 +130,28 @@ def base_config() -> ml_collections.ConfigDict:
   # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk, which on
   # CPU is as fast or faster (docs/PERFORMANCE.md); the TPU configs chunk.
   c.train.loss_chunk_size = 0
+  # lambda: the mean language-ID cross-entropy (model.lid_head) over the tokens that carry no
+  # language hint (all tokens without model.use_lang_emb), added to the mean loss.
   c.train.lid_loss_weight = 0.0
+  # Per-language weights of the LM loss (not of sampling, which is data.language_weights):
+  # language -> weight, 1.0 for a language not listed. The main language weighs
+  # main_language_weight instead (it may not also be listed). The loss stays divided by the
+  # batch's token count, so a weight w counts each of that language's tokens w times.
+  c.train.loss_weights = ml_collections.ConfigDict()
+  c.train.main_language = ""
+  c.train.main_language_weight = 1.0
+  # Contrastive alignment (xlingo/training/contrastive.py): InfoNCE between the pooled hidden
+  # states of parallel sentences, both directions, the other pairs of the global batch as
+  # negatives; weight * that loss is added to the mean loss.
+  c.train.contrastive = ml_collections.ConfigDict()
+  c.train.contrastive.weight = 0.0  # beta; 0 with pairs set: retrieval is measured, not trained
+  c.train.contrastive.pairs = ()  # parallel tasks, e.g. ("en-de", "en-fr"); val/retrieval/*
+  c.train.contrastive.temperature = 0.05
+  c.train.contrastive.layer = -1  # the block whose output is pooled (-1: the last)
+  c.train.contrastive.pooling = "mean"  # mean | last
+  c.train.contrastive.batch_size = 0  # pairs per step, global; 0: train.batch_size
+  c.train.contrastive.max_len = 64  # tokens per sentence (BOS included); longer ones are cut
+  c.train.contrastive.eval_pairs = 0  # validation pairs per task for retrieval; 0: all
   c.train.log_every = 10
   c.train.eval_every = 50
   c.train.eval_batches = 4

@@ -172,6 +172,11 @@ def check_distill_config(config) -> None:
       raise ConfigError(f"distill.{key}={d[key]} must be > 0")
   if not 0 <= d.top_k <= config.model.vocab_size:
     raise ConfigError(f"distill.top_k={d.top_k} must be in [0, vocab_size]; 0 = full KL")
+  t = config.train
+  if t.get("loss_weights") or t.get("main_language") or t.contrastive.weight:
+    raise ConfigError("distillation's loss takes no train.loss_weights, train.main_language or "
+                      "train.contrastive.weight (they belong to the LM loss of xlingo.train and "
+                      "xlingo.adapt); leave them unset")
   tm = teacher_model_config(config)
   layers = tuple(d.init_from_teacher_layers)
   if layers:
@@ -198,12 +203,14 @@ def distill_loss(teacher_model, ctx, params, batch, rng, extra):
   from xlingo.training import losses, step
 
   d, t = ctx.config.distill, ctx.config.train
-  feats = (batch["inputs"], batch["segment_ids"], batch["positions"], batch["lang_ids"])
+  feats = (batch["inputs"], batch["segment_ids"], batch["positions"])
   # Frozen teacher: no gradient, so no activations are kept for a backward pass.
   teacher_params = jax.lax.stop_gradient(extra["teacher_params"])
-  t_hidden, _ = teacher_model.apply({"params": teacher_params}, *feats, deterministic=True,
-                                    return_hidden=True)
-  s_hidden, lid_logits = ctx.model.apply({"params": params}, *feats,
+  t_hidden, _ = teacher_model.apply({"params": teacher_params}, *feats, batch["lang_ids"],
+                                    deterministic=True, return_hidden=True)
+  # The student's language hints are hidden as in LM training (model.lang_emb_dropout).
+  hint_ids, hidden_bt = step.hide_language_hints(ctx, batch, jax.random.fold_in(rng, 1))
+  s_hidden, lid_logits = ctx.model.apply({"params": params}, *feats, hint_ids,
                                          deterministic=ctx.deterministic, rngs={"dropout": rng},
                                          return_hidden=True)
   step_now = getattr(ctx, "step", None)
@@ -218,11 +225,9 @@ def distill_loss(teacher_model, ctx, params, batch, rng, extra):
   total = alpha * tau**2 * kl_sum + (1.0 - alpha) * ce_sum
   # 'loss' stays the student's own cross-entropy: the loop turns it into bits per byte.
   aux = {"per_token": {"loss": ce_pt, "kl": kl_pt}, "kl_sum": kl_sum, "ce_sum": ce_sum}
-  if lid_logits is not None and t.lid_loss_weight:
-    lid_sum, _ = losses.lid_loss(lid_logits, batch["lang_ids"], w)
-    total = total + t.lid_loss_weight * lid_sum
-    aux["lid_loss_sum"] = lid_sum
-  return total, aux
+  lid_total, lid_aux = step.language_id_term(ctx.config, lid_logits, batch, hidden_bt)
+  aux.update(lid_aux)
+  return total + lid_total, aux
 
 
 def make_objective():

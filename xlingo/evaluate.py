@@ -37,12 +37,12 @@ BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled lo
 # --- pieces ---------------------------------------------------------------------------------
 
 
-def validation_batches(lm) -> dict[str, list]:
+def validation_batches(lm) -> tuple[dict[str, list], object]:
   """Each language's fixed validation batches, as the training loop evaluates them, for the
-  languages of the loaded model's table. Only the validation data is read (no training plan);
+  languages of the loaded model's table, and the input plan they come from. Only the validation data is read (no training plan);
   when the config's data source cannot be registered here (its files are not on this machine),
   validation is skipped with a note."""
-  from xlingo.data import inputs
+  from xlingo.data import inputs, pairs
   from xlingo.errors import DataError
 
   cfg = lm.config
@@ -51,29 +51,39 @@ def validation_batches(lm) -> dict[str, list]:
   except DataError as e:
     print(f"xlingo: no validation data here ({str(e).splitlines()[0]}); validation metrics "
           "skipped", flush=True)
-    return {}
+    return {}, None
   plan = inputs.InputPlan(
       table=lm.table, vocab=lm.vocab, vocab_path=lm.vocab_path, lm_tasks={}, mt_tasks={},
       stats=[], rates={}, mixture="", seq_len=cfg.data.seq_len,
-      eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm})
+      eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm},
+      pair_tasks=pairs.pair_tasks(cfg, reg.mt, lm.table))
   return {lang: inputs.eval_batches(plan, cfg, lang, cfg.train.eval_batches)
-          for lang in plan.eval_tasks}
+          for lang in plan.eval_tasks}, plan
 
 
 def validation_metrics(lm) -> dict:
-  """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them."""
+  """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them, and
+  val/retrieval/* for the config's train.contrastive.pairs."""
   from xlingo import sharding
-  from xlingo.training import loop, step
+  from xlingo.data import iterator, pairs
+  from xlingo.training import contrastive, loop, step
 
-  val_batches = validation_batches(lm)
+  val_batches, plan = validation_batches(lm)
   if not val_batches:
     return {}
   codes = lm.table.codes
   eval_fn = step.make_eval_step(step.LM_OBJECTIVE, lm.model, lm.config, lm.byte_table,
                                 len(codes))
+  batch_sh = sharding.batch_sharding(lm.mesh)
   with sharding.mesh_context(lm.mesh, lm.rules):
-    return loop.evaluate_batches(jax.jit(eval_fn), lm.params, val_batches, codes,
-                                 sharding.batch_sharding(lm.mesh), {})
+    out = loop.evaluate_batches(jax.jit(eval_fn), lm.params, val_batches, codes, batch_sh, {})
+    if plan.pair_tasks:
+      contrastive.check_mesh(lm.config, lm.mesh)
+      embed = step.make_embed_step(step.LM_OBJECTIVE, lm.model, lm.config, lm.mesh)
+      out.update(contrastive.retrieval_metrics(
+          lambda p, b: embed(p, b, {}), lm.params, pairs.validation_sets(plan, lm.config),
+          lambda b: iterator.to_global(b, batch_sh)))
+  return out
 
 
 def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:

@@ -5,7 +5,10 @@
       [--max_len 64] [--seed 0] [--num_samples N] [--checkpoint STEP_DIR]
 
 The language id is given for every position (the model adds its language embedding to each
-token), so ``--lang`` steers the continuation. A row starts with BOS (id 0) at position 0 and
+token), so ``--lang`` steers the continuation. ``--lang none`` gives no language hint (the
+"unknown language", a zero language vector; ``decoder.UNKNOWN_LANG``): the model continues in
+whatever language the prompt suggests, which it has learned to do when it was trained with
+``model.lang_emb_dropout`` > 0. A row starts with BOS (id 0) at position 0 and
 its prompt tokens follow (the model's inputs are the targets shifted right); generation stops
 at EOS (id 1) or after ``--max_len`` new tokens, whichever comes first.
 
@@ -31,6 +34,7 @@ from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 
 BOS_ID = PAD_ID  # the shifted-right input at a segment's start
+NO_HINT = "none"  # --lang none: no language hint (decoder.UNKNOWN_LANG)
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -187,7 +191,7 @@ def generate(model, params, vocab, prompts: list[str], lang_id: int | list[int],
     vocab: the run's SentencePiece vocabulary (``seqio.SentencePieceVocabulary``).
     prompts: one string per row; "" starts from BOS alone.
     lang_id: index into ``config.data.languages`` of the language to generate, one for all
-      rows or one per row.
+      rows or one per row; ``decoder.UNKNOWN_LANG`` (-1) for no language hint.
     max_len: at most this many new tokens per row (less if ``model.max_len`` is reached).
     temperature: 0 is greedy; otherwise sample from softmax(logits / temperature), restricted
       to the ``top_k`` most likely tokens (0: all) and the nucleus of mass ``top_p``.
@@ -209,10 +213,10 @@ def _define_flags(fl) -> None:
 
   flags.DEFINE_string("checkpoint", None, "A checkpoint step directory instead of --workdir.",
                       flag_values=fl)
-  flags.DEFINE_string("lang", None, "Language code to generate in (from data.languages).",
-                      flag_values=fl)
-  flags.DEFINE_string("prompt_lang", None, "Language of the prompt (default --lang).",
-                      flag_values=fl)
+  flags.DEFINE_string("lang", None, "Language code to generate in (from data.languages), or "
+                      f"'{NO_HINT}' for no language hint.", flag_values=fl)
+  flags.DEFINE_string("prompt_lang", None, f"Language of the prompt (default --lang; '{NO_HINT}': "
+                      "no hint).", flag_values=fl)
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).", flag_values=fl)
   flags.DEFINE_string("prompts_file", None, "A file of prompts, one per line.", flag_values=fl)
   flags.DEFINE_float("temperature", 0.0, "0: greedy.", flag_values=fl)
@@ -245,12 +249,18 @@ def _parse(argv):
   if not (fl.workdir or fl.checkpoint):
     cli.fail("give --workdir DIR (its latest checkpoint) or --checkpoint STEP_DIR")
   if not fl.lang:
-    cli.fail(f"--lang is required (one of {', '.join(fl.config.data.languages)})")
+    cli.fail(f"--lang is required (one of {', '.join(fl.config.data.languages)}, or {NO_HINT} "
+             "for no language hint)")
   for name, (ok, must) in FLAG_RULES.items():
     value = getattr(fl, name)
     if not ok(value):
       cli.fail(f"--{name}={value} must be {must}")
   return fl
+
+
+def lang_id_of(table, code: str) -> int:
+  """The id of a --lang value: the table's, or UNKNOWN_LANG for 'none'."""
+  return decoder_lib.UNKNOWN_LANG if code == NO_HINT else table.id(code)
 
 
 def read_prompts(prompt_flags, prompts_file) -> list[str]:
@@ -283,11 +293,11 @@ def main(argv=None):
     # The checkpoint's language table (which may differ from the config's).
     for flag in ("lang", "prompt_lang"):
       code = getattr(fl, flag)
-      if code and code not in lm.table.codes:
+      if code and code != NO_HINT and code not in lm.table.codes:
         raise ConfigError(f"--{flag}={code} is not a language of {lm.step_dir} (it has "
-                          f"{', '.join(lm.table.codes)})")
-    lang = lm.table.id(fl.lang)
-    prompt_lang = lm.table.id(fl.prompt_lang) if fl.prompt_lang else lang
+                          f"{', '.join(lm.table.codes)}, or {NO_HINT} for no language hint)")
+    lang = lang_id_of(lm.table, fl.lang)
+    prompt_lang = lang_id_of(lm.table, fl.prompt_lang) if fl.prompt_lang else lang
     rows = [(p, k) for p in prompts for k in range(fl.num_samples)]
     for start in range(0, len(rows), fl.batch_size):
       chunk = rows[start:start + fl.batch_size]

@@ -11,7 +11,7 @@ import numpy as np
 import seqio
 
 from xlingo import paths
-from xlingo.data import iterator, mixing, packing, readers, tasks
+from xlingo.data import iterator, mixing, packing, pairs, readers, tasks
 from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
@@ -41,6 +41,8 @@ class InputPlan:
   train_mixture: str = ""
   group_size: int = 0
   examples_per_read: int = readers.EXAMPLES_PER_READ
+  # "src-tgt" -> parallel task name, for train.contrastive.pairs (xlingo/data/pairs.py)
+  pair_tasks: dict = dataclasses.field(default_factory=dict)
 
   def table_text(self, run_tokens: float) -> str:
     return mixing.format_table(self.stats, self.rates, run_tokens)
@@ -172,7 +174,8 @@ def plan_inputs(config) -> InputPlan:
                    mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
                    seq_len=d.seq_len, eval_tasks=eval_tasks, train_mixture=train_mixture,
                    group_size=group_size,
-                   examples_per_read=d.examples_per_read)
+                   examples_per_read=d.examples_per_read,
+                   pair_tasks=pairs.pair_tasks(config, reg.mt, table))
 
 
 def check_group_size(k, examples_per_read) -> int:
@@ -257,10 +260,12 @@ def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: 
 
 
 def train_iterator(plan: InputPlan, config):
-  """This process's training batches (a PackedIterator or a RowSlice over one)."""
-  return _packed(plan, plan.train_mixture or plan.mixture, "train", config.train.batch_size,
-                 config.data.packing, seed=config.data.seed, grouped=plan.group_size > 0,
-                 shuffle=True, repeat=True)
+  """This process's training batches (a PackedIterator or a RowSlice over one; with a
+  contrastive term, joined to the pair stream: pairs.WithPairs)."""
+  lm = _packed(plan, plan.train_mixture or plan.mixture, "train", config.train.batch_size,
+               config.data.packing, seed=config.data.seed, grouped=plan.group_size > 0,
+               shuffle=True, repeat=True)
+  return pairs.attach(lm, plan, config)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:

@@ -4,6 +4,9 @@ Block: x += Attention(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). Rotary positions com
 batch's ``positions`` (position within a packed segment), so packed documents each start at
 0. A language-embedding row (``lang_ids`` index ``config.data.languages``) is added to every
 token embedding, which lets generation be steered to a language by the ids passed each step.
+A negative id (:data:`UNKNOWN_LANG`) adds nothing: the "unknown language" hint is the zero
+vector, which needs no parameter, so checkpoints and ``init_from`` with appended languages are
+unchanged by it (``model.lang_emb_dropout`` trains the model to work with it).
 
 Every parameter carries logical axis names (``nn.with_logical_partitioning``); the mesh rules
 in ``config.mesh.rules`` decide how they are sharded (see ``xlingo.sharding``). With
@@ -25,6 +28,9 @@ from xlingo.model.attention import BTD, Attention, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
+
+# A language id that gives no language hint: no language-embedding row is added there.
+UNKNOWN_LANG = -1
 
 REMAT_POLICIES = {
     "full": None,  # save nothing: recompute the whole block in the backward pass
@@ -104,15 +110,39 @@ class DecoderBlock(nn.Module):
     return x_btd, None
 
 
+class _BlockWithOutput(DecoderBlock):
+  """A DecoderBlock that also hands its output to nn.scan as the per-layer output, so that a
+  scanned stack can return an intermediate layer's hidden states (same parameters and paths)."""
+
+  def __call__(self, *args, **kwargs):
+    x_btd, _ = super().__call__(*args, **kwargs)
+    return x_btd, x_btd
+
+
+def layer_index(layer: int, num_layers: int) -> int:
+  """``layer`` (a block index, negative from the end: -1 is the last block) as 0..L-1."""
+  i = layer + num_layers if layer < 0 else layer
+  if not 0 <= i < num_layers:
+    raise ConfigError(f"layer {layer} does not exist in a model of {num_layers} blocks; use "
+                      f"0..{num_layers - 1}, or -1 for the last")
+  return i
+
+
 class DecoderStack(nn.Module):
-  """The blocks, scanned or unrolled, with the configured rematerialisation."""
+  """The blocks, scanned or unrolled, with the configured rematerialisation.
+
+  ``upto=k`` returns the residual stream after block k (0-based) instead of after the last:
+  unrolled, the later blocks are not run; scanned, every block runs (a scan has one length)
+  and block k's output is taken from the scan's per-layer outputs.
+  """
 
   config: ml_collections.ConfigDict
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt, deterministic: bool, decode: bool):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, deterministic: bool, decode: bool,
+               upto: int | None = None):
     cfg = self.config
-    block_cls = DecoderBlock
+    block_cls = DecoderBlock if upto is None or not cfg.scan_layers else _BlockWithOutput
     # Decoding computes no gradients, so remat would only cost time there.
     if cfg.remat_policy != "none" and not decode:
       if cfg.remat_policy not in REMAT_POLICIES:
@@ -134,11 +164,13 @@ class DecoderStack(nn.Module):
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_btd, _ = stack(cfg, deterministic=deterministic, decode=decode, name="layers")(
+      x_btd, per_layer = stack(cfg, deterministic=deterministic, decode=decode, name="layers")(
           x_btd, segment_ids_bt, positions_bt
       )
+      if upto is not None:
+        x_btd = per_layer[upto]
     else:
-      for i in range(cfg.num_layers):
+      for i in range(cfg.num_layers if upto is None else upto + 1):
         x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
             x_btd, segment_ids_bt, positions_bt
         )
@@ -205,6 +237,7 @@ class Decoder(nn.Module):
       deterministic: bool = True,
       decode: bool = False,
       return_hidden: bool = False,
+      hidden_layer: int | None = None,
   ):
     """Runs the model on int32 ``inputs`` [B, T].
 
@@ -213,16 +246,19 @@ class Decoder(nn.Module):
       segment_ids: 1.. per packed segment, 0 = padding; None means one segment per row.
       positions: position within the segment; None means 0..T-1 (or, when decoding, the
         cache index onwards).
-      lang_ids: language index per token; None means language 0. Ignored without
-        ``use_lang_emb``.
+      lang_ids: language index per token; None means language 0; :data:`UNKNOWN_LANG` (any
+        negative id) means no language hint at that token. Ignored without ``use_lang_emb``.
       deterministic: False enables dropout (rng collection 'dropout').
       decode: use and update the 'cache' collection (KV cache); see ``init_cache``.
       return_hidden: return the final-norm hidden states instead of the logits, so a loss
         can project onto the vocabulary in chunks with ``logits_from_hidden``.
+      hidden_layer: return only the residual stream after this block ([B, T, D], no final
+        norm; negative counts from the end, -1 is the last block), e.g. for a sentence
+        embedding (``xlingo.training.contrastive``).
 
     Returns:
       ``(logits_btv float32, lid_logits_btl float32 or None)``, or with ``return_hidden``
-      ``(hidden_btd, lid_logits_btl or None)``.
+      ``(hidden_btd, lid_logits_btl or None)``, or with ``hidden_layer`` ``hidden_btd``.
     """
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
@@ -236,7 +272,8 @@ class Decoder(nn.Module):
       if lang_ids is None:
         lang_ids = jnp.zeros_like(inputs)
       lang_table_ld = nn.with_logical_constraint(self.lang_embedding, ("languages", None))
-      x_btd = x_btd + jnp.take(lang_table_ld, lang_ids, axis=0).astype(dtype)
+      lang_btd = jnp.take(lang_table_ld, jnp.maximum(lang_ids, 0), axis=0).astype(dtype)
+      x_btd = x_btd + jnp.where((lang_ids >= 0)[..., None], lang_btd, 0)
     x_btd = nn.with_logical_constraint(x_btd, BTD)
     x_btd = self.embed_dropout(x_btd, deterministic=deterministic)
 
@@ -244,6 +281,9 @@ class Decoder(nn.Module):
       segment_ids = jnp.ones((batch, length), jnp.int32)
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if hidden_layer is not None:
+      upto = layer_index(hidden_layer, cfg.num_layers)
+      return self.blocks(x_btd, segment_ids, positions, deterministic, decode, upto=upto)
     x_btd = self.blocks(x_btd, segment_ids, positions, deterministic, decode)
     hidden_btd = self.final_norm(x_btd)
 

@@ -21,12 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlingo import load, paths, sharding
-from xlingo.data import inputs, iterator
+from xlingo.data import inputs, iterator, pairs
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import metrics, preemption
+from xlingo.training import contrastive, metrics, preemption
 from xlingo.training import restore as restore_lib
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
@@ -49,11 +49,17 @@ def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
       continue
     name = key[: -len("_lang")]
     v = np.asarray(v)
+    # loss -> bpb, loss_nohint -> bpb_nohint: every cross-entropy also in bits per byte
+    bpb = "bpb" + name[len("loss"):] if name.startswith("loss") else None
     for i, code in enumerate(codes):
       if w[i] > 0:
         out[f"{prefix}{name}/{code}"] = float(v[i] / w[i])
-        if name == "loss" and b[i] > 0:
-          out[f"{prefix}bpb/{code}"] = float(v[i] / (LN2 * b[i]))
+        if bpb and b[i] > 0:
+          out[f"{prefix}{bpb}/{code}"] = float(v[i] / (LN2 * b[i]))
+    if name != "loss" and w.sum() > 0:  # e.g. val/lid_acc over all languages
+      out[f"{prefix}{name}"] = float(v.sum() / w.sum())
+      if bpb and b.sum() > 0:
+        out[f"{prefix}{bpb}"] = float(v.sum() / (LN2 * b.sum()))
   if w.sum() > 0 and "loss_lang" in sums:
     out[f"{prefix}loss"] = float(np.asarray(sums["loss_lang"]).sum() / w.sum())
     if b.sum() > 0:
@@ -139,6 +145,7 @@ def validate_config(config) -> None:
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
                       f"{config.model.max_len}; raise model.max_len or shorten data.seq_len")
+  step_lib.check_objective_config(config)
 
 
 @dataclasses.dataclass
@@ -158,6 +165,7 @@ def build(config, objective: step_lib.Objective | None = None) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
+  contrastive.check_mesh(config, mesh)
   model = decoder_lib.Decoder(config.model)
   plan = inputs.plan_inputs(config)
   factory = state_lib.StateFactory(model, config, mesh, rules,
@@ -198,6 +206,8 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
                   f"{jax.device_count()} {jax.devices()[0].platform} devices, "
                   f"{jax.process_count()} process(es)")
   metrics.console(s.plan.table_text(run_tokens))
+  if step_lib.loss_weights_line(config):
+    metrics.console(step_lib.loss_weights_line(config))
   n_params = state_lib.param_count(s.factory.params_abstract)
   flops_tok = decoder_lib.flops_per_token(config.model, config.data.seq_len)
   metrics.console(f"model: {n_params / 1e6:.2f} M parameters, {flops_tok / 1e6:.1f} MFLOP "
@@ -205,6 +215,8 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
 
   ckpts = ckpt_lib.Checkpoints(workdir, config)
   train_it = inputs.train_iterator(s.plan, config)
+  if getattr(train_it, "summary", ""):
+    metrics.console(train_it.summary)
   extra = objective.prepare_extra(config, s.mesh, s.rules) if objective.prepare_extra else {}
 
   # Resume order: own checkpoint (the latest readable one, or checkpoint.restore_step) ->
@@ -241,8 +253,11 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   val_batches = {lang: inputs.eval_batches(s.plan, config, lang, t.eval_batches)
                  for lang in s.plan.eval_tasks}
 
+  retrieval = _retrieval_eval(s, config, objective, batch_sh, extra)
+
   def evaluate(params) -> dict:
-    return evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra)
+    return {**evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra),
+            **retrieval(params)}
 
   if preempt.requested_locally():  # a signal during start-up: nothing trained, nothing to save
     ckpts.close()
@@ -344,6 +359,16 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
     metrics.console(f"per-language curves: {png}")
   metrics.console(FINISHED_MARKER)
   return last
+
+
+def _retrieval_eval(s: Setup, config, objective, batch_sh, extra):
+  """params -> val/retrieval/* on the held-out pairs of train.contrastive.pairs (none: {})."""
+  if not contrastive.measures(config):
+    return lambda params: {}
+  sets = pairs.validation_sets(s.plan, config)
+  embed = step_lib.make_embed_step(objective, s.model, config, s.mesh)
+  return lambda params: contrastive.retrieval_metrics(
+      lambda p, b: embed(p, b, extra), params, sets, lambda b: iterator.to_global(b, batch_sh))
 
 
 def _nonfinite_message(bad: int, kept: list[int], config, params) -> str:

@@ -1,5 +1,5 @@
-"""Losses: token cross-entropy (with optional z-loss), the language-identification loss and
-the distillation KL, each also chunked over the sequence.
+"""Losses: token cross-entropy (with optional z-loss), the language-identification loss, the
+distillation KL, each also chunked over the sequence, and InfoNCE for contrastive alignment.
 
 All return sums plus the weight sum rather than a mean, so that microbatches, hosts and
 per-language breakdowns can be added up before one final division.
@@ -34,6 +34,7 @@ def cross_entropy_loss(
     targets_bt: jax.Array,
     weights_bt: jax.Array,
     z_loss: float = 0.0,
+    scale_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Softmax cross-entropy in float32.
 
@@ -42,6 +43,8 @@ def cross_entropy_loss(
     targets_bt: [...] int target ids.
     weights_bt: [...] loss weights (0 on padding and on tokens that do not count).
     z_loss: coefficient of log(Z)^2 (PaLM), which keeps the softmax normaliser near 1.
+    scale_bt: [...] factors of each token's term in ``loss_sum`` only (per-language loss
+      weights), so that ``per_token_loss_bt`` stays the plain, unweighted cross-entropy.
 
   Returns:
     ``(loss_sum, weight_sum, per_token_loss_bt)``: ``loss_sum`` includes the z-loss;
@@ -56,9 +59,11 @@ def cross_entropy_loss(
   onehot_btv = jax.nn.one_hot(targets_bt, logits.shape[-1], dtype=jnp.float32)
   target_logit_bt = jnp.sum(logits * onehot_btv, axis=-1)
   per_token_bt = (log_z_bt - target_logit_bt) * weights
-  loss_sum = jnp.sum(per_token_bt)
+  objective_w = weights if scale_bt is None else weights * scale_bt.astype(jnp.float32)
+  loss_sum = jnp.sum(per_token_bt if scale_bt is None else
+                     (log_z_bt - target_logit_bt) * objective_w)
   if z_loss:
-    loss_sum = loss_sum + z_loss * jnp.sum(jnp.square(log_z_bt) * weights)
+    loss_sum = loss_sum + z_loss * jnp.sum(jnp.square(log_z_bt) * objective_w)
   return loss_sum, jnp.sum(weights), per_token_bt
 
 
@@ -161,16 +166,19 @@ def chunked_cross_entropy(
     weights_bt: jax.Array,
     z_loss: float = 0.0,
     chunk_size: int = 0,
+    scale_bt: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """:func:`cross_entropy_loss` of ``logits_fn(hidden_btd)``, ``chunk_size`` positions at a
   time (0: all at once). Same returns: ``(loss_sum, weight_sum, per_token_loss_bt)``."""
 
-  def chunk(h, tgt, w):
-    loss_sum, weight_sum, per_token = cross_entropy_loss(logits_fn(h), tgt, w, z_loss=z_loss)
+  def chunk(h, tgt, w, *scale):
+    loss_sum, weight_sum, per_token = cross_entropy_loss(
+        logits_fn(h), tgt, w, z_loss=z_loss, scale_bt=scale[0] if scale else None)
     return (loss_sum, weight_sum), (per_token,)
 
+  scale = () if scale_bt is None else (scale_bt,)
   (loss_sum, weight_sum), (per_token,) = chunked_over_length(
-      chunk, chunk_size, hidden_btd, targets_bt, weights_bt)
+      chunk, chunk_size, hidden_btd, targets_bt, weights_bt, *scale)
   return loss_sum, weight_sum, per_token
 
 
@@ -208,3 +216,41 @@ def chunked_distillation(
   (ce_sum, kl_sum), (ce_pt, kl_pt) = chunked_over_length(
       chunk, chunk_size, student_hidden_btd, teacher_hidden_btd, targets_bt, weights_bt)
   return ce_sum, ce_pt, kl_sum, kl_pt
+
+
+def info_nce(
+    src_pd: jax.Array,
+    tgt_pd: jax.Array,
+    temperature: float,
+    src_keys_p: jax.Array | None = None,
+    tgt_keys_p: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Symmetric InfoNCE between paired rows: ``(loss, accuracy)``, means over the P pairs.
+
+  Rows are L2-normalised (cosine similarity); ``logits[i, j] = cos(src_i, tgt_j) / temperature``
+  and the loss is the mean of the cross-entropies of every row (source -> target) and every
+  column (target -> source) against the diagonal. Every other pair is a negative, except one
+  whose source or target text is the same as the anchor pair's (``*_keys_p``: a hash of each
+  text): that one is another translation of the same sentence, not a negative, and is left out
+  of the softmax. ``accuracy`` is the mean top-1 retrieval of both directions. Computed on the
+  global [P, D] arrays inside the compiled step, the [P, P] similarities span the whole batch
+  across the mesh (XLA gathers what it needs).
+  """
+  def unit(x):
+    x = x.astype(jnp.float32)
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-12))
+
+  logits_pp = jnp.einsum("pd,qd->pq", unit(src_pd), unit(tgt_pd)) / temperature
+  p = logits_pp.shape[0]
+  diag_pp = jnp.eye(p, dtype=bool)
+  if src_keys_p is not None and tgt_keys_p is not None:
+    same_pp = ((src_keys_p[:, None] == src_keys_p[None, :])
+               | (tgt_keys_p[:, None] == tgt_keys_p[None, :]))
+    logits_pp = jnp.where(same_pp & ~diag_pp, -jnp.inf, logits_pp)
+  pos_p = jnp.diagonal(logits_pp)
+  row = jax.nn.logsumexp(logits_pp, axis=1) - pos_p
+  col = jax.nn.logsumexp(logits_pp, axis=0) - pos_p
+  loss = 0.5 * (jnp.mean(row) + jnp.mean(col))
+  hits = (jnp.argmax(logits_pp, axis=1) == jnp.arange(p)).astype(jnp.float32)
+  hits_t = (jnp.argmax(logits_pp, axis=0) == jnp.arange(p)).astype(jnp.float32)
+  return loss, 0.5 * (jnp.mean(hits) + jnp.mean(hits_t))

@@ -1,0 +1,54 @@
+"""The shared base of the objective experiments (docs/SCIENCE.md, README "Objectives").
+
+A 2.1 M-parameter model (d_model 128, 4 layers, 128-token rows, batch 16) trained for 300
+steps on all nine languages of the embedded corpus: a run takes three to five minutes on a
+2-core CPU, so each experiment's variants and seeds run in minutes. ``size='tiny'`` is
+configs/tiny.py's model and a short run (smoke tests). Seeds: --config.train.seed=N
+--config.data.seed=N.
+"""
+
+from configs import tiny
+from xlingo import config as xconfig
+from xlingo.errors import ConfigError
+
+SIZES = ("small", "tiny")
+
+
+def get_config(size: str = "small"):
+  if size not in SIZES:
+    raise ConfigError(f"experiment size {size!r} is unknown; use one of {', '.join(SIZES)}")
+  if size == "tiny":
+    c = tiny.get_config()
+    c.train.steps = 100
+    c.train.learning_rate = 1e-2
+    c.train.eval_every = 50
+    c.checkpoint.every_steps = 50
+    c.train.log_every = 10
+    return c
+  c = xconfig.base_config()
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4
+  c.model.head_dim = 32
+  c.model.mlp_dim = 512
+  c.model.max_len = 128
+  c.model.dtype = "float32"
+  c.model.scan_layers = False  # four blocks: unrolled is faster on CPU (configs/small.py)
+  c.data.seq_len = 128
+  c.train.steps = 300
+  c.train.batch_size = 16
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 20
+  c.train.log_every = 25
+  c.train.eval_every = 100
+  c.train.eval_batches = 4
+  c.checkpoint.every_steps = 100
+  c.checkpoint.async_save = False
+  return c
+
+
+def parse(arg, default: str) -> tuple[str, str]:
+  """'VALUE[,SIZE]' -> (VALUE, SIZE); an empty arg is ``default``."""
+  parts = [p.strip() for p in str(arg or default).split(",")]
+  return parts[0], parts[1] if len(parts) > 1 else "small"
