@@ -164,7 +164,7 @@ def plan_inputs(config) -> InputPlan:
   mix = mixing.Plan(tuple(stats), rule, run_tokens, schedule)
   rates = mix.rates_at(0.0)
   mixing.check_epochs(stats, mix.epochs(), d.get("max_epochs", 0.0))
-  mixture = mixing.register_mixture(rates)
+  mixture = mixing.register_mixture({s.name: rates[s.name] * s.lines_per_example for s in stats})
   train_streams = (mixture,)
   if group_size:
     train_streams = tuple(tasks.register_grouped(s.name, group_size, d.shuffle_buffer)
@@ -296,7 +296,8 @@ def train_iterator(plan: InputPlan, config):
       return readers.ExampleReader(stream(plan.mixture, shard), plan.table, plan.vocab, **common)
   else:
     stats = plan.mix.stats
-    mean = [tasks.mean_group_size(s.name, k) for s in stats]
+    # examples trained per group: a group rate is an example rate over this
+    mean = [tasks.mean_group_size(s.name, k) / s.lines_per_example for s in stats]
     group_tokens = [m * s.tokens_per_example for m, s in zip(mean, stats, strict=True)]
 
     def rates_at(x):

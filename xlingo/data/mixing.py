@@ -18,8 +18,10 @@ Replay (``adapt.replay_ratio`` = r): the tasks of the languages not adapted to t
 share r of the examples drawn, the adapted-to tasks (LM and translation) 1 - r, each group
 keeping its rates' proportions.
 
-Rates are example-sampling rates, one per task, normalised to sum to 1. ``language_weights``
-multiply them before replay and normalisation.
+Rates are example-sampling rates, one per task, normalised to sum to 1, of the examples trained
+(a pair dropped for a source that fills a row, or a JSON record without text, is not one:
+the streams draw lines at rate x TaskStats.lines_per_example). ``language_weights`` multiply
+them before replay and normalisation.
 """
 
 from __future__ import annotations
@@ -41,19 +43,31 @@ class TaskStats:
 
   name: str
   lang: str  # the language trained on (a pair's target)
-  examples: int  # examples the mixture draws from (lines)
-  tokens: int  # their tokens as trained (sources and EOS included; pairs cut to a row)
+  examples: int  # examples (lines) in the split, as the streams draw them
+  tokens: int  # the tokens trained (sources and EOS included; pairs cut to a row)
   src_lang: str = ""  # a conditional task's source language
   source_tokens: int = 0
   truncated: int = 0  # pairs cut in their target to fit data.seq_len
   cut_tokens: int = 0  # target tokens not trained (cut, or in dropped pairs)
-  dropped: int = 0  # pairs whose source alone fills a row
+  dropped: int = 0  # lines that train nothing (a pair whose source fills a row, a JSON record
+  # without text)
   exact: bool = True  # False: scaled from a sample (counts.py)
   validation: bool = True  # the language has validation data
 
   @property
+  def kept(self) -> int:
+    """Examples trained (rates and shares are of these)."""
+    return max(self.examples - self.dropped, 0)
+
+  @property
   def tokens_per_example(self) -> float:
-    return self.tokens / max(self.examples, 1)
+    return self.tokens / max(self.kept, 1)
+
+  @property
+  def lines_per_example(self) -> float:
+    """Lines a stream draws per example trained: a rate of examples over this is the rate at
+    which its lines are drawn."""
+    return self.examples / max(self.kept, 1)
 
 
 # --- rates -----------------------------------------------------------------------------------
@@ -134,7 +148,7 @@ class RateRule:
   def rates(self, stats: Sequence[TaskStats], temperature: float | None = None):
     """Normalised example-sampling rate per task (``temperature``: instead of the rule's)."""
     if self.sampling == "temperature":
-      raw = temperature_rates({s.name: s.examples for s in stats},
+      raw = temperature_rates({s.name: s.kept for s in stats},
                               self.temperature if temperature is None else temperature)
     elif self.sampling == "unimax":
       raw = unimax_rates(stats, self.budget_tokens, self.unimax_max_epochs)
@@ -240,9 +254,7 @@ class Plan:
     ex: dict[str, float] = {}
     tk: dict[str, float] = {}
     for s in self.stats:
-      drawn = tok[s.name] / max(s.tokens_per_example, 1e-9)
-      kept = (s.examples - s.dropped) / max(s.examples, 1)
-      ex[s.lang] = ex.get(s.lang, 0.0) + drawn * kept
+      ex[s.lang] = ex.get(s.lang, 0.0) + tok[s.name] / max(s.tokens_per_example, 1e-9)
       src = tok[s.name] * s.source_tokens / max(s.tokens, 1)
       tk[s.lang] = tk.get(s.lang, 0.0) + tok[s.name] - src
       if s.src_lang:
