@@ -149,9 +149,10 @@ def test_grouped_reader_draws_examples_at_the_rates(plan, temperature):
   assert all(1 <= m <= k for m in mean) and min(mean) < k
   streams = [iterator.mixture_dataset(tasks.register_grouped(t, k, 64), split="train", seed=1,
                                       shuffle=True, repeat=True, shard=None) for t in names]
+  codes = [(tasks.task_spec(t).lang, "", "") for t in names]
   reader = readers.GroupReader(streams, lambda x: [rates[t] for t in names], mean,
-                               [1.0] * len(names), 1e9, plan.table, plan.vocab, k, seed=1,
-                               examples_per_read=8 * k)
+                               [1.0] * len(names), 1e9, codes, plan.table, plan.vocab, k,
+                               seed=1, examples_per_read=8 * k)
   g = np.array([rates[t] / m for t, m in zip(names, mean, strict=True)])
   g /= g.sum()
   groups, examples = collections.Counter(), collections.Counter()
@@ -318,7 +319,9 @@ def _group_reader(name, plan, group_size=64, seed=0, shuffle=False, repeat=False
   g = tasks.register_grouped(name, group_size, 1024)
   ds = iterator.mixture_dataset(g, split="train", seed=seed, shuffle=shuffle, repeat=repeat,
                                 shard=None)
-  return readers.GroupReader([ds], lambda x: [1.0], [1.0], [1.0], 1.0, plan.table, plan.vocab,
+  spec = tasks.task_spec(name)
+  return readers.GroupReader([ds], lambda x: [1.0], [1.0], [1.0], 1.0,
+                             [(spec.lang, spec.src_lang, spec.fmt)], plan.table, plan.vocab,
                              group_size, seed)
 
 

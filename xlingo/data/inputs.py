@@ -304,11 +304,14 @@ def train_iterator(plan: InputPlan, config):
       rates = plan.mix.rates_at(x)
       return [rates[s.name] for s in stats]
 
+    specs = [tasks.task_spec(s.name) for s in stats]
+    codes = [(sp.lang, sp.src_lang, sp.fmt) for sp in specs]
+
     def make_reader(shard):
       # Each process reading its own share counts its progress against its share of the run.
       run = plan.mix.run_tokens / (shard.num_shards if shard else 1)
       return readers.GroupReader([stream(g, shard) for g in plan.train_streams], rates_at, mean,
-                                 group_tokens, run, plan.table, plan.vocab, k, seed,
+                                 group_tokens, run, codes, plan.table, plan.vocab, k, seed,
                                  plan.examples_per_read, **common)
 
   return _packed(plan, list(plan.train_streams), "train", config.train.batch_size, d.packing,

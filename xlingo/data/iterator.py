@@ -228,7 +228,7 @@ class PackedIterator:
              if self.ready}
     buf = io.BytesIO()
     np.savez(buf, **{f: getattr(self.stream, f) for f in packing_lib.TokenStream.FIELDS},
-             **ready)
+             **ready, **{f"reader_{k}": v for k, v in self.reader.state_arrays().items()})
     paths.write_bytes(paths.join(directory, "stream.npz"), buf.getvalue())
     # state.json last: a directory with it holds a whole state
     paths.write_text(paths.join(directory, "state.json"), json.dumps(
@@ -259,6 +259,8 @@ class PackedIterator:
                 cols["segment_ids"] > 0)
           self.ready.extend({k: cols[k][i] for k in packing_lib.FEATURES}
                             for i in range(cols["targets"].shape[0]))
+        self.reader.load_state_arrays({k[len("reader_"):]: z[k] for k in z.files
+                                       if k.startswith("reader_")})
     else:
       tokens, lang_ids, weights, starts = _v1_stream(directory, state["pending"])
       self.stream.add(tokens, lang_ids, weights, starts, self.reader.piece_bytes[tokens])

@@ -34,6 +34,7 @@ of the token stream that packing.py packs:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
@@ -281,14 +282,14 @@ def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None
   prefix = np.zeros(n, np.int64)
   cond = (np.flatnonzero(np.fromiter((len(s) > 0 for s in sources), bool, len(sources)))
           if sources is not None else np.zeros(0, np.int64))
-  src_tokens = np.zeros(0, np.int32)
-  if cond.size:
-    src_tokens, src_lens = encode_flat(sp, list(sources[cond]))
-    prefix[cond] = src_lens
+  if not cond.size:
+    return _encode_texts(texts, tokens, lens, eos, table)
+  src_tokens, src_lens = encode_flat(sp, list(sources[cond]))
+  prefix[cond] = src_lens
   keep_t = lens.copy()  # target tokens kept
   eos_n = np.ones(n, np.int64)
   kept = np.ones(n, bool)
-  if max_len and cond.size:
+  if max_len:
     over = prefix + lens + 1 > max_len
     kept = ~(over & (prefix >= max_len))
     short = over & kept
@@ -307,11 +308,10 @@ def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None
   dest = np.repeat(splits[:-1] + prefix, lens)[take] + local[take]
   values[dest] = tokens[take]
   raw[dest] = table[tokens[take]]
-  if cond.size:
-    src_kept = np.repeat(kept[cond], src_lens)
-    s_local = np.arange(src_tokens.shape[0]) - np.repeat(np.cumsum(src_lens) - src_lens, src_lens)
-    values[np.repeat(splits[:-1][cond], src_lens)[src_kept] + s_local[src_kept]] = \
-        src_tokens[src_kept]
+  src_kept = np.repeat(kept[cond], src_lens)
+  s_local = np.arange(src_tokens.shape[0]) - np.repeat(np.cumsum(src_lens) - src_lens, src_lens)
+  values[np.repeat(splits[:-1][cond], src_lens)[src_kept] + s_local[src_kept]] = \
+      src_tokens[src_kept]
   ends = np.flatnonzero(kept & (eos_n > 0))
   if ends.size:
     target_sum = np.bincount(np.repeat(np.arange(n), lens), weights=table[tokens],
@@ -321,6 +321,28 @@ def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None
     splits = np.concatenate([[0], splits[1:][kept]])
     prefix = prefix[kept]
   return Encoded(values, splits, prefix, raw, cut, kept)
+
+
+def _encode_texts(texts: list, tokens: np.ndarray, lens: np.ndarray, eos: int,
+                  table: np.ndarray) -> Encoded:
+  """:func:`encode_examples` for texts without a source (the common case, vectorised)."""
+  n = len(texts)
+  splits = np.zeros(n + 1, np.int64)
+  np.cumsum(lens + 1, out=splits[1:])
+  ends = splits[1:] - 1
+  values = np.full(int(splits[-1]), eos, np.int32)
+  body = np.ones(values.shape[0], bool)
+  body[ends] = False
+  values[body] = tokens
+  piece = table[tokens]
+  raw = np.zeros(values.shape[0], np.int32)
+  raw[body] = piece
+  cs = np.zeros(tokens.shape[0] + 1, np.int64)
+  np.cumsum(piece, out=cs[1:])
+  raw[ends] = utf8_lengths(texts) - (cs[splits[1:] - np.arange(1, n + 1)] - cs[splits[:-1] -
+                                                                              np.arange(n)])
+  zeros = np.zeros(n, np.int64)
+  return Encoded(values, splits, zeros, raw, zeros, np.ones(n, bool))
 
 
 # --- readers: tf.data -> pieces of the token stream ---------------------------------------
@@ -379,6 +401,13 @@ class _Reader:
   def load_state(self, state: dict) -> None:
     del state
 
+  def state_arrays(self) -> dict[str, np.ndarray]:
+    """Arrays a restore needs besides :meth:`state` (saved with the token stream)."""
+    return {}
+
+  def load_state_arrays(self, arrays: dict) -> None:
+    del arrays
+
   def _ids(self, codes: np.ndarray) -> np.ndarray:
     """Language ids of codes; 0 for "" (no source)."""
     ids = np.zeros(len(codes), np.int32)
@@ -434,25 +463,32 @@ class GroupReader(_Reader):
   size (``mean_group``), so that examples come at the example rates. The read's lines are then
   shuffled together (a NumPy permutation seeded by (seed, read number)), parsed, and tokenized
   in one multi-threaded SentencePiece call: no TensorFlow op and no Python tf.data step per
-  example.
+  example. Groups cross from tf.data ``GROUPS_PER_FETCH`` at a time per task (a Python tf.data
+  step costs ~0.1 ms); the ones not yet taken wait in the reader (and in its saved state).
 
   The rates may move over the run (``data.temperature_schedule``): ``rates_at(x)`` gives each
   task's example rate (by position) at fraction x of the run's tokens. Progress is the tokens
   fetched so far over ``run_tokens``, counted as each task's expected tokens per group
   (``group_tokens``): a number known at fetch time, so a read's rates never wait on reads still
   being tokenized. The streams continue across rate changes (nothing is re-read from a
-  restarted stream), and a restored reader (the tasks' tf.data iterators, the read number,
-  ``owed`` and the progress) takes exactly what the saved one would have.
+  restarted stream), and a restored reader (the tasks' tf.data iterators, the groups waiting,
+  the read number, ``owed`` and the progress) takes exactly what the saved one would have.
+  ``codes`` are each task's (lang, src_lang, format), the same for all its groups.
   """
+
+  GROUPS_PER_FETCH = 8
 
   def __init__(self, datasets: Sequence[tf.data.Dataset], rates_at: Callable[[float], Sequence],
                mean_group: Sequence[float], group_tokens: Sequence[float], run_tokens: float,
-               table: LanguageTable, vocab, group_size: int, seed: int,
-               examples_per_read: int = EXAMPLES_PER_READ,
+               codes: Sequence[tuple[str, str, str]], table: LanguageTable, vocab,
+               group_size: int, seed: int, examples_per_read: int = EXAMPLES_PER_READ,
                locate: Callable[[bytes], str | None] | None = None, max_len: int = 0):
     super().__init__(table, vocab, locate, max_len)
     self.kind = f"groups:{group_size}/{examples_per_read}"
-    self.iterator = [iter(ds.prefetch(2)) for ds in datasets]
+    self._codes = [tuple(x.encode() for x in c) for c in codes]
+    self.iterator = [iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
+                          .prefetch(2)) for ds in datasets]
+    self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
     self._groups = max(1, -(-examples_per_read // group_size))
     self._rates_at = rates_at
     self._mean_group = np.asarray(mean_group, float)
@@ -462,7 +498,17 @@ class GroupReader(_Reader):
     self.reads = 0
     self.progress = 0.0  # expected tokens fetched
     self.owed = np.zeros(len(datasets))
-    self._ended = False
+
+  def _group(self, t: int) -> np.ndarray | None:
+    """The next group (lines) of task ``t``; None at the end of a finite stream."""
+    waiting = self._waiting[t]
+    if not waiting:
+      rb = next(self.iterator[t], None)
+      if rb is None:
+        return None
+      values, splits = rb.values.numpy(), rb.row_splits.numpy()
+      waiting.extend(values[a:b] for a, b in zip(splits[:-1], splits[1:]))
+    return waiting.popleft()
 
   def fetch(self):
     """The next read's groups, numbered (the number seeds their permutation); None when a
@@ -476,21 +522,21 @@ class GroupReader(_Reader):
       t = int(np.argmax(self.owed))
       self.owed[t] -= 1.0
       take.append(t)
-    parts = []
+    groups, taken = [], []
     for t in take:
-      g = None if self._ended else next(self.iterator[t], None)
+      g = self._group(t)
       if g is None:  # a finite stream ended: what was taken is the last read
-        self._ended = True
-        if not parts:
-          return None
         break
-      parts.append({k: v.numpy() for k, v in g.items()})
-    self.progress += float(self._group_tokens[take[:len(parts)]].sum())
-    sizes = np.array([len(g["targets"]) for g in parts], np.int64)
-    b = {"values": np.concatenate([g["targets"] for g in parts]),
-         "row_splits": np.concatenate([[0], np.cumsum(sizes)]), "read": self.reads}
-    for k in ("lang", "src_lang", "format"):
-      b[k] = np.array([g[k] for g in parts], object)
+      groups.append(g)
+      taken.append(t)
+    if not groups:
+      return None
+    self.progress += float(self._group_tokens[taken].sum())
+    sizes = np.array([len(g) for g in groups], np.int64)
+    b = {"values": np.concatenate(groups), "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
+         "read": self.reads}
+    for i, k in enumerate(("lang", "src_lang", "format")):
+      b[k] = np.array([self._codes[t][i] for t in taken], object)
     self.reads += 1
     return b
 
@@ -509,3 +555,22 @@ class GroupReader(_Reader):
     self.reads = int(state["reads"])
     self.progress = float(state["progress"])
     self.owed = np.asarray(state["owed"], float)
+
+  def state_arrays(self) -> dict[str, np.ndarray]:
+    out = {}
+    for t, waiting in enumerate(self._waiting):
+      lines = [line for g in waiting for line in g]
+      out[f"waiting{t}_bytes"] = np.frombuffer(b"".join(lines), np.uint8)
+      out[f"waiting{t}_lines"] = np.array([len(x) for x in lines], np.int64)
+      out[f"waiting{t}_groups"] = np.array([len(g) for g in waiting], np.int64)
+    return out
+
+  def load_state_arrays(self, arrays: dict) -> None:
+    for t, waiting in enumerate(self._waiting):
+      waiting.clear()
+      data = arrays[f"waiting{t}_bytes"].tobytes()
+      ends = np.cumsum(arrays[f"waiting{t}_lines"])
+      lines = np.array([data[a:b] for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)],
+                       object)
+      bounds = np.concatenate([[0], np.cumsum(arrays[f"waiting{t}_groups"])])
+      waiting.extend(lines[a:b] for a, b in zip(bounds[:-1], bounds[1:]))
