@@ -47,7 +47,7 @@ def test_table_counts_every_token_exactly_and_labels_its_columns():
   head = text.splitlines()[0].split()
   assert head == ["task", "lang", "examples", "tokens", "ex.share", "tok.share", "epochs",
                   "valid."]
-  assert "ex.share / tok.share: shares of the examples / tokens drawn" in text
+  assert "ex.share, tok.share: shares of the examples, tokens drawn over the run" in text
   de = next(s for s in plan.stats if s.name == plan.lm_tasks["de"])
   assert f"{de.tokens:,d}" in text
 

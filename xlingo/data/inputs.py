@@ -44,7 +44,6 @@ class InputPlan:
   examples_per_read: int = readers.EXAMPLES_PER_READ
   mix: mixing.Plan | None = None  # the rates over the run
   no_validation: tuple = ()  # languages evaluated on nothing
-  shuffle_buffer: int = 1024
 
   def table_text(self, run_tokens: float | None = None) -> str:
     mix = self.mix
@@ -175,8 +174,7 @@ def plan_inputs(config) -> InputPlan:
                    lm_tasks={**lm_tasks, **replay}, mt_tasks=mt_tasks, stats=stats, rates=rates,
                    mixture=mixture, seq_len=d.seq_len, eval_tasks=eval_tasks,
                    train_streams=train_streams, group_size=group_size,
-                   examples_per_read=d.examples_per_read, mix=mix, no_validation=no_validation,
-                   shuffle_buffer=d.shuffle_buffer)
+                   examples_per_read=d.examples_per_read, mix=mix, no_validation=no_validation)
 
 
 def _task_stats(name: str, lang: str, src_lang: str, vocab, seq_len: int,

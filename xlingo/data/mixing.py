@@ -307,11 +307,11 @@ def format_table(plan: Plan, seq_len: int = 0, no_validation: Sequence[str] = ()
     lines.append(f"{s.name:<24} {lang:<6} {s.examples:>9,d} {mark + f'{s.tokens:,d}':>11} "
                  f"{ex_share[s.name]:>8.3f} {tok_share[s.name]:>9.3f} {epochs[s.name]:>7.2f} "
                  f"{'yes' if s.validation else 'NONE':>6}")
-  lines.append(
-      "examples, tokens: the train split as training reads it (every example tokenized, EOS "
-      "included; ~ scaled from a sample); ex.share / tok.share: shares of the examples / "
-      f"tokens drawn over the run (a pair's source counts for its task); epochs: passes over "
-      f"the split in the run's {plan.run_tokens:,.0f} tokens")
+  lines.append("examples, tokens: the train split as training reads it (every example "
+               "tokenized, EOS included; ~ scaled from a sample)")
+  lines.append("ex.share, tok.share: shares of the examples, tokens drawn over the run (a "
+               "pair's source counts for its task)")
+  lines.append(f"epochs: passes over the split in the run's {plan.run_tokens:,.0f} tokens")
   cut = [s for s in plan.stats if s.truncated or s.dropped]
   if cut:
     lines.append(f"pairs cut to fit data.seq_len={seq_len} (the source kept whole, the target "
