@@ -148,10 +148,9 @@ def sampled_task_counts(name: str, split: str, vocab, seq_len: int,
   texts, srcs, keep = readers.parse(texts, np.array(formats, object))
   texts = [t for t, k in zip(texts, keep, strict=True) if k]
   sources = None if srcs is None else srcs[keep]
-  del formats
   got = _count(vocab, readers.piece_bytes(vocab.tokenizer), texts, sources, seq_len)
-  read = got.examples + got.dropped
-  if read < sample or not n:  # the whole split was read
+  read = len(formats)
+  if not n or read == n:  # the whole split was read (or its size is unknown)
     return got
   return got.scaled(n / read)
 
