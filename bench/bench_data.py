@@ -10,7 +10,8 @@ minutes, so the two figures are taken side by side):
       reading, mixing or packing.
   (b) pipeline: ``inputs.plan_inputs(configs/small.py)`` -> ``inputs.train_iterator`` ->
       ``next()`` for ``--seconds / --rounds``, counting non-padding tokens (segment_ids > 0,
-      EOS included), after a warm-up.
+      EOS included), after a warm-up. ``--temperature_schedule`` sets
+      ``data.temperature_schedule`` (rates that move over the run).
 Prints each round, the medians, their ratio (the median of the rounds' ratios) and the packing
 efficiency, then one JSON line with the figures.
 """
@@ -18,6 +19,7 @@ efficiency, then one JSON line with the figures.
 from __future__ import annotations
 
 import argparse
+import ast
 import cProfile
 import json
 import os
@@ -96,6 +98,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--rounds", type=int, default=5, help="raw/pipeline alternations")
   ap.add_argument("--group_size", type=int, default=None,
                   help="default: the config's data.group_size (0: per-example pipeline)")
+  ap.add_argument("--temperature_schedule", default="",
+                  help="data.temperature_schedule, e.g. '((0, 1.0), (1, 3.33))'")
   ap.add_argument("--warmup_batches", type=int, default=50)
   ap.add_argument("--raw_lines", type=int, default=20_000)
   ap.add_argument("--profile", type=int, default=0, metavar="N",
@@ -115,6 +119,8 @@ def main(argv=None) -> dict:
     cfg.data.packing = args.packing
   if args.group_size is not None:
     cfg.data.group_size = args.group_size
+  if args.temperature_schedule:
+    cfg.data.temperature_schedule = ast.literal_eval(args.temperature_schedule)
   t0 = time.perf_counter()
   plan = inputs.plan_inputs(cfg)
   plan_s = time.perf_counter() - t0
@@ -158,7 +164,9 @@ def main(argv=None) -> dict:
          "ratio": round(ratio, 4), "packing_efficiency": round(eff, 4),
          "batches_per_s": round(bps, 2), "seq_len": cfg.data.seq_len,
          "batch_size": cfg.train.batch_size, "packing": cfg.data.packing,
-         "group_size": cfg.data.group_size, "rounds": args.rounds, "seconds": round(secs, 2),
+         "group_size": cfg.data.group_size,
+         "temperature_schedule": [list(p) for p in cfg.data.temperature_schedule],
+         "rounds": args.rounds, "seconds": round(secs, 2),
          "plan_s": round(plan_s, 2), "first_batch_s": round(first_s, 2)}
   print(json.dumps(out))
   return out

@@ -120,7 +120,8 @@ def synthetic_batches(cfg, n: int, seed: int = 0) -> list[dict]:
              "targets": rng.integers(1, cfg.model.vocab_size, (b, t)),
              "segment_ids": seg, "positions": pos_t[None, :] - starts,
              "lang_ids": rng.integers(0, len(cfg.data.languages), (b, t)),
-             "loss_weights": np.ones((b, t), np.float32)}
+             "loss_weights": np.ones((b, t), np.float32),
+             "raw_bytes": np.full((b, t), 3)}
     assert tuple(batch) == step_lib.BATCH_FEATURES
     out.append({k: v.astype(np.float32 if k == "loss_weights" else np.int32)
                 for k, v in batch.items()})

@@ -53,7 +53,9 @@ def test_wiki40b_mock_batches_carry_language_ids(tmp_path):
                               policy=tfds.testing.MockPolicy.USE_FILES, data_dir=str(tmp_path)):
     plan = inputs.plan_inputs(cfg)
     assert {s.lang: s.examples for s in plan.stats} == {"en": 30, "de": 30}
-    assert all(s.tokens > 30 for s in plan.stats)
+    for s in plan.stats:  # sampled from 16 parts of the split (the mock gives each all 30)
+      whole = inputs.task_examples(s.name, "train", 100, plan.table, plan.vocab)
+      assert len(whole) == 30 and s.tokens == sum(len(ex["targets"]) for ex in whole)
     assert sum(plan.rates.values()) == pytest.approx(1.0)
     it = inputs.train_iterator(plan, cfg)
     batches = [next(it) for _ in range(3)]
@@ -140,7 +142,7 @@ def test_each_process_reads_its_share_of_a_tfds_split(prepared, split):
   its examples) are disjoint and together the one process's stream, for the per-example task
   (evaluation) and the grouped training mixture alike."""
   plan = inputs.plan_inputs(_tfds_cfg(prepared))
-  for name in (plan.lm_tasks["de"], plan.train_mixture):
+  for name in (plan.lm_tasks["de"], plan.train_streams[0]):
     assert iterator.reads_its_share(seqio.get_mixture_or_task(name), split, 2)
     one = _texts(iterator.mixture_dataset(name, split=split, seed=0, shuffle=False,
                                           repeat=False, shard=None))
@@ -179,7 +181,7 @@ def _worker(data_dir: str, out: str) -> None:
   cfg = _tfds_cfg(data_dir)
   plan = inputs.plan_inputs(cfg)
   ev = inputs.eval_batches(plan, cfg, "de", 20)
-  train = iterator.mixture_dataset(plan.train_mixture, split="train", seed=0, shuffle=True,
+  train = iterator.mixture_dataset(plan.train_streams[0], split="train", seed=0, shuffle=True,
                                    repeat=False, shard=iterator.shard_info())
   # Where a source cannot be split, every process reads the whole stream and keeps its rows
   # (inputs.RowSlice, whose state is the same in every process: "replicated").
@@ -215,7 +217,7 @@ def test_two_processes_read_disjoint_shares_of_tfds(prepared, tmp_path):
   cfg = _tfds_cfg(prepared)
   plan = inputs.plan_inputs(cfg)
   one_eval = _decoded(inputs.eval_batches(plan, cfg, "de", 20), plan.vocab)
-  one_train = _texts(iterator.mixture_dataset(plan.train_mixture, split="train", seed=0,
+  one_train = _texts(iterator.mixture_dataset(plan.train_streams[0], split="train", seed=0,
                                               shuffle=True, repeat=False, shard=None))
   assert len(one_eval) == sum(SHARDS["validation"]) and len(one_train) == sum(SHARDS["train"])
   for key, one in (("eval", one_eval), ("train", one_train)):

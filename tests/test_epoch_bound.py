@@ -17,15 +17,16 @@ def test_check_epochs_names_every_language_over_the_bound():
   epochs = mixing.epochs_over_run(STATS, RATES, 100_000)
   assert epochs["t.sw"] == pytest.approx(50.0) and epochs["t.en"] == pytest.approx(0.5)
   with pytest.raises(ConfigError) as e:
-    mixing.check_epochs(STATS, RATES, 100_000, max_epochs=4)
+    mixing.check_epochs(STATS, epochs, max_epochs=4)
   msg = str(e.value)
   assert "\n" not in msg and "data.max_epochs=4" in msg and "sw 50.0" in msg and "en" not in \
       msg.split("(")[1].split(")")[0]
 
 
 def test_check_epochs_passes_under_the_bound_and_when_off():
-  mixing.check_epochs(STATS, RATES, 100_000, max_epochs=60)
-  mixing.check_epochs(STATS, RATES, 100_000, max_epochs=0)
+  epochs = mixing.epochs_over_run(STATS, RATES, 100_000)
+  mixing.check_epochs(STATS, epochs, max_epochs=60)
+  mixing.check_epochs(STATS, epochs, max_epochs=0)
 
 
 def test_plan_inputs_refuses_a_run_that_repeats_the_corpus():
@@ -39,7 +40,7 @@ def test_plan_inputs_refuses_a_run_that_repeats_the_corpus():
     inputs.plan_inputs(c)
   c.data.max_epochs = 0.0  # the override: no bound
   plan = inputs.plan_inputs(c)
-  assert max(mixing.epochs_over_run(plan.stats, plan.rates, 200_000 * 8 * 64).values()) > 4
+  assert max(plan.mix.epochs().values()) > 4
 
 
 @pytest.mark.parametrize("module", [tpu_1b, tpu_1b_v6e, tpu_8b])

@@ -532,8 +532,8 @@ def test_short_run_aligns_pairs_and_identifies_languages_without_hints(tmp_path)
              PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
   wd = tmp_path / "run"
   cmd = [sys.executable, "-m", "xlingo.train", "--config", os.path.join(root, "configs", "tiny.py"),
-         f"--workdir={wd}", "--config.train.steps=100", "--config.train.eval_every=100",
-         "--config.train.log_every=50", "--config.checkpoint.every_steps=100",
+         f"--workdir={wd}", "--config.train.steps=160", "--config.train.eval_every=160",
+         "--config.train.log_every=80", "--config.checkpoint.every_steps=160",
          "--config.train.learning_rate=0.01", "--config.train.eval_batches=2",
          "--config.train.contrastive.weight=1.0", "--config.train.contrastive.pairs=('en-de',)",
          "--config.model.lid_head=True", "--config.model.lang_emb_dropout=0.5",
@@ -544,14 +544,14 @@ def test_short_run_aligns_pairs_and_identifies_languages_without_hints(tmp_path)
   rows = [json.loads(line) for line in open(wd / "metrics.jsonl")]
   val = [r for r in rows if "val/lid_acc" in r]
   before, after = val[0], val[-1]
-  assert [before["step"], after["step"]] == [0, 100]
+  assert [before["step"], after["step"]] == [0, 160]
   for key in ("val/retrieval/en-de", "val/retrieval/de-en"):
     assert after[key] > before[key] + 0.1, (key, before[key], after[key])
   assert before["val/lid_acc"] < 0.2 and after["val/lid_acc"] > 0.25, after["val/lid_acc"]
   train = [r for r in rows if "contrastive_loss" in r]
   assert train[-1]["contrastive_loss"] < train[0]["contrastive_loss"]
   assert {"lid_loss", "lid_acc", "contrastive_acc"} <= set(train[-1])
-  assert (wd / "checkpoints" / "100" / "data" / "process_0" / "pairs.json").exists()
+  assert (wd / "checkpoints" / "160" / "data" / "process_0" / "pairs.json").exists()
   # The model also generates with no language hint.
   g = subprocess.run([sys.executable, "-m", "xlingo.generate", "--config",
                       os.path.join(root, "configs", "tiny.py"), f"--workdir={wd}",

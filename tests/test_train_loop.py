@@ -67,6 +67,10 @@ def _assert_same_run(a, b):
   la = {r["step"]: r["loss"] for r in _metrics(a) if "loss" in r}
   lb = {r["step"]: r["loss"] for r in _metrics(b) if "loss" in r}
   assert la[STEPS] == lb[STEPS]
+  # the cumulative tokens per language count on exactly from the checkpoint
+  ta, tb = ({k: v for k, v in [r for r in _metrics(w) if "loss" in r][-1].items()
+             if k.startswith("tokens/")} for w in (a, b))
+  assert ta and ta == tb
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +101,11 @@ def test_end_to_end_on_8_devices(baseline):
   seen = {k for r in rows if "loss" in r for k in r}
   for lang in ("en", "de", "ru", "ja", "zh"):
     assert f"loss/{lang}" in seen and f"bpb/{lang}" in seen, lang
+  # tokens/<lang>: the cumulative tokens delivered per language, every log step
+  logged = [r for r in rows if "loss" in r]
+  totals = [sum(v for k, v in r.items() if k.startswith("tokens/")) for r in logged]
+  assert all(len([k for k in r if k.startswith("tokens/")]) == 9 for r in logged)
+  assert totals == sorted(totals) and 0.8 * STEPS * 8 * 64 < totals[-1] <= STEPS * 8 * 64
   val = [r for r in rows if "val/bpb/de" in r]
   assert [r["step"] for r in val] == [0, 12, 24]
   # Learning happens: validation bits per byte fall in every language.

@@ -101,8 +101,8 @@ def check_config(config) -> None:
 def resolve_config(config) -> None:
   """Turns the adapt section into the settings the loop reads (in place, before the run).
 
-  ``adapt.mode`` becomes ``train.trainable``; ``adapt.replay_ratio`` adds the other languages
-  to ``data.train_languages`` with ``data.language_weights`` that give them that share.
+  ``adapt.mode`` becomes ``train.trainable``. (``adapt.replay_ratio`` is applied where the
+  rates are made: xlingo.data.mixing.with_replay, from the data plan.)
   """
   check_config(config)
   a = config.adapt
@@ -115,39 +115,6 @@ def resolve_config(config) -> None:
   elif config.train.trainable in (".*", ""):
     raise ConfigError("adapt.mode='freeze' needs train.trainable, a regex over parameter paths "
                       "(e.g. 'blocks/layers/mlp/' or 'lang_embedding|final_norm')")
-  if a.replay_ratio > 0:
-    _set_replay(config)
-
-
-def _set_replay(config) -> None:
-  from xlingo.data import inputs
-
-  targets = list(config.data.train_languages)
-  if not targets:
-    raise ConfigError("adapt.replay_ratio needs data.train_languages (the languages adapted to)")
-  with config.unlocked():
-    probe = ml_collections.ConfigDict(config.to_dict())
-  others = [lang for lang in config.data.languages if lang not in targets]
-  probe.data.train_languages = tuple(targets + others)
-  probe.data.translation_pairs = ()
-  probe.data.language_weights = ml_collections.ConfigDict()
-  plan = inputs.plan_inputs(probe)
-  others = [lang for lang in others if lang in plan.lm_tasks]
-  if not others:
-    raise ConfigError("adapt.replay_ratio > 0 but no other language has data to replay")
-  by_lang = {plan.lm_tasks[lang]: lang for lang in plan.lm_tasks}
-  share = {by_lang[k]: v for k, v in plan.rates.items()}
-  s_t = sum(share[lang] for lang in targets)
-  s_o = sum(share[lang] for lang in others)
-  r = float(config.adapt.replay_ratio)
-  # Targets keep weight 1 (plus any weight given for them); the others together get share r.
-  w_other = r * s_t / ((1.0 - r) * s_o)
-  weights = dict(config.data.language_weights.to_dict())
-  for lang in others:
-    weights[lang] = w_other
-  config.data.train_languages = tuple(targets + others)
-  with config.data.unlocked():
-    config.data.language_weights = ml_collections.ConfigDict(weights)
 
 
 # --- objective ------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.language_weights = ml_collections.ConfigDict()  # lang -> rate multiplier
   c.data.sampling = "temperature"  # temperature | unimax
   c.data.temperature = 3.33  # mT5's alpha = 0.3
+  # Rates that move over the run: ((fraction of the run's tokens, temperature), ...), 1/T
+  # linear between the points, e.g. ((0, 1.0), (1, 3.33)); empty: data.temperature throughout.
+  # Needs data.group_size > 0 (groups are drawn on the host; xlingo/data/mixing.py).
+  c.data.temperature_schedule = ()
   c.data.unimax_max_epochs = 4.0
   c.data.seq_len = 256
   # first_fit: whole examples, first row with room (~3% padding); concat: one token stream cut

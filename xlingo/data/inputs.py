@@ -11,7 +11,7 @@ import numpy as np
 import seqio
 
 from xlingo import paths
-from xlingo.data import iterator, mixing, packing, pairs, readers, tasks
+from xlingo.data import counts, iterator, mixing, packing, pairs, readers, tasks
 from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
@@ -27,25 +27,37 @@ class InputPlan:
   table: LanguageTable
   vocab: seqio.SentencePieceVocabulary
   vocab_path: str
-  lm_tasks: dict  # lang -> task name, for the languages in the run
+  lm_tasks: dict  # lang -> task name, for the languages trained on (replayed ones included)
   mt_tasks: dict  # "src-tgt" -> task name
   stats: list
-  rates: dict
+  rates: dict  # example rates at the start of the run
   mixture: str
   seq_len: int
   # lang -> task name for validation: every language of data.languages that has data, so a
   # run on some languages (adaptation) still reports what happens to the others
   eval_tasks: dict = dataclasses.field(default_factory=dict)
-  # the mixture training reads: ``mixture`` itself (per example, group_size 0) or the same
-  # rates over the tasks' grouped twins (groups of ``group_size`` texts)
-  train_mixture: str = ""
+  # what training reads: the seqio mixture ``mixture`` (per example, group_size 0), or each
+  # task's grouped twin (groups of ``group_size`` texts, drawn on the host at the rates:
+  # readers.GroupReader), in the order of ``stats``
+  train_streams: tuple = ()
   group_size: int = 0
   examples_per_read: int = readers.EXAMPLES_PER_READ
   # "src-tgt" -> parallel task name, for train.contrastive.pairs (xlingo/data/pairs.py)
   pair_tasks: dict = dataclasses.field(default_factory=dict)
+  mix: mixing.Plan | None = None  # the rates over the run
+  no_validation: tuple = ()  # languages evaluated on nothing
 
-  def table_text(self, run_tokens: float) -> str:
-    return mixing.format_table(self.stats, self.rates, run_tokens)
+  def table_text(self, run_tokens: float | None = None) -> str:
+    mix = self.mix
+    if run_tokens is not None and run_tokens != mix.run_tokens:
+      mix = dataclasses.replace(mix, run_tokens=float(run_tokens))
+    return mixing.format_table(mix, self.seq_len, self.no_validation)
+
+  def planned_shares(self, tokens: float | None = None) -> dict[str, dict[str, float]]:
+    """Planned example and token shares by language over the run's first ``tokens`` tokens
+    (default: the whole run)."""
+    run = self.mix.run_tokens
+    return self.mix.shares(0.0, 1.0 if tokens is None else min(tokens / max(run, 1.0), 1.0))
 
 
 def load_vocab_for(data_cfg, model_vocab_size: int | None = None):
@@ -75,38 +87,11 @@ def register_tasks(data_cfg, vocab, vocab_path):
   return module.register(data_cfg, vocab, prefix)
 
 
-def _estimate_tokens(task_name: str, examples: int, table: LanguageTable, vocab,
-                     sample: int = 256) -> int:
-  """Tokens in a task's train split: exact when it is small, else scaled from a sample.
-
-  The sample is the split's first examples, parsed and tokenized as training reads them
-  (readers.py). Line-file tasks are read straight from their files (a second or less for
-  every task together); other sources go through the task's own tf.data pipeline.
-  """
-  spec = tasks.task_spec(task_name)
-  if spec.files.get("train"):
-    texts, sources = [], []
-    for path in spec.files["train"]:
-      for text, source in readers.file_examples(path, spec.fmt, limit=sample - len(texts)):
-        texts.append(text)
-        sources.append(source or "")
-      if len(texts) >= sample:
-        break
-    srcs = np.array(sources, object) if spec.fmt == readers.FORMAT_TSV else None
-    lens = np.diff(readers.encode_examples(vocab.tokenizer, vocab.eos_id, texts, srcs)[1])
-  else:
-    lens = [len(ex["targets"]) for ex in task_examples(task_name, "train", sample, table, vocab)]
-  if not len(lens):
-    raise DataError(f"task {task_name}: its train split yields no examples; check its files")
-  if len(lens) < sample:
-    return int(sum(lens))
-  return int(round(np.mean(lens) * examples))
-
-
 def task_examples(name: str, split: str, num: int, table: LanguageTable, vocab) -> list[dict]:
   """The first ``num`` examples of a task's split (unshuffled), tokenized as training and
-  evaluation tokenize them: ``targets`` (tokens, EOS included), ``prefix_len`` (a conditional
-  example's source tokens), ``lang_id`` and ``src_lang_id`` (0 without a source)."""
+  evaluation tokenize them (pairs whole: no row to fit): ``targets`` (tokens, EOS included),
+  ``prefix_len`` (a conditional example's source tokens), ``lang_id`` and ``src_lang_id`` (0
+  without a source), ``raw_bytes`` per token."""
   ds = iterator.mixture_dataset(name, split=split, seed=0, shuffle=False, repeat=False,
                                 shard=None)
   reader = readers.ExampleReader(ds, table, vocab, locate=tasks.find_line)
@@ -118,16 +103,22 @@ def task_examples(name: str, split: str, num: int, table: LanguageTable, vocab) 
     g = reader.examples(raw)
     bounds = g["row_splits"].tolist()
     out += [{"targets": g["values"][a:b], "prefix_len": int(g["prefix_len"][i]),
-             "lang_id": int(g["lang_ids"][i]), "src_lang_id": int(g["src_lang_ids"][i])}
+             "lang_id": int(g["lang_ids"][i]), "src_lang_id": int(g["src_lang_ids"][i]),
+             "raw_bytes": g["raw_bytes"][a:b]}
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
   return out[:num]
 
 
 def plan_inputs(config) -> InputPlan:
-  """Validate the data config, register tasks and the mixture, and compute the rates."""
+  """Validate the data config, register tasks and the mixture, count the tasks' tokens and
+  compute the rates (with their schedule and replay). Built once per run."""
   d = config.data
   packing.check_packing(d.packing)
   group_size = check_group_size(d.group_size, d.examples_per_read)
+  schedule = mixing.check_schedule(d.get("temperature_schedule", ()), d.sampling)
+  if schedule and not group_size:
+    raise ConfigError("data.temperature_schedule draws groups of examples on the host; set "
+                      "data.group_size > 0 (e.g. --config.data.group_size=64)")
   table = LanguageTable(d.languages)
   if len(table) > config.model.num_languages and config.model.use_lang_emb:
     raise ConfigError(
@@ -150,32 +141,59 @@ def plan_inputs(config) -> InputPlan:
     for lang in pair.split("-"):
       table.id(lang)
     mt_tasks[pair] = reg.mt[pair]
-  stats = []
-  for lang, name in list(lm_tasks.items()) + [(p.split("-")[1], n) for p, n in mt_tasks.items()]:
-    n = seqio.get_mixture_or_task(name).num_input_examples("train") or 0
-    stats.append(mixing.TaskStats(name=name, lang=lang, examples=int(n),
-                                  tokens=_estimate_tokens(name, int(n), table, vocab)))
-  run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
-  rates = mixing.compute_rates(
-      stats, sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
-      unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}))
-  mixing.check_epochs(stats, rates, run_tokens, d.get("max_epochs", 0.0))
-  mixture = mixing.register_mixture(rates)
-  train_mixture = mixture
-  if group_size:
-    # The mixture draws groups: a task's group rate is its example rate over its mean group
-    # size, so that examples are still drawn at the example rates.
-    grouped = {tasks.register_grouped(k, group_size, d.shuffle_buffer):
-               v / tasks.mean_group_size(k, group_size) for k, v in rates.items()}
-    train_mixture = mixing.register_mixture(grouped, prefix="xlingo.gmix")
+  replay_ratio = float(config.adapt.get("replay_ratio", 0.0)) if "adapt" in config else 0.0
+  replay = {}
+  if replay_ratio > 0:
+    replay = {lang: reg.lm[lang] for lang in d.languages
+              if lang not in lm_tasks and lang in reg.lm}
+    if not d.get("train_languages", ()) and not mt_tasks:
+      raise ConfigError("adapt.replay_ratio needs data.train_languages (the languages adapted "
+                        "to); the other languages of data.languages are replayed")
+    if not replay:
+      raise ConfigError("adapt.replay_ratio > 0 but no other language of data.languages has "
+                        "data to replay; add one or set adapt.replay_ratio=0")
   eval_tasks = {lang: reg.lm[lang] for lang in d.languages if lang in reg.lm}
   eval_tasks.update(lm_tasks)
-  return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path, lm_tasks=lm_tasks,
-                   mt_tasks=mt_tasks, stats=stats, rates=rates, mixture=mixture,
-                   seq_len=d.seq_len, eval_tasks=eval_tasks, train_mixture=train_mixture,
-                   group_size=group_size,
-                   examples_per_read=d.examples_per_read,
+  stats = [_task_stats(name, lang, src, vocab, d.seq_len, eval_tasks)
+           for name, lang, src in ([(n, lang, "") for lang, n in {**lm_tasks, **replay}.items()]
+                                   + [(n, *reversed(p.split("-"))) for p, n in mt_tasks.items()])]
+  run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
+  rule = mixing.RateRule(
+      sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
+      unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}),
+      replay=tuple(replay.values()), replay_ratio=replay_ratio)
+  mix = mixing.Plan(tuple(stats), rule, run_tokens, schedule)
+  rates = mix.rates_at(0.0)
+  mixing.check_epochs(stats, mix.epochs(), d.get("max_epochs", 0.0))
+  mixture = mixing.register_mixture({s.name: rates[s.name] * s.lines_per_example for s in stats})
+  train_streams = (mixture,)
+  if group_size:
+    train_streams = tuple(tasks.register_grouped(s.name, group_size, d.shuffle_buffer)
+                          for s in stats)
+  no_validation = tuple(lang for lang, name in eval_tasks.items()
+                        if "validation" not in seqio.get_mixture_or_task(name).splits)
+  return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path,
+                   lm_tasks={**lm_tasks, **replay}, mt_tasks=mt_tasks, stats=stats, rates=rates,
+                   mixture=mixture, seq_len=d.seq_len, eval_tasks=eval_tasks,
+                   train_streams=train_streams, group_size=group_size,
+                   examples_per_read=d.examples_per_read, mix=mix, no_validation=no_validation,
                    pair_tasks=pairs.pair_tasks(config, reg.mt, table))
+
+
+def _task_stats(name: str, lang: str, src_lang: str, vocab, seq_len: int,
+                eval_tasks: dict) -> mixing.TaskStats:
+  """A task's train split counted as training reads it (counts.py)."""
+  task = seqio.get_mixture_or_task(name)
+  c = counts.task_counts(name, "train", vocab, seq_len)
+  if not c.examples:
+    raise DataError(f"task {name}: its train split yields no examples; check its files")
+  lines = int(task.num_input_examples("train") or 0) or c.examples + c.dropped
+  evaluated = eval_tasks.get(lang)
+  has_val = evaluated is not None and "validation" in seqio.get_mixture_or_task(evaluated).splits
+  return mixing.TaskStats(
+      name=name, lang=lang, examples=lines, tokens=c.tokens, src_lang=src_lang,
+      source_tokens=c.source_tokens, truncated=c.truncated, cut_tokens=c.cut_tokens,
+      dropped=max(lines - c.examples, 0), exact=c.exact, validation=has_val)
 
 
 def check_group_size(k, examples_per_read) -> int:
@@ -202,7 +220,8 @@ class RowSlice:
   """This process's rows of a global batch that every process packs identically.
 
   Used when a source cannot be split among processes (a line task with fewer files than
-  processes, e.g. the embedded corpus; iterator.reads_its_share): every process reads the same full stream, packs the whole global batch and
+  processes, e.g. the embedded corpus; iterator.reads_its_share): every process reads the same
+  full stream, packs the whole global batch and
   keeps rows [i*B/n, (i+1)*B/n). The global batch is then the one a single process would
   build, whatever the process count, and so is the iterator state (``replicated``): a
   checkpoint's data state resumes under any number of processes. The price is that each
@@ -224,6 +243,14 @@ class RowSlice:
   def batches(self) -> int:
     return self.it.batches
 
+  @property
+  def counters(self) -> dict:
+    return self.it.counters
+
+  @counters.setter
+  def counters(self, value: dict) -> None:
+    self.it.counters = value
+
   def save(self, directory: str) -> None:
     self.it.save(directory)
 
@@ -231,30 +258,26 @@ class RowSlice:
     self.it.restore(directory)
 
 
-def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: str, *,
-            seed: int, repeat: bool, grouped: bool = False, **kw):
-  """A PackedIterator for this process: over its own share of the data, or over the full
-  stream and sliced by rows (RowSlice)."""
+def _packed(plan: InputPlan, names: list[str], split: str, global_batch: int, packing: str,
+            make_reader, *, repeat: bool):
+  """A PackedIterator for this process over the reader ``make_reader(shard)`` of tasks or
+  mixtures ``names``: over its own share of the data, or over the full stream and sliced by
+  rows (RowSlice)."""
   import jax
 
   shard = iterator.shard_info()
   local = local_batch_size(global_batch)
-  provider = seqio.get_mixture_or_task(name)
 
   def packed(shard, batch):
-    ds = iterator.mixture_dataset(name, split=split, shard=shard, seed=seed, repeat=repeat, **kw)
-    if grouped:
-      reader = readers.TextGroupReader(ds, plan.table, plan.vocab, plan.group_size, seed,
-                                       plan.examples_per_read, locate=tasks.find_line)
-    else:
-      reader = readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line)
     # Training streams read ahead in a thread; evaluation reads a few batches and stops.
-    return iterator.PackedIterator(reader, batch, plan.seq_len, packing, background=repeat)
+    return iterator.PackedIterator(make_reader(shard), batch, plan.seq_len, packing,
+                                   background=repeat)
 
-  if shard is None or iterator.reads_its_share(provider, split, shard.num_shards):
+  if shard is None or all(iterator.reads_its_share(seqio.get_mixture_or_task(n), split,
+                                                   shard.num_shards) for n in names):
     return packed(shard, local)
   logging.info("%s: fewer %s files than the %d processes; every process packs the global "
-               "batch from the full stream and keeps its rows", name, split, shard.num_shards)
+               "batch from the full stream and keeps its rows", names, split, shard.num_shards)
   lo = jax.process_index() * local
   return RowSlice(packed(None, global_batch), lo, lo + local)
 
@@ -262,9 +285,39 @@ def _packed(plan: InputPlan, name: str, split: str, global_batch: int, packing: 
 def train_iterator(plan: InputPlan, config):
   """This process's training batches (a PackedIterator or a RowSlice over one; with a
   contrastive term, joined to the pair stream: pairs.WithPairs)."""
-  lm = _packed(plan, plan.train_mixture or plan.mixture, "train", config.train.batch_size,
-               config.data.packing, seed=config.data.seed, grouped=plan.group_size > 0,
-               shuffle=True, repeat=True)
+  d = config.data
+  seed, k = d.seed, plan.group_size
+  common = dict(locate=tasks.find_line, max_len=plan.seq_len)
+
+  def stream(name, shard):
+    return iterator.mixture_dataset(name, split="train", shard=shard, seed=seed, shuffle=True,
+                                    repeat=True)
+
+  if not k:
+    def make_reader(shard):
+      return readers.ExampleReader(stream(plan.mixture, shard), plan.table, plan.vocab, **common)
+  else:
+    stats = plan.mix.stats
+    # examples trained per group: a group rate is an example rate over this
+    mean = [tasks.mean_group_size(s.name, k) / s.lines_per_example for s in stats]
+    group_tokens = [m * s.tokens_per_example for m, s in zip(mean, stats, strict=True)]
+
+    def rates_at(x):
+      rates = plan.mix.rates_at(x)
+      return [rates[s.name] for s in stats]
+
+    specs = [tasks.task_spec(s.name) for s in stats]
+    codes = [(sp.lang, sp.src_lang, sp.fmt) for sp in specs]
+
+    def make_reader(shard):
+      # Each process reading its own share counts its progress against its share of the run.
+      run = plan.mix.run_tokens / (shard.num_shards if shard else 1)
+      return readers.GroupReader([stream(g, shard) for g in plan.train_streams], rates_at, mean,
+                                 group_tokens, run, codes, plan.table, plan.vocab, k, seed,
+                                 plan.examples_per_read, **common)
+
+  lm = _packed(plan, list(plan.train_streams), "train", config.train.batch_size, d.packing,
+               make_reader, repeat=True)
   return pairs.attach(lm, plan, config)
 
 
@@ -276,8 +329,15 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   name = (plan.eval_tasks or plan.lm_tasks)[lang]
   if "validation" not in seqio.get_mixture_or_task(name).splits:
     return []
-  it = _packed(plan, name, "validation", config.train.batch_size, "first_fit", seed=0,
-               shuffle=False, repeat=False)
+
+  def make_reader(shard):
+    ds = iterator.mixture_dataset(name, split="validation", shard=shard, seed=0, shuffle=False,
+                                  repeat=False)
+    return readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line,
+                                 max_len=plan.seq_len)
+
+  it = _packed(plan, [name], "validation", config.train.batch_size, "first_fit", make_reader,
+               repeat=False)
   out = []
   for batch in it:
     out.append(batch)

@@ -160,7 +160,7 @@ def _halt_all():
 class PackedIterator:
   """Iterates packed [batch, seq_len] batches from a reader; its state can be saved.
 
-  ``reader`` is a ``readers.ExampleReader`` or ``readers.TextGroupReader``; ``packing`` is
+  ``reader`` is a ``readers.ExampleReader`` or ``readers.GroupReader``; ``packing`` is
   ``"concat"`` or ``"first_fit"`` (packing.py). With ``background``, reads run ahead in
   a thread (:class:`_Background`). A saved state holds the reader's tf.data iterator
   (positioned after the last read), its counters and the token stream not yet placed in a
@@ -177,6 +177,10 @@ class PackedIterator:
     self.stream = packing_lib.TokenStream()
     self.ready: collections.deque = collections.deque()  # packed, not yet returned
     self.batches = 0
+    # JSON values saved and restored with the state: what the consumer counts of the batches
+    # taken so far (the loop's cumulative tokens per language), so that a restored run goes on
+    # counting from where the saved one was.
+    self.counters: dict = {}
     self._bg = _Background(reader) if background else None
 
   def __iter__(self):
@@ -224,12 +228,12 @@ class PackedIterator:
              if self.ready}
     buf = io.BytesIO()
     np.savez(buf, **{f: getattr(self.stream, f) for f in packing_lib.TokenStream.FIELDS},
-             **ready)
+             **ready, **{f"reader_{k}": v for k, v in self.reader.state_arrays().items()})
     paths.write_bytes(paths.join(directory, "stream.npz"), buf.getvalue())
     # state.json last: a directory with it holds a whole state
     paths.write_text(paths.join(directory, "state.json"), json.dumps(
         {"format": 2, "batches": self.batches, "packing": self.packing,
-         "reader": self.reader.kind, **self.reader.state()}))
+         "reader": self.reader.kind, "counters": self.counters, **self.reader.state()}))
 
   def restore(self, directory: str) -> None:
     state = json.loads(paths.read_text(paths.join(directory, "state.json")))
@@ -245,13 +249,21 @@ class PackedIterator:
     self.ready.clear()
     if state.get("format", 1) >= 2:
       with _load_npz(paths.join(directory, "stream.npz")) as z:
-        self.stream.add(*(z[f] for f in packing_lib.TokenStream.FIELDS))
+        self.stream.add(*(z[f] for f in packing_lib.TokenStream.FIELDS[:4]),
+                        self._raw_bytes(z, "raw_bytes", z["tokens"]),
+                        z["sourced"] if "sourced" in z else None)
         if "ready_targets" in z:
-          cols = {k: z[f"ready_{k}"] for k in packing_lib.FEATURES}
-          self.ready.extend({k: v[i] for k, v in cols.items()}
+          cols = {k: z[f"ready_{k}"] for k in packing_lib.FEATURES if f"ready_{k}" in z}
+          if "raw_bytes" not in cols:
+            cols["raw_bytes"] = self._raw_bytes(z, "", cols["targets"]) * (
+                cols["segment_ids"] > 0)
+          self.ready.extend({k: cols[k][i] for k in packing_lib.FEATURES}
                             for i in range(cols["targets"].shape[0]))
+        self.reader.load_state_arrays({k[len("reader_"):]: z[k] for k in z.files
+                                       if k.startswith("reader_")})
     else:
-      self.stream.add(*_v1_stream(directory, state["pending"]))
+      tokens, lang_ids, weights, starts = _v1_stream(directory, state["pending"])
+      self.stream.add(tokens, lang_ids, weights, starts, self.reader.piece_bytes[tokens])
     saved = state.get("packing", "first_fit")
     if saved != self.packing:
       # Nothing read is lost, but the batches differ from an uninterrupted run's from here on.
@@ -260,6 +272,12 @@ class PackedIterator:
                       "repacked", directory, saved, self.packing, len(self.ready))
     self.reader.load_state(state)
     self.batches = state["batches"]
+    self.counters = dict(state.get("counters", {}))
+
+  def _raw_bytes(self, z, key: str, tokens: np.ndarray) -> np.ndarray:
+    """``z[key]``, or for a state saved before raw byte counts its tokens' normalised bytes
+    (what bits per byte counted then)."""
+    return z[key] if key in z else self.reader.piece_bytes[tokens]
 
 
 TF_ITERATOR = "tf_iterator"  # the tf.data checkpoint's prefix (.index, .data-* files)
@@ -290,7 +308,10 @@ def _load_npz(path: str):
 
 def _flags(kind: str) -> str:
   """The config overrides that select the reader of kind ``kind``."""
-  if not kind.startswith("text_groups:"):
+  if kind.startswith("text_groups:"):
+    return ("the xlingo version that wrote it (its groups came from a seqio mixture; they are "
+            "now taken on the host)")
+  if not kind.startswith("groups:"):
     return "--config.data.group_size=0"
   k, _, per_read = kind.split(":")[1].partition("/")
   return f"--config.data.group_size={k} --config.data.examples_per_read={per_read}"

@@ -10,6 +10,9 @@ batch is a dict of [batch, seq_len] arrays:
   positions     position inside the segment
   lang_ids      index into ``config.data.languages`` of each token's language (0 on padding)
   loss_weights  1.0 where the loss counts (not on padding, not on a conditional task's source)
+  raw_bytes     the raw UTF-8 bytes of the example's text each token stands for (readers.py:
+                an example's tokens sum to its raw length; 0 on sources and padding), the
+                denominator of bits per byte
 
 Two packings (``config.data.packing``):
 
@@ -20,6 +23,11 @@ Two packings (``config.data.packing``):
              into the first row of the batch with room for it; a batch is emitted when a chunk
              fits in no row. Examples are never cut; about 3% of the slots are padding.
              Evaluation batches always use this packing.
+
+Either way a conditional example's target tokens are trained only where its source is in the
+same row: the readers cut a pair to fit one row, and should a pair still be split (concat's
+row boundaries, or a pair longer than a row when nothing cut it), its tokens past the split
+get loss weight 0 instead of training as unconditional text.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ import numpy as np
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError
 
-FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights")
+FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights",
+            "raw_bytes")
 
 
 def _as_str(x) -> str:
@@ -61,15 +70,15 @@ def lang_ids_of(codes: np.ndarray, table: LanguageTable, cache: dict) -> np.ndar
 
 
 def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
-                  lang_cache: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """A ragged group of tokenized examples -> flat (tokens, lang_ids, weights, starts).
+                  lang_cache: dict) -> tuple[np.ndarray, ...]:
+  """A ragged group of tokenized examples -> the flat arrays of :class:`TokenStream`.
 
-  ``b`` holds ``values`` + ``row_splits`` (the examples' tokens, EOS included) and per example
-  ``lang``, ``src_lang`` (codes) and ``prefix_len``; ``lang_ids`` / ``src_lang_ids``, when
-  given, are the codes' ids already (``src_lang_ids`` 0 where there is no source).
-  ``starts`` marks each example's first token. On a
-  conditional example's first ``prefix_len`` tokens (its source) the language is the
-  source's and the loss weight 0. All vectorised: no Python step per token.
+  ``b`` holds ``values`` + ``row_splits`` (the examples' tokens, EOS included), optionally
+  ``raw_bytes`` per token, and per example ``lang``, ``src_lang`` (codes) and ``prefix_len``;
+  ``lang_ids`` / ``src_lang_ids``, when given, are the codes' ids already (``src_lang_ids`` 0
+  where there is no source). On a conditional example's first ``prefix_len`` tokens (its
+  source) the language is the source's and the loss weight 0, and all its tokens are
+  ``sourced``. All vectorised: no Python step per token.
   """
   values = np.asarray(b["values"], np.int32)
   splits = np.asarray(b["row_splits"], np.int64)
@@ -79,6 +88,7 @@ def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
   lang = np.repeat(lang_ids_of(b["lang"], table, lang_cache) if ids is None else ids, lens)
   weights = np.ones(n, np.float32)
   prefix = np.asarray(b["prefix_len"], np.int64)
+  sourced = np.zeros(n, bool)
   if n and prefix.any():
     offset = np.arange(n, dtype=np.int64) - np.repeat(splits[:-1], lens)
     src = offset < np.repeat(prefix, lens)
@@ -89,34 +99,40 @@ def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
       src_ids[has] = lang_ids_of(b["src_lang"][has], table, lang_cache)
     lang = np.where(src, np.repeat(src_ids, lens), lang)
     weights[src] = 0.0
+    sourced = np.repeat(has, lens)
   starts = np.zeros(n, bool)
   starts[splits[:-1][lens > 0]] = True
-  return values, lang, weights, starts
+  raw = b.get("raw_bytes")
+  raw = np.zeros(n, np.int32) if raw is None else np.asarray(raw, np.int32)
+  return values, lang, weights, starts, raw, sourced
 
 
 class TokenStream:
-  """Tokens read but not yet placed in a batch: flat token, language id, loss weight and
-  example-start arrays. Both packings take batches from its head."""
+  """Tokens read but not yet placed in a batch: flat token, language id, loss weight,
+  example-start, raw-byte and has-a-source arrays. Both packings take batches from its head."""
 
-  FIELDS = ("tokens", "lang_ids", "weights", "starts")
+  FIELDS = ("tokens", "lang_ids", "weights", "starts", "raw_bytes", "sourced")
+  DTYPES = (np.int32, np.int32, np.float32, bool, np.int32, bool)
 
   def __init__(self):
     self.clear()
 
   def clear(self):
-    self.tokens = np.zeros(0, np.int32)
-    self.lang_ids = np.zeros(0, np.int32)
-    self.weights = np.zeros(0, np.float32)
-    self.starts = np.zeros(0, bool)
+    for f, dt in zip(self.FIELDS, self.DTYPES, strict=True):
+      setattr(self, f, np.zeros(0, dt))
 
   def __len__(self):
     return self.tokens.shape[0]
 
-  def add(self, tokens, lang_ids, weights, starts) -> None:
-    self.tokens = np.concatenate([self.tokens, tokens])
-    self.lang_ids = np.concatenate([self.lang_ids, lang_ids])
-    self.weights = np.concatenate([self.weights, weights])
-    self.starts = np.concatenate([self.starts, starts])
+  def add(self, tokens, lang_ids, weights, starts, raw_bytes=None, sourced=None) -> None:
+    """Append examples' arrays; ``raw_bytes`` (default 0) and ``sourced`` (default False)
+    may be left out."""
+    n = len(tokens)
+    raw_bytes = np.zeros(n, np.int32) if raw_bytes is None else raw_bytes
+    sourced = np.zeros(n, bool) if sourced is None else sourced
+    for f, a in zip(self.FIELDS, (tokens, lang_ids, weights, starts, raw_bytes, sourced),
+                    strict=True):
+      setattr(self, f, np.concatenate([getattr(self, f), a]))
 
   def pop(self, n: int) -> list[np.ndarray]:
     """Remove and return the first ``n`` of each array."""
@@ -126,13 +142,13 @@ class TokenStream:
     return out
 
 
-def _finish(targets, segs, pos, langs, weights) -> dict[str, np.ndarray]:
+def _finish(targets, segs, pos, langs, weights, raw_bytes) -> dict[str, np.ndarray]:
   """Add the shifted inputs (0 at every segment start and on padding)."""
   inputs = np.zeros_like(targets)
   inputs[:, 1:] = targets[:, :-1]
   inputs[pos == 0] = 0
   return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
-          "lang_ids": langs, "loss_weights": weights}
+          "lang_ids": langs, "loss_weights": weights, "raw_bytes": raw_bytes}
 
 
 def _split(rows: dict[str, np.ndarray], batch_size: int) -> list[dict[str, np.ndarray]]:
@@ -159,15 +175,18 @@ def concat_batches(stream: TokenStream, batch_size: int, seq_len: int,
     out = np.zeros(k * size, a.dtype)
     out[:n] = a
     parts.append(out.reshape(k * batch_size, seq_len))
-  targets, langs, weights, starts = parts
+  targets, langs, weights, starts, raw, sourced = parts
   real = (np.arange(k * size) < n).reshape(k * batch_size, seq_len)
+  # a conditional example continued from the row before has lost its source (module docstring)
+  continued = ~np.logical_or.accumulate(starts, axis=1)
+  weights[continued & sourced] = 0.0
   starts[:, 0] = True
   segs = np.cumsum(starts, axis=1, dtype=np.int32)
   arange = np.arange(seq_len, dtype=np.int32)
   pos = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
   segs[~real] = 0
   pos[~real] = 0
-  return _split(_finish(targets, segs, pos, langs, weights), batch_size)
+  return _split(_finish(targets, segs, pos, langs, weights, raw), batch_size)
 
 
 def _chunks(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -223,11 +242,15 @@ def first_fit_batches(stream: TokenStream, batch_size: int, seq_len: int,
   ntok = int(cstart[k - 1] + lens[-1])
   local = np.arange(ntok) - np.repeat(cstart[:k], lens)
   idx = np.repeat(np.asarray(dest[:k]), lens) + local
-  tokens, lang_ids, weights, _ = stream.pop(ntok)
+  tokens, lang_ids, weights, starts, raw, sourced = stream.pop(ntok)
+  # a later chunk of a conditional example has lost its source (module docstring)
+  continued = np.repeat(~starts[cstart[:k]] & sourced[cstart[:k]], lens)
+  weights = np.where(continued, np.float32(0), weights)
   size = nb * b * length
   out = []
-  for src, dtype in ((tokens, np.int32), (np.repeat(np.asarray(segno[:k], np.int32), lens), np.int32),
-                     (local, np.int32), (lang_ids, np.int32), (weights, np.float32)):
+  segs = np.repeat(np.asarray(segno[:k], np.int32), lens)
+  for src, dtype in ((tokens, np.int32), (segs, np.int32), (local, np.int32),
+                     (lang_ids, np.int32), (weights, np.float32), (raw, np.int32)):
     a = np.zeros(size, dtype)
     a[idx] = src
     out.append(a.reshape(nb * b, length))
@@ -240,10 +263,12 @@ PACKERS = {"concat": concat_batches, "first_fit": first_fit_batches}
 def pack_examples(examples: Sequence[Mapping[str, object]], table: LanguageTable,
                   batch_size: int, seq_len: int, packing: str = "first_fit") -> list[dict]:
   """Pack a finite list of tokenized examples (``targets`` with EOS, ``lang``, optional
-  ``src_lang``/``prefix_len``) into batches."""
+  ``src_lang``/``prefix_len``/``raw_bytes``) into batches."""
   check_packing(packing)
   lens = [len(ex["targets"]) for ex in examples]
   group = {
+      "raw_bytes": np.concatenate([np.asarray(ex.get("raw_bytes", np.zeros(n)), np.int32)
+                                   for ex, n in zip(examples, lens, strict=True)]),
       "values": np.concatenate([np.asarray(ex["targets"], np.int32) for ex in examples]),
       "row_splits": np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
       "lang": np.array([ex["lang"] for ex in examples], object),

@@ -141,6 +141,15 @@ class WithPairs:
   def batches(self) -> int:
     return self.lm.batches
 
+  @property
+  def counters(self) -> dict:
+    """The LM iterator's saved counters (tokens per language: the loop's TokenCounter)."""
+    return self.lm.counters
+
+  @counters.setter
+  def counters(self, value: dict) -> None:
+    self.lm.counters = value
+
   def save(self, directory: str) -> None:
     self.lm.save(directory)
     paths.write_text(paths.join(directory, STATE_FILE), json.dumps(self.pairs.state()))

@@ -13,21 +13,29 @@ is blank: never an example, in any format. A task's ``format`` says how a line i
   "json:FIELD"  (FORMAT_JSON + FIELD) a JSON record whose FIELD is the text; a record whose
                 FIELD is missing, not a string or blank is skipped
 
+A file's format follows its name (:func:`format_of`): ``.jsonl``/``.json`` are JSON records,
+anything else plain text; pairs files are TSV by configuration.
+
 **Tokens.** SentencePiece on the host (the vocabulary's Python processor), all texts of a read
 in one multi-threaded call. An example's tokens are its source's (a conditional example's
-``prefix_len`` first tokens), then its text's, then EOS.
+``prefix_len`` first tokens), then its text's, then EOS; a pair longer than a row keeps its
+source and is cut in its target (:func:`encode_examples`). Every token carries the raw UTF-8
+bytes it stands for (``raw_bytes``, for bits per byte).
 
 **Readers.** tf.data elements (seqio tasks and mixtures of raw lines, tasks.py) become pieces
 of the token stream that packing.py packs:
 
   ExampleReader    single examples (evaluation; training with ``data.group_size=0``), 256 per
                    read, in stream order
-  TextGroupReader  groups of k examples (training, ``data.group_size`` = k > 0): about
+  GroupReader      groups of k examples (training, ``data.group_size`` = k > 0) taken on the
+                   host from each task's stream at the (possibly scheduled) rates, about
                    ``data.examples_per_read`` examples per read, shuffled together (seeded)
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -45,6 +53,15 @@ if TYPE_CHECKING:  # the readers only call methods of the datasets they are give
 FORMAT_TEXT = ""
 FORMAT_TSV = "tsv"
 FORMAT_JSON = "json:"  # + the field name
+
+JSONL_SUFFIXES = (".jsonl", ".json")
+
+
+def format_of(path: str, jsonl_field: str = "text") -> str:
+  """How the lines of a (train, validation or vocabulary) text file are examples: JSON records
+  with ``jsonl_field`` for ``*.jsonl``/``*.json``, else plain text."""
+  return FORMAT_JSON + jsonl_field if path.endswith(JSONL_SUFFIXES) else FORMAT_TEXT
+
 
 _ASCII_SPACE = " \t\n\r\x0b\x0c"  # what tf.strings.strip removes (and bytes.strip)
 
@@ -200,30 +217,132 @@ def encode_flat(sp, texts: list) -> tuple[np.ndarray, np.ndarray]:
   return (np.concatenate(arrs) if arrs else np.zeros(0, np.int32)), lens
 
 
-def encode_examples(sp, eos: int, texts: list,
-                    sources: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Examples -> (values, row_splits, prefix_len): each example's tokens are its source's (where
-  ``sources`` has one, non-empty), its text's and EOS; ``prefix_len`` counts the source's."""
+_PIECE_BYTES: dict[int, tuple] = {}  # id(processor) -> (processor, table); holds the processor
+
+
+def piece_bytes(sp) -> np.ndarray:
+  """UTF-8 bytes of the normalised text each piece stands for ("▁" as a space, a byte
+  piece 1, control and unknown pieces 0): a token's byte count before the per-example
+  correction to the raw text (:func:`encode_examples`). Computed once per processor."""
+  hit = _PIECE_BYTES.get(id(sp))
+  if hit is not None and hit[0] is sp:
+    return hit[1]
+  out = np.zeros(sp.get_piece_size(), np.int32)
+  for i in range(sp.get_piece_size()):
+    if sp.is_control(i) or sp.is_unknown(i):
+      continue
+    out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+  out.setflags(write=False)
+  _PIECE_BYTES[id(sp)] = (sp, out)
+  return out
+
+
+def utf8_lengths(texts: Sequence) -> np.ndarray:
+  """Raw UTF-8 bytes of each text (bytes, or str encoded)."""
+  return np.fromiter((len(t) if isinstance(t, bytes) else len(t.encode("utf-8")) for t in texts),
+                     np.int64, count=len(texts))
+
+
+@dataclasses.dataclass
+class Encoded:
+  """Tokenized examples, flat: ``values`` (tokens) split by ``row_splits``; per token
+  ``raw_bytes``; per example ``prefix_len`` (source tokens), ``cut`` (target tokens, EOS
+  included, that did not fit ``max_len``) and ``kept`` (False: dropped, in none of the other
+  arrays)."""
+
+  values: np.ndarray
+  row_splits: np.ndarray
+  prefix_len: np.ndarray
+  raw_bytes: np.ndarray
+  cut: np.ndarray
+  kept: np.ndarray
+
+
+def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None, *,
+                    max_len: int = 0, table: np.ndarray | None = None) -> Encoded:
+  """Examples -> tokens: each example's source's (where ``sources`` has one, non-empty), its
+  text's, then EOS.
+
+  ``max_len`` > 0 fits a conditional example (one with a source) into a row of that many
+  tokens, so that every target token trained sees the whole source: a longer pair keeps its
+  source and the first target tokens that fit, without EOS (cut short, it does not end
+  there); a pair whose source alone fills the row is dropped. Plain texts are left whole (the
+  packer splits them).
+
+  ``raw_bytes``: bits per byte are counted on the raw UTF-8 text, not SentencePiece's
+  normalised form (NFKC, collapsed spaces, a dummy-prefix space), so that they compare across
+  tokenizers. Each target token carries its piece's normalised bytes (``table``, default
+  :func:`piece_bytes`), and EOS the difference to the text's raw length, so that an example's
+  tokens sum to its raw length; a pair cut short carries its kept pieces' bytes. Source tokens
+  carry 0 (no loss is taken there).
+  """
+  table = piece_bytes(sp) if table is None else table
   tokens, lens = encode_flat(sp, texts)
-  prefix = np.zeros(len(texts), np.int64)
+  n = len(texts)
+  prefix = np.zeros(n, np.int64)
   cond = (np.flatnonzero(np.fromiter((len(s) > 0 for s in sources), bool, len(sources)))
           if sources is not None else np.zeros(0, np.int64))
-  if cond.size:  # conditional examples: source tokens, then the target's
-    src_tokens, src_lens = encode_flat(sp, list(sources[cond]))
-    prefix[cond] = src_lens
-    parts = np.split(tokens, np.cumsum(lens)[:-1])
-    for i, s in zip(cond.tolist(), np.split(src_tokens, np.cumsum(src_lens)[:-1]), strict=True):
-      parts[i] = np.concatenate([s, parts[i]])
-    tokens = np.concatenate(parts)
-    lens = lens + prefix
-  lens = lens + 1  # EOS
-  splits = np.zeros(len(lens) + 1, np.int64)
-  np.cumsum(lens, out=splits[1:])
+  if not cond.size:
+    return _encode_texts(texts, tokens, lens, eos, table)
+  src_tokens, src_lens = encode_flat(sp, list(sources[cond]))
+  prefix[cond] = src_lens
+  keep_t = lens.copy()  # target tokens kept
+  eos_n = np.ones(n, np.int64)
+  kept = np.ones(n, bool)
+  if max_len:
+    over = prefix + lens + 1 > max_len
+    kept = ~(over & (prefix >= max_len))
+    short = over & kept
+    keep_t[short] = max_len - prefix[short]
+    eos_n[short] = 0
+  cut = np.where(kept, lens + 1 - keep_t - eos_n, lens + 1)
+  out_len = prefix + keep_t + eos_n
+  out_len[~kept] = 0
+  splits = np.zeros(n + 1, np.int64)
+  np.cumsum(out_len, out=splits[1:])
+  values = np.full(int(splits[-1]), eos, np.int32)
+  raw = np.zeros(values.shape[0], np.int32)
+  # target tokens: the first keep_t of each example's, after its source
+  local = np.arange(tokens.shape[0]) - np.repeat(np.cumsum(lens) - lens, lens)
+  take = (local < np.repeat(keep_t, lens)) & np.repeat(kept, lens)
+  dest = np.repeat(splits[:-1] + prefix, lens)[take] + local[take]
+  values[dest] = tokens[take]
+  raw[dest] = table[tokens[take]]
+  src_kept = np.repeat(kept[cond], src_lens)
+  s_local = np.arange(src_tokens.shape[0]) - np.repeat(np.cumsum(src_lens) - src_lens, src_lens)
+  values[np.repeat(splits[:-1][cond], src_lens)[src_kept] + s_local[src_kept]] = \
+      src_tokens[src_kept]
+  ends = np.flatnonzero(kept & (eos_n > 0))
+  if ends.size:
+    target_sum = np.bincount(np.repeat(np.arange(n), lens), weights=table[tokens],
+                             minlength=n).astype(np.int64)
+    raw[splits[ends + 1] - 1] = utf8_lengths([texts[i] for i in ends.tolist()]) - target_sum[ends]
+  if not kept.all():
+    splits = np.concatenate([[0], splits[1:][kept]])
+    prefix = prefix[kept]
+  return Encoded(values, splits, prefix, raw, cut, kept)
+
+
+def _encode_texts(texts: list, tokens: np.ndarray, lens: np.ndarray, eos: int,
+                  table: np.ndarray) -> Encoded:
+  """:func:`encode_examples` for texts without a source (the common case, vectorised)."""
+  n = len(texts)
+  splits = np.zeros(n + 1, np.int64)
+  np.cumsum(lens + 1, out=splits[1:])
+  ends = splits[1:] - 1
   values = np.full(int(splits[-1]), eos, np.int32)
   body = np.ones(values.shape[0], bool)
-  body[splits[1:] - 1] = False
+  body[ends] = False
   values[body] = tokens
-  return values, splits, prefix
+  piece = table[tokens]
+  raw = np.zeros(values.shape[0], np.int32)
+  raw[body] = piece
+  cs = np.zeros(tokens.shape[0] + 1, np.int64)
+  np.cumsum(piece, out=cs[1:])
+  raw[ends] = utf8_lengths(texts) - (cs[splits[1:] - np.arange(1, n + 1)] - cs[splits[:-1] -
+                                                                              np.arange(n)])
+  zeros = np.zeros(n, np.int64)
+  return Encoded(values, splits, zeros, raw, zeros, np.ones(n, bool))
 
 
 # --- readers: tf.data -> pieces of the token stream ---------------------------------------
@@ -250,12 +369,15 @@ class _Reader:
   kind: str
   iterator: object
 
-  def __init__(self, table: LanguageTable, vocab, locate: Callable[[bytes], str | None] | None):
+  def __init__(self, table: LanguageTable, vocab, locate: Callable[[bytes], str | None] | None,
+               max_len: int = 0):
     self._table = table
     self._lang_cache: dict = {}
     self._sp = vocab.tokenizer
     self._eos = int(vocab.eos_id)
     self._locate = locate
+    self._max_len = int(max_len)
+    self.piece_bytes = piece_bytes(self._sp)
 
   def fetch(self) -> dict | None:
     b = next(self.iterator, None)
@@ -279,6 +401,13 @@ class _Reader:
   def load_state(self, state: dict) -> None:
     del state
 
+  def state_arrays(self) -> dict[str, np.ndarray]:
+    """Arrays a restore needs besides :meth:`state` (saved with the token stream)."""
+    return {}
+
+  def load_state_arrays(self, arrays: dict) -> None:
+    del arrays
+
   def _ids(self, codes: np.ndarray) -> np.ndarray:
     """Language ids of codes; 0 for "" (no source)."""
     ids = np.zeros(len(codes), np.int32)
@@ -298,9 +427,12 @@ class _Reader:
       texts = [t for t, k in zip(texts, keep, strict=True) if k]
       lang, src_lang = lang[keep], src_lang[keep]
       sources = None if sources is None else sources[keep]
-    values, splits, prefix = encode_examples(self._sp, self._eos, texts, sources)
-    return {"values": values, "row_splits": splits, "lang_ids": lang, "src_lang_ids": src_lang,
-            "prefix_len": prefix}
+    enc = encode_examples(self._sp, self._eos, texts, sources, max_len=self._max_len,
+                          table=self.piece_bytes)
+    if not enc.kept.all():
+      lang, src_lang = lang[enc.kept], src_lang[enc.kept]
+    return {"values": enc.values, "row_splits": enc.row_splits, "lang_ids": lang,
+            "src_lang_ids": src_lang, "prefix_len": enc.prefix_len, "raw_bytes": enc.raw_bytes}
 
 
 class ExampleReader(_Reader):
@@ -309,8 +441,8 @@ class ExampleReader(_Reader):
   kind = "examples"
 
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable, vocab,
-               locate: Callable[[bytes], str | None] | None = None):
-    super().__init__(table, vocab, locate)
+               locate: Callable[[bytes], str | None] | None = None, max_len: int = 0):
+    super().__init__(table, vocab, locate, max_len)
     self.iterator = iter(ds.batch(EXAMPLES_PER_TRANSFER).prefetch(2))
 
   def examples(self, b: dict) -> dict:
@@ -318,41 +450,94 @@ class ExampleReader(_Reader):
                           b["format"])
 
 
-def _flat_batches(ds: tf.data.Dataset, n: int):
-  """An iterator over batches of ``n`` elements: ``targets`` (a vector per element) as flat
-  ``values`` + ``row_splits``, the other features stacked."""
+class GroupReader(_Reader):
+  """Groups of raw lines drawn on the host from each task's own grouped stream
+  (tasks.register_grouped), tokenized here: training with ``data.group_size`` = k > 0.
 
-  def flat(b):
-    t = b.pop("targets")
-    return {"values": t.values, "row_splits": t.row_splits, **b}
+  Every task keeps one stream for the whole run. A read takes ``ceil(examples_per_read / k)``
+  groups: each goes to the task the rates owe most (``owed`` grows by each task's group rate
+  per group and drops by one per group taken), so the groups taken from every task stay
+  within one of their rate's share at every point of the run. (Independent random draws of
+  64-example groups would need some 1,600 groups per language to come within 5% of the rates;
+  a seqio mixture draws them so.) A group rate is the task's example rate over its mean group
+  size (``mean_group``), so that examples come at the example rates. The read's lines are then
+  shuffled together (a NumPy permutation seeded by (seed, read number)), parsed, and tokenized
+  in one multi-threaded SentencePiece call: no TensorFlow op and no Python tf.data step per
+  example. Groups cross from tf.data ``GROUPS_PER_FETCH`` at a time per task (a Python tf.data
+  step costs ~0.1 ms); the ones not yet taken wait in the reader (and in its saved state).
 
-  return iter(ds.ragged_batch(n).map(flat).prefetch(2))
-
-
-class TextGroupReader(_Reader):
-  """Groups of raw lines from a grouped mixture (tasks.register_grouped), tokenized here.
-
-  Each read takes ``ceil(examples_per_read / group_size)`` groups in one tf.data step, shuffles
-  their lines together (a NumPy permutation seeded by (seed, read number), so a restored
-  reader repeats it), parses them and tokenizes all texts in one multi-threaded SentencePiece
-  call: no TensorFlow op and no Python tf.data step per example.
+  The rates may move over the run (``data.temperature_schedule``): ``rates_at(x)`` gives each
+  task's example rate (by position) at fraction x of the run's tokens. Progress is the tokens
+  fetched so far over ``run_tokens``, counted as each task's expected tokens per group
+  (``group_tokens``): a number known at fetch time, so a read's rates never wait on reads still
+  being tokenized. The streams continue across rate changes (nothing is re-read from a
+  restarted stream), and a restored reader (the tasks' tf.data iterators, the groups waiting,
+  the read number, ``owed`` and the progress) takes exactly what the saved one would have.
+  ``codes`` are each task's (lang, src_lang, format), the same for all its groups.
   """
 
-  def __init__(self, ds: tf.data.Dataset, table: LanguageTable, vocab, group_size: int,
-               seed: int, examples_per_read: int = EXAMPLES_PER_READ,
-               locate: Callable[[bytes], str | None] | None = None):
-    super().__init__(table, vocab, locate)
-    self.kind = f"text_groups:{group_size}/{examples_per_read}"
-    self.iterator = _flat_batches(ds, max(1, -(-examples_per_read // group_size)))
+  GROUPS_PER_FETCH = 8
+
+  def __init__(self, datasets: Sequence[tf.data.Dataset], rates_at: Callable[[float], Sequence],
+               mean_group: Sequence[float], group_tokens: Sequence[float], run_tokens: float,
+               codes: Sequence[tuple[str, str, str]], table: LanguageTable, vocab,
+               group_size: int, seed: int, examples_per_read: int = EXAMPLES_PER_READ,
+               locate: Callable[[bytes], str | None] | None = None, max_len: int = 0):
+    super().__init__(table, vocab, locate, max_len)
+    self.kind = f"groups:{group_size}/{examples_per_read}"
+    self._codes = [tuple(x.encode() for x in c) for c in codes]
+    self.iterator = [iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
+                          .prefetch(2)) for ds in datasets]
+    self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
+    self._groups = max(1, -(-examples_per_read // group_size))
+    self._rates_at = rates_at
+    self._mean_group = np.asarray(mean_group, float)
+    self._group_tokens = np.asarray(group_tokens, float)
+    self._run_tokens = float(run_tokens)
     self._seed = int(seed)
     self.reads = 0
+    self.progress = 0.0  # expected tokens fetched
+    self.owed = np.zeros(len(datasets))
+
+  def _group(self, t: int) -> np.ndarray | None:
+    """The next group (lines) of task ``t``; None at the end of a finite stream."""
+    waiting = self._waiting[t]
+    if not waiting:
+      rb = next(self.iterator[t], None)
+      if rb is None:
+        return None
+      values, splits = rb.values.numpy(), rb.row_splits.numpy()
+      waiting.extend(values[a:b] for a, b in zip(splits[:-1], splits[1:]))
+    return waiting.popleft()
 
   def fetch(self):
-    """The next groups, numbered: the number seeds their permutation."""
-    b = super().fetch()
-    if b is not None:
-      b["read"] = self.reads
-      self.reads += 1
+    """The next read's groups, numbered (the number seeds their permutation); None when a
+    finite stream ends."""
+    q = np.asarray(self._rates_at(min(self.progress / max(self._run_tokens, 1.0), 1.0)),
+                   float) / self._mean_group
+    q /= q.sum()
+    take = []
+    for _ in range(self._groups):
+      self.owed += q
+      t = int(np.argmax(self.owed))
+      self.owed[t] -= 1.0
+      take.append(t)
+    groups, taken = [], []
+    for t in take:
+      g = self._group(t)
+      if g is None:  # a finite stream ended: what was taken is the last read
+        break
+      groups.append(g)
+      taken.append(t)
+    if not groups:
+      return None
+    self.progress += float(self._group_tokens[taken].sum())
+    sizes = np.array([len(g) for g in groups], np.int64)
+    b = {"values": np.concatenate(groups), "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
+         "read": self.reads}
+    for i, k in enumerate(("lang", "src_lang", "format")):
+      b[k] = np.array([self._codes[t][i] for t in taken], object)
+    self.reads += 1
     return b
 
   def examples(self, b: dict) -> dict:
@@ -364,7 +549,28 @@ class TextGroupReader(_Reader):
                           np.repeat(b["format"], sizes)[order])
 
   def state(self) -> dict:
-    return {"reads": self.reads}
+    return {"reads": self.reads, "progress": self.progress, "owed": self.owed.tolist()}
 
   def load_state(self, state: dict) -> None:
     self.reads = int(state["reads"])
+    self.progress = float(state["progress"])
+    self.owed = np.asarray(state["owed"], float)
+
+  def state_arrays(self) -> dict[str, np.ndarray]:
+    out = {}
+    for t, waiting in enumerate(self._waiting):
+      lines = [line for g in waiting for line in g]
+      out[f"waiting{t}_bytes"] = np.frombuffer(b"".join(lines), np.uint8)
+      out[f"waiting{t}_lines"] = np.array([len(x) for x in lines], np.int64)
+      out[f"waiting{t}_groups"] = np.array([len(g) for g in waiting], np.int64)
+    return out
+
+  def load_state_arrays(self, arrays: dict) -> None:
+    for t, waiting in enumerate(self._waiting):
+      waiting.clear()
+      data = arrays[f"waiting{t}_bytes"].tobytes()
+      ends = np.cumsum(arrays[f"waiting{t}_lines"])
+      lines = np.array([data[a:b] for a, b in zip(np.concatenate([[0], ends[:-1]]), ends)],
+                       object)
+      bounds = np.concatenate([[0], np.cumsum(arrays[f"waiting{t}_groups"])])
+      waiting.extend(lines[a:b] for a, b in zip(bounds[:-1], bounds[1:]))

@@ -11,14 +11,14 @@ one place for training and evaluation alike (readers.py). Every task emits, per 
   format       how the line is an example: "" (text), "tsv", or "json:<field>" (readers.py)
 Blank lines are dropped here (cheap tf.data ops on batches of lines).
 
-Each task also has a *grouped* twin (:func:`register_grouped`, used by training mixtures when
+Each task also has a *grouped* twin (:func:`register_grouped`, read by training when
 ``data.group_size`` = k > 0) over the same files or TFDS dataset, whose elements are groups of
 up to k examples of that task (for line files, k lines of one block of 16k lines, shuffled
 within the block when the dataset is), with the same features (``targets`` a vector of lines).
-The mixture samples groups, not examples, and the host parses and tokenizes
-``data.examples_per_read`` examples at once (readers.TextGroupReader): seqio/tf.data do work
-per group, not per example. Each block's last group is short; the training mixture's rates
-account for that (:func:`mean_group_size`).
+The host takes groups from the tasks' twins at the rates, and parses and tokenizes
+``data.examples_per_read`` examples at once (readers.GroupReader): seqio/tf.data do work
+per group, not per example. Each block's last group is short; the group rates account for
+that (:func:`mean_group_size`).
 
 File lists are expanded, sized, counted and checked through the path layer (xlingo/paths.py),
 so ``gs://`` globs work; the lines themselves are read by tf.data (tf.io.gfile), which reaches

@@ -13,6 +13,9 @@ Command line::
   python -m xlingo.data.vocab train --input en='corpus/en*.txt' --input de='corpus/de*.txt' \\
       --output /tmp/my_vocab --vocab_size 8192 --temperature 3.33
   python -m xlingo.data.vocab parity [--vocab PATH] [--split validation] [--markdown FILE]
+
+Input files are read as training reads them (readers.py): ``*.jsonl``/``*.json`` give each
+record's ``--jsonl_field`` (default ``text``), other files one text per line.
 """
 
 from __future__ import annotations
@@ -56,13 +59,15 @@ def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]
   return {lang: [os.path.join(corpus_dir(), "mono", f"{lang}.{split}.txt")] for lang in langs}
 
 
-def read_lines(path: str) -> list[str]:
-  """The texts of a UTF-8 text file, one per non-empty line, stripped (the lines training
-  reads: readers.file_examples); VocabError for a missing, empty or non-UTF-8 file."""
+def read_lines(path: str, jsonl_field: str = "text") -> list[str]:
+  """The texts of a UTF-8 text file, stripped, as training reads them (readers.file_examples):
+  one per non-blank line, or for ``*.jsonl``/``*.json`` each record's ``jsonl_field``
+  (readers.format_of); VocabError for a missing, empty or non-UTF-8 file."""
   if not paths.isfile(path):
     raise VocabError(f"{path}: no such file; check the path or glob")
   try:
-    lines = [t.strip() for t, _ in readers.file_examples(path, readers.FORMAT_TEXT)]
+    lines = [t.strip() for t, _ in readers.file_examples(path, readers.format_of(path,
+                                                                                 jsonl_field))]
   except readers.NotUtf8 as e:
     raise VocabError(f"{path}: not valid UTF-8 (line {e.line}, byte {e.offset} of the line); "
                      "convert it, e.g. with iconv -t UTF-8") from None
@@ -127,18 +132,20 @@ def train_vocab(
     max_sentences: int = 2_000_000,
     seed: int = 0,
     num_threads: int = 1,
+    jsonl_field: str = "text",
 ) -> str:
   """Trains a unigram SentencePiece model on temperature-balanced text; returns the .model path.
 
   The training text holds ``min(max_sentences, total lines)`` lines, language ``l`` taking a
   share ``n_l ** (1/T) / sum_k n_k ** (1/T)``. The result depends only on the inputs and the
-  seed (``num_threads=1`` keeps the trainer itself deterministic).
+  seed (``num_threads=1`` keeps the trainer itself deterministic). JSONL files give their
+  records' ``jsonl_field``, as training reads them.
   """
   lang_to_lines = {}
   for lang, files in lang_to_files.items():
     if not files:
       raise VocabError(f"language {lang!r} has no input files")
-    lang_to_lines[lang] = [ln for path in files for ln in read_lines(path)]
+    lang_to_lines[lang] = [ln for path in files for ln in read_lines(path, jsonl_field)]
   total = sum(len(v) for v in lang_to_lines.values())
   sample = balanced_sample(lang_to_lines, temperature, min(max_sentences, total), seed)
   lines = [ln for lang in sorted(sample) for ln in sample[lang]]
@@ -319,16 +326,12 @@ def format_parity_table(rows: list[dict]) -> str:
 
 
 def vocab_byte_lengths(vocab) -> np.ndarray:
-  """UTF-8 bytes each piece stands for (for bits per byte); control pieces count 0."""
-  sp = vocab.tokenizer
+  """UTF-8 bytes each piece stands for in normalised text; control pieces count 0. Bits per
+  byte count the raw text's bytes instead (the batches' ``raw_bytes``, readers.py); this table
+  serves batches that carry none."""
   out = np.zeros(vocab.vocab_size, np.float32)
-  for i in range(sp.get_piece_size()):
-    if sp.is_control(i) or sp.is_unknown(i):
-      continue
-    if sp.is_byte(i):
-      out[i] = 1.0
-      continue
-    out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+  table = readers.piece_bytes(vocab.tokenizer)
+  out[: len(table)] = table
   return out
 
 
@@ -359,12 +362,14 @@ def main(argv=None) -> int:
   t.add_argument("--temperature", type=float, default=3.33, help="language sampling temperature")
   t.add_argument("--max_sentences", type=int, default=2_000_000, help="training lines at most")
   t.add_argument("--seed", type=int, default=0, help="sampling seed")
+  t.add_argument("--jsonl_field", default="text", help="the text field of *.jsonl files")
   p = sub.add_parser("parity", help="tokens per byte/char per language", formatter_class=fmt)
   p.add_argument("--vocab", default=None, help="a .model file (default: the shipped one)")
   p.add_argument("--split", default="validation", choices=("train", "validation"),
                  help="split of the embedded corpus")
   p.add_argument("--input", action="append", default=[], help="lang=GLOB instead of the corpus")
   p.add_argument("--markdown", default="", help="also write the table to this file")
+  p.add_argument("--jsonl_field", default="text", help="the text field of *.jsonl files")
   sub.add_parser("extend", help="add pieces for a new language without changing any id "
                  "(python -m xlingo.data.vocab extend --help)")
   args = parser.parse_args(argv)
@@ -373,9 +378,10 @@ def main(argv=None) -> int:
       _check_output_dir(args.output)
       files = expand_globs(_parse_inputs(args.input))
       path = train_vocab(
-          files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed
-      )
-      counts = {lang: sum(len(read_lines(f)) for f in fs) for lang, fs in files.items()}
+          files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed,
+          jsonl_field=args.jsonl_field)
+      counts = {lang: sum(len(read_lines(f, args.jsonl_field)) for f in fs)
+                for lang, fs in files.items()}
       rates = sampling_rates(counts, args.temperature)
       for lang in files:
         print(f"{lang}: {counts[lang]} lines, share {rates[lang]:.3f}")
@@ -386,7 +392,8 @@ def main(argv=None) -> int:
         files, parallel = expand_globs(_parse_inputs(args.input)), None
       else:
         files, parallel = embedded_files(args.split), embedded_parallel(args.split)
-      texts = {lang: [ln for f in fs for ln in read_lines(f)] for lang, fs in files.items()}
+      texts = {lang: [ln for f in fs for ln in read_lines(f, args.jsonl_field)]
+               for lang, fs in files.items()}
       table = format_parity_table(parity_report(vocab_path, texts, parallel))
       print(table)
       if args.markdown:

@@ -45,7 +45,7 @@ def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
   w = np.asarray(sums["weight_lang"])
   b = np.asarray(sums["bytes_lang"])
   for key, v in sums.items():
-    if not key.endswith("_lang") or key in ("weight_lang", "bytes_lang"):
+    if not key.endswith("_lang") or key in ("weight_lang", "bytes_lang", "tokens_lang"):
       continue
     name = key[: -len("_lang")]
     v = np.asarray(v)
@@ -65,6 +65,34 @@ def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
     if b.sum() > 0:
       out[f"{prefix}bpb"] = float(np.asarray(sums["loss_lang"]).sum() / (LN2 * b.sum()))
   return out
+
+
+class TokenCounter:
+  """Cumulative tokens per language of the batches trained on (``tokens/<lang>``: padding
+  excluded, a pair's source counted for the source's language), kept in the training
+  iterator's saved state (``counters``)."""
+
+  KEY = "tokens_per_language"
+
+  def __init__(self, codes, train_it):
+    self.codes, self.it = list(codes), train_it
+    self.total = np.zeros(len(self.codes), np.int64)
+
+  def restored(self) -> None:
+    """Take up the counts of a restored iterator state."""
+    saved = self.it.counters.get(self.KEY, {})
+    self.total = np.array([int(saved.get(c, 0)) for c in self.codes], np.int64)
+
+  def add(self, window) -> dict:
+    """Add a log window's per-language tokens; returns the metrics."""
+    self.total += np.asarray(window, np.int64)
+    return {f"tokens/{c}": int(n) for c, n in zip(self.codes, self.total, strict=True)}
+
+  def keep(self, pending) -> None:
+    """Put the counts (plus ``pending``, the unlogged steps' device sums) in the iterator's
+    state before it is saved."""
+    total = self.total + (0 if pending is None else np.asarray(jax.device_get(pending), np.int64))
+    self.it.counters[self.KEY] = {c: int(n) for c, n in zip(self.codes, total, strict=True)}
 
 
 def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extra) -> dict:
@@ -223,8 +251,12 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   # init_from (params only) -> objective's init -> scratch. A checkpoint that does not fit the
   # config stops the run here with one line, before anything is written.
   restored = ckpts.restore_latest(s.factory.abstract_with_shardings(), train_it)
+  # Cumulative training tokens per language (metrics tokens/<lang>), carried in the data
+  # iterator's state so that a resumed run counts on from its checkpoint.
+  delivered = TokenCounter(codes, train_it)
   if restored is not None:
     state, start = restored
+    delivered.restored()
     metrics.console(f"resumed from {ckpts.directory} step {start}")
     metrics.truncate_jsonl_after(paths.join(workdir, "metrics.jsonl"), start)
   elif config.checkpoint.init_from:
@@ -310,6 +342,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
         n = steps_in_window
         tokens = t.batch_size * config.data.seq_len * n
         scalars = language_scalars(host, codes)
+        scalars.update(delivered.add(host["tokens_lang"]))
         scalars["loss"] = float(host["loss"] / n)
         scalars["grad_norm"] = float(host["grad_norm"] / n)
         for k, v in host.items():
@@ -337,12 +370,14 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
           metrics.console(f"xlingo: {objective.name} stops early at step {step}")
           writer.flush()
           lock.check()
+          delivered.keep(None if acc is None else acc["tokens_lang"])
           ckpts.save(step, state, train_it, force=True)
           break
         t_window = time.perf_counter()
       if save_now:
         writer.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint
         lock.check()
+        delivered.keep(None if acc is None else acc["tokens_lang"])
         ckpts.save(step, state, train_it, force=True)
       if stop and not is_last:
         stopped_by_signal = True

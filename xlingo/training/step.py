@@ -31,7 +31,8 @@ from xlingo.training import state as state_lib
 
 # The features of every batch the step reads, [B, L] each; the data layer emits exactly these
 # (xlingo.data.packing.FEATURES, checked equal by a test).
-BATCH_FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights")
+BATCH_FEATURES = ("inputs", "targets", "segment_ids", "positions", "lang_ids", "loss_weights",
+                  "raw_bytes")
 
 
 @dataclasses.dataclass
@@ -286,13 +287,18 @@ LM_OBJECTIVE = Objective(name="lm", loss_fn=lm_loss)
 
 
 def _per_language(aux, batch, byte_table, num_langs):
-  """Sums per language: every per-token quantity, the weights, and the bytes they stand for."""
+  """Sums per language: every per-token quantity, the weights, the raw bytes they stand for
+  (the batch's ``raw_bytes``; without it, each piece's normalised bytes from ``byte_table``)
+  and the tokens (padding excluded)."""
   w = batch["loss_weights"].astype(jnp.float32)
   ids = batch["lang_ids"].reshape(-1)
   seg = lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_langs)
   out = {f"{k}_lang": seg(v) for k, v in aux["per_token"].items()}
   out["weight_lang"] = seg(w)
-  out["bytes_lang"] = seg(jnp.take(byte_table, batch["targets"]) * w)
+  raw = batch.get("raw_bytes")
+  raw = jnp.take(byte_table, batch["targets"]) if raw is None else raw.astype(jnp.float32)
+  out["bytes_lang"] = seg(raw * w)
+  out["tokens_lang"] = seg((batch["segment_ids"] > 0).astype(jnp.int32))
   return out
 
 
