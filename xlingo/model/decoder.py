@@ -13,6 +13,7 @@ axis, which keeps compile time flat in depth.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ import ml_collections
 from flax import linen as nn
 
 from xlingo.errors import ConfigError
+from xlingo.model import peft as peft_lib
 from xlingo.model.attention import BTD, Attention, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
@@ -60,6 +62,7 @@ class RMSNorm(nn.Module):
 
 class SwiGluMlp(nn.Module):
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
   def __call__(self, x_btd: jax.Array) -> jax.Array:
@@ -75,10 +78,14 @@ class SwiGluMlp(nn.Module):
     w_down = self.param(
         "down", nn.with_logical_partitioning(_kernel_init(), ("mlp", "embed")), (f, d), param_dtype
     )
-    gate_btf = flat_matmul(x_btd, w_gate.astype(dtype))
-    up_btf = flat_matmul(x_btd, w_up.astype(dtype))
+    lora = functools.partial(peft_lib.add_lora, self, spec=self.peft, dtype=dtype,
+                             param_dtype=param_dtype)
+    gate_btf = lora("gate", x_btd, flat_matmul(x_btd, w_gate.astype(dtype)), (d, f),
+                    ("embed", "mlp"))
+    up_btf = lora("up", x_btd, flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
-    out_btd = flat_matmul(h_btf, w_down.astype(dtype))
+    out_btd = lora("down", h_btf, flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
+                   ("mlp", "embed"))
     return nn.with_logical_constraint(out_btd, BTD)
 
 
@@ -88,17 +95,23 @@ class DecoderBlock(nn.Module):
   config: ml_collections.ConfigDict
   deterministic: bool = True
   decode: bool = False
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, lang_ids_bt):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h_btd = RMSNorm(dtype, param_dtype, name="attn_norm")(x_btd)
-    h_btd = Attention(cfg, decode=self.decode, name="attn")(h_btd, segment_ids_bt, positions_bt)
+    h_btd = Attention(cfg, decode=self.decode, peft=self.peft, name="attn")(
+        h_btd, segment_ids_bt, positions_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
     h_btd = RMSNorm(dtype, param_dtype, name="mlp_norm")(x_btd)
-    h_btd = SwiGluMlp(cfg, name="mlp")(h_btd)
+    h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
+    if self.peft is not None and self.peft.adapter_bottleneck:
+      h_btd = h_btd + peft_lib.Adapter(
+          self.peft.adapter_bottleneck, self.peft.adapter_per_language, cfg.num_languages,
+          dtype, param_dtype, name="adapter")(h_btd, lang_ids_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
     return x_btd, None
@@ -108,9 +121,11 @@ class DecoderStack(nn.Module):
   """The blocks, scanned or unrolled, with the configured rematerialisation."""
 
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt, deterministic: bool, decode: bool):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, lang_ids_bt, deterministic: bool,
+               decode: bool):
     cfg = self.config
     block_cls = DecoderBlock
     # Decoding computes no gradients, so remat would only cost time there.
@@ -130,25 +145,25 @@ class DecoderStack(nn.Module):
           block_cls,
           variable_axes={"params": 0, "cache": 0},
           split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_btd, _ = stack(cfg, deterministic=deterministic, decode=decode, name="layers")(
-          x_btd, segment_ids_bt, positions_bt
-      )
+      x_btd, _ = stack(cfg, deterministic=deterministic, decode=decode, peft=self.peft,
+                       name="layers")(x_btd, segment_ids_bt, positions_bt, lang_ids_bt)
     else:
       for i in range(cfg.num_layers):
-        x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
-            x_btd, segment_ids_bt, positions_bt
-        )
+        x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, peft=self.peft,
+                             name=f"layers_{i}")(x_btd, segment_ids_bt, positions_bt, lang_ids_bt)
     return x_btd
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``)."""
+  """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``);
+  ``peft`` adds LoRA, adapters or prefixes beside the parameters (``xlingo.model.peft``)."""
 
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   def setup(self):
     cfg = self.config
@@ -192,7 +207,7 @@ class Decoder(nn.Module):
           param_dtype,
       )
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    self.blocks = DecoderStack(cfg)
+    self.blocks = DecoderStack(cfg, self.peft)
     self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype)
 
   def __call__(
@@ -244,7 +259,9 @@ class Decoder(nn.Module):
       segment_ids = jnp.ones((batch, length), jnp.int32)
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x_btd = self.blocks(x_btd, segment_ids, positions, deterministic, decode)
+    if lang_ids is None:  # per-language adapters read the ids too
+      lang_ids = jnp.zeros_like(inputs)
+    x_btd = self.blocks(x_btd, segment_ids, positions, lang_ids, deterministic, decode)
     hidden_btd = self.final_norm(x_btd)
 
     lid_logits_btl = None
