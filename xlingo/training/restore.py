@@ -396,6 +396,11 @@ def vocab_extension(meta: dict, config, where: str) -> dict[int, list[int]] | No
   old_size, new_size = meta.get("vocab_size"), int(config.model.vocab_size)
   if old_size == new_size and (not have_sha or not want_sha or have_sha == want_sha):
     return None
+  if old_size == new_size:
+    raise CheckpointError(
+        f"{where}: the checkpoint was trained with a different vocabulary (SentencePiece model "
+        f"SHA-1 {have_sha[:12]} vs {want_sha[:12]} of data.vocab_path); set data.vocab_path to "
+        "the checkpoint's vocabulary (or to an extension of it, with model.vocab_size its size)")
   old = meta.get("vocab_path")
   if not (have_sha and old and isinstance(old_size, int)):
     raise CheckpointError(
