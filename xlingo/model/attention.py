@@ -315,12 +315,13 @@ class Attention(nn.Module):
     x_btd = x_btd.astype(dtype)
     lora = functools.partial(peft.add_lora, self, spec=self.peft, dtype=dtype,
                              param_dtype=param_dtype)
-    q_btnh = lora("query", x_btd, flat_matmul(x_btd, w_q.astype(dtype)), w_q.shape,
-                  ("embed", "heads", "head_dim"))
-    k_btkh = lora("key", x_btd, flat_matmul(x_btd, w_k.astype(dtype)), w_k.shape,
-                  ("embed", "kv_heads", "head_dim"))
-    v_btkh = lora("value", x_btd, flat_matmul(x_btd, w_v.astype(dtype)), w_v.shape,
-                  ("embed", "kv_heads", "head_dim"))
+    q_btnh, k_btkh, v_btkh = lora(x_btd, [
+        ("query", flat_matmul(x_btd, w_q.astype(dtype)), w_q.shape,
+         ("embed", "heads", "head_dim")),
+        ("key", flat_matmul(x_btd, w_k.astype(dtype)), w_k.shape,
+         ("embed", "kv_heads", "head_dim")),
+        ("value", flat_matmul(x_btd, w_v.astype(dtype)), w_v.shape,
+         ("embed", "kv_heads", "head_dim"))])
     q_btnh = nn.with_logical_constraint(q_btnh, BTNH)
 
     batch, length = x_btd.shape[:2]
@@ -369,8 +370,8 @@ class Attention(nn.Module):
       k_pkh, v_pkh, gate_n = peft.prefix_params(self, self.peft, n, k, h, param_dtype)
       out_btnh = out_btnh + peft.prefix_attention(q_btnh, k_pkh, v_pkh, gate_n)
     out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
-    out_btd = lora("out", out_btnh, flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
-                   w_o.shape, ("heads", "head_dim", "embed"), contract=2)
+    (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
+                                  w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
     return nn.with_logical_constraint(out_btd, BTD)
 
   def _cache_vars(self, batch: int, num_kv_heads: int, head_dim: int, dtype):

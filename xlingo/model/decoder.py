@@ -80,12 +80,12 @@ class SwiGluMlp(nn.Module):
     )
     lora = functools.partial(peft_lib.add_lora, self, spec=self.peft, dtype=dtype,
                              param_dtype=param_dtype)
-    gate_btf = lora("gate", x_btd, flat_matmul(x_btd, w_gate.astype(dtype)), (d, f),
-                    ("embed", "mlp"))
-    up_btf = lora("up", x_btd, flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))
+    gate_btf, up_btf = lora(x_btd, [
+        ("gate", flat_matmul(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
+        ("up", flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
-    out_btd = lora("down", h_btf, flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
-                   ("mlp", "embed"))
+    (out_btd,) = lora(h_btf, [("down", flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
+                               ("mlp", "embed"))])
     return nn.with_logical_constraint(out_btd, BTD)
 
 

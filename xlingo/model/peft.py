@@ -115,30 +115,41 @@ def check_lora_targets(param_paths, spec: PeftSpec | None) -> None:
 # --- LoRA -----------------------------------------------------------------------------------
 
 
-def add_lora(module: nn.Module, name: str, x: jax.Array, y: jax.Array, kernel_shape: tuple,
-             kernel_names: tuple, spec: PeftSpec | None, dtype, param_dtype,
-             contract: int = 1) -> jax.Array:
-  """``y + (alpha / r) (x A) B`` when LoRA targets ``module``'s kernel ``name``, else ``y``.
+def add_lora(module: nn.Module, x: jax.Array, outputs: list[tuple], spec: PeftSpec | None,
+             dtype, param_dtype, contract: int = 1) -> list[jax.Array]:
+  """``y + (alpha / r) (x A) B`` for each ``(name, y, kernel_shape, kernel_names)`` in
+  ``outputs`` whose kernel ``name`` of ``module`` LoRA targets; ``y`` as it is for the others.
 
-  ``y = x W`` is the kernel's own output: ``x`` [..., *in] contracts its last ``contract``
-  axes with the kernel's first ones (``flat_matmul``). A and B take the kernel's logical axis
-  names, so they shard like it.
+  Each ``y = x W`` is a kernel's own output on the shared input ``x`` [..., *in] (its last
+  ``contract`` axes meet the kernel's first ones, as in ``flat_matmul``). The A factors of the
+  kernels that share ``x`` (query, key, value; gate, up) go through one matmul, so the side
+  paths read ``x`` once, not once each. A and B take the kernel's logical axis names, so they
+  shard like it.
   """
   if spec is None or not spec.lora_rank:
-    return y
-  if not re.search(spec.lora_targets, "/".join(module.path + (name,))):
-    return y
+    return [y for _, y, _, _ in outputs]
   r = spec.lora_rank
-  in_shape, out_shape = tuple(kernel_shape[:contract]), tuple(kernel_shape[contract:])
-  in_names, out_names = tuple(kernel_names[:contract]), tuple(kernel_names[contract:])
   init_a = nn.initializers.variance_scaling(1.0, "fan_in", "normal",
                                             in_axis=tuple(range(contract)), out_axis=-1)
-  a = module.param(name + LORA_A, nn.with_logical_partitioning(init_a, in_names + ("lora_rank",)),
-                   in_shape + (r,), param_dtype)
-  b = module.param(name + LORA_B, nn.with_logical_partitioning(
-      nn.initializers.zeros_init(), ("lora_rank",) + out_names), (r,) + out_shape, param_dtype)
-  h = flat_matmul(x, a.astype(dtype), contract)
-  return y + flat_matmul(h, b.astype(dtype)) * jnp.asarray(spec.lora_alpha / r, dtype)
+  factors = {}
+  for name, _, shape, names in outputs:
+    if not re.search(spec.lora_targets, "/".join(module.path + (name,))):
+      continue
+    in_shape, out_shape = tuple(shape[:contract]), tuple(shape[contract:])
+    a = module.param(name + LORA_A, nn.with_logical_partitioning(
+        init_a, tuple(names[:contract]) + ("lora_rank",)), in_shape + (r,), param_dtype)
+    b = module.param(name + LORA_B, nn.with_logical_partitioning(
+        nn.initializers.zeros_init(), ("lora_rank",) + tuple(names[contract:])),
+        (r,) + out_shape, param_dtype)
+    factors[name] = (a.astype(dtype), b.astype(dtype))
+  if not factors:
+    return [y for _, y, _, _ in outputs]
+  a_all = jnp.concatenate([a for a, _ in factors.values()], axis=-1)
+  h_all = flat_matmul(x, a_all, contract)
+  scale = jnp.asarray(spec.lora_alpha / r, dtype)
+  side = {name: flat_matmul(h_all[..., i * r:(i + 1) * r], b) * scale
+          for i, (name, (_, b)) in enumerate(factors.items())}
+  return [y + side[name] if name in side else y for name, y, _, _ in outputs]
 
 
 def _lora_delta(a, b, lead: int):
