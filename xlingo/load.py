@@ -7,7 +7,7 @@ path and SHA-1) and takes the rest (dtype, max_len, mesh) from the config; it ne
 training data plan or an optimizer, so it works on a machine that has the checkpoint and the
 vocabulary but not the corpus. A workdir's newest readable checkpoint is used (one whose bytes
 cannot be read is reported and the previous one is tried), through the one restore path of
-``xlingo.training.checkpoints``.
+``xlingo.training.restore``.
 
 An adaptation checkpoint's model is built as it trained: the metadata's ``peft`` (LoRA,
 adapters, prefixes; ``xlingo.model.peft``) goes to the Decoder, whose side paths then run in
