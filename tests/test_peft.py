@@ -242,6 +242,23 @@ def test_frozen_parameters_cost_no_gradient():
   assert _step_flops("freeze", train__trainable="blocks/layers/mlp/") < 0.9 * full
 
 
+@pytest.mark.parametrize("mode", ["lora", "adapter", "prefix"])
+def test_side_paths_shard_over_fsdp_and_tensor(mode):
+  """The PEFT parameters' logical axes divide and lower on a data=1, fsdp=4, tensor=2 mesh."""
+  c = _adapt_config(mode, mesh__data=1, mesh__fsdp=4, mesh__tensor=2)
+  c.adapt.adapter.per_language = True
+  _, mesh, rules, factory, fn = _step_setup(c)
+  shardings = _flat(factory.param_shardings)
+  peft_keys = [k for k in shardings if peft.PEFT_PARAM.search(k)]
+  assert peft_keys
+  # A parameter with an 'embed' axis is split over fsdp like the kernel it sits beside.
+  assert any("fsdp" in str(shardings[k].spec) for k in peft_keys) or mode == "prefix"
+  batch_sh = sharding.batch_sharding(mesh)
+  with sharding.mesh_context(mesh, rules):
+    step_lib.jit_train_step(fn, factory, batch_sh).lower(
+        factory.abstract_with_shardings(), step_lib.abstract_batch(c, batch_sh), {})
+
+
 def test_grad_norm_and_optimizer_state_cover_trained_parameters_only():
   c = _adapt_config("adapter", train__grad_clip=0.0, train__warmup_steps=1)
   model, mesh, rules, factory, fn = _step_setup(c)
