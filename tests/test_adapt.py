@@ -233,7 +233,7 @@ def test_prefix_adaptation_loads_in_the_tools(pretrained, tmp_path):
   c.train.eval_every = 2
   wd = str(tmp_path / "prefix")
   report = adapt.run(c, wd)
-  assert report["trained_params"] == 2 * (2 * 4 * 2 * 16 + 4)  # layers x (k, v [P, K, H] + gate)
+  assert report["trained_params"] == 2 * 2 * 4 * 2 * 16  # layers x (k, v) x [P, K, H]
   _tools_equal_validation(c, wd, report)
 
 

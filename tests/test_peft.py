@@ -82,7 +82,7 @@ def _logits(model, params, x, lang=None, seg=None, pos=None):
 
 @pytest.mark.parametrize("scan_layers", [True, False])
 def test_side_paths_start_at_the_base_model_and_then_act(scan_layers):
-  """LoRA (B = 0), adapters (up = 0) and prefixes (gate = 0) leave the base model's output
+  """LoRA (B = 0), adapters (up = 0) and prefixes (values = 0) leave the base model's output
   exactly as it was until they train."""
   cfg = _model_cfg(scan_layers)
   base = decoder_lib.Decoder(cfg)
@@ -110,7 +110,7 @@ def test_every_peft_parameter_has_logical_axes():
   assert found == {"query_lora_a", "query_lora_b", "key_lora_a", "key_lora_b", "value_lora_a",
                    "value_lora_b", "out_lora_a", "out_lora_b", "gate_lora_a", "gate_lora_b",
                    "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b", "down", "up",
-                   "prefix_key", "prefix_value", "prefix_gate"}
+                   "prefix_key", "prefix_value"}
 
 
 @pytest.mark.parametrize("scan_layers", [True, False])

@@ -329,6 +329,7 @@ class Attention(nn.Module):
     if positions_bt is None:
       start = cache[2].value if cache is not None else 0
       positions_bt = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    q_content_btnh = q_btnh  # a prefix has no position: its scores use the unrotated query
     q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta)
     k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta)
 
@@ -367,8 +368,8 @@ class Attention(nn.Module):
           implementation=impl,
       )
     if self.peft is not None and self.peft.prefix_length:
-      k_pkh, v_pkh, gate_n = peft.prefix_params(self, self.peft, n, k, h, param_dtype)
-      out_btnh = out_btnh + peft.prefix_attention(q_btnh, k_pkh, v_pkh, gate_n)
+      k_pkh, v_pkh = peft.prefix_params(self, self.peft, k, h, param_dtype)
+      out_btnh = out_btnh + peft.prefix_attention(q_content_btnh, k_pkh, v_pkh)
     out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
     (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
                                   w_o.shape, ("heads", "head_dim", "embed"))], contract=2)

@@ -16,11 +16,14 @@ model as it trained:
   token uses the adapter of its language id: the parameter-sharing transfer of the design
   documents (shared body, one small module per language).
 - **Prefix**: per layer ``P`` learned key and value vectors per key/value head that every query
-  attends to, with a softmax of their own, added to the attention output through a per-head
-  gate that starts at 0 (the zero-initialised attention of LLaMA-Adapter, Zhang et al. 2023).
-  The adapted model starts exactly at the base model, and because the prefix part needs no
-  mask and no cache, packed rows (a prefix is shared by every segment) and the KV cache of
-  ``generate`` work unchanged, as do all attention implementations (plain, cuDNN, splash).
+  attends to with a softmax of its own, added to the attention output (a separate softmax as in
+  the adaption prompts of LLaMA-Adapter, Zhang et al. 2023, rather than one softmax over prefix
+  and tokens as in Li and Liang 2021). The values start at 0, so the adapted model starts
+  exactly at the base model and the values get a gradient from the first step (a zero gate in
+  front of them, LLaMA-Adapter's choice, leaves keys and values without one until the gate
+  moves, and trained far more slowly here). Because the prefix part needs no mask and no cache,
+  packed rows (a prefix is shared by every segment) and the KV cache of ``generate`` work
+  unchanged, as do all attention implementations (plain, cuDNN, splash).
 
 Parameter paths (what ``train.trainable`` selects for each mode, :data:`TRAINABLE`):
 ``.../attn/query_lora_a``, ``.../adapter/down``, ``.../attn/prefix_key``. Every parameter
@@ -46,7 +49,7 @@ from xlingo.model.matmul import flat_matmul
 TRAINABLE = {
     "lora": r"_lora_[ab]$",
     "adapter": r"(^|/)adapter/",
-    "prefix": r"(^|/)attn/prefix_(key|value|gate)$",
+    "prefix": r"(^|/)attn/prefix_(key|value)$",
 }
 PEFT_PARAM = re.compile("|".join(f"({p})" for p in TRAINABLE.values()))
 LORA_A, LORA_B = "_lora_a", "_lora_b"
@@ -227,24 +230,22 @@ class Adapter(nn.Module):
 # --- prefixes ---------------------------------------------------------------------------------
 
 
-def prefix_params(module: nn.Module, spec: PeftSpec, num_heads: int, num_kv_heads: int,
-                  head_dim: int, param_dtype):
-  """(key [P, K, H], value [P, K, H], gate [N]) of ``module``'s layer."""
+def prefix_params(module: nn.Module, spec: PeftSpec, num_kv_heads: int, head_dim: int,
+                  param_dtype):
+  """(key [P, K, H], value [P, K, H]) of ``module``'s layer."""
   p = spec.prefix_length
-  # Unit-variance keys and values, like a normalised token's projections.
-  init = nn.initializers.normal(1.0)
+  # Unit-variance keys, like a normalised token's projection; values 0 (no effect at first).
   k_pkh = module.param("prefix_key", nn.with_logical_partitioning(
-      init, ("prefix", "kv_heads", "head_dim")), (p, num_kv_heads, head_dim), param_dtype)
+      nn.initializers.normal(1.0), ("prefix", "kv_heads", "head_dim")),
+      (p, num_kv_heads, head_dim), param_dtype)
   v_pkh = module.param("prefix_value", nn.with_logical_partitioning(
-      init, ("prefix", "kv_heads", "head_dim")), (p, num_kv_heads, head_dim), param_dtype)
-  gate_n = module.param("prefix_gate", nn.with_logical_partitioning(
-      nn.initializers.zeros_init(), ("heads",)), (num_heads,), param_dtype)
-  return k_pkh, v_pkh, gate_n
+      nn.initializers.zeros_init(), ("prefix", "kv_heads", "head_dim")),
+      (p, num_kv_heads, head_dim), param_dtype)
+  return k_pkh, v_pkh
 
 
-def prefix_attention(q_btnh: jax.Array, k_pkh: jax.Array, v_pkh: jax.Array,
-                     gate_n: jax.Array) -> jax.Array:
-  """``gate * softmax(q k_prefix^T / sqrt(H)) v_prefix`` per head, [B, T, N, H].
+def prefix_attention(q_btnh: jax.Array, k_pkh: jax.Array, v_pkh: jax.Array) -> jax.Array:
+  """``softmax(q k_prefix^T / sqrt(H)) v_prefix`` per head, [B, T, N, H].
 
   Every query sees every prefix position (no causal or segment mask: the prefix belongs to the
   layer, not to a document). Grouped-query heads share their key/value head's prefix.
@@ -257,4 +258,4 @@ def prefix_attention(q_btnh: jax.Array, k_pkh: jax.Array, v_pkh: jax.Array,
                             preferred_element_type=jnp.float32) * (h**-0.5)
   probs_btkgp = jax.nn.softmax(logits_btkgp, axis=-1).astype(dtype)
   out_btkgh = jnp.einsum("btkgp,pkh->btkgh", probs_btkgp, v_pkh.astype(dtype))
-  return out_btkgh.reshape(b, t, n, h) * gate_n.astype(dtype)[:, None]
+  return out_btkgh.reshape(b, t, n, h)
