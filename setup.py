@@ -18,7 +18,11 @@ INSTALL_REQUIRES = [
     "absl-py==2.5.1",
     "clu==0.0.12",
     "tensorboard==2.21.0",
-    "sacrebleu==2.6.0",
+    # [ja]: MeCab for BLEU's ja-mecab tokenizer (evaluate.score_translations); its two packages
+    # pinned at what this extra resolved to.
+    "sacrebleu[ja]==2.6.0",
+    "mecab-python3==1.0.12",
+    "ipadic==1.0.0",
     "matplotlib==3.11.2",
     # gs:// workdirs: etils.epath's fsspec backend (xlingo sets EPATH_USE_TF=false). Pinned
     # together: newer gcsfs releases hang in Orbax's manager under the GCS emulator (NOTES.md).

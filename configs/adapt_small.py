@@ -10,7 +10,6 @@ adaptation from it, in full fine-tuning or, with --config.adapt.mode=lora, LoRA:
       --config.checkpoint.init_from=workdirs/pre --config.adapt.mode=lora
 """
 
-from xlingo import adapt
 from xlingo import config as xconfig
 
 
@@ -37,7 +36,7 @@ def get_config(arg=None):
     c.train.eval_every = 100
     c.checkpoint.every_steps = 100
     return c
-  adapt.add_adapt_section(c)
+  c.adapt = xconfig.adapt_section()
   c.data.train_languages = ("de",)
   c.train.steps = 60
   c.train.learning_rate = 1e-3

@@ -6,15 +6,17 @@ python -m xlingo.adapt --config configs/adapt_tiny.py --workdir /tmp/xlingo_adap
 """
 
 from configs import tiny
-from xlingo import adapt
+from xlingo import config as xconfig
 
 
 def get_config(arg=None):
   c = tiny.get_config(arg)
-  adapt.add_adapt_section(c)
+  c.adapt = xconfig.adapt_section()
   c.data.train_languages = ("de",)
   c.train.learning_rate = 1e-3
   c.adapt.lora.rank = 4
+  c.adapt.adapter.bottleneck = 8
+  c.adapt.prefix.length = 4
   c.adapt.bleu_examples = 2
   c.adapt.max_decode_len = 4
   return c

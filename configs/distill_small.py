@@ -9,7 +9,6 @@ python -m xlingo.distill --config configs/distill_small.py --workdir /tmp/distil
 python -m xlingo.train --config configs/distill_small.py:student --workdir /tmp/distill/student_lm
 """
 
-from configs import distill_tiny
 from xlingo import config as xconfig
 
 
@@ -62,5 +61,5 @@ def get_config(arg=None):
   if arg:
     raise xconfig.ConfigError(f"configs/distill_small.py:{arg}: use no argument, 'teacher' or 'student'")
   c = student_config()
-  c.distill = distill_tiny.distill_section(teacher_config().model)
+  c.distill = xconfig.distill_section(teacher_config().model)
   return c

@@ -1,4 +1,6 @@
-"""Language adaptation: init_from with appended languages, LoRA, targets-only loss, errors."""
+"""Language adaptation: init_from with appended languages and an extended vocabulary, the
+parameter-efficient modes end to end (tools read the adapted model as the run validated it),
+targets-only loss, errors."""
 
 import json
 import os
@@ -11,13 +13,16 @@ import pytest
 from flax import linen as nn
 
 from configs import adapt_tiny, tiny
-from xlingo import adapt, sharding
+from xlingo import adapt, evaluate, sharding
+from xlingo import generate as gen
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
-from xlingo.data import packing
+from xlingo.data import inputs, packing, vocab_extend
+from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
+from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
-from xlingo.model import lora
+from xlingo.model import peft
 from xlingo.training import loop, step
 from xlingo.training import restore as restore_lib
 
@@ -51,10 +56,25 @@ def _adapt_config(init_from: str, **adapt_kw):
   return c
 
 
-def _params(workdir, config, objective=None):
-  s = loop.build(config, objective)
+def _params(workdir, config):
+  s = loop.build(config)
   return restore_lib.restore_params(os.path.join(workdir, "checkpoints"),
-                                 s.factory.abstract_with_shardings().params)
+                                    s.factory.abstract_with_shardings().params)
+
+
+def _flat(tree):
+  return {sharding.path_str(p): x for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _tools_equal_validation(config, workdir, report):
+  """evaluate on the workdir (loaded from its metadata alone) gives the run's own last
+  validation bpb for every language, and loads the adapted model it trained."""
+  result = evaluate.run(config, {"run": workdir})["results"]["run"]
+  got = {k: v for k, v in result["metrics"].items() if k.startswith("val/bpb/")}
+  want = {k: v for k, v in report["metrics"].items() if k.startswith("val/bpb/")}
+  assert got and set(got) == set(want)
+  for k in want:
+    assert got[k] == pytest.approx(want[k], rel=1e-6, abs=1e-6), k
 
 
 def _small_model(num_languages=3):
@@ -68,8 +88,12 @@ def _small_model(num_languages=3):
 
 
 @pytest.mark.slow
-def test_lora_adaptation_end_to_end(pretrained, tmp_path):
-  """LoRA to a new language (zh) + en-zh pairs: base frozen bit for bit, report, export."""
+def test_lora_adaptation_end_to_end(pretrained, tmp_path, monkeypatch):
+  """LoRA to a new language (zh) + en-zh pairs: base frozen bit for bit, report, export, the
+  data plan built once, and evaluate on the workdir equal to the run's validation."""
+  plans = []
+  plan_inputs = inputs.plan_inputs
+  monkeypatch.setattr(inputs, "plan_inputs", lambda c: plans.append(1) or plan_inputs(c))
   c = _adapt_config(pretrained, mode="lora", l2_init_weight=0.1, bleu_examples=2,
                     export_merged=str(tmp_path / "merged"))
   c.data.train_languages = ("zh",)
@@ -78,11 +102,14 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
   c.train.eval_every = 1
   wd = str(tmp_path / "adapt")
   report = adapt.run(c, wd)
+  assert len(plans) == 1
 
   # before/after for every language, the new one included
   assert set(report["bpb"]["languages"]) == set(EMBEDDED_LANGUAGES)
   assert report["target"] == "zh"
-  assert set(report["translation"]["en-zh"]) >= {"before", "after"}
+  zh = report["translation"]["en-zh"]
+  assert set(zh) == {"before", "after"} and "tok:zh" in zh["after"]["bleu_signature"]
+  assert 0 < report["trained_params"] < report["params"] / 10
   assert os.path.isdir(os.path.join(wd, "best"))
   saved = json.load(open(os.path.join(wd, "adapt_report.json")))
   assert saved["mode"] == "lora"
@@ -90,30 +117,129 @@ def test_lora_adaptation_end_to_end(pretrained, tmp_path):
   pre_cfg = tiny.get_config()
   pre_cfg.data.languages = OLD_LANGS
   pre_cfg.model.num_languages = len(OLD_LANGS)
-  before = jax.device_get(_params(pretrained, pre_cfg))
-  objective, _ = adapt.make_objective(c)
-  after = jax.device_get(_params(wd, c, objective))
+  before = _flat(jax.device_get(_params(pretrained, pre_cfg)))
+  after = _flat(jax.device_get(_params(wd, c)))
   # LoRA trained, everything else is exactly the checkpoint's (or the fresh zh row)
-  assert np.abs(after["lora"]["blocks"]["layers"]["attn"]["query"]["b"]).max() > 0
-  for path, x in jax.tree_util.tree_leaves_with_path(before):
-    key = sharding.path_str(path)
-    y = after
-    for part in key.split("/"):
-      y = y[part]
+  assert np.abs(after["blocks/layers/attn/query_lora_b"]).max() > 0
+  assert set(after) - set(before) == {k for k in after if peft.PEFT_PARAM.search(k)}
+  for key, x in before.items():
     if key == "lang_embedding":
-      np.testing.assert_array_equal(y[: len(OLD_LANGS)], x)
-      assert y.shape[0] == len(EMBEDDED_LANGUAGES)
+      np.testing.assert_array_equal(after[key][: len(OLD_LANGS)], x)
+      assert after[key].shape[0] == len(EMBEDDED_LANGUAGES)
     else:
-      np.testing.assert_array_equal(y, x, err_msg=key)
+      np.testing.assert_array_equal(after[key], x, err_msg=key)
 
-  # the export is plain model params, loadable by init_from, equal to the merge
-  merged = jax.device_get(lora.merge(after, c.adapt.lora))
-  s = loop.build(c, objective)
-  exported = jax.device_get(restore_lib.restore_params(
-      str(tmp_path / "merged"), s.factory.model_abstract_with_shardings(), c))
+  _tools_equal_validation(c, wd, report)
+  # the export is plain model params equal to the merge, loadable without the adapt section
+  lm = load_model(tiny.get_config(), str(tmp_path / "merged"), what="--checkpoint")
+  assert lm.model.peft is None
+  merged = _flat(jax.device_get(peft.merge_lora(
+      jax.device_get(_params(wd, c)), peft.spec_from_config(c))))
+  exported = _flat(jax.device_get(lm.params))
   assert set(exported) == set(merged)
-  for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(exported)):
-    np.testing.assert_array_equal(a, b)
+  for k in merged:
+    np.testing.assert_allclose(exported[k], merged[k], rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+@pytest.fixture(scope="module")
+def el_vocab(tmp_path_factory):
+  """The shipped vocabulary extended with 32 Greek pieces (``vocab extend``)."""
+  prefix = str(tmp_path_factory.mktemp("el_vocab") / "el")
+  vocab_extend.extend_vocab(xvocab.embedded_vocab_path(), {"el": [EL_TRAIN]}, 32, prefix)
+  return prefix + ".model"
+
+
+EL_TRAIN = os.path.join(xvocab.corpus_dir(), "new", "el.train.txt")
+
+
+def _greek_config(init_from, vocab_path, **adapt_kw):
+  """Adaptation to Greek (a script the shipped vocabulary lacks), appended to the checkpoint's
+  languages, from the Greek files, with the extended vocabulary."""
+  c = _adapt_config(init_from, **adapt_kw)
+  c.data.languages = OLD_LANGS + ("el",)
+  c.model.num_languages = len(c.data.languages)
+  corpus = xvocab.corpus_dir()
+  c.data.source = "files"
+  c.data.file_patterns = {"el": EL_TRAIN, "de": os.path.join(corpus, "mono", "de.train.txt")}
+  c.data.file_val_patterns = {"el": os.path.join(corpus, "new", "el.validation.txt"),
+                              "de": os.path.join(corpus, "mono", "de.validation.txt")}
+  c.data.train_languages = ("el",)
+  c.data.vocab_path = vocab_path
+  c.model.vocab_size = 8192 + 32
+  return c
+
+
+def test_init_from_extends_the_vocabulary(pretrained, el_vocab, tmp_path):
+  """init_from a checkpoint whose vocabulary is a prefix of the config's: old rows kept, each
+  new row the mean of the old rows of the pieces it decodes to; any other vocabulary is one
+  line."""
+  c = _greek_config(pretrained, el_vocab)
+  old = jax.device_get(load_model(tiny.get_config(), pretrained).params["token_embedding"])
+  lm = load_model(c, pretrained, what="checkpoint.init_from", model_from="config")
+  new = jax.device_get(lm.params["token_embedding"])
+  assert new.shape == (8192 + 32, old.shape[1]) and lm.vocab.vocab_size == 8192 + 32
+  np.testing.assert_array_equal(new[:8192], old)
+  sources = vocab_extend.new_piece_init_sources(xvocab.embedded_vocab_path(), el_vocab)
+  for i, src in sources.items():
+    np.testing.assert_allclose(new[i], old[src].mean(0), rtol=1e-6, atol=1e-7)
+  assert any(len(src) > 1 for src in sources.values())
+
+  # A model whose old pieces moved is not an extension: refused in one line, nothing written.
+  proto = vocab_extend.load_model_proto(el_vocab)
+  proto.pieces[100].piece, proto.pieces[101].piece = proto.pieces[101].piece, proto.pieces[
+      100].piece
+  moved = tmp_path / "moved.model"
+  moved.write_bytes(proto.SerializeToString())
+  c.data.vocab_path = str(moved)
+  with pytest.raises(CheckpointError, match="neither the checkpoint's vocabulary") as e:
+    load_model(c, pretrained, what="checkpoint.init_from", model_from="config")
+  assert "\n" not in str(e.value)
+
+
+def test_vocabulary_growth_of_an_untied_output_layer():
+  """The output kernel [d, V] grows by columns, each the mean of its sources' columns."""
+  old = np.arange(12, dtype=np.float32).reshape(3, 4)  # d = 3, V = 4
+  sources = {4: [1, 3], 5: [2]}
+  got = np.asarray(restore_lib._grow_vocab(old, sources, 1, None))
+  np.testing.assert_array_equal(got[:, :4], old)
+  np.testing.assert_allclose(got[:, 4], old[:, [1, 3]].mean(1))
+  np.testing.assert_allclose(got[:, 5], old[:, 2])
+
+
+@pytest.mark.slow
+def test_per_language_adapters_new_script_extended_vocabulary(pretrained, el_vocab, tmp_path):
+  """Adapters per language to Greek (appended language, extended vocabulary, files source):
+  only the adapters train, evaluate on the workdir equals the run's validation, and generate
+  loads the adapted model (adapters, table, vocabulary) from the workdir alone."""
+  c = _greek_config(pretrained, el_vocab, mode="adapter")
+  c.adapt.adapter.per_language = True
+  c.train.steps = 2
+  c.train.eval_every = 2
+  wd = str(tmp_path / "el")
+  report = adapt.run(c, wd)
+  assert set(report["bpb"]["languages"]) == {"el", "de"}
+  _tools_equal_validation(c, wd, report)
+  lm = load_model(tiny.get_config(), wd)  # a config that knows nothing of the adaptation
+  assert lm.model.peft == peft.PeftSpec(adapter_bottleneck=8, adapter_per_language=True)
+  assert lm.table.codes[-1] == "el" and lm.vocab.vocab_size == 8192 + 32
+  up = jax.device_get(lm.params["blocks"]["layers"]["adapter"]["up"])
+  assert up.shape[1] == len(lm.table) and np.abs(up[:, -1]).max() > 0
+  text = gen.generate(lm.model, lm.params, lm.vocab, ["Το αρχείο"], lm.table.id("el"),
+                      max_len=4)
+  assert isinstance(text[0], str)
+
+
+@pytest.mark.slow
+def test_prefix_adaptation_loads_in_the_tools(pretrained, tmp_path):
+  c = _adapt_config(pretrained, mode="prefix")
+  c.data.languages = OLD_LANGS
+  c.model.num_languages = len(OLD_LANGS)
+  c.train.steps = 2
+  c.train.eval_every = 2
+  wd = str(tmp_path / "prefix")
+  report = adapt.run(c, wd)
+  assert report["trained_params"] == 2 * 2 * 4 * 2 * 16  # layers x (k, v) x [P, K, H]
+  _tools_equal_validation(c, wd, report)
 
 
 @pytest.mark.slow
@@ -172,40 +298,6 @@ def test_targets_only_loss_matches_numpy():
   np.testing.assert_allclose(float(got), want, rtol=1e-5)
 
 
-def test_lora_merge_equals_base_plus_adapters():
-  c, model = _small_model()
-  boxed = sharding.abstract_params(model, c.model, 8)
-  cfg = adapt_tiny.get_config().adapt.lora
-  factors = lora.init_factors(jax.random.PRNGKey(1), nn.unbox(lora.abstract_factors(boxed, cfg)))
-  # B starts at 0 (merge is the identity then); give it values to test the merge itself
-  factors = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.05 * jax.random.normal(jax.random.PRNGKey(len(str(p))), x.shape)
-      if sharding.path_str(p).endswith("/b") else x, factors)
-  x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) % 64
-  base = nn.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"])
-  merged = jax.jit(lambda p: lora.merge(p, cfg))({**base, "lora": factors})
-  assert set(merged) == set(base)
-  assert lora.merge(base, cfg) is base
-
-  # reference: W + (alpha / r) * A @ B per layer, in NumPy, on the kernels' own axes
-  scale = cfg.alpha / cfg.rank
-  ref = jax.tree.map(np.asarray, base)
-  layers = ref["blocks"]["layers"]
-  f = jax.tree.map(np.asarray, factors)["blocks"]["layers"]
-  for mod, name, eq in (("attn", "query", "ldr,lrnh->ldnh"), ("attn", "key", "ldr,lrkh->ldkh"),
-                        ("attn", "value", "ldr,lrkh->ldkh"), ("attn", "out", "lnhr,lrd->lnhd"),
-                        ("mlp", "gate", "ldr,lrf->ldf"), ("mlp", "up", "ldr,lrf->ldf"),
-                        ("mlp", "down", "lfr,lrd->lfd")):
-    ab = f[mod][name]
-    layers[mod][name] = layers[mod][name] + scale * np.einsum(eq, ab["a"], ab["b"])
-  apply = jax.jit(model.apply)
-  got, _ = apply({"params": merged}, x)
-  want, _ = apply({"params": ref}, x)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
-  plain, _ = apply({"params": base}, x)
-  assert np.abs(np.asarray(got) - np.asarray(plain)).max() > 1e-4
-
-
 def test_early_stopping_tracks_target():
   s = adapt.EarlyStopping("val/bpb/de", patience=2)
   assert s.on_eval(1, {"val/bpb/de": 3.0})
@@ -215,15 +307,6 @@ def test_early_stopping_tracks_target():
 
 
 # --- bad input ----------------------------------------------------------------------------------
-
-
-def test_lora_targets_matching_nothing():
-  c, model = _small_model()
-  boxed = sharding.abstract_params(model, c.model, 8)
-  cfg = adapt_tiny.get_config().adapt.lora
-  cfg.targets = "attn/nothing_like_this"
-  with pytest.raises(ConfigError, match="matches no parameter"):
-    lora.abstract_factors(boxed, cfg)
 
 
 def test_init_from_required():
@@ -257,10 +340,7 @@ def _restore_with(pretrained, tmp_path, edit_meta=None, **cfg_kw):
   for k, v in cfg_kw.items():
     section, key = k.split("__")
     c[section][key] = v
-  s = loop.build(c)
-  return restore_lib.restore_params(
-      copy, s.factory.model_abstract_with_shardings(), c,
-      init_fresh=lambda n: s.factory.init_model_param(jax.random.PRNGKey(0), n))
+  return load_model(c, copy, what="checkpoint.init_from", model_from="config").params
 
 
 def test_checkpoint_with_other_vocabulary(pretrained, tmp_path):

@@ -20,11 +20,11 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from xlingo import adapt, cli, evaluate, generate, sharding, train
+from xlingo import adapt, cli, evaluate, generate, load, sharding, train
 from xlingo.errors import CheckpointError
 from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
-from xlingo.model import lora
+from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import loop
 from xlingo.training import state as state_lib
@@ -382,25 +382,25 @@ def test_step_shown_as_dash_when_unknown():
 # --- what load_model reads: LoRA workdirs, best/, merged exports -------------------------------
 
 
-def test_load_model_merges_lora_and_reads_best_and_exports(tmp_path):
-  """A LoRA workdir's checkpoint (factors beside the base weights) loads as plain parameters,
-  from its metadata alone (the caller's config has no adapt section), as do ``best/`` and a
-  merged export; an unreadable step directory is one line."""
+def test_load_model_builds_the_adapted_model_and_reads_best_and_exports(tmp_path):
+  """A LoRA workdir's checkpoint (factors beside the base weights) loads with its LoRA side
+  paths from its metadata alone (the caller's config has no adapt section), as does ``best/``;
+  a merged export loads as plain parameters that compute the same; an unreadable step
+  directory is one line."""
   from configs import adapt_tiny
 
   c = adapt_tiny.get_config()
+  c.checkpoint.init_from = "unused"
   c.adapt.mode = "lora"
-  c.train.trainable = r"^lora/"
+  adapt.resolve_config(c)
+  spec = peft.spec_from_config(c)
   mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.mesh)
-  factory = state_lib.StateFactory(decoder_lib.Decoder(c.model), c, mesh, rules,
-                                   adapt._lora_extension(c))
+  factory = state_lib.StateFactory(decoder_lib.Decoder(c.model, spec), c, mesh, rules)
   state = factory.init(jax.random.PRNGKey(0))
-  # B starts at zero (the merge is then the identity); give it values.
-  params = dict(state.params)
-  params[lora.KEY] = jax.tree_util.tree_map_with_path(
-      lambda p, x: x + 0.1 if sharding.path_str(p).endswith("/b") else x, params[lora.KEY])
+  # B starts at zero (the side path is then the identity); give it values.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.1 if sharding.path_str(p).endswith("_lora_b") else x, state.params)
   state = state.replace(params=params)
-  merged = jax.device_get(lora.merge(params, c.adapt.lora))
   wd = tmp_path / "lora_run"
   ckpts = ckpt_lib.Checkpoints(str(wd), c)
   ckpts.save(3, state, force=True)
@@ -408,14 +408,20 @@ def test_load_model_merges_lora_and_reads_best_and_exports(tmp_path):
   loop._save_best(str(wd), c, state, 3)
 
   plain = tiny.get_config()
+  x = np.arange(16, dtype=np.int32).reshape(2, 8) % 50
   for path in (wd, wd / "best"):
     lm = load_model(plain, str(path))
-    assert lm.step == 3 and lora.KEY not in lm.params
-    jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params), merged)
-  export = adapt.export_merged(c, lm.params, str(tmp_path / "export"), lm.step)
+    assert lm.step == 3 and lm.model.peft == spec
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params),
+                 jax.device_get(params))
+  want = jax.jit(lambda p: lm.model.apply({"params": p}, x)[0])(lm.params)
+  export = load.export_merged(lm, str(tmp_path / "export"))
   lm = load_model(plain, export, what="--checkpoint")
-  assert lm.step == 3
-  jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params), merged)
+  assert lm.step == 3 and lm.model.peft is None
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(lm.params),
+               jax.device_get(peft.merge_lora(params, spec)))
+  got = jax.jit(lambda p: lm.model.apply({"params": p}, x)[0])(lm.params)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
   # The decoder built from the metadata runs.
   model = decoder_lib.Decoder(lm.config.model)
   assert model.config.num_languages == len(lm.table)

@@ -4,16 +4,22 @@
       --config.checkpoint.init_from=workdirs/lm [--config.adapt.mode=lora] [--config.KEY=VALUE]
 
 Parameters come from ``checkpoint.init_from`` (the optimizer starts fresh); languages may be
-appended to the checkpoint's (new language-embedding rows start fresh). ``adapt.mode`` says what
-trains: ``full``, ``freeze`` (``train.trainable`` regex), ``lora`` (low-rank adapters on
-``adapt.lora.targets``; xlingo.model.lora), ``lang_emb`` (only the language embeddings).
-Against forgetting: ``adapt.l2_init_weight`` (L2 towards the initial weights),
-``adapt.replay_ratio`` (that share of the mixture goes to the other languages) and
-``adapt.early_stop_patience`` (evaluations without a better target bpb; WORKDIR/best keeps the
-best). At the end: a before/after table of validation bpb for every language, and BLEU/chrF on
-greedy translations of a few validation pairs for ``data.translation_pairs``; both are also in
-WORKDIR/adapt_report.json. ``adapt.export_merged=DIR`` writes plain (LoRA-merged) parameters
-that ``checkpoint.init_from=DIR`` or any tool loads. Resume, SIGTERM and metrics are the loop's.
+appended to the checkpoint's (new language-embedding rows start fresh), and the vocabulary may be
+extended (``data.vocab_path`` from ``python -m xlingo.data.vocab extend``: new token rows start
+at the mean of the old pieces each new piece decodes to). ``adapt.mode`` says what trains:
+``full``, ``freeze`` (``train.trainable`` regex), ``lora`` (low-rank side paths on
+``adapt.lora.targets``), ``adapter`` (a bottleneck per block, ``adapt.adapter.per_language``
+for one per language), ``prefix`` (learned key/value prefixes per layer), ``lang_emb`` (only
+the language embeddings); the frozen parameters get no gradient and no optimizer state
+(xlingo.model.peft, xlingo.training.state). Against forgetting: ``adapt.l2_init_weight`` (L2
+of the trained parameters towards their initial values), ``adapt.replay_ratio`` (that share of
+the mixture goes to the other languages) and ``adapt.early_stop_patience`` (evaluations without
+a better target bpb; WORKDIR/best keeps the best). At the end: a before/after table of
+validation bpb for every language, and BLEU/chrF (``evaluate``'s scorer) on greedy translations
+(``generate``'s decoder) of a few validation pairs for ``data.translation_pairs``; both are
+also in WORKDIR/adapt_report.json. The workdir loads in ``evaluate`` and ``generate`` as it is;
+``adapt.export_merged=DIR`` also writes plain (LoRA-merged) parameters. Resume, SIGTERM and
+metrics are the loop's.
 """
 
 from __future__ import annotations
@@ -21,32 +27,18 @@ from __future__ import annotations
 import json
 import sys
 
-import ml_collections
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
 
-from xlingo import cli
+from xlingo import cli, evaluate, load, paths, sharding
 from xlingo.errors import ConfigError
+from xlingo.model import decoder as decoder_lib
+from xlingo.model import peft
+from xlingo.training import metrics, step
+from xlingo.training import state as state_lib
 
-MODES = ("full", "freeze", "lora", "lang_emb")
-
-
-def add_adapt_section(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The ``adapt`` config section with its defaults (configs/adapt_*.py call this)."""
-  from xlingo.model import lora
-
-  c.adapt = ml_collections.ConfigDict()
-  c.adapt.mode = "full"  # full | freeze | lora | lang_emb
-  c.adapt.target_language = ""  # early stopping and reports; empty: the first target
-  c.adapt.l2_init_weight = 0.0  # lambda * ||theta - theta_0||^2 added to the mean loss
-  c.adapt.replay_ratio = 0.0  # share of the mixture for the languages not adapted to
-  c.adapt.early_stop_patience = 0  # evaluations without improvement; 0: never stop early
-  c.adapt.bleu_examples = 8  # validation pairs translated greedily for BLEU/chrF
-  c.adapt.max_decode_len = 32
-  c.adapt.export_merged = ""  # directory for plain (LoRA-merged) params after training
-  c.adapt.lora = ml_collections.ConfigDict()
-  c.adapt.lora.rank = 8
-  c.adapt.lora.alpha = 16.0
-  c.adapt.lora.targets = lora.DEFAULT_TARGETS
-  return c
+MODES = ("full", "freeze", "lora", "adapter", "prefix", "lang_emb")
 
 
 # --- config ---------------------------------------------------------------------------------
@@ -69,7 +61,7 @@ def target_language(config) -> str:
 def check_config(config) -> None:
   if "adapt" not in config:
     raise ConfigError("the config has no 'adapt' section; start from configs/adapt_tiny.py or "
-                      "call xlingo.adapt.add_adapt_section(c) in get_config")
+                      "set c.adapt = xlingo.config.adapt_section() in get_config")
   a = config.adapt
   if not config.checkpoint.init_from:
     raise ConfigError("adaptation starts from a pretrained model: set "
@@ -78,6 +70,11 @@ def check_config(config) -> None:
     raise ConfigError(f"adapt.mode={a.mode!r} is unknown; use one of {', '.join(MODES)}")
   if a.mode == "lang_emb" and not config.model.use_lang_emb:
     raise ConfigError("adapt.mode='lang_emb' needs model.use_lang_emb=True")
+  if a.export_merged and a.mode in ("adapter", "prefix"):
+    raise ConfigError(f"adapt.export_merged with adapt.mode={a.mode!r}: adapters and prefixes "
+                      "are not weights to merge into; evaluate and generate load the workdir "
+                      "itself, so leave adapt.export_merged empty")
+  peft.spec_from_config(config)  # its own checks (rank, bottleneck, prefix length, targets)
   if not targets_of(config):
     raise ConfigError("nothing to adapt to: set data.train_languages (e.g. ('de',)) and/or "
                       "data.translation_pairs (e.g. ('en-de',))")
@@ -101,15 +98,16 @@ def check_config(config) -> None:
 def resolve_config(config) -> None:
   """Turns the adapt section into the settings the loop reads (in place, before the run).
 
-  ``adapt.mode`` becomes ``train.trainable``. (``adapt.replay_ratio`` is applied where the
-  rates are made: xlingo.data.mixing.with_replay, from the data plan.)
+  ``adapt.mode`` becomes ``train.trainable`` (the one freezing mechanism: what it does not
+  match gets no gradient). ``adapt.replay_ratio`` is applied where the rates are made
+  (xlingo.data.mixing.with_replay, from the data plan).
   """
   check_config(config)
   a = config.adapt
   if a.mode == "full":
     config.train.trainable = ".*"
-  elif a.mode == "lora":
-    config.train.trainable = r"^lora/"
+  elif a.mode in peft.TRAINABLE:
+    config.train.trainable = peft.TRAINABLE[a.mode]
   elif a.mode == "lang_emb":
     config.train.trainable = r"^lang_embedding$"
   elif config.train.trainable in (".*", ""):
@@ -118,22 +116,6 @@ def resolve_config(config) -> None:
 
 
 # --- objective ------------------------------------------------------------------------------
-
-
-def _lora_extension(config):
-  from xlingo.model import lora
-  from xlingo.training import state as state_lib
-
-  lora_cfg = config.adapt.lora
-
-  class LoraExtension(state_lib.ParamExtension):
-    def abstract(self, boxed_params):
-      return {lora.KEY: lora.abstract_factors(boxed_params, lora_cfg)}
-
-    def init(self, rng, abstract):
-      return {lora.KEY: lora.init_factors(rng, abstract[lora.KEY])}
-
-  return LoraExtension()
 
 
 class EarlyStopping:
@@ -161,27 +143,19 @@ class EarlyStopping:
 
 
 def make_objective(config):
-  import jax
-  import jax.numpy as jnp
-
-  from xlingo.model import lora
-  from xlingo.training import step
-
+  """The adaptation objective: the shared LM loss (+ L2 towards the initial values of the
+  trained parameters), with early stopping on the target's validation bpb."""
   a = config.adapt
-  use_lora = a.mode == "lora"
   l2 = float(a.l2_init_weight)
 
-  def model_params(params):
-    return lora.merge(params, a.lora) if use_lora else params
-
   def loss_fn(ctx, params, batch, rng, extra):
-    p = model_params(params)
     # Targets-only loss on translation pairs comes from the batch: its loss_weights are 0 on
     # the source tokens, so the shared LM loss is already the conditional loss.
-    total, aux = step.lm_loss(ctx, p, batch, rng, None)
+    total, aux = step.lm_loss(ctx, params, batch, rng, None)
     if l2 and extra:
+      trained = state_lib.trained_params(params, ctx.config.train.trainable)
       sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32) - x0.astype(jnp.float32)))
-               for x, x0 in zip(jax.tree.leaves(p), jax.tree.leaves(extra["init"])))
+               for x, x0 in zip(jax.tree.leaves(trained), jax.tree.leaves(extra["init"])))
       # The step divides the loss sum by the batch's weight: scale so that the mean loss
       # gains exactly l2 * ||theta - theta_0||^2 (also across microbatches).
       pen = l2 * sq * jnp.sum(batch["loss_weights"].astype(jnp.float32))
@@ -192,21 +166,14 @@ def make_objective(config):
   def prepare_extra(cfg, mesh, rules):
     if not l2:
       return {}
-    return {"init": load_init_params(cfg, mesh, rules)}
+    init = load.load_model(cfg, cfg.checkpoint.init_from, what="checkpoint.init_from", mesh=mesh,
+                           rules=rules, model_from="config").params
+    return {"init": state_lib.trained_params(init, cfg.train.trainable)}
 
   stopper = EarlyStopping(f"val/bpb/{target_language(config)}", int(a.early_stop_patience))
   return step.Objective(
       name="adapt", loss_fn=loss_fn, prepare_extra=prepare_extra, check_config=check_config,
-      on_eval=stopper.on_eval, should_stop=stopper.should_stop,
-      param_extension=_lora_extension(config) if use_lora else None), stopper
-
-
-def load_init_params(config, mesh, rules):
-  """The init_from parameters as the run starts from them (new language rows included)."""
-  from xlingo.load import load_model
-
-  return load_model(config, config.checkpoint.init_from, what="checkpoint.init_from", mesh=mesh,
-                    rules=rules, model_from="config").params
+      on_eval=stopper.on_eval, should_stop=stopper.should_stop), stopper
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -214,9 +181,6 @@ def load_init_params(config, mesh, rules):
 
 def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
   """Before (step 0) / after (last evaluation) validation bpb per language, from metrics.jsonl."""
-  from xlingo import paths
-  from xlingo.training import metrics
-
   rows = [r for r in metrics.read_jsonl(paths.join(workdir, "metrics.jsonl"))
           if any(k.startswith("val/bpb/") for k in r)]
   if not rows:
@@ -236,127 +200,38 @@ def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
   return head + "\n" + "\n".join(lines), out
 
 
-def greedy_translate(model, params, sources, src_id: int, tgt_id: int, seq_len: int,
-                     max_new: int, eos_id: int, mesh=None, rules=None) -> list[list[int]]:
-  """Greedy decoding over the full forward pass (no KV cache: a few short examples).
-
-  A row holds the packed prefix-LM layout of training: inputs = [0, source..., output...],
-  and a position predicts the next token in the language of that token, so positions from the
-  end of the source on carry the target language's id (which steers the output language).
-  """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-
-  from xlingo import sharding
-
-  n = len(sources)
-  b = -(-n // 8) * 8  # a multiple of the data-parallel sizes we run with
-  inputs = np.zeros((b, seq_len), np.int32)
-  langs = np.full((b, seq_len), tgt_id, np.int32)
-  cur = np.zeros(b, np.int32)
-  for i, src in enumerate(sources):
-    src = list(src)[: max(seq_len - max_new - 1, 1)]
-    inputs[i, 1:1 + len(src)] = src
-    langs[i, :len(src)] = src_id
-    cur[i] = len(src)
-
-  @jax.jit
-  def next_tokens(p, x, lang_ids, at):
-    logits, _ = model.apply({"params": p}, x, None, None, lang_ids)
-    return jnp.argmax(jnp.take_along_axis(logits, at[:, None, None], axis=1)[:, 0], axis=-1)
-
-  outs = [[] for _ in range(n)]
-  done = np.zeros(b, bool)
-  done[n:] = True
-  ctx = sharding.mesh_context(mesh, rules) if mesh is not None else _nullcontext()
-  with ctx:
-    for _ in range(max_new):
-      if done.all():
-        break
-      nxt = np.asarray(next_tokens(params, inputs, langs, cur))
-      for i in range(n):
-        if done[i]:
-          continue
-        tok = int(nxt[i])
-        if tok == eos_id or cur[i] + 1 >= seq_len:
-          done[i] = True
-          continue
-        outs[i].append(tok)
-        inputs[i, cur[i] + 1] = tok
-        cur[i] += 1
-  return outs
-
-
-def _nullcontext():
-  import contextlib
-
-  return contextlib.nullcontext()
-
-
-def translation_scores(config, lm, params_by_name: dict, num: int) -> dict:
-  """{pair: {name: {bleu, chrf}, 'examples': [...]}} on the first ``num`` validation pairs of
-  ``data.translation_pairs``, decoded with ``lm``'s model (a ``load.LoadedModel``)."""
-  import sacrebleu
-  import seqio
-
-  from xlingo.data import inputs
-
+def translation_report(config, models: dict) -> dict:
+  """{pair: {name: evaluate.translate_scores(...)}} on the first ``adapt.bleu_examples``
+  validation pairs of each of ``data.translation_pairs`` that has some, for each loaded model
+  in ``models`` (name -> ``load.LoadedModel``)."""
   out = {}
-  vocab = lm.vocab
-  table = lm.table
-  registered = inputs.register_tasks(lm.config.data, vocab, lm.vocab_path).mt
   for pair in config.data.translation_pairs or ():
-    task_name = registered[pair]
-    src_lang, tgt_lang = pair.split("-")
-    task = seqio.get_mixture_or_task(task_name)
-    if "validation" not in task.splits:
+    examples = evaluate.validation_pairs(config, pair)
+    if not examples:
+      metrics.console(f"{pair}: no validation pairs here (the embedded corpus has en-X and "
+                      "X-en), so no BLEU/chrF")
       continue
-    sources, refs = [], []
-    for ex in inputs.task_examples(task_name, "validation", num, table, vocab):
-      k = ex["prefix_len"]
-      sources.append(ex["targets"][:k].tolist())
-      refs.append(vocab.decode(ex["targets"][k:-1].tolist()))
-    if not sources:
-      continue
-    tok = {"ja": "char", "zh": "zh"}.get(tgt_lang, "13a")
-    res = {"examples": []}
-    for name, params in params_by_name.items():
-      ids = greedy_translate(lm.model, params, sources, table.id(src_lang),
-                             table.id(tgt_lang), config.data.seq_len,
-                             int(config.adapt.max_decode_len), vocab.eos_id,
-                             lm.mesh, lm.rules)
-      hyps = [vocab.decode(x) for x in ids]
-      res[name] = {"bleu": sacrebleu.corpus_bleu(hyps, [refs], tokenize=tok).score,
-                   "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score}
-      res["examples"].append({"params": name, "source": vocab.decode(sources[0]),
-                              "reference": refs[0], "output": hyps[0]})
-    out[pair] = res
+    src, tgt = pair.split("-")
+    out[pair] = {name: evaluate.translate_scores(
+        lm, examples, src, tgt, max_examples=int(config.adapt.bleu_examples),
+        max_new=int(config.adapt.max_decode_len)) for name, lm in models.items()}
   return out
 
 
-def export_merged(config, params, out_dir: str, step: int | None = None) -> str:
-  """Writes plain params as a step directory that ``checkpoint.init_from`` and the tools load."""
-  import orbax.checkpoint as ocp
-
-  from xlingo import paths
-  from xlingo.training import restore as restore_lib
-
-  out_dir = paths.resolve(out_dir)
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  ckptr.save(paths.as_path(out_dir), args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"params": params}),
-      meta=ocp.args.JsonSave(restore_lib.export_meta(config, step))), force=True)
-  return out_dir
+def parameter_counts(config) -> dict:
+  """{'params', 'trained_params'} of the adapted model (from shapes alone)."""
+  model = decoder_lib.Decoder(config.model, peft.spec_from_config(config))
+  abstract = nn.unbox(sharding.abstract_params(model, config.model, 8))
+  return {"params": state_lib.param_count(abstract),
+          "trained_params": state_lib.param_count(
+              state_lib.trained_params(abstract, config.train.trainable))}
 
 
 def run(config, workdir: str) -> dict:
-  """Adapt, then report; returns {'metrics', 'bpb', 'translation', 'best_step'}."""
-  import jax
-
-  from xlingo import paths
-  from xlingo.load import load_model
-  from xlingo.training import loop, metrics
+  """Adapt, then report; returns {'metrics', 'bpb', 'translation', 'best_step', ...}."""
+  # After the flags: the loop imports the data layer (seqio, TensorFlow), so a config error
+  # is reported before that import.
+  from xlingo.training import loop
 
   resolve_config(config)
   objective, stopper = make_objective(config)
@@ -366,25 +241,25 @@ def run(config, workdir: str) -> dict:
   if text:
     metrics.console(text)
   report = {"metrics": last, "bpb": bpb, "target": target, "mode": config.adapt.mode,
-            "best_step": stopper.best_step, "translation": {}}
-  needs_params = bool(config.data.translation_pairs) or bool(config.adapt.export_merged)
-  if needs_params and paths.isdir(paths.join(workdir, "checkpoints")):
-    # The run's last parameters (LoRA merged) and the ones it started from, loaded without a
-    # training plan or an optimizer.
-    after = load_model(config, workdir)
-    if config.data.translation_pairs and config.adapt.bleu_examples > 0:
-      before = load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
-                          mesh=after.mesh, rules=after.rules, model_from="config")
-      scores = translation_scores(config, after, {"before": before.params, "after": after.params},
-                                  int(config.adapt.bleu_examples))
-      report["translation"] = scores
-      for pair, r in scores.items():
+            "best_step": stopper.best_step, "translation": {}, **parameter_counts(config)}
+  want_bleu = bool(config.data.translation_pairs) and config.adapt.bleu_examples > 0
+  if (want_bleu or config.adapt.export_merged) and paths.isdir(
+      paths.join(workdir, "checkpoints")):
+    # The run's last parameters, loaded as every tool loads them (no training plan, no
+    # optimizer), and those it started from.
+    after = load.load_model(config, workdir)
+    if want_bleu:
+      before = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                               mesh=after.mesh, rules=after.rules, model_from="config")
+      report["translation"] = translation_report(config, {"before": before, "after": after})
+      for pair, r in report["translation"].items():
         metrics.console(
-            f"{pair} greedy, {config.adapt.bleu_examples} validation pairs: BLEU "
+            f"{pair} greedy, {r['after']['examples']} validation pairs: BLEU "
             f"{r['before']['bleu']:.1f} -> {r['after']['bleu']:.1f}, chrF "
-            f"{r['before']['chrf']:.1f} -> {r['after']['chrf']:.1f}")
+            f"{r['before']['chrf']:.1f} -> {r['after']['chrf']:.1f} "
+            f"({r['after']['bleu_signature']})")
     if config.adapt.export_merged:
-      path = export_merged(config, after.params, config.adapt.export_merged, after.step)
+      path = load.export_merged(after, config.adapt.export_merged)
       metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
   if jax.process_index() == 0:
     paths.write_text(paths.join(workdir, "adapt_report.json"),

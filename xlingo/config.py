@@ -9,6 +9,9 @@ A config file is a Python module with ``get_config(arg=None) -> ConfigDict`` tha
 - ``data``: corpus, languages, sampling temperature, sequence length, vocabulary.
 - ``train``: steps, batch size, optimizer and loss options.
 - ``checkpoint``: how often and how many to keep, and ``init_from``.
+
+The adaptation and distillation loops add their own sections (:func:`adapt_section`,
+:func:`distill_section`), which their configs attach.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from xlingo.errors import ConfigError  # noqa: F401 - the name config files use
 # language-embedding table has one row per entry. Order is fixed: appending is safe, reordering
 # breaks checkpoints.
 EMBEDDED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh")
-
-
+# The projection kernels LoRA adapts by default (attention and MLP, scanned or unrolled).
+LORA_TARGETS = r"attn/(query|key|value|out)$|mlp/(gate|up|down)$"
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -69,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
       ("head_dim", None),
       ("languages", None),
       ("layers", None),
+      # parameter-efficient adaptation (xlingo.model.peft): small, replicated
+      ("lora_rank", None),
+      ("adapter", None),
+      ("prefix", None),
       ("activation_length", None),
       ("activation_embed", None),
       ("activation_mlp", "tensor"),
@@ -208,3 +215,51 @@ def tpu_pretrain_config(seq_len: int = 2048) -> ml_collections.ConfigDict:
   c.data.temperature = 3.33  # mT5's alpha = 0.3
   c.data.max_epochs = 4.0
   return c
+
+
+def adapt_section() -> ml_collections.ConfigDict:
+  """The ``adapt`` section (``python -m xlingo.adapt``; configs/adapt_*.py attach it)."""
+  a = ml_collections.ConfigDict()
+  # What trains: full | freeze (train.trainable) | lora | adapter | prefix | lang_emb. The
+  # frozen parameters get no gradient and no optimizer state (docs/ADAPTATION.md).
+  a.mode = "full"
+  a.target_language = ""  # early stopping and reports; empty: the first target
+  a.l2_init_weight = 0.0  # lambda * ||theta - theta_0||^2 over the trained parameters
+  a.replay_ratio = 0.0  # share of the mixture for the languages not adapted to
+  a.early_stop_patience = 0  # evaluations without improvement; 0: never stop early
+  a.bleu_examples = 8  # validation pairs translated greedily for BLEU/chrF
+  a.max_decode_len = 32
+  a.export_merged = ""  # directory for plain (LoRA-merged) params after training
+  a.lora = ml_collections.ConfigDict()
+  a.lora.rank = 8
+  a.lora.alpha = 16.0  # the side path is scaled by alpha / rank
+  a.lora.targets = LORA_TARGETS  # regex over kernel paths
+  a.adapter = ml_collections.ConfigDict()
+  a.adapter.bottleneck = 64  # width of each block's adapter
+  a.adapter.per_language = False  # one adapter per language, chosen by the token's language id
+  a.prefix = ml_collections.ConfigDict()
+  a.prefix.length = 16  # learned key/value positions per layer
+  return a
+
+
+def distill_section(teacher_model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The ``distill`` section (``python -m xlingo.distill``) for a teacher shaped like
+  ``teacher_model`` (a model section)."""
+  d = ml_collections.ConfigDict()
+  d.teacher_workdir = ""  # a teacher workdir (latest checkpoint) or a checkpoint step dir
+  # 'checkpoint': the teacher's shape keys come from its checkpoint metadata; 'config': from
+  # teacher_model, checked against the metadata. Other keys (dtype, max_len, ...) always
+  # come from teacher_model.
+  d.teacher_model_source = "checkpoint"
+  d.teacher_model = ml_collections.ConfigDict(teacher_model.to_dict())
+  d.teacher_model.dtype = "bfloat16"  # the teacher's forward pass
+  d.teacher_model.remat_policy = "none"  # no backward pass through the teacher
+  d.teacher_model.dropout_rate = 0.0
+  d.alpha = 0.5  # weight of tau^2 * KL; 1 - alpha on the student's cross-entropy
+  d.temperature = 2.0
+  d.schedule = "constant"  # constant | linear (from alpha/temperature to *_end over train.steps)
+  d.alpha_end = 0.5
+  d.temperature_end = 2.0
+  d.top_k = 0  # > 0: KL over the teacher's top-k logits only (see losses.kl_divergence)
+  d.init_from_teacher_layers = ()  # e.g. (0, 2): student blocks copied from these teacher layers
+  return d

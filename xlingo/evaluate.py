@@ -9,7 +9,9 @@ Validation uses exactly the loop's evaluation (``loop.evaluate_batches`` over
 ``inputs.eval_batches`` with ``train.eval_batches`` batches per language), so the numbers equal
 what training logged as val/* at the same step. Translation greedily continues each source
 sentence of the validation pairs in the target language (the source tokens carry the source
-language id, as in the conditional training tasks) and scores the outputs with sacrebleu.
+language id, as in the conditional training tasks) and scores the outputs with sacrebleu
+(``score_translations``, the one scorer: BLEU tokenised with ``13a``, ``zh`` for Chinese and
+``ja-mecab`` for Japanese, and chrF, each written with its sacrebleu signature).
 Checkpoints are loaded with ``xlingo.load.load_model`` (no training plan, no optimizer: the
 model, language table and vocabulary come from the checkpoint); a workdir whose latest
 checkpoint is unreadable falls back to the previous one. ``--output`` is checked before the
@@ -28,6 +30,7 @@ import sys
 
 import jax
 import numpy as np
+from sacrebleu.metrics import BLEU, CHRF
 
 from xlingo.errors import ConfigError
 
@@ -86,34 +89,60 @@ def validation_metrics(lm) -> dict:
   return out
 
 
-def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
-  """{"src-tgt": [(source, reference)]} from --translate_tsv files or the embedded corpus."""
+def validation_pairs(config, pair: str, tsv: dict[str, str] | None = None) -> list | None:
+  """[(source, reference)] of ``pair`` ("src-tgt") from a TSV file in ``tsv`` or the embedded
+  corpus's validation split; None when there are none."""
   from xlingo.data import vocab as xvocab
 
+  if pair.count("-") != 1:
+    raise ConfigError(f"translation pair {pair!r}: give pairs as SRC-TGT, e.g. en-de")
+  if tsv and pair in tsv:
+    return xvocab.read_parallel(tsv[pair])
   embedded = xvocab.embedded_parallel("validation") if config.data.source == "embedded" else {}
+  src, tgt = pair.split("-")
+  if src == "en" and tgt in embedded:
+    return embedded[tgt]
+  if tgt == "en" and src in embedded:
+    return [(x, e) for e, x in embedded[src]]
+  return None
+
+
+def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
+  """{"src-tgt": [(source, reference)]} from --translate_tsv files or the embedded corpus."""
   out = {}
   for pair in pairs:
-    if pair.count("-") != 1:
-      raise ConfigError(f"--translate {pair!r}: give pairs as SRC-TGT, e.g. en-de")
-    src, tgt = pair.split("-")
-    if pair in tsv:
-      out[pair] = xvocab.read_parallel(tsv[pair])
-    elif src == "en" and tgt in embedded:
-      out[pair] = embedded[tgt]
-    elif tgt == "en" and src in embedded:
-      out[pair] = [(x, e) for e, x in embedded[src]]
-    else:
-      raise ConfigError(f"--translate {pair}: no validation pairs (embedded: "
-                        f"{sorted('en-' + k for k in embedded)}); pass --translate_tsv "
-                        f"{pair}=FILE.tsv with source<TAB>target lines")
+    out[pair] = validation_pairs(config, pair, tsv)
+    if out[pair] is None:
+      raise ConfigError(f"--translate {pair}: no validation pairs (the embedded corpus has en-X "
+                        f"and X-en); pass --translate_tsv {pair}=FILE.tsv with "
+                        "source<TAB>target lines")
   return out
+
+
+def bleu_tokenizer(lang: str) -> str:
+  """sacrebleu's BLEU tokenizer for a target language: Chinese and Japanese have no spaces
+  between words (``ja-mecab`` comes with ``sacrebleu[ja]``, a dependency of xlingo)."""
+  return {"zh": "zh", "ja": "ja-mecab"}.get(lang, "13a")
+
+
+def score_translations(hyps: list[str], refs: list[str], tgt: str) -> dict:
+  """Corpus BLEU and chrF of ``hyps`` against ``refs`` (one reference each), with the
+  sacrebleu signature of each: the one scorer of xlingo (evaluate, adaptation's report)."""
+  bleu, chrf = BLEU(tokenize=bleu_tokenizer(tgt)), CHRF()
+  if hyps:
+    b, c = bleu.corpus_score(hyps, [refs]).score, chrf.corpus_score(hyps, [refs]).score
+  else:  # the signatures name the number of references, known once something was scored
+    bleu.corpus_score([""], [[""]])
+    chrf.corpus_score([""], [[""]])
+    b = c = float("nan")
+  return {"bleu": float(b), "chrf": float(c), "bleu_signature": str(bleu.get_signature()),
+          "chrf_signature": str(chrf.get_signature())}
 
 
 def translate_scores(lm, examples, src: str, tgt: str, *, max_examples: int,
                      max_new: int = 64) -> dict:
-  """Greedy translations of up to ``max_examples`` pairs, scored with BLEU and chrF."""
-  import sacrebleu
-
+  """Greedy translations of up to ``max_examples`` pairs (``generate``'s decoder), scored
+with :func:`score_translations`."""
   from xlingo import generate as gen
 
   table, vocab, model, params = lm.table, lm.vocab, lm.model, lm.params
@@ -125,26 +154,18 @@ def translate_scores(lm, examples, src: str, tgt: str, *, max_examples: int,
     if len(ids) > room:
       skipped += 1
       continue
-    rows.append((ids, ref))
+    rows.append((ids, ref, source))
   hyps = []
   for start in range(0, len(rows), BATCH_ROWS):
-    chunk = [ids for ids, _ in rows[start:start + BATCH_ROWS]]
+    chunk = [ids for ids, _, _ in rows[start:start + BATCH_ROWS]]
     padded = chunk + [chunk[0]] * (BATCH_ROWS - len(chunk))
     out = gen.generate_ids(model, params, padded, tgt_id, max_len=max_new,
                            prompt_lang_ids=src_id)
     hyps += [vocab.decode(o) if o else "" for o in out[:len(chunk)]]
-  refs = [ref for _, ref in rows]
-  # Character-level BLEU tokenisation for Chinese and Japanese (no spaces between words).
-  tok = {"zh": "zh", "ja": "ja-mecab"}.get(tgt, "13a")
-  try:
-    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize=tok) if rows else None
-  except Exception:  # noqa: BLE001 - ja-mecab needs an optional package; fall back
-    bleu = sacrebleu.corpus_bleu(hyps, [refs], tokenize="char") if rows else None
-  chrf = sacrebleu.corpus_chrf(hyps, [refs]) if rows else None
-  return {"bleu": float(bleu.score) if bleu else float("nan"),
-          "chrf": float(chrf.score) if chrf else float("nan"),
-          "examples": len(rows), "skipped_too_long": skipped,
-          "samples": [{"source": examples[i][0], "reference": refs[i], "output": hyps[i]}
+  refs = [ref for _, ref, _ in rows]
+  return {**score_translations(hyps, refs, tgt), "examples": len(rows),
+          "skipped_too_long": skipped,
+          "samples": [{"source": rows[i][2], "reference": refs[i], "output": hyps[i]}
                       for i in range(min(3, len(rows)))]}
 
 
@@ -198,6 +219,8 @@ def format_table(report: dict, codes) -> str:
                                 for i, (c, w) in enumerate(zip(cells, widths)))
   out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else ""),
          fmt(head)] + [fmt(c) for c in lines]
+  out += sorted({f"sacrebleu: BLEU {t['bleu_signature']}; chrF {t['chrf_signature']}"
+                 for r in results.values() for t in r.get("translation", {}).values()})
   if "transfer" in report:
     t = report["transfer"]
     out.append("")

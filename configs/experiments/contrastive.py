@@ -17,7 +17,7 @@ Append ',tiny' for a smoke-test size (e.g. contrastive.py:0.1,tiny).
 """
 
 from configs.experiments import base
-from xlingo import adapt
+from xlingo import config as xconfig
 from xlingo.errors import ConfigError
 
 PAIRS = ("en-de", "en-es", "en-fr", "en-it", "en-ja", "en-pt", "en-zh")
@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.train.contrastive.pairs = PAIRS
   c.train.contrastive.batch_size = 16
   if adapting:
-    adapt.add_adapt_section(c)
+    c.adapt = xconfig.adapt_section()
     c.data.train_languages = ("de",)
     c.train.steps = 60 if size == "small" else 20
     c.train.learning_rate = 1e-3

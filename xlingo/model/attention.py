@@ -27,6 +27,8 @@ import numpy as np
 from flax import linen as nn
 
 from xlingo.errors import ConfigError
+from xlingo.model import peft
+from xlingo.model.matmul import flat_matmul
 
 # Logical axis names of the activations; the rules in config.mesh.rules map them to the mesh.
 BTD = ("activation_batch", "activation_length", "activation_embed")
@@ -169,24 +171,6 @@ def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *,
   return jnp.swapaxes(out_bnth, 1, 2)
 
 
-def flat_matmul(x: jax.Array, w: jax.Array, contract: int = 1, **kw) -> jax.Array:
-  """``x[..., *w.shape[:contract]] @ w`` as one 2-D matmul: [..., K] x [K, N] -> [..., N].
-
-  Equal to the einsum over the named axes, but the leading (batch, length) axes are merged
-  into one rows axis first and the weight's input/output axes into K and N. On CPU this
-  halves the backward pass of a SwiGLU MLP (611 -> 350 ms for configs/small.py's shapes,
-  docs/PERFORMANCE.md): the weight gradient becomes a plain [K, rows] x [rows, N] matmul
-  instead of a contraction over two axes that XLA lowers with transposed copies. Merging a
-  major sharded axis with its minor neighbour keeps the sharding, so the logical
-  constraints around the call still apply.
-  """
-  k_shape, n_shape = w.shape[:contract], w.shape[contract:]
-  lead = x.shape[: x.ndim - contract]
-  k = int(np.prod(k_shape))
-  y = jnp.matmul(x.reshape(-1, k), w.reshape(k, -1), **kw)
-  return y.reshape(*lead, *n_shape)
-
-
 def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding (rotate-half form) computed in float32."""
   head_dim = x_btnh.shape[-1]
@@ -282,6 +266,7 @@ class Attention(nn.Module):
 
   config: ml_collections.ConfigDict  # config.model
   decode: bool = False
+  peft: peft.PeftSpec | None = None  # LoRA side paths and prefixes (xlingo.model.peft)
 
   @nn.compact
   def __call__(
@@ -328,9 +313,15 @@ class Attention(nn.Module):
     )
 
     x_btd = x_btd.astype(dtype)
-    q_btnh = flat_matmul(x_btd, w_q.astype(dtype))
-    k_btkh = flat_matmul(x_btd, w_k.astype(dtype))
-    v_btkh = flat_matmul(x_btd, w_v.astype(dtype))
+    lora = functools.partial(peft.add_lora, self, spec=self.peft, dtype=dtype,
+                             param_dtype=param_dtype)
+    q_btnh, k_btkh, v_btkh = lora(x_btd, [
+        ("query", flat_matmul(x_btd, w_q.astype(dtype)), w_q.shape,
+         ("embed", "heads", "head_dim")),
+        ("key", flat_matmul(x_btd, w_k.astype(dtype)), w_k.shape,
+         ("embed", "kv_heads", "head_dim")),
+        ("value", flat_matmul(x_btd, w_v.astype(dtype)), w_v.shape,
+         ("embed", "kv_heads", "head_dim"))])
     q_btnh = nn.with_logical_constraint(q_btnh, BTNH)
 
     batch, length = x_btd.shape[:2]
@@ -338,6 +329,7 @@ class Attention(nn.Module):
     if positions_bt is None:
       start = cache[2].value if cache is not None else 0
       positions_bt = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    q_content_btnh = q_btnh  # a prefix has no position: its scores use the unrotated query
     q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta)
     k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta)
 
@@ -375,8 +367,12 @@ class Attention(nn.Module):
           is_causal=True,
           implementation=impl,
       )
+    if self.peft is not None and self.peft.prefix_length:
+      k_pkh, v_pkh = peft.prefix_params(self, self.peft, k, h, param_dtype)
+      out_btnh = out_btnh + peft.prefix_attention(q_content_btnh, k_pkh, v_pkh)
     out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
-    out_btd = flat_matmul(out_btnh, w_o.astype(dtype), contract=2)
+    (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
+                                  w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
     return nn.with_logical_constraint(out_btd, BTD)
 
   def _cache_vars(self, batch: int, num_kv_heads: int, head_dim: int, dtype):

@@ -16,6 +16,7 @@ axis, which keeps compile time flat in depth.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ import ml_collections
 from flax import linen as nn
 
 from xlingo.errors import ConfigError
+from xlingo.model import peft as peft_lib
 from xlingo.model.attention import BTD, Attention, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
@@ -66,6 +68,7 @@ class RMSNorm(nn.Module):
 
 class SwiGluMlp(nn.Module):
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
   def __call__(self, x_btd: jax.Array) -> jax.Array:
@@ -81,10 +84,14 @@ class SwiGluMlp(nn.Module):
     w_down = self.param(
         "down", nn.with_logical_partitioning(_kernel_init(), ("mlp", "embed")), (f, d), param_dtype
     )
-    gate_btf = flat_matmul(x_btd, w_gate.astype(dtype))
-    up_btf = flat_matmul(x_btd, w_up.astype(dtype))
+    lora = functools.partial(peft_lib.add_lora, self, spec=self.peft, dtype=dtype,
+                             param_dtype=param_dtype)
+    gate_btf, up_btf = lora(x_btd, [
+        ("gate", flat_matmul(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
+        ("up", flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
-    out_btd = flat_matmul(h_btf, w_down.astype(dtype))
+    (out_btd,) = lora(h_btf, [("down", flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
+                               ("mlp", "embed"))])
     return nn.with_logical_constraint(out_btd, BTD)
 
 
@@ -94,17 +101,23 @@ class DecoderBlock(nn.Module):
   config: ml_collections.ConfigDict
   deterministic: bool = True
   decode: bool = False
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, lang_ids_bt):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     h_btd = RMSNorm(dtype, param_dtype, name="attn_norm")(x_btd)
-    h_btd = Attention(cfg, decode=self.decode, name="attn")(h_btd, segment_ids_bt, positions_bt)
+    h_btd = Attention(cfg, decode=self.decode, peft=self.peft, name="attn")(
+        h_btd, segment_ids_bt, positions_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
     h_btd = RMSNorm(dtype, param_dtype, name="mlp_norm")(x_btd)
-    h_btd = SwiGluMlp(cfg, name="mlp")(h_btd)
+    h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
+    if self.peft is not None and self.peft.adapter_bottleneck:
+      h_btd = h_btd + peft_lib.Adapter(
+          self.peft.adapter_bottleneck, self.peft.adapter_per_language, cfg.num_languages,
+          dtype, param_dtype, name="adapter")(h_btd, lang_ids_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
     return x_btd, None
@@ -137,10 +150,11 @@ class DecoderStack(nn.Module):
   """
 
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   @nn.compact
-  def __call__(self, x_btd, segment_ids_bt, positions_bt, deterministic: bool, decode: bool,
-               upto: int | None = None):
+  def __call__(self, x_btd, segment_ids_bt, positions_bt, lang_ids_bt, deterministic: bool,
+               decode: bool, upto: int | None = None):
     cfg = self.config
     block_cls = DecoderBlock if upto is None or not cfg.scan_layers else _BlockWithOutput
     # Decoding computes no gradients, so remat would only cost time there.
@@ -160,27 +174,27 @@ class DecoderStack(nn.Module):
           block_cls,
           variable_axes={"params": 0, "cache": 0},
           split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast, nn.broadcast),
+          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
           length=cfg.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
       )
-      x_btd, per_layer = stack(cfg, deterministic=deterministic, decode=decode, name="layers")(
-          x_btd, segment_ids_bt, positions_bt
-      )
+      x_btd, per_layer = stack(cfg, deterministic=deterministic, decode=decode, peft=self.peft,
+                               name="layers")(x_btd, segment_ids_bt, positions_bt, lang_ids_bt)
       if upto is not None:
         x_btd = per_layer[upto]
     else:
       for i in range(cfg.num_layers if upto is None else upto + 1):
-        x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, name=f"layers_{i}")(
-            x_btd, segment_ids_bt, positions_bt
-        )
+        x_btd, _ = block_cls(cfg, deterministic=deterministic, decode=decode, peft=self.peft,
+                             name=f"layers_{i}")(x_btd, segment_ids_bt, positions_bt, lang_ids_bt)
     return x_btd
 
 
 class Decoder(nn.Module):
-  """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``)."""
+  """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``);
+  ``peft`` adds LoRA, adapters or prefixes beside the parameters (``xlingo.model.peft``)."""
 
   config: ml_collections.ConfigDict
+  peft: peft_lib.PeftSpec | None = None
 
   def setup(self):
     cfg = self.config
@@ -224,7 +238,7 @@ class Decoder(nn.Module):
           param_dtype,
       )
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
-    self.blocks = DecoderStack(cfg)
+    self.blocks = DecoderStack(cfg, self.peft)
     self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype)
 
   def __call__(
@@ -281,10 +295,13 @@ class Decoder(nn.Module):
       segment_ids = jnp.ones((batch, length), jnp.int32)
     if positions is None and not decode:
       positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if lang_ids is None:  # per-language adapters read the ids too
+      lang_ids = jnp.zeros_like(inputs)
     if hidden_layer is not None:
       upto = layer_index(hidden_layer, cfg.num_layers)
-      return self.blocks(x_btd, segment_ids, positions, deterministic, decode, upto=upto)
-    x_btd = self.blocks(x_btd, segment_ids, positions, deterministic, decode)
+      return self.blocks(x_btd, segment_ids, positions, lang_ids, deterministic, decode,
+                         upto=upto)
+    x_btd = self.blocks(x_btd, segment_ids, positions, lang_ids, deterministic, decode)
     hidden_btd = self.final_norm(x_btd)
 
     lid_logits_btl = None

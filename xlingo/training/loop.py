@@ -25,6 +25,7 @@ from xlingo.data import inputs, iterator, pairs
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
+from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import contrastive, metrics, preemption
 from xlingo.training import restore as restore_lib
@@ -189,15 +190,17 @@ class Setup:
   byte_table: jax.Array
 
 
-def build(config, objective: step_lib.Objective | None = None) -> Setup:
+def build(config) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
   contrastive.check_mesh(config, mesh)
-  model = decoder_lib.Decoder(config.model)
+  spec = peft.spec_from_config(config)
+  model = decoder_lib.Decoder(config.model, spec)
   plan = inputs.plan_inputs(config)
-  factory = state_lib.StateFactory(model, config, mesh, rules,
-                                   objective.param_extension if objective else None)
+  factory = state_lib.StateFactory(model, config, mesh, rules)
+  peft.check_lora_targets([sharding.path_str(p) for p, _ in
+                           jax.tree_util.tree_leaves_with_path(factory.params_abstract)], spec)
   byte_table = jnp.asarray(xvocab.vocab_byte_lengths(plan.vocab))
   return Setup(config, mesh, rules, model, plan, factory, byte_table)
 
@@ -225,7 +228,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   validate_config(config)
   if objective.check_config:
     objective.check_config(config)
-  s = build(config, objective)
+  s = build(config)
   t = config.train
   codes = s.plan.table.codes
   num_langs = len(codes)
@@ -237,9 +240,12 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   if step_lib.loss_weights_line(config):
     metrics.console(step_lib.loss_weights_line(config))
   n_params = state_lib.param_count(s.factory.params_abstract)
+  n_trained = state_lib.param_count(state_lib.trained_params(s.factory.params_abstract,
+                                                             t.trainable))
   flops_tok = decoder_lib.flops_per_token(config.model, config.data.seq_len)
-  metrics.console(f"model: {n_params / 1e6:.2f} M parameters, {flops_tok / 1e6:.1f} MFLOP "
-                  f"per token (train)")
+  trained = "" if n_trained == n_params else f" ({n_trained / 1e6:.3f} M trained)"
+  metrics.console(f"model: {n_params / 1e6:.2f} M parameters{trained}, {flops_tok / 1e6:.1f} "
+                  f"MFLOP per token (train)")
 
   ckpts = ckpt_lib.Checkpoints(workdir, config)
   train_it = inputs.train_iterator(s.plan, config)
@@ -262,7 +268,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
   elif config.checkpoint.init_from:
     params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
                              mesh=s.mesh, rules=s.rules, model_from="config").params
-    state, start = s.factory.from_model_params(params, jax.random.PRNGKey(t.seed)), 0
+    state, start = s.factory.from_params(params), 0
     metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
   elif objective.initial_params is not None:
     state, start = s.factory.from_params(objective.initial_params(s.factory, config)), 0

@@ -9,8 +9,15 @@ that does not fit the config (``CheckpointError``: stop, touch nothing). The che
 parameters through ``load_params``.
 
 A step directory's ``meta/metadata`` (``checkpoint_meta``) holds the model's shape keys, the
-language table, the vocabulary (path and SHA-1), the settings that shape the saved optimizer and
-data state, and the step.
+language table, the vocabulary (path and SHA-1), the parameter-efficient parts the model carries
+(``peft``: LoRA, adapters, prefixes; tools build the model with them), the settings that shape
+the saved optimizer and data state, and the step.
+
+``init_from`` may start a model that is larger than the checkpoint's in three ways, each filled
+in here: appended languages (new language-embedding rows, fresh), an extended vocabulary (new
+token rows and output columns, each the mean of the old rows of the pieces its text encodes to
+under the old vocabulary), and parameter-efficient parameters the checkpoint lacks (fresh; a
+LoRA checkpoint's factors are merged when the new model has none).
 """
 
 from __future__ import annotations
@@ -23,10 +30,15 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 
 from xlingo import paths
-from xlingo.errors import CheckpointError, ConfigError
+from xlingo.data import vocab as xvocab
+from xlingo.data import vocab_extend
+from xlingo.errors import CheckpointError, ConfigError, VocabError
+from xlingo.model import peft
+from xlingo.training import state as state_lib
 
 # The model keys that fix its parameter shapes (and tools read from a checkpoint's metadata).
 MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -43,16 +55,16 @@ def model_fingerprint(config) -> dict:
 
 # Parameters with a language axis (name -> axis): a checkpoint with fewer languages grows them.
 LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
-# Fingerprint keys that may differ for init_from: languages may be appended.
-_GROWABLE = ("languages", "num_languages")
+# Parameters with a vocabulary axis (name -> axis): an extended vocabulary grows them.
+VOCAB_AXES = {"token_embedding": 0, "output_kernel": 1}
+# Fingerprint keys that may differ for init_from: languages may be appended, the vocabulary
+# extended (checked piece by piece: ``vocab_extension``).
+_GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
 
 
 def vocab_sha1(config) -> str | None:
   """SHA-1 of the SentencePiece model file the config uses (None if it cannot be read)."""
-  from xlingo.data import vocab as xvocab
-
-  path = config.data.get("vocab_path", "") or xvocab.embedded_vocab_path()
-  return _file_sha1(paths.resolve(path))
+  return _file_sha1(vocab_path(config))
 
 
 @functools.lru_cache(maxsize=8)
@@ -84,6 +96,9 @@ STATE_SHAPING = {
     "adapt.mode": "the parameters",
     "adapt.lora.rank": "the LoRA factors",
     "adapt.lora.targets": "the LoRA factors",
+    "adapt.adapter.bottleneck": "the adapters",
+    "adapt.adapter.per_language": "the adapters",
+    "adapt.prefix.length": "the prefixes",
     "train.batch_size": "the data iterator's saved batches",
     "data.seq_len": "the data iterator's saved batches",
     "data.group_size": "the data iterator's reader",
@@ -105,7 +120,10 @@ def state_settings(config) -> dict:
   if "adapt" in config:
     a = config.adapt
     s |= {"adapt.mode": a.mode, "adapt.lora.rank": int(a.lora.rank),
-          "adapt.lora.alpha": float(a.lora.alpha), "adapt.lora.targets": a.lora.targets}
+          "adapt.lora.alpha": float(a.lora.alpha), "adapt.lora.targets": a.lora.targets,
+          "adapt.adapter.bottleneck": int(a.adapter.bottleneck),
+          "adapt.adapter.per_language": bool(a.adapter.per_language),
+          "adapt.prefix.length": int(a.prefix.length)}
   return s
 
 
@@ -129,15 +147,16 @@ def fmt_value(value) -> str:
 
 
 def vocab_path(config) -> str:
-  from xlingo.data import vocab as xvocab
-
   return paths.resolve(config.data.get("vocab_path", "") or xvocab.embedded_vocab_path())
 
 
 def checkpoint_meta(config, step: int, restore_step: int | None = None) -> dict:
   """A training checkpoint's ``meta/``: the model fingerprint, where its vocabulary was, the
-  settings that shape its saved state, its step (and the restore_step it descends from)."""
+  parameter-efficient parts of the model, the settings that shape its saved state, its step
+  (and the restore_step it descends from)."""
+  spec = peft.spec_from_config(config)
   meta = model_fingerprint(config) | {"step": int(step), "vocab_path": vocab_path(config),
+                                      "peft": spec.to_meta() if spec else None,
                                       "settings": state_settings(config)}
   if restore_step:
     meta["restore_step"] = int(restore_step)
@@ -255,13 +274,15 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
   generate, evaluate, a teacher, adaptation's report, ``best/``, a merged export).
 
   ``abstract_params`` is the target tree, or a function ``(step_dir, meta, saved shapes) ->
-  tree`` for a caller that builds its model from the checkpoint. A workdir's newest readable checkpoint is
-  used: one whose bytes cannot be read is reported and the previous one is tried (and left as it
-  is: a tool does not rename another run's files). With ``config``, the checkpoint's model must
-  match ``config.model`` except for the number of languages: ``config.data.languages`` may
-  append languages to the checkpoint's (never reorder them); the rows (or columns) of
-  language-indexed parameters for the new languages then come from ``init_fresh(name)`` (a
-  freshly initialised parameter) and everything else is loaded.
+  tree`` for a caller that builds its model from the checkpoint. A workdir's newest readable
+  checkpoint is used: one whose bytes cannot be read is reported and the previous one is tried
+  (and left as it is: a tool does not rename another run's files). With ``config``
+  (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
+  ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
+  ``data.vocab_path`` may extend its vocabulary (``vocab_extension``), and the target may hold
+  parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
+  ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
+  languages' rows and the new parameter-efficient ones; everything else is loaded.
   """
   candidates = step_dirs(path, what)
   for i, (step, step_dir) in enumerate(candidates):
@@ -271,9 +292,10 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
                if k.startswith("params/")}
       abstract = (abstract_params(step_dir, meta, saved) if callable(abstract_params)
                   else abstract_params)
+      sources = None
       if config is not None and meta:
-        _check_init_from_meta(meta, config, f"{what} {step_dir}")
-      params = _restore_params_at(step_dir, abstract, saved, meta, init_fresh, what)
+        sources = _check_init_from_meta(meta, config, f"{what} {step_dir}")
+      params = _restore_params_at(step_dir, abstract, saved, meta, init_fresh, what, sources)
     except Unreadable as e:
       if i + 1 == len(candidates):
         older = "" if len(candidates) == 1 else " (and no older checkpoint reads)"
@@ -287,57 +309,130 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
 
 
 def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, init_fresh,
-                       what: str):
+                       what: str, vocab_sources: dict | None = None):
   where = f"{what} {step_dir}"
   old_langs = meta.get("num_languages")
-  grow = {}
+  grow = {}  # name -> (axis, saved shape): new language rows
   for name, axis in LANGUAGE_AXES.items():
     if name in abstract_params and name in saved:
       want, have = abstract_params[name].shape, saved[name]
       if len(want) == len(have) and have[axis] < want[axis] and (
           old_langs is None or have[axis] == old_langs):
         grow[name] = (axis, have)
+  grow_vocab = {}  # name -> (axis, saved shape): new token rows / output columns
+  for name, axis in VOCAB_AXES.items():
+    if vocab_sources and name in abstract_params and name in saved:
+      want, have = abstract_params[name].shape, saved[name]
+      if len(want) == len(have) and have[axis] + len(vocab_sources) == want[axis]:
+        grow_vocab[name] = (axis, have)
   for key, have in saved.items():
     want = _get_path(abstract_params, key)
-    if want is not None and key not in grow and tuple(want.shape) != tuple(have):
+    if (want is not None and key not in grow and key not in grow_vocab
+        and tuple(want.shape) != tuple(have)):
       raise CheckpointError(
           f"{where}: parameter {key} has shape {tuple(have)} in the checkpoint but "
-          f"{tuple(want.shape)} in this model; set model.* to match the checkpoint")
+          f"{tuple(want.shape)} in this model; set model.* (or adapt.*) to match the checkpoint")
   missing = [k for k in tree_shapes(abstract_params) if k not in saved]
+  fresh = [k for k in missing if peft.PEFT_PARAM.search(k)]
+  missing = [k for k in missing if k not in fresh]
   if missing:
     raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing[:3])}; check that "
                           "model.* matches the checkpoint's model")
-  if grow and init_fresh is None:
-    raise CheckpointError(f"{where}: the checkpoint has fewer languages than "
-                          "model.num_languages and no initialiser was given for the new ones")
-  target = {"params": {k: v for k, v in abstract_params.items() if k not in grow}}
-  params = dict(_restore_tree(step_dir, target)["params"])
-  for name, (axis, have) in grow.items():
+  if (grow or fresh) and init_fresh is None:
+    raise CheckpointError(f"{where}: the checkpoint lacks {(list(grow) + fresh)[0]} (fewer "
+                          "languages, or no adapters) and no initialiser was given for it")
+  target = _without(abstract_params, set(grow) | set(grow_vocab) | set(fresh))
+  params = _restore_tree(step_dir, {"params": target})["params"]
+  new = init_fresh(list(grow) + fresh) if (grow or fresh) else {}
+  for key in fresh:
+    params = _with(params, key, new[key])
+
+  def saved_part(name, have):
     full = abstract_params[name]
-    old_sds = jax.ShapeDtypeStruct(have, full.dtype, sharding=full.sharding)
-    old = _restore_tree(step_dir, {"params": {name: old_sds}})["params"][name]
-    fresh = init_fresh(name)
-    idx = [slice(None)] * len(full.shape)
+    sds = jax.ShapeDtypeStruct(have, full.dtype, sharding=full.sharding)
+    return _restore_tree(step_dir, {"params": {name: sds}})["params"][name]
+
+  for name, (axis, have) in grow.items():
+    idx = [slice(None)] * len(have)
     idx[axis] = slice(have[axis], None)
     params[name] = jax.jit(lambda o, f, a=axis, i=tuple(idx): jax.numpy.concatenate(
-        [o, f[i]], axis=a), out_shardings=full.sharding)(old, fresh)
+        [o, f[i]], axis=a), out_shardings=abstract_params[name].sharding)(
+            saved_part(name, have), new[name])
+  for name, (axis, have) in grow_vocab.items():
+    params[name] = _grow_vocab(saved_part(name, have), vocab_sources, axis,
+                               abstract_params[name].sharding)
   return params
 
 
-def _check_init_from_meta(meta: dict, config, where: str) -> None:
+def _grow_vocab(old, sources: dict, axis: int, out_sharding):
+  """``old`` with one row (``axis`` 0) or column (1) appended per new piece, in id order: the
+  mean of the old rows of the pieces the new piece's text encodes to (``sources``)."""
+  ids = sorted(sources)
+  width = max(1, max(len(sources[i]) for i in ids))
+  idx = np.zeros((len(ids), width), np.int32)
+  weight = np.zeros((len(ids), width), np.float32)
+  for r, i in enumerate(ids):
+    src = sources[i]
+    idx[r, :len(src)] = src
+    weight[r, :len(src)] = 1.0 / len(src) if src else 0.0
+
+  def grow(o):
+    table = o if axis == 0 else o.T
+    new = jax.numpy.einsum("nm,nmd->nd", weight, table[idx].astype(jax.numpy.float32))
+    # A piece with no old pieces (none is known to occur) gets the mean of all old rows.
+    empty = (weight.sum(1) == 0)[:, None]
+    new = jax.numpy.where(empty, table.astype(jax.numpy.float32).mean(0), new)
+    out = jax.numpy.concatenate([table, new.astype(table.dtype)], axis=0)
+    return out if axis == 0 else out.T
+
+  return jax.jit(grow, out_shardings=out_sharding)(old)
+
+
+def vocab_extension(meta: dict, config, where: str) -> dict[int, list[int]] | None:
+  """None when ``config`` uses the checkpoint's vocabulary; ``{new id: [old ids]}`` when its
+  ``data.vocab_path`` extends it (the checkpoint's pieces first, piece by piece, then new ones,
+  as ``python -m xlingo.data.vocab extend`` writes); CheckpointError for anything else."""
+  have_sha, want_sha = meta.get("vocab_sha1"), vocab_sha1(config)
+  old_size, new_size = meta.get("vocab_size"), int(config.model.vocab_size)
+  if old_size == new_size and (not have_sha or not want_sha or have_sha == want_sha):
+    return None
+  if old_size == new_size:
+    raise CheckpointError(
+        f"{where}: the checkpoint was trained with a different vocabulary (SentencePiece model "
+        f"SHA-1 {have_sha[:12]} vs {want_sha[:12]} of data.vocab_path); set data.vocab_path to "
+        "the checkpoint's vocabulary (or to an extension of it, with model.vocab_size its size)")
+  old = meta.get("vocab_path")
+  if not (have_sha and old and isinstance(old_size, int)):
+    raise CheckpointError(
+        f"{where}: vocabulary size {old_size} differs from model.vocab_size={new_size} and the "
+        "checkpoint does not record its vocabulary file; the checkpoint needs its own vocabulary")
+  old_path = paths.resolve(old)
+  if _file_sha1(old_path) != have_sha:
+    raise CheckpointError(
+        f"{where} was trained with {old} (SentencePiece SHA-1 {have_sha[:12]}), which is not on "
+        "this machine; it is needed to check and initialise the extended data.vocab_path: copy "
+        "it there")
+  new_path = vocab_path(config)
+  try:
+    sources = vocab_extend.new_piece_init_sources(old_path, new_path)
+  except VocabError:
+    sources = None
+  if not sources or old_size + len(sources) != new_size:
+    raise CheckpointError(
+        f"{where}: data.vocab_path={new_path} is neither the checkpoint's vocabulary {old} nor "
+        f"an extension of it (its first {old_size} pieces, then new ones); use the "
+        "checkpoint's vocabulary or a model written by `python -m xlingo.data.vocab extend "
+        f"--vocab {old}` (with model.vocab_size set to its size)")
+  return sources
+
+
+def _check_init_from_meta(meta: dict, config, where: str) -> dict | None:
+  """CheckpointError unless ``config``'s model can start from the checkpoint's; returns the
+  vocabulary extension's sources (``vocab_extension``)."""
+  sources = vocab_extension(meta, config, where)
   want = model_fingerprint(config)
-  if meta.get("vocab_size") != want["vocab_size"]:
-    raise CheckpointError(
-        f"{where}: vocabulary size {meta.get('vocab_size')} differs from "
-        f"model.vocab_size={want['vocab_size']}; the checkpoint needs its own vocabulary")
-  if meta.get("vocab_sha1") and want.get("vocab_sha1") and meta["vocab_sha1"] != want[
-      "vocab_sha1"]:
-    raise CheckpointError(
-        f"{where}: the checkpoint was trained with a different vocabulary "
-        f"(SentencePiece model SHA-1 {meta['vocab_sha1'][:12]} vs {want['vocab_sha1'][:12]} of "
-        "data.vocab_path); set data.vocab_path to the checkpoint's vocabulary")
   diff = {k: (meta[k], want[k]) for k in want
-          if k in meta and k not in _GROWABLE and k != "vocab_sha1" and meta[k] != want[k]}
+          if k in meta and k not in _GROWABLE and meta[k] != want[k]}
   if diff:
     first = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
     raise CheckpointError(f"{where} is from a different model ({first}); set model.* to match "
@@ -353,6 +448,7 @@ def _check_init_from_meta(meta: dict, config, where: str) -> None:
     raise CheckpointError(
         f"{where}: the checkpoint has num_languages={meta['num_languages']} but "
         f"model.num_languages={want['num_languages']}; it can grow, not shrink")
+  return sources
 
 
 def saved_shapes(item_dir: str) -> dict[str, tuple]:
@@ -387,8 +483,8 @@ def structure_message(where: str, saved: dict, want: dict, init_from_hint: str) 
   if key.startswith("opt_state"):
     cause, way_out = "another train.optimizer or train.trainable", f" or start a new --workdir " \
         f"with {init_from_hint} (its parameters, nothing else)"
-  elif key.startswith("params/lora"):
-    cause, way_out = "another adapt.mode or adapt.lora.*", ""
+  elif peft.PEFT_PARAM.search(key):
+    cause, way_out = "another adapt.mode, adapt.lora.*, adapt.adapter.* or adapt.prefix.*", ""
   else:
     cause, way_out = "another model.*", ""
   return (f"{where} does not fit this config's train state ({detail}; was it saved with "
@@ -398,16 +494,37 @@ def structure_message(where: str, saved: dict, want: dict, init_from_hint: str) 
 def clip_toggled(abstract_state, config):
   """The abstract state under the other ``train.grad_clip`` setting (on <-> off), carrying this
   state's leaves (and shardings); None when the leaves do not pair up."""
-  from xlingo.training import state as state_lib
-
   t = ml_collections.ConfigDict(config.train.to_dict())
   t.grad_clip = 0.0 if config.train.grad_clip else 1.0
   plain = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.params)
-  alt = jax.eval_shape(state_lib.make_optimizer(t, plain).init, plain)
+  alt = jax.eval_shape(state_lib.make_optimizer(t).init,
+                       state_lib.trained_params(plain, t.trainable))
   leaves = jax.tree.leaves(abstract_state.opt_state)
   if len(jax.tree.leaves(alt)) != len(leaves):
     return None
   return abstract_state.replace(opt_state=jax.tree.unflatten(jax.tree.structure(alt), leaves))
+
+
+def _without(tree: dict, keys: set, prefix: str = "") -> dict:
+  """``tree`` less the leaves at ``keys`` ('a/b/c' paths), empty branches dropped."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      sub = _without(v, keys, key + "/")
+      if sub:
+        out[k] = sub
+    elif key not in keys:
+      out[k] = v
+  return out
+
+
+def _with(tree: dict, key: str, value) -> dict:
+  """A copy of ``tree`` with ``value`` at the path ``key``."""
+  head, _, rest = key.partition("/")
+  out = dict(tree)
+  out[head] = _with(dict(out.get(head, {})), rest, value) if rest else value
+  return out
 
 
 def _get_path(tree, key: str):

@@ -2,11 +2,18 @@
 
 Nothing full-size is ever built on one device: shapes come from ``jax.eval_shape``, shardings
 from the logical rules, and the state is created by ``jax.jit(init, out_shardings=...)``.
+
+Freezing: ``train.trainable`` (a regex over parameter paths) splits the parameters into the
+trained and the frozen (:func:`split_params`). The optimizer and its state cover only the
+trained ones, and the train step differentiates only them, so a frozen parameter costs no
+gradient, no optimizer state and no share of ``grad_norm``. Every adaptation mode (LoRA,
+adapters, prefixes, language embeddings, a user's regex) goes through this one split.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -39,18 +46,51 @@ def learning_rate_schedule(t) -> optax.Schedule:
   raise ConfigError(f"train.schedule={t.schedule!r} is unknown; use 'cosine' or 'constant'")
 
 
-def trainable_labels(params, pattern: str):
-  """'train' for parameters whose path matches ``pattern`` (re.search), else 'freeze'."""
+def trainable_mask(params, pattern: str):
+  """True for parameters whose path matches ``pattern`` (re.search), else False (a tree of
+  Python bools: only the paths are read, so it works on abstract and traced params)."""
   try:
     rx = re.compile(pattern)
   except re.error as e:
     raise ConfigError(f"train.trainable={pattern!r} is not a valid regex ({e})") from None
-  labels = jax.tree_util.tree_map_with_path(
-      lambda p, _: "train" if rx.search(sharding.path_str(p)) else "freeze", params)
-  if "train" not in jax.tree.leaves(labels):
+  mask = jax.tree_util.tree_map_with_path(
+      lambda p, _: bool(rx.search(sharding.path_str(p))), params)
+  if not any(jax.tree.leaves(mask)):
     raise ConfigError(f"train.trainable={pattern!r} matches no parameter; parameter paths "
                       f"look like {sharding.path_str(jax.tree_util.tree_leaves_with_path(params)[0][0])!r}")
-  return labels
+  return mask
+
+
+def split_params(params, mask) -> tuple[dict, dict]:
+  """(trained, frozen): two nested dicts holding the leaves ``mask`` marks True / False, each
+  under its own path (so optimizer state and shardings still match by path)."""
+
+  def part(tree, m):
+    if isinstance(tree, Mapping):
+      a, b = {}, {}
+      for k in tree:
+        ta, tb = part(tree[k], m[k])
+        if ta is not None:
+          a[k] = ta
+        if tb is not None:
+          b[k] = tb
+      return a or None, b or None
+    return (tree, None) if m else (None, tree)
+
+  trained, frozen = part(params, mask)
+  return trained or {}, frozen or {}
+
+
+def join_params(a: dict, b: dict) -> dict:
+  """The union of two trees from :func:`split_params`."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = join_params(out[k], v) if k in out else v
+  return out
+
+
+def trained_params(params, pattern: str) -> dict:
+  return split_params(params, trainable_mask(params, pattern))[0]
 
 
 def _decay_mask(params):
@@ -58,8 +98,9 @@ def _decay_mask(params):
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(t, params_abstract) -> optax.GradientTransformation:
-  """AdamW (or SGD) with warmup + decay, global-norm clipping, and regex freezing."""
+def make_optimizer(t) -> optax.GradientTransformation:
+  """AdamW (or SGD) with warmup + decay and global-norm clipping, over the trained parameters
+  (:func:`trained_params`) only."""
   lr = learning_rate_schedule(t)
   if t.optimizer == "adamw":
     inner = optax.adamw(lr, b1=t.b1, b2=t.b2, weight_decay=t.weight_decay, mask=_decay_mask)
@@ -69,49 +110,25 @@ def make_optimizer(t, params_abstract) -> optax.GradientTransformation:
     raise ConfigError(f"train.optimizer={t.optimizer!r} is unknown; use 'adamw' or 'sgd'")
   chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip else []
   chain.append(inner)
-  tx = optax.chain(*chain)
-  labels = trainable_labels(params_abstract, t.trainable)
-  if "freeze" in jax.tree.leaves(labels):
-    tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
-  return tx
+  return optax.chain(*chain)
 
 
 def _replicated(mesh):
   return NamedSharding(mesh, PartitionSpec())
 
 
-class ParamExtension:
-  """Parameters an objective adds beside the model's (e.g. LoRA factors), as top-level keys.
-
-  ``abstract(boxed_model_params) -> {key: boxed tree}`` gives their shapes and logical axes;
-  ``init(rng, abstract_unboxed) -> {key: tree}`` their initial values. They are not in an
-  ``init_from`` checkpoint: a run starting from one initialises them fresh.
-  """
-
-  def abstract(self, boxed_params) -> dict:
-    raise NotImplementedError
-
-  def init(self, rng, abstract) -> dict:
-    raise NotImplementedError
-
-
 class StateFactory:
   """Builds the abstract state, its shardings and the initialised state for one model."""
 
-  def __init__(self, model: nn.Module, config, mesh, rules,
-               extension: ParamExtension | None = None):
+  def __init__(self, model: nn.Module, config, mesh, rules):
     self.model = model
     self.config = config
     self.mesh = mesh
     self.rules = rules
-    self.extension = extension
     boxed = sharding.abstract_params(model, config.model, 8)
-    self.model_keys = tuple(boxed)  # top-level keys that the model itself owns
-    if extension is not None:
-      boxed = {**boxed, **extension.abstract(boxed)}
     self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
     self.params_abstract = nn.unbox(boxed)
-    self.tx = make_optimizer(config.train, self.params_abstract)
+    self.tx = make_optimizer(config.train)
     self.abstract = jax.eval_shape(self._init_from_params, self.params_abstract)
     self.shardings = TrainState(
         step=_replicated(mesh), params=self.param_shardings,
@@ -120,18 +137,11 @@ class StateFactory:
 
   def _init_from_params(self, params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.tx.init(params))
-
-  def _extension_init(self, rng) -> dict:
-    if self.extension is None:
-      return {}
-    ext = {k: v for k, v in self.params_abstract.items() if k not in self.model_keys}
-    return self.extension.init(jax.random.fold_in(rng, 1), ext)
+                      opt_state=self.tx.init(trained_params(params, self.config.train.trainable)))
 
   def init(self, rng) -> TrainState:
     def init_fn(r):
-      params = nn.unbox(sharding.init_variables(self.model, r, 8)["params"])
-      return self._init_from_params({**params, **self._extension_init(r)})
+      return self._init_from_params(nn.unbox(sharding.init_variables(self.model, r, 8)["params"]))
 
     with sharding.mesh_context(self.mesh, self.rules):
       return jax.jit(init_fn, out_shardings=self.shardings)(rng)
@@ -140,27 +150,6 @@ class StateFactory:
     """A fresh optimizer state around given (already placed) params."""
     with sharding.mesh_context(self.mesh, self.rules):
       return jax.jit(self._init_from_params, out_shardings=self.shardings)(params)
-
-  def init_model_param(self, rng, name: str) -> jax.Array:
-    """One top-level model parameter, freshly initialised and placed (the rest is not built)."""
-    def init_fn(r):
-      return nn.unbox(sharding.init_variables(self.model, r, 8)["params"])[name]
-
-    with sharding.mesh_context(self.mesh, self.rules):
-      return jax.jit(init_fn, out_shardings=self.param_shardings[name])(rng)
-
-  def from_model_params(self, params, rng) -> TrainState:
-    """Like ``from_params`` for params of the model only: the extension's are initialised."""
-    def fn(p, r):
-      return self._init_from_params({**p, **self._extension_init(r)})
-
-    with sharding.mesh_context(self.mesh, self.rules):
-      return jax.jit(fn, out_shardings=self.shardings)(params, rng)
-
-  def model_abstract_with_shardings(self):
-    """The model's own params (no extension) as sharded ShapeDtypeStructs."""
-    params = self.abstract_with_shardings().params
-    return {k: v for k, v in params.items() if k in self.model_keys}
 
   def abstract_with_shardings(self):
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),

@@ -69,8 +69,6 @@ class Objective:
   on_eval: Callable[..., bool] | None = None
   # after each evaluation (and on_eval): () -> True ends the run there (early stopping)
   should_stop: Callable[[], bool] | None = None
-  # parameters added beside the model's (e.g. LoRA factors); see state.ParamExtension
-  param_extension: state_lib.ParamExtension | None = None
 
 
 def loss_chunk_size(config) -> int:
@@ -318,37 +316,45 @@ def make_train_step(objective: Objective, model, config, tx, byte_table, num_lan
     total_weight = jnp.maximum(jnp.sum(batch["loss_weights"]), 1.0)
 
     step_ctx = dataclasses.replace(ctx, step=state.step)
+    # Only the trained parameters are differentiated: the frozen ones enter the loss as
+    # constants, so the backward pass computes no weight gradient for them (it still carries
+    # activation gradients through them down to the lowest trained parameter).
+    trained, frozen = state_lib.split_params(
+        state.params, state_lib.trainable_mask(state.params, t.trainable))
 
-    def micro_loss(params, mb, r):
+    def micro_loss(trained_params, mb, r):
+      params = state_lib.join_params(trained_params, frozen)
       loss_sum, aux = objective.loss_fn(step_ctx, params, mb, r, extra)
       return loss_sum / total_weight, _sums(aux, mb, byte_table, num_langs)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     m = t.microbatches
     if m == 1:
-      (loss, sums), grads = grad_fn(state.params, batch, rng)
+      (loss, sums), grads = grad_fn(trained, batch, rng)
     else:
       mbs = jax.tree.map(lambda x: x.reshape((m, x.shape[0] // m) + x.shape[1:]), batch)
 
       def body(carry, xs):
         mb, i = xs
-        (mb_loss, mb_sums), mb_grads = grad_fn(state.params, mb, jax.random.fold_in(rng, i))
+        (mb_loss, mb_sums), mb_grads = grad_fn(trained, mb, jax.random.fold_in(rng, i))
         acc_loss, acc_sums, acc_grads = carry
         return (acc_loss + mb_loss, jax.tree.map(jnp.add, acc_sums, mb_sums),
                 jax.tree.map(jnp.add, acc_grads, mb_grads)), None
 
       first = jax.tree.map(lambda x: x[0], mbs)
-      (l0, s0), g0 = grad_fn(state.params, first, rng)
+      (l0, s0), g0 = grad_fn(trained, first, rng)
       rest = jax.tree.map(lambda x: x[1:], mbs)
       (loss, sums, grads), _ = jax.lax.scan(body, (l0, s0, g0), (rest, jnp.arange(1, m)))
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.global_norm(grads)  # the trained parameters' only
+    updates, opt_state = tx.update(grads, state.opt_state, trained)
+    new_trained = optax.apply_updates(trained, updates)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # A non-finite step leaves the state as it was; the host stops the run on seeing it.
-    new = state_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, state)
-    new = new.replace(step=state.step + 1)
+    new_trained, opt_state = jax.tree.map(lambda a, b: jnp.where(ok, a, b),
+                                          (new_trained, opt_state), (trained, state.opt_state))
+    new = state_lib.TrainState(step=state.step + 1,
+                               params=state_lib.join_params(new_trained, frozen),
+                               opt_state=opt_state)
     out = {"loss": loss, "grad_norm": grad_norm, "nonfinite": (~ok).astype(jnp.int32),
            "total_weight": total_weight, **sums}
     return new, out
