@@ -563,7 +563,8 @@ def test_short_run_aligns_pairs_and_identifies_languages_without_hints(tmp_path)
 @pytest.mark.parametrize("name,arg", [
     ("lang_emb", "on"), ("lang_emb", "off"), ("lang_emb", "dropout,tiny"), ("lid", "0"),
     ("lid", "0.1,tiny"), ("contrastive", "0"), ("contrastive", "0.1,tiny"),
-    ("contrastive", "adapt:0.1"), ("loss_weights", "de,0.3"), ("loss_weights", "ja,0.5,tiny")])
+    ("contrastive", "adapt:0.1"), ("loss_weights", "de,0.3"), ("loss_weights", "ja,0.5,tiny"),
+    ("temperature", "1"), ("temperature", "unimax,tiny")])
 def test_experiment_configs_are_valid(name, arg):
   import importlib
 
@@ -577,9 +578,13 @@ def test_experiment_configs_are_valid(name, arg):
 
 
 def test_experiment_config_arguments_are_checked():
-  from configs.experiments import lang_emb, lid
+  from configs.experiments import lang_emb, lid, temperature
 
   with pytest.raises(ConfigError, match="variant 'of' is unknown"):
     lang_emb.get_config("of")
   with pytest.raises(ConfigError, match="is not a loss weight"):
     lid.get_config("x")
+  with pytest.raises(ConfigError, match="neither a temperature nor 'unimax'"):
+    temperature.get_config("hot")
+  assert temperature.get_config("100").data.temperature == 100.0
+  assert temperature.get_config("unimax").data.sampling == "unimax"

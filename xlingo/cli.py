@@ -138,8 +138,20 @@ def run_main(argv, doc: str, body) -> None:
   with preemption.handling():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     config, workdir = parse(argv, doc)
-    maybe_initialize_distributed()
+    distributed = maybe_initialize_distributed()
     run_body(lambda: body(config, workdir))
+    if distributed:
+      leave_distributed()
+
+
+def leave_distributed() -> None:
+  """Leave a multi-process run together: ``jax.distributed.shutdown`` holds every process at
+  one barrier, so the coordinator (process 0) does not go away while the others are still
+  tearing down their collectives, which otherwise may abort or hang a peer at exit."""
+  import jax
+
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()
 
 
 @contextlib.contextmanager

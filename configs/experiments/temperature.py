@@ -1,0 +1,29 @@
+"""Sampling temperature (issue 17 a): T = 1, 3.33, 100, or UniMax, at equal tokens.
+
+  python -m xlingo.train --config configs/experiments/temperature.py:1 --workdir workdirs/t_1
+  python -m xlingo.train --config configs/experiments/temperature.py:3.33 --workdir workdirs/t_3
+  python -m xlingo.train --config configs/experiments/temperature.py:100 --workdir workdirs/t_100
+  python -m xlingo.train --config configs/experiments/temperature.py:unimax --workdir workdirs/t_u
+
+Every variant trains the same steps on rows of the same length, so the same number of tokens;
+only how they are split among the nine languages differs (the start-of-run table shows the
+plan, the `tokens/<lang>` rows of metrics.jsonl what was delivered). T = 3.33 is the base
+config (configs/experiments/base.py). Append ',tiny' for a smoke-test size.
+"""
+
+from configs.experiments import base
+from xlingo.errors import ConfigError
+
+
+def get_config(arg=None):
+  value, size = base.parse(arg, "3.33")
+  c = base.get_config(size)
+  if value == "unimax":
+    c.data.sampling = "unimax"
+    return c
+  try:
+    c.data.temperature = float(value)
+  except ValueError:
+    raise ConfigError(f"temperature experiment: {value!r} is neither a temperature nor "
+                      "'unimax' (e.g. temperature.py:3.33)") from None
+  return c
