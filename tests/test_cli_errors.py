@@ -65,3 +65,25 @@ def test_no_tensorflow_start_up_noise_before_our_error(tmp_path):
   line = _one_error_line(_run("--config", "configs/tiny.py", "--config.train.steps=0",
                               "--workdir", str(tmp_path / "w")))
   assert "train.steps=0" in line
+
+
+def test_tensorflow_import_leaves_the_tpu_variables_as_they_were():
+  """TensorFlow's import sets TPU_SKIP_MDS_QUERY=1, TPU_LIBRARY_PATH and more for its own
+  runtime; left in place they stop libtpu from finding a TPU VM's workers (and made CPU runs with
+  libtpu installed open with its warnings). The CLI takes them back."""
+  code = ("import os\n"
+          "os.environ['TPU_NAME'] = 'mine'\n"
+          "import jax\n"
+          "jax.devices()\n"  # what JAX's own start sets (libtpu's path) stays
+          "before = dict(os.environ)\n"
+          "from xlingo import cli\n"
+          "cli.import_tensorflow_quietly()\n"
+          "import tensorflow\n"
+          "print(sorted(k for k in os.environ if k.startswith('TPU_') and os.environ[k] != "
+          "before.get(k)), os.environ['TPU_NAME'])\n")
+  env = {k: v for k, v in os.environ.items() if not k.startswith("TPU_")}
+  env["PYTHONPATH"] = ROOT
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split() == ["[]", "mine"], p.stdout

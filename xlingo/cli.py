@@ -171,6 +171,9 @@ def native_stderr_silenced():
     os.close(saved)
 
 
+TF_TAKES_BACK = ("TPU_",)
+
+
 def import_tensorflow_quietly() -> None:
   """Load seqio and TensorFlow once, before a command's own output.
 
@@ -181,9 +184,22 @@ def import_tensorflow_quietly() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if "seqio" in sys.modules:
     return
+  import jax
+
+  # JAX takes the accelerator before TensorFlow's import can look for one, and the TPU
+  # variables that import sets for its own runtime (TPU_SKIP_MDS_QUERY=1, TPU_LIBRARY_PATH,
+  # ...) are taken back: on a TPU VM they would stop libtpu from reading the slice's workers
+  # from the metadata server, and on a CPU machine with libtpu installed they made every run
+  # start with libtpu's complaints about unknown worker hostnames.
+  jax.devices()
+  before = {k: v for k, v in os.environ.items() if k.startswith(TF_TAKES_BACK)}
   with native_stderr_silenced():
     import seqio  # noqa: F401
     import tensorflow  # noqa: F401
+  for k in [k for k in os.environ if k.startswith(TF_TAKES_BACK)]:
+    if k not in before:
+      del os.environ[k]
+  os.environ.update(before)
 
 
 def run_body(body) -> None:
