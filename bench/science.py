@@ -232,7 +232,11 @@ def over_seeds(root, name, seeds, fn):
 
 
 def mean_bpb(row, langs=LANGS, prefix="val/bpb/"):
-  return statistics.fmean(row[f"{prefix}{lang}"] for lang in langs)
+  """The mean over ``langs``; None where the row lacks one (e.g. no no-hint validation)."""
+  keys = [f"{prefix}{lang}" for lang in langs]
+  if not all(k in row for k in keys):
+    return None
+  return statistics.fmean(row[k] for k in keys)
 
 
 def table(header, rows) -> str:
@@ -346,7 +350,7 @@ def lang_emb_tables(root, seeds) -> str:
                           for n in names])
   rows.append(["mean, no hint"] + [
       ms(over_seeds(root, n, seeds, lambda wd: mean_bpb(final_val(wd), prefix="val/bpb_nohint/")))
-      if n != "le_off" else "-" for n in names])
+      for n in names])
   rows.append(["generate follows --lang"] + [ms(follow[n]) for n in names])
   return (f"Validation bits per byte (with the language hint unless noted), and the share of "
           f"samples generated from BOS with `--lang L` that a character-trigram classifier "
