@@ -57,18 +57,22 @@ def _init_from(name):
   return lambda seed, root: [f"--config.checkpoint.init_from={_wd(root, name, seed)}"]
 
 
-def _adapt_mode(mode):
+def _adapt_mode(run):
+  mode, lr = ADAPT_MODES[run]
   return lambda seed, root: [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
-                             f"--config.adapt.mode={mode}",
-                             f"--config.train.learning_rate={ADAPT_MODES[mode]}"]
+                             f"--config.adapt.mode={mode}", f"--config.train.learning_rate={lr}"]
 
 
 def _wd(root, name, seed):
   return os.path.join(root, name, f"s{seed}")
 
 
-ADAPT_MODES = {"full": "1e-3", "lora": "3e-3", "adapter": "3e-3", "prefix": "3e-3",
-               "lang_emb": "1e-2"}
+# run name -> (adapt.mode, learning rate): each parameter-efficient mode at two rates (the
+# docs/ADAPTATION.md commands' and a higher one), since the best rate differs by mode.
+ADAPT_MODES = {"full": ("full", "1e-3"), "lora": ("lora", "3e-3"), "adapter": ("adapter", "3e-3"),
+               "prefix": ("prefix", "3e-3"), "lang_emb": ("lang_emb", "1e-2"),
+               "lora_hi": ("lora", "1e-2"), "adapter_hi": ("adapter", "1e-2"),
+               "prefix_hi": ("prefix", "3e-2"), "lang_emb_hi": ("lang_emb", "1e-1")}
 
 
 def _runs() -> dict[str, Run]:
@@ -417,7 +421,7 @@ def adaptation_tables(root, seeds) -> str:
     n = f"adapt_{m}"
     rep = report(_wd(root, n, seeds[0]))
     rows.append([
-        m, ADAPT_MODES[m], f"{rep['trained_params']:,}",
+        *ADAPT_MODES[m], f"{rep['trained_params']:,}",
         ms(over_seeds(root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["de"]["after"])),
         ms(over_seeds(root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["de"]["change"])),
         ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
@@ -452,7 +456,19 @@ def vocab_tables(root, seeds) -> str:
       report(wd)["bpb"]["languages"][k]["change"] for k in langs[1:]))) for n in names])
   rows.append(["step time ms"] + [ms(over_seeds(root, n, seeds, lambda wd: 1e3 * step_time(wd)))
                                   for n in names])
+  rows.insert(0, ["el tokens per UTF-8 byte (validation)"] + [
+      f"{tokens_per_byte(m):.3f}" for m in (os.path.join(CORPUS, "vocab", "xlingo_8k.model"),
+                                            _el_vocab(root) + ".model")])
   return table(["", *names.values()], rows)
+
+
+def tokens_per_byte(model_path, lang="el") -> float:
+  import sentencepiece
+
+  sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+  with open(os.path.join(CORPUS, "new", f"{lang}.validation.txt"), encoding="utf-8") as f:
+    lines = [x.strip() for x in f if x.strip()]
+  return sum(len(ids) for ids in sp.encode(lines)) / sum(len(x.encode()) for x in lines)
 
 
 TABLES = {"temperature": temperature_tables, "lang_emb": lang_emb_tables, "lid": lid_tables,

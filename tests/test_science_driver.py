@@ -40,7 +40,7 @@ def test_dry_run_orders_dependencies_first_and_seeds_every_run(tmp_path, capsys)
   lora = next(x for x in lines if "adapt_lora/s4" in x)
   assert "--config.train.seed=4" in lora and "--config.data.seed=4" in lora
   assert f"--config.checkpoint.init_from={tmp_path}/pre6m/s4" in lora
-  assert "--config.adapt.mode=lora" in lora
+  assert "--config.adapt.mode=lora" in lora and "--config.train.learning_rate=3e-3" in lora
   # Each run once per seed, however many runs need it.
   assert sum(f"--workdir={tmp_path}/pre6m/s3 " in x for x in lines) == 1
   assert len(lines) == 2 * (1 + len(science.ADAPT_MODES))
