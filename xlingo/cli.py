@@ -184,14 +184,12 @@ def import_tensorflow_quietly() -> None:
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
   if "seqio" in sys.modules:
     return
-  import jax
 
   # JAX takes the accelerator before TensorFlow's import can look for one, and the TPU
   # variables that import sets for its own runtime (TPU_SKIP_MDS_QUERY=1, TPU_LIBRARY_PATH,
   # ...) are taken back: on a TPU VM they would stop libtpu from reading the slice's workers
-  # from the metadata server, and on a CPU machine with libtpu installed they made every run
-  # start with libtpu's complaints about unknown worker hostnames.
-  jax.devices()
+  # from the metadata server.
+  _start_jax_backends()
   before = {k: v for k, v in os.environ.items() if k.startswith(TF_TAKES_BACK)}
   with native_stderr_silenced():
     import seqio  # noqa: F401
@@ -200,6 +198,26 @@ def import_tensorflow_quietly() -> None:
     if k not in before:
       del os.environ[k]
   os.environ.update(before)
+
+
+# Device files of TPU chips (/dev/accel* on v4 and older, VFIO on v5e and later), NVIDIA and
+# AMD GPUs: where none exists, JAX can only run on the CPU.
+ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def _start_jax_backends() -> None:
+  """Initialise JAX's backends. On a machine with no accelerator, libtpu (installed with the
+  test and tpu extras) still tries to start and prints five lines about unknown TPU workers;
+  there its native output is silenced, since nothing but the CPU can come of it."""
+  import glob
+
+  import jax
+
+  if os.environ.get("JAX_PLATFORMS") or any(glob.glob(p) for p in ACCELERATOR_FILES):
+    jax.devices()
+    return
+  with native_stderr_silenced():
+    jax.devices()
 
 
 def run_body(body) -> None:

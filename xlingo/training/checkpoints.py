@@ -108,6 +108,21 @@ class DataIteratorRestore(ocp.args.CheckpointArgs):
 # --- manager ----------------------------------------------------------------------------------
 
 
+def _register_array_handler_without_replica_parallel() -> None:
+  """Orbax's jax.Array handler without replica-parallel saving (CPU), registered once and
+  without the absl warning Orbax logs for every override."""
+  import orbax.checkpoint as ocp
+  from absl import logging as absl_logging
+
+  verbosity = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+  finally:
+    absl_logging.set_verbosity(verbosity)
+
+
 class Checkpoints:
   """A thin layer over ``ocp.CheckpointManager`` with xlingo's items and checks."""
 
@@ -126,8 +141,7 @@ class Checkpoints:
       # Replica-parallel saving slices each replicated array per replica, compiling one small
       # program per distinct shape (~9 s for a tiny model on 8 fake devices) for no gain on a
       # host whose devices share one disk.
-      ocp.type_handlers.register_type_handler(
-          jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+      _register_array_handler_without_replica_parallel()
     self.manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "data", "meta"))
     _quiet_disk_full_logs()
