@@ -59,8 +59,10 @@ def _init_from(name):
 
 def _adapt_mode(run):
   mode, lr = ADAPT_MODES[run]
+  extra = ["--config.adapt.adapter.per_language=True"] if run.startswith("adapter_lang") else []
   return lambda seed, root: [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
-                             f"--config.adapt.mode={mode}", f"--config.train.learning_rate={lr}"]
+                             f"--config.adapt.mode={mode}", f"--config.train.learning_rate={lr}",
+                             *extra]
 
 
 def _wd(root, name, seed):
@@ -72,7 +74,9 @@ def _wd(root, name, seed):
 ADAPT_MODES = {"full": ("full", "1e-3"), "lora": ("lora", "3e-3"), "adapter": ("adapter", "3e-3"),
                "prefix": ("prefix", "3e-3"), "lang_emb": ("lang_emb", "1e-2"),
                "lora_hi": ("lora", "1e-2"), "adapter_hi": ("adapter", "1e-2"),
-               "prefix_hi": ("prefix", "3e-2"), "lang_emb_hi": ("lang_emb", "1e-1")}
+               "prefix_hi": ("prefix", "3e-2"), "lang_emb_hi": ("lang_emb", "1e-1"),
+               # one adapter per language (adapt.adapter.per_language): German's alone trains
+               "adapter_lang": ("adapter", "1e-2")}
 
 
 def _runs() -> dict[str, Run]:
@@ -421,7 +425,8 @@ def adaptation_tables(root, seeds) -> str:
     n = f"adapt_{m}"
     rep = report(_wd(root, n, seeds[0]))
     rows.append([
-        *ADAPT_MODES[m], f"{rep['trained_params']:,}",
+        m.replace("_hi", "").replace("adapter_lang", "adapter, per language"), ADAPT_MODES[m][1],
+        f"{rep['trained_params']:,}",
         ms(over_seeds(root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["de"]["after"])),
         ms(over_seeds(root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["de"]["change"])),
         ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(

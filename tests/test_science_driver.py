@@ -41,6 +41,9 @@ def test_dry_run_orders_dependencies_first_and_seeds_every_run(tmp_path, capsys)
   assert "--config.train.seed=4" in lora and "--config.data.seed=4" in lora
   assert f"--config.checkpoint.init_from={tmp_path}/pre6m/s4" in lora
   assert "--config.adapt.mode=lora" in lora and "--config.train.learning_rate=3e-3" in lora
+  per_language = next(x for x in lines if "adapt_adapter_lang/s3" in x)
+  assert "--config.adapt.adapter.per_language=True" in per_language
+  assert "per_language" not in next(x for x in lines if "adapt_adapter/s3" in x)
   # Each run once per seed, however many runs need it.
   assert sum(f"--workdir={tmp_path}/pre6m/s3 " in x for x in lines) == 1
   assert len(lines) == 2 * (1 + len(science.ADAPT_MODES))
