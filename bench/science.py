@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -192,6 +193,7 @@ def ensure(name: str, seed: int, root: str, dry_run: bool) -> None:
 # --- reading results ------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # the tables read each finished run's files many times
 def _rows(wd):
   with open(os.path.join(wd, "metrics.jsonl")) as f:
     return [json.loads(line) for line in f if line.strip()]
@@ -199,10 +201,6 @@ def _rows(wd):
 
 def final_val(wd) -> dict:
   return [r for r in _rows(wd) if any(k.startswith("val/bpb/") for k in r)][-1]
-
-
-def first_val(wd) -> dict:
-  return [r for r in _rows(wd) if any(k.startswith("val/bpb/") for k in r)][0]
 
 
 def last_train(wd) -> dict:
@@ -219,6 +217,7 @@ def wall(wd) -> float:
     return json.load(f)["wall_s"]
 
 
+@functools.lru_cache(maxsize=None)
 def report(wd) -> dict:
   with open(os.path.join(wd, "adapt_report.json")) as f:
     return json.load(f)

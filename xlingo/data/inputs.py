@@ -216,7 +216,7 @@ def local_batch_size(global_batch: int) -> int:
   return global_batch // n
 
 
-class RowSlice:
+class RowSlice(iterator.Wrapped):
   """This process's rows of a global batch that every process packs identically.
 
   Used when a source cannot be split among processes (a line task with fewer files than
@@ -231,31 +231,11 @@ class RowSlice:
   replicated = True
 
   def __init__(self, it: iterator.PackedIterator, lo: int, hi: int):
-    self.it, self.lo, self.hi = it, lo, hi
-
-  def __iter__(self):
-    return self
+    super().__init__(it)
+    self.lo, self.hi = lo, hi
 
   def __next__(self) -> dict:
-    return {k: v[self.lo:self.hi] for k, v in next(self.it).items()}
-
-  @property
-  def batches(self) -> int:
-    return self.it.batches
-
-  @property
-  def counters(self) -> dict:
-    return self.it.counters
-
-  @counters.setter
-  def counters(self, value: dict) -> None:
-    self.it.counters = value
-
-  def save(self, directory: str) -> None:
-    self.it.save(directory)
-
-  def restore(self, directory: str) -> None:
-    self.it.restore(directory)
+    return {k: v[self.lo:self.hi] for k, v in next(self.inner).items()}
 
 
 def _packed(plan: InputPlan, names: list[str], split: str, global_batch: int, packing: str,

@@ -157,6 +157,36 @@ def _halt_all():
     bg.halt()
 
 
+class Wrapped:
+  """A batch iterator built on another (``inner``) that changes only what ``__next__`` yields:
+  the batch count, the token counters and the saved state are the inner iterator's."""
+
+  def __init__(self, inner):
+    self.inner = inner
+
+  def __iter__(self):
+    return self
+
+  @property
+  def batches(self) -> int:
+    return self.inner.batches
+
+  @property
+  def counters(self) -> dict:
+    """The inner iterator's saved counters (tokens per language: the loop's TokenCounter)."""
+    return self.inner.counters
+
+  @counters.setter
+  def counters(self, value: dict) -> None:
+    self.inner.counters = value
+
+  def save(self, directory: str) -> None:
+    self.inner.save(directory)
+
+  def restore(self, directory: str) -> None:
+    self.inner.restore(directory)
+
+
 class PackedIterator:
   """Iterates packed [batch, seq_len] batches from a reader; its state can be saved.
 

@@ -23,7 +23,7 @@ import zlib
 import numpy as np
 
 from xlingo import paths
-from xlingo.data import readers, tasks
+from xlingo.data import iterator, readers, tasks
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import DataError
 
@@ -120,42 +120,27 @@ class PairStream:
     return True
 
 
-class WithPairs:
+class WithPairs(iterator.Wrapped):
   """The LM iterator with the pair stream's features added to each of its batches."""
 
   def __init__(self, lm, pairs: PairStream, summary: str = ""):
-    self.lm, self.pairs, self.summary = lm, pairs, summary
+    super().__init__(lm)
+    self.pairs, self.summary = pairs, summary
     # The checkpoint restores a replicated state under another process count; both streams
     # must be replicated for that (the pair stream always is).
     self.replicated = bool(getattr(lm, "replicated", False))
 
-  def __iter__(self):
-    return self
-
   def __next__(self) -> dict:
-    batch = dict(next(self.lm))
+    batch = dict(next(self.inner))
     batch.update(next(self.pairs))
     return batch
 
-  @property
-  def batches(self) -> int:
-    return self.lm.batches
-
-  @property
-  def counters(self) -> dict:
-    """The LM iterator's saved counters (tokens per language: the loop's TokenCounter)."""
-    return self.lm.counters
-
-  @counters.setter
-  def counters(self, value: dict) -> None:
-    self.lm.counters = value
-
   def save(self, directory: str) -> None:
-    self.lm.save(directory)
+    super().save(directory)
     paths.write_text(paths.join(directory, STATE_FILE), json.dumps(self.pairs.state()))
 
   def restore(self, directory: str) -> None:
-    self.lm.restore(directory)
+    super().restore(directory)
     path = paths.join(directory, STATE_FILE)
     state = json.loads(paths.read_text(path)) if paths.exists(path) else None
     if state is None or not self.pairs.load_state(state):
