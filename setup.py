@@ -28,6 +28,11 @@ INSTALL_REQUIRES = [
     # together: newer gcsfs releases hang in Orbax's manager under the GCS emulator (NOTES.md).
     "gcsfs==2025.3.2",
     "fsspec==2025.3.2",
+    # Hugging Face interop (xlingo/hf, byte-level BPE vocabularies): tokenizer.json through the
+    # tokenizers library, weights through safetensors, llama.cpp's GGUF files through gguf.
+    "tokenizers==0.23.3",
+    "safetensors==0.8.0",
+    "gguf==0.19.0",
 ]
 
 EXTRAS = {
@@ -50,7 +55,10 @@ setuptools.setup(
     description="Cross-lingual language-model training in JAX/Flax, TPU first.",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["xlingo", "xlingo.*", "data_tasks", "configs"]),
+    # Namespace discovery: the corpus folders (data, no __init__.py) are packages of their own to
+    # setuptools, and listing them keeps its build free of "absent from packages" warnings.
+    packages=setuptools.find_namespace_packages(
+        include=["xlingo", "xlingo.*", "data_tasks", "configs", "configs.*"]),
     package_data={"xlingo": ["data/corpus/**/*", "data/corpus/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
