@@ -21,7 +21,11 @@ ensure_venv() {
   if [[ ! -f "$stamp" ]] || [[ setup.py -nt "$stamp" ]]; then
     echo "[local.sh] installing xlingo and its pinned dependencies (first time: a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    # pip's own progress, one line a package (the download bars and "already satisfied" lines
+    # left out), so a first install of a few minutes is not minutes of silence.
+    "$VENV/bin/python" -m pip install -e ".[test]" 2>&1 \
+      | { grep --line-buffered -E "^(Collecting|Installing collected|Successfully installed|ERROR)" \
+          || true; } | sed -u 's/^/[local.sh]   /'
     touch "$stamp"
   fi
 }
