@@ -4,6 +4,7 @@
 #   ./launch/local.sh demo        train configs/small.py on the embedded corpus (CPU, minutes)
 #   ./launch/local.sh test        the test suite (8 fake CPU devices)
 #   ./launch/local.sh test-fast   the fast subset (no end-to-end runs)
+#   ./launch/local.sh gcs         a local GCS API to try gs:// workdirs (docs/TPU.md)
 # Extra arguments go to the demo's trainer or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +47,12 @@ case "$cmd" in
     ensure_venv
     exec "$VENV/bin/python" -m pytest -q -m "not slow" "$@"
     ;;
+  gcs)
+    ensure_venv
+    exec "$VENV/bin/python" launch/gcs_emulator.py "$@"
+    ;;
   *)
-    echo "usage: ./launch/local.sh demo|test|test-fast [args...]" >&2
+    echo "usage: ./launch/local.sh demo|test|test-fast|gcs [args...]" >&2
     exit 2
     ;;
 esac
