@@ -11,14 +11,18 @@ A config file is a Python module with ``get_config(arg=None) -> ConfigDict`` tha
 - ``checkpoint``: how often and how many to keep, and ``init_from``.
 
 The adaptation and distillation loops add their own sections (:func:`adapt_section`,
-:func:`distill_section`), which their configs attach.
+:func:`distill_section`), which their configs attach. Configs take the decoder's dimensions
+from :data:`MODEL_SIZES` (:func:`set_model_size`) and read their ``:arg`` with
+:func:`parse_arg`.
 """
 
 from __future__ import annotations
 
+import types
+
 import ml_collections
 
-from xlingo.errors import ConfigError  # noqa: F401 - the name config files use
+from xlingo.errors import ConfigError
 
 # The language table of the embedded corpus. A language's id is its index here; the model's
 # language-embedding table has one row per entry. Order is fixed: appending is safe, reordering
@@ -27,18 +31,94 @@ EMBEDDED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh")
 # The projection kernels LoRA adapts by default (attention and MLP, scanned or unrolled).
 LORA_TARGETS = r"attn/(query|key|value|out)$|mlp/(gate|up|down)$"
 
+# The decoder's dimensions by size name, smallest first (parameters at the shipped 8k
+# vocabulary): the configs name a size instead of writing the six numbers out.
+_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+MODEL_SIZES = {
+    name: dict(zip(_SHAPE_KEYS, dims)) for name, dims in {
+        "tiny": (64, 2, 4, 2, 16, 128),  # tests: compiles in seconds
+        "mini": (64, 2, 4, 4, 16, 256),  # 0.66 M, the distillation student
+        "small": (128, 4, 4, 4, 32, 512),  # 2.1 M, the experiments and distillation teacher
+        "base": (256, 4, 4, 4, 64, 1024),  # ~6 M, base_config's and the adaptation runs'
+        "large": (512, 4, 8, 8, 64, 2048),  # ~21 M, the CPU demo (configs/small.py)
+        "1b": (2048, 18, 16, 16, 128, 5632),
+        "8b": (4096, 32, 32, 8, 128, 16384),  # grouped-query attention: 8 KV heads
+    }.items()
+}
+
+
+def set_model_size(model: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """Sets ``model``'s dimensions to :data:`MODEL_SIZES` ``[size]``; returns ``model``."""
+  if size not in MODEL_SIZES:
+    raise ConfigError(f"model size {size!r} is unknown; use one of {', '.join(MODEL_SIZES)}")
+  model.update(MODEL_SIZES[size])
+  return model
+
+
+def parse_arg(arg, where: str, **spec) -> types.SimpleNamespace:
+  """A config file's ``:arg`` -> its named values (big_vision's ``parse_arg``, positional).
+
+  ``arg`` is ``V1,V2,...`` in the order of ``spec``'s keys; a value left out (or no arg at all)
+  takes its default. Each spec says how to read its value: a float reads a number; a str is
+  any string; a tuple lists the choices, its first the default, where a float element stands
+  for any number and ``""`` for "no argument". Anything else is one ConfigError that names
+  ``where`` (the config file) and the accepted form.
+  """
+  given = [p.strip() for p in str(arg).split(",")] if arg else []
+  if len(given) > max(len(spec), 1):
+    raise ConfigError(f"{where}:{arg}: {len(given)} values; {_form(where, spec)}")
+  out = {}
+  for i, (name, kind) in enumerate(spec.items()):
+    default = kind[0] if isinstance(kind, tuple) else kind
+    value = given[i] if i < len(given) and given[i] else default
+    if not isinstance(kind, tuple):
+      out[name] = _number(value, where, arg, name, spec) if isinstance(kind, float) else value
+    elif value in kind:
+      out[name] = value
+    elif any(isinstance(k, float) for k in kind) and _is_number(value):
+      out[name] = float(value)
+    elif len(spec) == 1:
+      raise ConfigError(f"{where}:{arg}: use {_alternatives(kind)}")
+    else:
+      raise ConfigError(f"{where}:{arg}: {name} {value!r} is not {_alternatives(kind)}; "
+                        f"{_form(where, spec)}")
+  return types.SimpleNamespace(**out)
+
+
+def _is_number(value) -> bool:
+  try:
+    float(value)
+  except ValueError:
+    return False
+  return True
+
+
+def _number(value, where, arg, name, spec) -> float:
+  if not _is_number(value):
+    raise ConfigError(f"{where}:{arg}: {name} {value!r} is not a number; {_form(where, spec)}")
+  return float(value)
+
+
+def _alternatives(kind: tuple) -> str:
+  words = ["no argument" if k == "" else "a number" if isinstance(k, float) else repr(k)
+           for k in kind]
+  return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _form(where: str, spec: dict) -> str:
+  names = [n.upper() for n in spec]
+  optional = "".join(f"[,{n}" for n in names[1:]) + "]" * (len(names) - 1)
+  return f"the form is {where}:{names[0]}{optional}" if names else f"{where} takes no argument"
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
 
   c.model = ml_collections.ConfigDict()
   c.model.vocab_size = 8192
-  c.model.d_model = 256
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4  # < num_heads gives grouped-query attention
-  c.model.head_dim = 64
-  c.model.mlp_dim = 1024
+  # d_model, num_layers, num_heads, num_kv_heads (< num_heads: grouped-query attention),
+  # head_dim, mlp_dim: the "base" size
+  set_model_size(c.model, "base")
   c.model.max_len = 256
   c.model.dropout_rate = 0.0
   c.model.use_lang_emb = True
