@@ -304,7 +304,8 @@ def generation_follows_lang(wd: str, config_arg: str, lid: CharTrigramLID, sampl
   """Share of samples generated from BOS with ``--lang L`` (every L) that the character
   classifier assigns to L: how well the model's output follows the requested language."""
   from configs.experiments import lang_emb
-  from xlingo import generate, load
+  from xlingo import generate
+  from xlingo.training import load
 
   config = lang_emb.get_config(config_arg)
   lm = load.load_model(config, wd)

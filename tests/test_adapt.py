@@ -20,11 +20,11 @@ from xlingo.data import inputs, packing, vocab_extend
 from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
-from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import loop, step
 from xlingo.training import restore as restore_lib
+from xlingo.training.load import load_model
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 

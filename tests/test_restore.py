@@ -20,14 +20,14 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny
-from xlingo import adapt, cli, evaluate, generate, load, sharding, train
+from xlingo import adapt, cli, evaluate, generate, sharding, train
 from xlingo.errors import CheckpointError
-from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import loop
+from xlingo.training import load, loop
 from xlingo.training import state as state_lib
+from xlingo.training.load import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "xlingo", "data", "corpus", "mono")

@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from xlingo import cli, evaluate, load, paths, sharding
+from xlingo import cli, evaluate, paths, sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import metrics, step
+from xlingo.training import load, metrics, step
 from xlingo.training import state as state_lib
 
 MODES = ("full", "freeze", "lora", "adapter", "prefix", "lang_emb")

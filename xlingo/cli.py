@@ -133,7 +133,7 @@ def run_main(argv, doc: str, body) -> None:
   SIGTERM and SIGINT are stop requests from here on (before the slow imports, the compile and
   the restore), so a signal at any point ends in a clean stop, never an exit 143.
   """
-  from xlingo.training import preemption
+  from xlingo import preemption
 
   with preemption.handling():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -84,7 +84,7 @@ def _before_after(workdir: str, config) -> None:
 
 def _samples(workdir: str, config) -> None:
   from xlingo import generate
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   lm = load_model(config, workdir)
   langs = [lang for lang in SAMPLE_PROMPTS if lang in lm.table.codes]

@@ -94,7 +94,7 @@ def restore_teacher(config, mesh, rules, param_dtype: str | None = None):
   """The teacher (a ``load.LoadedModel``), its params placed in its own shardings on the
   student's mesh; a teacher workdir whose latest checkpoint is unreadable falls back to the
   previous one."""
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   def model_config(meta, step_dir):
     tm = teacher_model_config(config, meta, step_dir)

@@ -12,7 +12,7 @@ sentence of the validation pairs in the target language (the source tokens carry
 language id, as in the conditional training tasks) and scores the outputs with sacrebleu
 (``score_translations``, the one scorer: BLEU tokenised with ``13a``, ``zh`` for Chinese and
 ``ja-mecab`` for Japanese, and chrF, each written with its sacrebleu signature).
-Checkpoints are loaded with ``xlingo.load.load_model`` (no training plan, no optimizer: the
+Checkpoints are loaded with ``xlingo.training.load.load_model`` (no training plan, no optimizer: the
 model, language table and vocabulary come from the checkpoint); a workdir whose latest
 checkpoint is unreadable falls back to the previous one. ``--output`` is checked before the
 evaluation and the table is printed before it is written (and the JSON, if writing fails).
@@ -173,7 +173,7 @@ def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
                         max_examples: int = 50, mesh=None, rules=None,
                         what: str = "--workdir") -> dict:
   """Everything for one checkpoint: {"path", "step", "languages", "metrics", "translation"}."""
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   lm = load_model(config, path, what=what, mesh=mesh, rules=rules)
   result = {"path": lm.step_dir, "step": lm.step, "languages": list(lm.table.codes),
@@ -268,7 +268,7 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it.
 
   ``output`` is checked before anything is evaluated. No training plan is built: each
-  checkpoint is loaded with ``xlingo.load.load_model``.
+  checkpoint is loaded with ``xlingo.training.load.load_model``.
   """
   from xlingo import sharding
 

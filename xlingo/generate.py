@@ -285,7 +285,7 @@ def main(argv=None):
   cli.maybe_initialize_distributed()
 
   def body():
-    from xlingo.load import load_model
+    from xlingo.training.load import load_model
 
     prompts = read_prompts(fl.prompt, fl.prompts_file)
     lm = load_model(config, fl.checkpoint or fl.workdir,

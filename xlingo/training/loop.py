@@ -20,14 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlingo import load, paths, sharding
+from xlingo import paths, preemption, sharding
 from xlingo.data import inputs, iterator, pairs
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import contrastive, metrics, preemption
+from xlingo.training import contrastive, load, metrics
 from xlingo.training import restore as restore_lib
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
@@ -179,7 +179,7 @@ def validate_config(config) -> None:
 
 @dataclasses.dataclass
 class Setup:
-  """What the loop builds before the first step (the tools load models with xlingo.load)."""
+  """What the loop builds before the first step (tools load models with training/load.py)."""
 
   config: Any
   mesh: Any
