@@ -22,7 +22,7 @@ from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import loop, step
+from xlingo.training import load, loop, step
 from xlingo.training import restore as restore_lib
 from xlingo.training.load import load_model
 
@@ -58,8 +58,8 @@ def _adapt_config(init_from: str, **adapt_kw):
 
 def _params(workdir, config):
   s = loop.build(config)
-  return restore_lib.restore_params(os.path.join(workdir, "checkpoints"),
-                                    s.factory.abstract_with_shardings().params)
+  return load.restore_params(os.path.join(workdir, "checkpoints"),
+                             s.factory.abstract_with_shardings().params)
 
 
 def _flat(tree):

@@ -15,8 +15,7 @@ from configs import distill_tiny, tiny
 from xlingo import distill
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
-from xlingo.training import losses
-from xlingo.training import restore as restore_lib
+from xlingo.training import load, losses
 from xlingo.training.step import StepContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -189,7 +188,7 @@ def test_config_errors(teacher_dir):
   with pytest.raises(ConfigError, match="num_layers=1"):
     distill.check_distill_config(c)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
-    restore_lib.step_dirs(os.path.dirname(teacher_dir), distill.TEACHER)
+    load.step_dirs(os.path.dirname(teacher_dir), distill.TEACHER)
 
 
 @pytest.mark.slow

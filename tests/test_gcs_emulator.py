@@ -214,7 +214,9 @@ def test_adapt_init_from_bucket_with_vocab_in_bucket(gs_run, gcs_emulator, cache
   assert f"initialised parameters from {gs_run['gs']}" in p.stdout
   names = paths.listdir(wd)
   assert {"checkpoints", "metrics.jsonl", "adapt_report.json", "best"} <= set(names), names
-  assert paths.read_text(paths.join(wd, "best", "step")).strip() == "2"
+  # best/ records its step in its metadata, like every step directory
+  best_meta = json.loads(paths.read_text(paths.join(wd, "best", "meta", "metadata")))
+  assert best_meta["step"] == 2
   meta = json.loads(paths.read_text(paths.join(wd, "checkpoints", "2", "meta", "metadata")))
   assert meta["vocab_sha1"] == hashlib.sha1(paths.read_bytes(vocab)).hexdigest()
   assert not any(n.startswith("gs:") for n in os.listdir(tmp_path))

@@ -35,7 +35,7 @@ from xlingo import cli, evaluate, paths, sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import load, metrics, step
+from xlingo.training import layout, load, metrics, step
 from xlingo.training import state as state_lib
 
 MODES = ("full", "freeze", "lora", "adapter", "prefix", "lang_emb")
@@ -181,7 +181,7 @@ def make_objective(config):
 
 def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
   """Before (step 0) / after (last evaluation) validation bpb per language, from metrics.jsonl."""
-  rows = [r for r in metrics.read_jsonl(paths.join(workdir, "metrics.jsonl"))
+  rows = [r for r in metrics.read_jsonl(paths.join(workdir, layout.METRICS))
           if any(k.startswith("val/bpb/") for k in r)]
   if not rows:
     return "", {}
@@ -244,7 +244,7 @@ def run(config, workdir: str) -> dict:
             "best_step": stopper.best_step, "translation": {}, **parameter_counts(config)}
   want_bleu = bool(config.data.translation_pairs) and config.adapt.bleu_examples > 0
   if (want_bleu or config.adapt.export_merged) and paths.isdir(
-      paths.join(workdir, "checkpoints")):
+      paths.join(workdir, layout.CHECKPOINTS)):
     # The run's last parameters, loaded as every tool loads them (no training plan, no
     # optimizer), and those it started from.
     after = load.load_model(config, workdir)
@@ -262,7 +262,7 @@ def run(config, workdir: str) -> dict:
       path = load.export_merged(after, config.adapt.export_merged)
       metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
   if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, "adapt_report.json"),
+    paths.write_text(paths.join(workdir, layout.report_name("adapt")),
                      json.dumps(report, indent=1, default=float))
   return report
 

@@ -62,16 +62,16 @@ def _root() -> str:
 
 
 def _finished(workdir: str, steps: int) -> bool:
-  from xlingo.training import metrics
+  from xlingo.training import layout, metrics
 
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = metrics.read_jsonl(os.path.join(workdir, layout.METRICS))
   return any(r["step"] == steps and "val/bpb" in r for r in rows)
 
 
 def _before_after(workdir: str, config) -> None:
-  from xlingo.training import metrics
+  from xlingo.training import layout, metrics
 
-  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "val/bpb" in r]
+  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, layout.METRICS)) if "val/bpb" in r]
   first, last = rows[0], rows[-1]
   print(f"\nvalidation bits per byte, step {first['step']} -> step {last['step']}:")
   print(f"  {'lang':<6}{'before':>9}{'after':>9}{'change':>9}")

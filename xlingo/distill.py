@@ -45,11 +45,12 @@ def teacher_model_config(config, meta: dict | None = None,
                          step_dir: str | None = None) -> ml_collections.ConfigDict:
   """The teacher's model section, checked against its checkpoint's metadata (by default the
   newest checkpoint whose metadata reads) and against the student."""
+  from xlingo.training import load
   from xlingo.training import restore as restore_lib
 
   d = config.distill
   if meta is None:
-    step_dir, meta = restore_lib.newest_meta(d.teacher_workdir, TEACHER)
+    step_dir, meta = load.newest_meta(d.teacher_workdir, TEACHER)
   tm = ml_collections.ConfigDict(d.teacher_model.to_dict())
   fingerprint = restore_lib.model_fingerprint(config)
   shape_keys = [k for k in restore_lib.MODEL_KEYS if k in config.model]

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from xlingo import paths, sharding
@@ -34,6 +33,8 @@ from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
+from xlingo.training import checkpoints as ckpt_lib
+from xlingo.training import layout
 from xlingo.training import restore as restore_lib
 
 
@@ -74,7 +75,7 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
       efficient parts come from the metadata. ``"config"`` (``init_from``): the model is
       ``config.model`` with ``config.adapt``'s parts, the table ``config.data.languages`` and
       the vocabulary ``data.vocab_path``; they may extend the checkpoint's (appended
-      languages, an extended vocabulary, adapters it lacks: ``restore.load_params``), new
+      languages, an extended vocabulary, adapters it lacks: ``load_params``), new
       parameters starting fresh from ``train.seed`` exactly as a run from it starts them, and a
       checkpoint's LoRA factors are merged when the config's model has none.
     model_config: ``(meta, step_dir) -> model section`` instead of either (a teacher's).
@@ -110,7 +111,7 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
       return jax.jit(pick, out_shardings={k: shardings[k] for k in keys})(
           jax.random.PRNGKey(config.train.seed))
 
-  r = restore_lib.load_params(checkpoint, abstract_for, config if grow else None,
+  r = load_params(checkpoint, abstract_for, config if grow else None,
                               init_fresh if grow else None, what=what)
   cfg, model, params = built["cfg"], built["model"], r.params
   if built["spec"] != built["want"]:  # a LoRA checkpoint, and a model without LoRA
@@ -156,12 +157,7 @@ def export_merged(lm: LoadedModel, out_dir: str) -> str:
                       "into; evaluate and generate load the adaptation workdir itself")
   params = lm.params if spec is None else jax.jit(
       functools.partial(peft.merge_lora, spec=spec))(lm.params)
-  out_dir = paths.resolve(out_dir)
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  ckptr.save(paths.as_path(out_dir), args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"params": params}),
-      meta=ocp.args.JsonSave(restore_lib.export_meta(lm.config, lm.step))), force=True)
-  return out_dir
+  return ckpt_lib.export_params(out_dir, params, lm.config, lm.step)
 
 
 def _config_for(config, meta: dict, step_dir: str, model_from: str, model_config):
@@ -200,3 +196,215 @@ def _vocabulary(cfg, meta: dict, where: str):
   raise CheckpointError(f"{where} was trained with {trained} (SentencePiece SHA-1 {want[:12]}), "
                         "which is not on this machine; copy it here and pass "
                         "--config.data.vocab_path=COPY")
+
+
+# --- the one restore of parameters ---------------------------------------------------------
+
+
+def _named(what: str, path: str) -> str:
+  return f"{what} {path!r}" if what.startswith("--") else f"{what}={path!r}"
+
+
+def step_dirs(path: str, what: str) -> list[tuple[int | None, str]]:
+  """(step, step directory) that ``path`` names, newest first: itself when it is one (a run's
+  step, ``best/``, a merged export), else the finalized steps of a workdir (or of its
+  ``checkpoints/``). ``what`` is the flag or config key that gave ``path``, for the messages."""
+  if not path:
+    raise ConfigError(f"{what} is empty; give a workdir or a checkpoint step directory")
+  path = paths.resolve(path)
+  if paths.isdir(paths.join(path, "state")):
+    return [(_step_of(path), path)]
+  ck = paths.join(path, layout.CHECKPOINTS)
+  ck = ck if paths.isdir(ck) else path
+  if not paths.isdir(ck):
+    raise ConfigError(f"{_named(what, path)} does not exist; give a workdir or a checkpoint "
+                      "step directory")
+  steps = sorted((s for s in ckpt_lib.step_numbers(ck) if paths.isdir(paths.join(ck, str(s)))),
+                 reverse=True)
+  if not steps:
+    aside = [n for n in paths.listdir(ck) if ".unreadable-" in n]
+    note = f" (only checkpoints set aside as unreadable: {', '.join(aside[:3])})" if aside else ""
+    raise ConfigError(f"{_named(what, path)} holds no checkpoint{note}; train first "
+                      "(python -m xlingo.train ...) or give a checkpoint step directory")
+  return [(s, paths.join(ck, str(s))) for s in steps]
+
+
+def _step_of(step_dir: str) -> int | None:
+  """A step directory's step: its name, else its metadata's (``best/``, an export)."""
+  name = paths.basename(step_dir)
+  if name.isdigit():
+    return int(name)
+  try:
+    step = restore_lib.read_meta(step_dir).get("step")
+  except restore_lib.Unreadable:
+    return None
+  return int(step) if isinstance(step, int) else None
+
+
+def newest_meta(path: str, what: str) -> tuple[str, dict]:
+  """(step directory, metadata) of the newest checkpoint ``path`` names whose metadata reads."""
+  for _, step_dir in step_dirs(path, what):
+    try:
+      return step_dir, restore_lib.read_meta(step_dir)
+    except restore_lib.Unreadable as e:
+      print(f"xlingo: checkpoint {step_dir} is unreadable ({e}); trying the previous one",
+            flush=True)
+  raise CheckpointError(f"{_named(what, path)}: no checkpoint with readable metadata; give "
+                        "another checkpoint")
+
+
+def _workdir_meta(step_dir: str) -> dict:
+  """For a step directory without metadata inside a workdir (``WORKDIR/best``): the model
+  and settings of the workdir's newest readable checkpoint (not its step)."""
+  parent = paths.dirname(step_dir)
+  try:
+    candidates = step_dirs(parent, "the workdir") if paths.isdir(
+        paths.join(parent, layout.CHECKPOINTS)) else []
+  except ConfigError:  # no checkpoint beside it
+    candidates = []
+  for _, d in candidates:
+    try:
+      return {k: v for k, v in restore_lib.read_meta(d).items() if k not in ("step", "restore_step")}
+    except restore_lib.Unreadable:
+      continue
+  return {}
+
+
+@dataclasses.dataclass
+class Restored:
+  params: Any
+  step: int | None
+  step_dir: str
+  meta: dict
+
+
+def restore_params(path: str, abstract_params, config=None, init_fresh=None, *,
+                   what: str = "checkpoint.init_from"):
+  """Parameters only (``load_params``'s ``.params``)."""
+  return load_params(path, abstract_params, config, init_fresh, what=what).params
+
+
+def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
+                what: str = "checkpoint.init_from") -> Restored:
+  """Parameters from a workdir or a step directory: the one restore of parameters (init_from,
+  generate, evaluate, a teacher, adaptation's report, ``best/``, a merged export).
+
+  ``abstract_params`` is the target tree, or a function ``(step_dir, meta, saved shapes) ->
+  tree`` for a caller that builds its model from the checkpoint. A workdir's newest readable
+  checkpoint is used: one whose bytes cannot be read is reported and the previous one is tried
+  (and left as it is: a tool does not rename another run's files). With ``config``
+  (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
+  ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
+  ``data.vocab_path`` may extend its vocabulary (``vocab_extension``), and the target may hold
+  parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
+  ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
+  languages' rows and the new parameter-efficient ones; everything else is loaded.
+  """
+  candidates = step_dirs(path, what)
+  for i, (step, step_dir) in enumerate(candidates):
+    try:
+      meta = restore_lib.read_meta(step_dir) or _workdir_meta(step_dir)
+      saved = {k[len("params/"):]: v for k, v in ckpt_lib.saved_shapes(paths.join(step_dir, "state")).items()
+               if k.startswith("params/")}
+      abstract = (abstract_params(step_dir, meta, saved) if callable(abstract_params)
+                  else abstract_params)
+      sources = None
+      if config is not None and meta:
+        sources = restore_lib.check_init_from_meta(meta, config, f"{what} {step_dir}")
+      params = _restore_params_at(step_dir, abstract, saved, meta, init_fresh, what, sources)
+    except restore_lib.Unreadable as e:
+      if i + 1 == len(candidates):
+        older = "" if len(candidates) == 1 else " (and no older checkpoint reads)"
+        raise CheckpointError(f"{_named(what, path)}: {step_dir} is unreadable ({e}){older}; give "
+                              "another checkpoint") from None
+      print(f"xlingo: checkpoint {step_dir} is unreadable ({e}); using {candidates[i + 1][1]} "
+            "instead (left as it is)", flush=True)
+      continue
+    return Restored(params, step if step is not None else meta.get("step"), step_dir, meta)
+  raise AssertionError("unreachable: step_dirs returns at least one candidate")
+
+
+def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, init_fresh,
+                       what: str, vocab_sources: dict | None = None):
+  where = f"{what} {step_dir}"
+  old_langs = meta.get("num_languages")
+  grow = {}  # name -> (axis, saved shape): new language rows
+  for name, axis in restore_lib.LANGUAGE_AXES.items():
+    if name in abstract_params and name in saved:
+      want, have = abstract_params[name].shape, saved[name]
+      if len(want) == len(have) and have[axis] < want[axis] and (
+          old_langs is None or have[axis] == old_langs):
+        grow[name] = (axis, have)
+  grow_vocab = {}  # name -> (axis, saved shape): new token rows / output columns
+  for name, axis in restore_lib.VOCAB_AXES.items():
+    if vocab_sources and name in abstract_params and name in saved:
+      want, have = abstract_params[name].shape, saved[name]
+      if len(want) == len(have) and have[axis] + len(vocab_sources) == want[axis]:
+        grow_vocab[name] = (axis, have)
+  for key, have in saved.items():
+    want = _get_path(abstract_params, key)
+    if (want is not None and key not in grow and key not in grow_vocab
+        and tuple(want.shape) != tuple(have)):
+      raise CheckpointError(
+          f"{where}: parameter {key} has shape {tuple(have)} in the checkpoint but "
+          f"{tuple(want.shape)} in this model; set model.* (or adapt.*) to match the checkpoint")
+  missing = [k for k in restore_lib.tree_shapes(abstract_params) if k not in saved]
+  fresh = [k for k in missing if peft.PEFT_PARAM.search(k)]
+  missing = [k for k in missing if k not in fresh]
+  if missing:
+    raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing[:3])}; check that "
+                          "model.* matches the checkpoint's model")
+  if (grow or fresh) and init_fresh is None:
+    raise CheckpointError(f"{where}: the checkpoint lacks {(list(grow) + fresh)[0]} (fewer "
+                          "languages, or no adapters) and no initialiser was given for it")
+  target = _without(abstract_params, set(grow) | set(grow_vocab) | set(fresh))
+  params = ckpt_lib.restore_tree(step_dir, {"params": target})["params"]
+  new = init_fresh(list(grow) + fresh) if (grow or fresh) else {}
+  for key in fresh:
+    params = _with(params, key, new[key])
+
+  def saved_part(name, have):
+    full = abstract_params[name]
+    sds = jax.ShapeDtypeStruct(have, full.dtype, sharding=full.sharding)
+    return ckpt_lib.restore_tree(step_dir, {"params": {name: sds}})["params"][name]
+
+  for name, (axis, have) in grow.items():
+    idx = [slice(None)] * len(have)
+    idx[axis] = slice(have[axis], None)
+    params[name] = jax.jit(lambda o, f, a=axis, i=tuple(idx): jax.numpy.concatenate(
+        [o, f[i]], axis=a), out_shardings=abstract_params[name].sharding)(
+            saved_part(name, have), new[name])
+  for name, (axis, have) in grow_vocab.items():
+    params[name] = restore_lib._grow_vocab(saved_part(name, have), vocab_sources, axis,
+                               abstract_params[name].sharding)
+  return params
+
+
+def _without(tree: dict, keys: set, prefix: str = "") -> dict:
+  """``tree`` less the leaves at ``keys`` ('a/b/c' paths), empty branches dropped."""
+  out = {}
+  for k, v in tree.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      sub = _without(v, keys, key + "/")
+      if sub:
+        out[k] = sub
+    elif key not in keys:
+      out[k] = v
+  return out
+
+
+def _with(tree: dict, key: str, value) -> dict:
+  """A copy of ``tree`` with ``value`` at the path ``key``."""
+  head, _, rest = key.partition("/")
+  out = dict(tree)
+  out[head] = _with(dict(out.get(head, {})), rest, value) if rest else value
+  return out
+
+
+def _get_path(tree, key: str):
+  for part in key.split("/"):
+    if not isinstance(tree, dict) or part not in tree:
+      return None
+    tree = tree[part]
+  return tree

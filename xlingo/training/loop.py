@@ -9,7 +9,6 @@ state, logging, evaluation, checkpoints, preemption) lives here once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -27,8 +26,7 @@ from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import contrastive, load, metrics
-from xlingo.training import restore as restore_lib
+from xlingo.training import contrastive, layout, load, metrics
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
@@ -264,7 +262,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
     state, start = restored
     delivered.restored()
     metrics.console(f"resumed from {ckpts.directory} step {start}")
-    metrics.truncate_jsonl_after(paths.join(workdir, "metrics.jsonl"), start)
+    metrics.truncate_jsonl_after(paths.join(workdir, layout.METRICS), start)
   elif config.checkpoint.init_from:
     params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
                              mesh=s.mesh, rules=s.rules, model_from="config").params
@@ -371,7 +369,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
         last.update(val)
         metrics.console(f"step {step:>6} | " + _val_summary(val, codes))
         if objective.on_eval is not None and objective.on_eval(step, val):
-          _save_best(workdir, config, state, step)
+          ckpt_lib.save_best(workdir, config, state, step)
         if objective.should_stop is not None and objective.should_stop() and not is_last:
           metrics.console(f"xlingo: {objective.name} stops early at step {step}")
           writer.flush()
@@ -434,38 +432,6 @@ def _first_nonfinite(flags) -> int | None:
     if int(jax.device_get(f)):
       return step
   return None
-
-
-def _save_best(workdir, config, state, step) -> None:
-  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous. The
-  new copy is complete in best.tmp before the old one goes, so a crash leaves one whole copy
-  (under best/ or best.tmp/); on gs:// the final rename is a copy, not atomic."""
-  import orbax.checkpoint as ocp
-
-  path = paths.join(paths.resolve(workdir), "best")
-  tmp = path + ".tmp"
-  leader = jax.process_index() == 0
-  if leader:
-    paths.rmtree(tmp)
-  _sync_hosts("xlingo_best_clear")
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(paths.join(tmp, "state"), state)
-  ckptr.wait_until_finished()
-  if leader:
-    paths.write_text(paths.join(tmp, "step"), str(step))
-    # The same metadata as a checkpoint's, so that tools load best/ on its own.
-    paths.write_text(paths.join(tmp, "meta", "metadata"),
-                     json.dumps(restore_lib.checkpoint_meta(config, step)))
-    paths.rmtree(path)
-    paths.rename(tmp, path)
-  _sync_hosts("xlingo_best_done")
-
-
-def _sync_hosts(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def _val_summary(val: dict, codes) -> str:
