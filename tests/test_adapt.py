@@ -14,7 +14,7 @@ from flax import linen as nn
 
 from configs import adapt_tiny, tiny
 from xlingo import adapt, evaluate, sharding
-from xlingo import generate as gen
+from xlingo import decode as gen
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
 from xlingo.data import inputs, packing, vocab_extend
 from xlingo.data import vocab as xvocab

@@ -405,7 +405,7 @@ def test_load_model_builds_the_adapted_model_and_reads_best_and_exports(tmp_path
   ckpts = ckpt_lib.Checkpoints(str(wd), c)
   ckpts.save(3, state, force=True)
   ckpts.close()
-  loop._save_best(str(wd), c, state, 3)
+  ckpt_lib.save_best(str(wd), c, state, 3)
 
   plain = tiny.get_config()
   x = np.arange(16, dtype=np.int32).reshape(2, 8) % 50

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from xlingo import cli, evaluate, paths, sharding
+from xlingo import cli, paths, scoring, sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
@@ -201,18 +201,18 @@ def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
 
 
 def translation_report(config, models: dict) -> dict:
-  """{pair: {name: evaluate.translate_scores(...)}} on the first ``adapt.bleu_examples``
+  """{pair: {name: scoring.translate_scores(...)}} on the first ``adapt.bleu_examples``
   validation pairs of each of ``data.translation_pairs`` that has some, for each loaded model
   in ``models`` (name -> ``load.LoadedModel``)."""
   out = {}
   for pair in config.data.translation_pairs or ():
-    examples = evaluate.validation_pairs(config, pair)
+    examples = scoring.validation_pairs(config, pair)
     if not examples:
       metrics.console(f"{pair}: no validation pairs here (the embedded corpus has en-X and "
                       "X-en), so no BLEU/chrF")
       continue
     src, tgt = pair.split("-")
-    out[pair] = {name: evaluate.translate_scores(
+    out[pair] = {name: scoring.translate_scores(
         lm, examples, src, tgt, max_examples=int(config.adapt.bleu_examples),
         max_new=int(config.adapt.max_decode_len)) for name, lm in models.items()}
   return out

@@ -83,7 +83,7 @@ def _before_after(workdir: str, config) -> None:
 
 
 def _samples(workdir: str, config) -> None:
-  from xlingo import generate
+  from xlingo import decode
   from xlingo.training.load import load_model
 
   lm = load_model(config, workdir)
@@ -92,7 +92,7 @@ def _samples(workdir: str, config) -> None:
   ids = [lm.table.id(lang) for lang in langs]
   vocab = lm.vocab
   prompt_ids = [list(vocab.encode(p)) for p in prompts]
-  outs = generate.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
+  outs = decode.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
                                temperature=0.7, top_k=40, seed=0)
   print("\nsamples (temperature 0.7, top-k 40), language chosen by the language embedding:")
   for lang, p_ids, out in zip(langs, prompt_ids, outs, strict=True):
