@@ -174,7 +174,7 @@ def check_distill_config(config) -> None:
   if not 0 <= d.top_k <= config.model.vocab_size:
     raise ConfigError(f"distill.top_k={d.top_k} must be in [0, vocab_size]; 0 = full KL")
   t = config.train
-  if t.get("loss_weights") or t.get("main_language") or t.contrastive.weight:
+  if t.loss_weights or t.main_language or t.contrastive.weight:
     raise ConfigError("distillation's loss takes no train.loss_weights, train.main_language or "
                       "train.contrastive.weight (they belong to the LM loss of xlingo.train and "
                       "xlingo.adapt); leave them unset")

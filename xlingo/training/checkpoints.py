@@ -230,7 +230,7 @@ class Checkpoints:
     nothing. With only set-aside checkpoints left the run refuses instead of starting over.
     """
     steps = self.all_steps()
-    want = int(self.config.checkpoint.get("restore_step", 0) or 0)
+    want = int(self.config.checkpoint.restore_step)
     if want and steps and not self._continues_branch(steps, want):
       return self._restore_named(want, steps, abstract_state, iterator)
     for step in reversed(steps):

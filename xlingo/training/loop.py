@@ -164,7 +164,7 @@ def validate_config(config) -> None:
   if c.keep < 1:
     raise ConfigError(f"checkpoint.keep={c.keep} must be >= 1 (the checkpoints kept; the newest "
                       "is always among them)")
-  if c.get("restore_step", 0) < 0:
+  if c.restore_step < 0:
     raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be >= 0 (0: the latest)")
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.batch_size={t.batch_size} does not divide into "
