@@ -233,6 +233,7 @@ def run(config, workdir: str) -> dict:
   # is reported before that import.
   from xlingo.training import loop
 
+  loop.adopt_init_from_model(config)  # before the objective is built from the config
   resolve_config(config)
   objective, stopper = make_objective(config)
   last = loop.run(config, workdir, objective)

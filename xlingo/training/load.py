@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import linen as nn
 
+from xlingo import config as xconfig
 from xlingo import paths, sharding
 from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
@@ -127,6 +128,32 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
   return LoadedModel(config=cfg, model=model, params=params, vocab=vocab, vocab_path=path,
                      table=LanguageTable(cfg.data.languages), mesh=mesh, rules=rules,
                      step=r.step, step_dir=r.step_dir, meta=r.meta)
+
+
+def adopt_init_from_model(config) -> list[str]:
+  """Takes the model's shape from ``checkpoint.init_from``'s metadata, as the tools take it
+  from a checkpoint (in place, before the run builds its model); returns the keys taken.
+
+  The rule: a shape key the config leaves at ``base_config``'s value says nothing, so the
+  checkpoint's value is taken (a run pretrained with ``model.lid_head=True`` adapts with
+  configs/adapt_tiny.py as it is); a key the config file or the command line set to something
+  else is meant, and a checkpoint that disagrees stays the one-line error of the init_from
+  check, naming the key. ``vocab_size`` and ``num_languages`` are the config's always: they
+  may grow past the checkpoint's (an extended vocabulary, appended languages).
+  """
+  if not config.checkpoint.init_from:
+    return []
+  _, meta = newest_meta(config.checkpoint.init_from, "checkpoint.init_from")
+  base = xconfig.base_config().model
+  taken = []
+  for k in restore_lib.MODEL_KEYS:
+    if k in restore_lib.GROWABLE or k not in meta or config.model[k] != base[k]:
+      continue
+    value = type(base[k])(meta[k])
+    if value != config.model[k]:
+      config.model[k] = value
+      taken.append(k)
+  return taken
 
 
 def _restore_spec(want: peft.PeftSpec | None, have: peft.PeftSpec | None,

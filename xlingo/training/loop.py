@@ -210,6 +210,7 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
   stops cleanly (``preemption``); a full disk is one line naming the workdir and the space.
   """
   check_workdir(workdir)
+  adopt_init_from_model(config)
   lock = workdir_lib.WorkdirLock(workdir, is_leader=jax.process_index() == 0)
   try:
     with preemption.handling() as preempt, lock:
@@ -220,6 +221,14 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
     if paths.is_disk_full(e):  # metrics, plots, best/: one line too, not a traceback
       raise ckpt_lib.disk_full_error(workdir) from None
     raise
+
+
+def adopt_init_from_model(config) -> None:
+  """``load.adopt_init_from_model``, saying which keys it took."""
+  taken = load.adopt_init_from_model(config)
+  if taken:
+    metrics.console("model from checkpoint.init_from: " + ", ".join(
+        f"model.{k}={config.model[k]}" for k in taken))
 
 
 def _run_locked(config, workdir, objective, lock, preempt) -> dict:

@@ -64,7 +64,7 @@ LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
 VOCAB_AXES = {"token_embedding": 0, "output_kernel": 1}
 # Fingerprint keys that may differ for init_from: languages may be appended, the vocabulary
 # extended (checked piece by piece: ``vocab_extension``).
-_GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
+GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
 
 
 def vocab_sha1(config) -> str | None:
@@ -254,7 +254,7 @@ def check_init_from_meta(meta: dict, config, where: str) -> dict | None:
   """CheckpointError unless ``config``'s model can start from the checkpoint's; returns the
   vocabulary extension's sources (``vocab_extension``)."""
   sources = vocab_extension(meta, config, where)
-  diff = fingerprint_diff(meta, config, allowed=_GROWABLE)
+  diff = fingerprint_diff(meta, config, allowed=GROWABLE)
   if diff:
     raise CheckpointError(f"{where} is from a different model ({diff}); set model.* to match "
                           "the checkpoint")
