@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import metrics_rows
 
 from configs import adapt_tiny, tiny
 from xlingo import adapt, evaluate, sharding
@@ -41,11 +42,6 @@ def pretrained(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp("pre"))
   loop.run(c, wd)
   return wd
-
-
-def metrics_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
 
 
 def _adapt_config(init_from: str, **adapt_kw):
