@@ -431,7 +431,6 @@ def _restore_arg(x):
   return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
 
 
-
 def _save_step_dir(out_dir: str, state, meta: dict) -> None:
   """One step directory (``state/`` + ``meta/``) outside the manager, written by every host
   (the arrays are sharded) and finalized by Orbax; replaces what was at ``out_dir``."""

@@ -6,8 +6,9 @@ can from the checkpoint's metadata (the model's shape keys, the language table, 
 path and SHA-1) and takes the rest (dtype, max_len, mesh) from the config; it never builds the
 training data plan or an optimizer, so it works on a machine that has the checkpoint and the
 vocabulary but not the corpus. A workdir's newest readable checkpoint is used (one whose bytes
-cannot be read is reported and the previous one is tried), through the one restore path of
-``xlingo.training.restore``.
+cannot be read is reported and the previous one is tried), through ``load_params``: the one
+restore of parameters (``init_from``, the tools, a teacher, ``best/``, an export), which checks
+the checkpoint's metadata with ``restore.py`` and reads its arrays with ``checkpoints.py``.
 
 An adaptation checkpoint's model is built as it trained: the metadata's ``peft`` (LoRA,
 adapters, prefixes; ``xlingo.model.peft``) goes to the Decoder, whose side paths then run in
