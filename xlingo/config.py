@@ -65,8 +65,8 @@ def parse_arg(arg, where: str, **spec) -> types.SimpleNamespace:
   ``where`` (the config file) and the accepted form.
   """
   given = [p.strip() for p in str(arg).split(",")] if arg else []
-  if len(given) > max(len(spec), 1):
-    raise ConfigError(f"{where}:{arg}: {len(given)} values; {_form(where, spec)}")
+  if len(given) > len(spec):
+    raise ConfigError(f"{where}:{arg}: {'too many values; ' if spec else ''}{_form(where, spec)}")
   out = {}
   for i, (name, kind) in enumerate(spec.items()):
     default = kind[0] if isinstance(kind, tuple) else kind
@@ -108,7 +108,7 @@ def _alternatives(kind: tuple) -> str:
 def _form(where: str, spec: dict) -> str:
   names = [n.upper() for n in spec]
   optional = "".join(f"[,{n}" for n in names[1:]) + "]" * (len(names) - 1)
-  return f"the form is {where}:{names[0]}{optional}" if names else f"{where} takes no argument"
+  return f"the form is {where}:{names[0]}{optional}" if names else "it takes no argument"
 
 
 def base_config() -> ml_collections.ConfigDict:
