@@ -108,3 +108,32 @@ def test_train_bpb_and_generate(bpe, tmp_path):
                                   eos_id=vocab.eos_id, start_id=vocab.start_id)[0]
   text = generate.generate(lm.model, lm.params, vocab, ["Die"], de, max_len=12)[0]
   assert isinstance(text, str) and text == vocab.decode(ids_eos)
+
+
+def test_extend_keeps_old_ids_and_loads_in_layers(bpe, tmp_path):
+  """A new script (Greek) appended to the BPE: old ids, old merges and the tokens of old text
+  unchanged, Greek text shorter, each new piece initialised from the old pieces of its bytes."""
+  from xlingo.data import vocab_extend, vocab_facts
+
+  el = os.path.join(CORPUS, "new", "el.train.txt")
+  out = str(tmp_path / "el")
+  report = vocab_extend.extend_vocab(bpe, {"el": [el]}, 64, out)
+  assert (report["old_size"], report["added"], report["new_size"]) == (512, 64, 576)
+  old, new = vocab_lib.load_vocab(bpe), vocab_lib.load_vocab(report["model"])
+  assert new.vocab_size == 576 and new.eos_id == old.eos_id
+  for text in _lines("de", "validation", 50) + _lines("ja", "validation", 50):
+    assert new.encode(text) == old.encode(text)
+  greek = vocab_lib.read_lines(os.path.join(CORPUS, "new", "el.validation.txt"))[:50]
+  before = sum(len(old.encode(t)) for t in greek)
+  after = sum(len(new.encode(t)) for t in greek)
+  assert after < 0.8 * before
+  for t in greek[:5]:
+    assert new.decode(new.encode(t)) == t
+    assert int(new.piece_bytes()[new.encode(t)].sum()) == len(t.encode("utf-8"))
+  sources = vocab_extend.new_piece_init_sources(bpe, report["model"])
+  assert sorted(sources) == list(range(512, 576))
+  for i, src in sources.items():
+    piece = new.tokenizer.id_to_token(i)
+    assert all(s < 512 for s in src) and len(src) >= 2
+    assert b"".join(vocab_facts.piece_to_bytes(old.tokenizer.id_to_token(s)) for s in src) == \
+        vocab_facts.piece_to_bytes(piece)
