@@ -45,6 +45,17 @@ def test_pieces_bytes_and_special_text(bpe):
   # "<|endoftext|>" written in a corpus is text, not the end-of-text id
   ids = vocab.encode("a <|endoftext|> b")
   assert vocab.eos_id not in ids and vocab.decode(ids) == "a <|endoftext|> b"
+  # a tokenizer that puts a begin-of-text token first (Llama 3) starts every segment with it
+  from tokenizers import Tokenizer, processors
+
+  tok = Tokenizer.from_file(bpe)
+  tok.add_special_tokens(["<|begin_of_text|>"])
+  tok.post_processor = processors.TemplateProcessing(
+      single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", 512)])
+  llama = vocab_lib.load_vocab(vocab_bpe.save(tok, os.path.dirname(bpe) + "/bot",
+                                              bos="<|begin_of_text|>"))
+  assert (llama.vocab_size, llama.bos_id, llama.start_id, llama.eos_id) == (513, 512, 512, 0)
+  assert llama.piece_bytes()[512] == 0 and llama.encode("Köln") == vocab.encode("Köln")
   flat, lens = vocab.encode_flat(["Hallo", b"Welt"])
   assert lens.tolist() == [len(vocab.encode("Hallo")), len(vocab.encode("Welt"))]
   assert flat.tolist() == vocab.encode("Hallo") + vocab.encode("Welt")
@@ -108,6 +119,11 @@ def test_train_bpb_and_generate(bpe, tmp_path):
                                   eos_id=vocab.eos_id, start_id=vocab.start_id)[0]
   text = generate.generate(lm.model, lm.params, vocab, ["Die"], de, max_len=12)[0]
   assert isinstance(text, str) and text == vocab.decode(ids_eos)
+  # evaluate's translation scores decode with it too
+  scores = evaluate.translate_scores(lm, [("Good morning.", "Guten Morgen.")], "en", "de",
+                                     max_examples=1, max_new=8)
+  assert scores["examples"] == 1 and 0.0 <= scores["bleu"] <= 100.0
+  assert isinstance(scores["samples"][0]["output"], str)
 
 
 def test_extend_keeps_old_ids_and_loads_in_layers(bpe, tmp_path):

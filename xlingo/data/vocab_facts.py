@@ -39,10 +39,15 @@ def kind_of(path: str) -> str:
 
 @functools.lru_cache(maxsize=16)
 def file_sha1(path: str) -> str | None:
-  """SHA-1 of a vocabulary file's bytes (None if it cannot be read): its identity in
-  checkpoints (``vocab_sha1``) and caches."""
+  """A vocabulary's identity in checkpoints (``vocab_sha1``) and caches (None if it cannot be
+  read): the SHA-1 of its file's bytes, and for a ``tokenizer.json`` also of the
+  ``tokenizer_config.json`` beside it (it names the eos)."""
   try:
-    return hashlib.sha1(paths.read_bytes(path)).hexdigest()
+    h = hashlib.sha1(paths.read_bytes(path))
+    config = paths.join(paths.dirname(path), HF_CONFIG)
+    if kind_of(path) == "hf" and paths.isfile(config):
+      h.update(b"\0" + paths.read_bytes(config))
+    return h.hexdigest()
   except OSError:
     return None
 

@@ -18,9 +18,12 @@ and never SentencePiece or the ``tokenizers`` library themselves. Both kinds are
 SentencePiece (``*.model``) keeps seqio's ids: pad 0, eos 1, unk 2, no bos; the start id is
 0. A Hugging Face ``tokenizer.json`` (byte-level BPE as SmolLM2, Llama 3 and Qwen2 ship it, or
 a SentencePiece-style BPE with byte fallback as Llama 2 and Mistral do) keeps its own ids: its
-eos and bos come from the ``tokenizer_config.json`` beside it (``eos_token``/``bos_token``),
-and the start id is the bos id, or the eos id where it has no bos (the token that separates
-documents in its pretraining). Text is encoded with special tokens read as plain text, so a
+eos and bos come from the ``tokenizer_config.json`` beside it (``eos_token``/``bos_token``).
+Its start id is what a text follows in the model's pretraining: the special token its
+post-processor puts first (Llama 3's ``<|begin_of_text|>``), else its bos where the config sets
+``add_bos_token``, else ``<|endoftext|>`` (the document separator of SmolLM2 and Qwen2, also
+where their instruct versions end turns with ``<|im_end|>``), else its eos. Its checksum covers
+the ``tokenizer_config.json`` too, since that decides the eos. Text is encoded with special tokens read as plain text, so a
 corpus that contains ``<|endoftext|>`` cannot inject a control id. Nothing in xlingo treats an
 id as padding: masks come from segment ids.
 
@@ -163,11 +166,10 @@ class HFVocabulary(seqio.Vocabulary):
     self.tokenizer.encode_special_tokens = True
     ids = self.tokenizer.get_vocab(with_added_tokens=True)
     self._size = max(ids.values()) + 1 if ids else 0
-    self._special = {int(i) for i, t in self.tokenizer.get_added_tokens_decoder().items()
-                     if t.special}
     config = self._config()
     self._eos = self._special_id(config, "eos_token", required=True)
     self._bos = self._special_id(config, "bos_token", required=False)
+    self._start = self._start_of_text(config)
     self._unk = self.spec.get("model", {}).get("unk_token")
     self._unk = None if self._unk is None else self.tokenizer.token_to_id(self._unk)
     self.byte_level = _has_type(self.spec.get("pre_tokenizer"), "ByteLevel") or _has_type(
@@ -200,6 +202,20 @@ class HFVocabulary(seqio.Vocabulary):
                        "does not have; give the tokenizer_config.json of the same model")
     return int(i)
 
+  def _start_of_text(self, config: dict) -> int:
+    """The id a text follows (module docstring): the special token the tokenizer's own
+    post-processor puts before a text (Llama 3's ``<|begin_of_text|>``), else its bos when
+    ``add_bos_token`` asks for it, else ``<|endoftext|>``, the document separator of GPT-2-style
+    pretraining (SmolLM2, Qwen2), else its eos."""
+    bare = self.tokenizer.encode("x", add_special_tokens=False).ids
+    full = self.tokenizer.encode("x", add_special_tokens=True).ids
+    if len(full) > len(bare) and full[len(full) - len(bare):] == bare:
+      return int(full[0])
+    if self._bos is not None and config.get("add_bos_token") is True:
+      return self._bos
+    separator = self.tokenizer.token_to_id(v.EOS_NAMES[0])
+    return self._eos if separator is None else int(separator)
+
   @property
   def checksum(self) -> str:
     return v.file_sha1(self.path)
@@ -214,7 +230,7 @@ class HFVocabulary(seqio.Vocabulary):
 
   @property
   def start_id(self) -> int:
-    return self._eos if self._bos is None else self._bos
+    return self._start
 
   @property
   def unk_id(self) -> int | None:
