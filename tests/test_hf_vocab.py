@@ -59,6 +59,15 @@ def test_pieces_bytes_and_special_text(bpe):
   flat, lens = vocab.encode_flat(["Hallo", b"Welt"])
   assert lens.tolist() == [len(vocab.encode("Hallo")), len(vocab.encode("Welt"))]
   assert flat.tolist() == vocab.encode("Hallo") + vocab.encode("Welt")
+  # seqio's TensorFlow side, and the parity report
+  import tensorflow as tf
+
+  assert vocab.encode_tf(tf.constant("Köln")).numpy().tolist() == vocab.encode("Köln")
+  assert vocab.decode_tf(tf.constant(vocab.encode("Köln"))).numpy().decode() == "Köln"
+  texts = {"de": _lines("de", "validation", 20), "ja": _lines("ja", "validation", 20)}
+  rows = vocab_lib.parity_report(bpe, texts)
+  assert [r["tokens"] for r in rows] == [sum(len(vocab.encode(t)) for t in texts[k])
+                                         for k in ("de", "ja")]
 
 
 def test_train_bpb_and_generate(bpe, tmp_path):

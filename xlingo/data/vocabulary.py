@@ -247,8 +247,10 @@ class HFVocabulary(seqio.Vocabulary):
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
 
   def _encode_tf(self, s):
+    # A scalar string, as seqio's tokenize preprocessors give one example at a time (xlingo's
+    # own readers tokenize on the host, in batches: encode_flat).
     def enc(x):
-      return np.asarray(self._encode(x.decode("utf-8")), np.int32)
+      return np.asarray(self._encode(x.item().decode("utf-8")), np.int32)
 
     out = tf.numpy_function(enc, [s], tf.int32, stateful=False)
     out.set_shape([None])
@@ -256,7 +258,7 @@ class HFVocabulary(seqio.Vocabulary):
 
   def _decode_tf(self, ids):
     def dec(x):
-      return self._decode(x.tolist()).encode("utf-8")
+      return np.asarray(self._decode(x.tolist()).encode("utf-8"), object)
 
     out = tf.numpy_function(dec, [ids], tf.string, stateful=False)
     out.set_shape([])
