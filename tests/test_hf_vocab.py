@@ -29,6 +29,16 @@ def bpe(tmp_path_factory):
   return vocab_bpe.save(tok, str(out))
 
 
+@pytest.fixture(scope="module")
+def el_bpe(bpe, tmp_path_factory):
+  """``bpe`` with 64 Greek pieces appended (``vocab extend``); its report."""
+  from xlingo.data import vocab_extend
+
+  out = str(tmp_path_factory.mktemp("el") / "el")
+  return vocab_extend.extend_vocab(bpe, {"el": [os.path.join(CORPUS, "new", "el.train.txt")]},
+                                   64, out)
+
+
 def test_pieces_bytes_and_special_text(bpe):
   vocab = vocab_lib.load_vocab(bpe)
   assert vocab.kind == "hf" and vocab.vocab_size == 512
@@ -70,7 +80,7 @@ def test_pieces_bytes_and_special_text(bpe):
                                          for k in ("de", "ja")]
 
 
-def test_train_bpb_and_generate(bpe, tmp_path):
+def test_train_bpb_generate_and_grow(bpe, el_bpe, tmp_path):
   from xlingo import evaluate, generate
   from xlingo.load import load_model
   from xlingo.training import loop
@@ -134,15 +144,25 @@ def test_train_bpb_and_generate(bpe, tmp_path):
   assert scores["examples"] == 1 and 0.0 <= scores["bleu"] <= 100.0
   assert isinstance(scores["samples"][0]["output"], str)
 
+  # init_from with the extended tokenizer: old rows kept, new rows the mean of their sources
+  from xlingo.data import vocab_extend
 
-def test_extend_keeps_old_ids_and_loads_in_layers(bpe, tmp_path):
+  cfg.data.vocab_path = el_bpe["model"]
+  cfg.model.vocab_size = el_bpe["new_size"]
+  grown = load_model(cfg, workdir, what="checkpoint.init_from", model_from="config")
+  old_rows = np.asarray(jax.device_get(lm.params["token_embedding"]))
+  new_rows = np.asarray(jax.device_get(grown.params["token_embedding"]))
+  np.testing.assert_array_equal(new_rows[:512], old_rows)
+  for i, src in vocab_extend.new_piece_init_sources(bpe, el_bpe["model"]).items():
+    np.testing.assert_allclose(new_rows[i], old_rows[src].mean(0), rtol=1e-6, atol=1e-7)
+
+
+def test_extend_keeps_old_ids_and_tokens(bpe, el_bpe):
   """A new script (Greek) appended to the BPE: old ids, old merges and the tokens of old text
   unchanged, Greek text shorter, each new piece initialised from the old pieces of its bytes."""
   from xlingo.data import vocab_extend, vocab_facts
 
-  el = os.path.join(CORPUS, "new", "el.train.txt")
-  out = str(tmp_path / "el")
-  report = vocab_extend.extend_vocab(bpe, {"el": [el]}, 64, out)
+  report = el_bpe
   assert (report["old_size"], report["added"], report["new_size"]) == (512, 64, 576)
   old, new = vocab_lib.load_vocab(bpe), vocab_lib.load_vocab(report["model"])
   assert new.vocab_size == 576 and new.eos_id == old.eos_id

@@ -19,7 +19,6 @@ from xlingo.errors import VocabError
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
-KINDS = ("sentencepiece", "hf")
 HF_CONFIG = "tokenizer_config.json"
 # End-of-text names tried, in order, for a tokenizer.json without a tokenizer_config.json.
 EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
