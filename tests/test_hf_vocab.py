@@ -66,6 +66,13 @@ def test_pieces_bytes_and_special_text(bpe):
                                               bos="<|begin_of_text|>"))
   assert (llama.vocab_size, llama.bos_id, llama.start_id, llama.eos_id) == (513, 512, 512, 0)
   assert llama.piece_bytes()[512] == 0 and llama.encode("Köln") == vocab.encode("Köln")
+  from xlingo.data import packing
+  from xlingo.data.languages import LanguageTable
+
+  examples = [{"targets": [5, 6, 0], "lang": "de"}, {"targets": [7, 0], "lang": "de"}]
+  (b,) = packing.pack_examples(examples, LanguageTable(("de",)), 1, 8, start_id=llama.start_id)
+  assert b["inputs"][0].tolist() == [512, 5, 6, 512, 7, 0, 0, 0]  # padding stays 0, masked
+  assert b["segment_ids"][0].tolist() == [1, 1, 1, 2, 2, 0, 0, 0]
   flat, lens = vocab.encode_flat(["Hallo", b"Welt"])
   assert lens.tolist() == [len(vocab.encode("Hallo")), len(vocab.encode("Welt"))]
   assert flat.tolist() == vocab.encode("Hallo") + vocab.encode("Welt")
