@@ -30,7 +30,7 @@ from flax import linen as nn
 
 from xlingo import config as xconfig
 from xlingo import paths, sharding
-from xlingo.data import vocab as xvocab
+from xlingo.data import vocab_extend, vocab_facts, vocabulary
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, ConfigError
 from xlingo.model import decoder as decoder_lib
@@ -60,7 +60,7 @@ class LoadedModel:
   @functools.cached_property
   def byte_table(self) -> jax.Array:
     """UTF-8 bytes per vocabulary piece (bits per byte)."""
-    return jnp.asarray(xvocab.vocab_byte_lengths(self.vocab))
+    return jnp.asarray(vocab_facts.byte_lengths(self.vocab))
 
 
 def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, rules=None,
@@ -120,12 +120,11 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
     params = jax.jit(functools.partial(peft.merge_lora, spec=built["spec"]))(params)
     model = decoder_lib.Decoder(cfg.model, built["want"])
   if grow:  # the config's own vocabulary (load_params checked it against the checkpoint's)
-    path = restore_lib.vocab_path(config)
-    vocab = xvocab.load_vocab(path)
-    xvocab.check_vocab_matches(vocab, cfg.model.vocab_size)
+    path, vocab = vocabulary.load_configured(config.data, cfg.model.vocab_size)
   else:
-    path, vocab = _vocabulary(cfg, r.meta, f"{what} {r.step_dir}")
-  cfg.data.vocab_path = "" if path == paths.resolve(xvocab.embedded_vocab_path()) else path
+    path, vocab = vocabulary.recorded(cfg.data, r.meta, cfg.model.vocab_size,
+                                      f"{what} {r.step_dir}")
+  cfg.data.vocab_path = "" if path == paths.resolve(vocab_facts.embedded_path()) else path
   return LoadedModel(config=cfg, model=model, params=params, vocab=vocab, vocab_path=path,
                      table=LanguageTable(cfg.data.languages), mesh=mesh, rules=rules,
                      step=r.step, step_dir=r.step_dir, meta=r.meta)
@@ -202,28 +201,6 @@ def _config_for(config, meta: dict, step_dir: str, model_from: str, model_config
     if meta.get("languages"):
       cfg.data.languages = tuple(meta["languages"])
   return cfg
-
-
-def _vocabulary(cfg, meta: dict, where: str):
-  """(path, vocabulary) the checkpoint was trained with: ``data.vocab_path`` when set, else the
-  path in its metadata, else the shipped one; checked against the recorded SHA-1."""
-  want = meta.get("vocab_sha1")
-  given = cfg.data.get("vocab_path", "")
-  candidates = [given] if given else [meta.get("vocab_path"), xvocab.embedded_vocab_path()]
-  for path in filter(None, candidates):
-    path = paths.resolve(path)
-    if not want or restore_lib._file_sha1(path) == want:
-      vocab = xvocab.load_vocab(path)
-      xvocab.check_vocab_matches(vocab, cfg.model.vocab_size)
-      return path, vocab
-  trained = meta.get("vocab_path") or "its vocabulary"
-  if given:
-    raise CheckpointError(f"{where}: data.vocab_path={given!r} is not the vocabulary the "
-                          f"checkpoint was trained with (SHA-1 {want[:12]}, {trained}); set "
-                          "data.vocab_path to that vocabulary")
-  raise CheckpointError(f"{where} was trained with {trained} (SentencePiece SHA-1 {want[:12]}), "
-                        "which is not on this machine; copy it here and pass "
-                        "--config.data.vocab_path=COPY")
 
 
 # --- the one restore of parameters ---------------------------------------------------------
@@ -323,7 +300,7 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
   (and left as it is: a tool does not rename another run's files). With ``config``
   (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
   ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
-  ``data.vocab_path`` may extend its vocabulary (``vocab_extension``), and the target may hold
+  ``data.vocab_path`` may extend its vocabulary (``vocab_extend.extension_sources``), and the target may hold
   parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
   ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
   languages' rows and the new parameter-efficient ones; everything else is loaded.
@@ -403,8 +380,8 @@ def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, 
         [o, f[i]], axis=a), out_shardings=abstract_params[name].sharding)(
             saved_part(name, have), new[name])
   for name, (axis, have) in grow_vocab.items():
-    params[name] = restore_lib._grow_vocab(saved_part(name, have), vocab_sources, axis,
-                               abstract_params[name].sharding)
+    params[name] = vocab_extend.grow_rows(saved_part(name, have), vocab_sources, axis,
+                                          abstract_params[name].sharding)
   return params
 
 
