@@ -189,6 +189,19 @@ class DecoderStack(nn.Module):
     return x_btd
 
 
+class DecodePosition(nn.Module):
+  """Positions [1, T] of the tokens of a decoding call: a counter in the 'cache' collection
+  (for ``model.bos_id``, which needs to know where position 0 is)."""
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    seen = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    positions = seen.value + jnp.arange(length, dtype=jnp.int32)[None, :]
+    if not self.is_initializing():
+      seen.value = seen.value + length
+    return positions
+
+
 class Decoder(nn.Module):
   """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``);
   ``peft`` adds LoRA, adapters or prefixes beside the parameters (``xlingo.model.peft``)."""
@@ -243,6 +256,8 @@ class Decoder(nn.Module):
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.blocks = DecoderStack(cfg, self.peft)
     self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype, cfg.norm_eps)
+    if cfg.bos_id:
+      self.decode_position = DecodePosition()
 
   def __call__(
       self,
@@ -329,10 +344,7 @@ class Decoder(nn.Module):
     holds the shifted-in placeholder (id 0), never a token of the text, so the swap is exact.
     Decoding passes no positions: a counter in the cache gives them."""
     if decode and positions is None:
-      seen = self.variable("cache", "bos_position", lambda: jnp.array(0, jnp.int32))
-      positions = seen.value + jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
-      if not self.is_initializing():
-        seen.value = seen.value + inputs.shape[1]
+      positions = self.decode_position(inputs.shape[1])
     elif positions is None:
       positions = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
     return jnp.where(positions == 0, jnp.int32(self.config.bos_id), inputs)
