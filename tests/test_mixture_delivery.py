@@ -157,7 +157,7 @@ def test_pairs_are_cut_in_the_target_and_counted():
         truncated, cut = truncated + 1, cut + s + t + 1 - seq
   assert (mt.truncated, mt.dropped, mt.cut_tokens) == (truncated, dropped, cut)
   assert truncated > 500 and "pairs cut to fit data.seq_len=64" in plan.table_text()
-  enc = readers.encode_examples(sp, 1, ["eins zwei drei " * 30, "kurz"],
+  enc = readers.encode_examples(plan.vocab, 1, ["eins zwei drei " * 30, "kurz"],
                                 np.array(["one two three", "short"], object), max_len=16)
   lens = np.diff(enc.row_splits)
   assert lens.tolist() == [16, len(sp.EncodeAsIds("short")) + len(sp.EncodeAsIds("kurz")) + 1]
@@ -206,11 +206,11 @@ def test_raw_bytes_sum_to_the_raw_text_length():
 
   vocab = vocab_lib.load_vocab()
   texts = ["ＡＢＣ１２３の試験です①㍻", "ｶﾀｶﾅ　テスト：２０２４年", "全角数字１２３和汉字"]
-  enc = readers.encode_examples(vocab.tokenizer, 1, texts)
+  enc = readers.encode_examples(vocab, 1, texts)
   raw = [len(t.encode()) for t in texts]
   sums = np.add.reduceat(enc.raw_bytes, enc.row_splits[:-1])
   assert sums.tolist() == raw
-  normalised = np.add.reduceat(readers.piece_bytes(vocab.tokenizer)[enc.values],
+  normalised = np.add.reduceat(readers.piece_bytes(vocab)[enc.values],
                                enc.row_splits[:-1])
   assert normalised.tolist() != raw
   table = LanguageTable(("en", "ja", "zh"))

@@ -436,7 +436,7 @@ def _stream(plan, lo=0, hi=P, seed=0, pool=None):
   from xlingo.data import pairs
 
   pool = pool if pool is not None else pairs._pool(plan, "train")[0]
-  return pairs.PairStream(pool, plan.vocab.tokenizer, P, MAXLEN, seed, lo, hi, {"k": 1})
+  return pairs.PairStream(pool, plan.vocab, P, MAXLEN, seed, lo, hi, {"k": 1})
 
 
 def test_pair_rows_and_their_layout(pair_plan):
@@ -445,7 +445,7 @@ def test_pair_rows_and_their_layout(pair_plan):
   _, plan = pair_plan
   assert set(plan.pair_tasks) == {"en-de", "en-fr"}
   src, tgt = "Debian is a free operating system.", "Debian ist ein freies Betriebssystem."
-  b = pairs.encode_pairs([(src, tgt, 0, 1), (tgt * 9, src, 1, 0)], plan.vocab.tokenizer, MAXLEN)
+  b = pairs.encode_pairs([(src, tgt, 0, 1), (tgt * 9, src, 1, 0)], plan.vocab, MAXLEN)
   sp = plan.vocab.tokenizer
   ids = sp.encode(src)
   assert b["pair_inputs"].shape == (2, 2, MAXLEN) and b["pair_lengths"][0, 0] == len(ids)

@@ -147,7 +147,7 @@ with :func:`score_translations`."""
 
   table, vocab, model, params = lm.table, lm.vocab, lm.model, lm.params
   src_id, tgt_id = table.id(src), table.id(tgt)
-  room = int(model.config.max_len) - 2  # BOS and at least one generated token
+  room = int(model.config.max_len) - 2  # the start id and at least one generated token
   rows, skipped = [], 0
   for source, ref in examples[:max_examples]:
     ids = list(vocab.encode(source))
@@ -160,7 +160,8 @@ with :func:`score_translations`."""
     chunk = [ids for ids, _, _ in rows[start:start + BATCH_ROWS]]
     padded = chunk + [chunk[0]] * (BATCH_ROWS - len(chunk))
     out = gen.generate_ids(model, params, padded, tgt_id, max_len=max_new,
-                           prompt_lang_ids=src_id)
+                           prompt_lang_ids=src_id, eos_id=vocab.eos_id,
+                           start_id=vocab.start_id)
     hyps += [vocab.decode(o) if o else "" for o in out[:len(chunk)]]
   refs = [ref for _, ref, _ in rows]
   return {**score_translations(hyps, refs, tgt), "examples": len(rows),

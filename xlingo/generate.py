@@ -8,12 +8,14 @@ The language id is given for every position (the model adds its language embeddi
 token), so ``--lang`` steers the continuation. ``--lang none`` gives no language hint (the
 "unknown language", a zero language vector; ``decoder.UNKNOWN_LANG``): the model continues in
 whatever language the prompt suggests, which it has learned to do when it was trained with
-``model.lang_emb_dropout`` > 0. A row starts with BOS (id 0) at position 0 and
-its prompt tokens follow (the model's inputs are the targets shifted right); generation stops
-at EOS (id 1) or after ``--max_len`` new tokens, whichever comes first.
+``model.lang_emb_dropout`` > 0. A row starts with the vocabulary's start id at position 0 (the
+input at a segment's start in training: 0 for SentencePiece, the bos or else eos id of a Hugging
+Face tokenizer; xlingo/data/vocabulary.py) and its prompt tokens follow (the model's inputs are
+the targets shifted right); generation stops at the vocabulary's EOS or after ``--max_len`` new
+tokens, whichever comes first.
 
 Batching rows of different prompt lengths: all rows share the cache index, so nothing is
-padded. The prefix every prompt has (BOS plus the shortest prompt) is prefilled in one call;
+padded. The prefix every prompt has (the start id plus the shortest prompt) is prefilled in one call;
 after that the rows advance one position per step, and a row still inside its prompt is fed
 its own next prompt token instead of the sample (the sample is discarded). Every row's
 positions are therefore 0, 1, 2, ... without gaps, exactly as in training.
@@ -29,11 +31,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlingo.data.vocab import EOS_ID, PAD_ID
+from xlingo.data.vocabulary import EOS_ID, PAD_ID
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 
-BOS_ID = PAD_ID  # the shifted-right input at a segment's start
 NO_HINT = "none"  # --lang none: no language hint (decoder.UNKNOWN_LANG)
 
 
@@ -74,7 +75,8 @@ _COMPILED: dict = {}
 
 
 def _decode_fn(model, prefill: int, total: int, greedy: bool):
-  """Jitted (params, cache, tokens, is_prompt, lang_ids, row_end, rng, sampling) -> tokens."""
+  """Jitted (params, cache, tokens, is_prompt, lang_ids, row_end, eos, rng, sampling) ->
+  tokens."""
   key = (id(model), prefill, total, greedy)
   if key not in _COMPILED:
     if len(_COMPILED) > 64:
@@ -90,7 +92,7 @@ def _build_decode_fn(model, prefill, total, greedy):
                                        lang_bt, decode=True, mutable=["cache"])
     return logits_btv[:, -1], mut["cache"]
 
-  def run(params, cache, tokens_bt, is_prompt_bt, lang_bt, end_b, rng, sampling):
+  def run(params, cache, tokens_bt, is_prompt_bt, lang_bt, end_b, eos, rng, sampling):
     temperature, top_k, top_p = sampling
     temperature = 0.0 if greedy else temperature
     batch = tokens_bt.shape[0]
@@ -106,9 +108,9 @@ def _build_decode_fn(model, prefill, total, greedy):
       tok_b = sample_logits(logits_bv, sub, temperature=temperature, top_k=top_k, top_p=top_p)
       prompt_b = is_prompt_bt[:, t]
       tok_b = jnp.where(prompt_b, tokens_bt[:, t], tok_b)
-      tok_b = jnp.where(done_b, PAD_ID, tok_b)
+      tok_b = jnp.where(done_b, PAD_ID, tok_b)  # a finished row's filler, never returned
       tokens_bt = tokens_bt.at[:, t].set(tok_b)
-      done_b = done_b | (~prompt_b & (tok_b == EOS_ID)) | (t + 1 >= end_b)
+      done_b = done_b | (~prompt_b & (tok_b == eos)) | (t + 1 >= end_b)
       # Feeding position t also on the last step keeps the loop body uniform; the cache has
       # room for it (total <= model.max_len) and its logits are simply not used.
       lang_b1 = jax.lax.dynamic_slice_in_dim(lang_bt, t, 1, axis=1)
@@ -133,8 +135,11 @@ def _per_row(value, n: int, what: str) -> list[int]:
 
 def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *, max_len: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                 prompt_lang_ids=None) -> list[list[int]]:
-  """Token-level :func:`generate`: the new tokens of each row, EOS excluded."""
+                 prompt_lang_ids=None, eos_id: int = EOS_ID,
+                 start_id: int = PAD_ID) -> list[list[int]]:
+  """Token-level :func:`generate`: the new tokens of each row, ``eos_id`` excluded. ``eos_id``
+  and ``start_id`` are the vocabulary's (``vocab.eos_id``, ``vocab.start_id``; the defaults
+  are SentencePiece's)."""
   n = len(prompt_ids)
   if n == 0:
     return []
@@ -157,7 +162,7 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *,
   is_prompt = np.zeros((n, total), bool)
   lang_ids = np.zeros((n, total), np.int32)
   for r, p in enumerate(prompt_ids):
-    tokens[r, 0] = BOS_ID
+    tokens[r, 0] = start_id
     tokens[r, 1:1 + len(p)] = p
     is_prompt[r, :1 + len(p)] = True
     # lang_ids[i] is the language of the token predicted at position i (training's
@@ -170,12 +175,12 @@ def generate_ids(model, params, prompt_ids: Sequence[Sequence[int]], lang_id, *,
   cache = decoder_lib.init_cache(model, n)
   out = np.asarray(jax.device_get(fn(params, cache, jnp.asarray(tokens), jnp.asarray(is_prompt),
                                      jnp.asarray(lang_ids), jnp.asarray(ends),
-                                     jax.random.PRNGKey(seed), sampling)))
+                                     jnp.int32(eos_id), jax.random.PRNGKey(seed), sampling)))
   results = []
   for r, length in enumerate(lengths):
     new = out[r, 1 + length:ends[r]].tolist()
-    if EOS_ID in new:
-      new = new[:new.index(EOS_ID)]
+    if eos_id in new:
+      new = new[:new.index(eos_id)]
     results.append(new)
   return results
 
@@ -188,8 +193,8 @@ def generate(model, params, vocab, prompts: list[str], lang_id: int | list[int],
   Args:
     model: a ``xlingo.model.decoder.Decoder``.
     params: its parameters (placed arrays; sharded ones work).
-    vocab: the run's SentencePiece vocabulary (``seqio.SentencePieceVocabulary``).
-    prompts: one string per row; "" starts from BOS alone.
+    vocab: the run's vocabulary (``xlingo.data.vocabulary``: SentencePiece or Hugging Face).
+    prompts: one string per row; "" starts from the start id alone.
     lang_id: index into ``config.data.languages`` of the language to generate, one for all
       rows or one per row; ``decoder.UNKNOWN_LANG`` (-1) for no language hint.
     max_len: at most this many new tokens per row (less if ``model.max_len`` is reached).
@@ -201,7 +206,8 @@ def generate(model, params, vocab, prompts: list[str], lang_id: int | list[int],
   """
   ids = [list(vocab.encode(p)) if p else [] for p in prompts]
   out = generate_ids(model, params, ids, lang_id, max_len=max_len, temperature=temperature,
-                     top_k=top_k, top_p=top_p, seed=seed, prompt_lang_ids=prompt_lang_ids)
+                     top_k=top_k, top_p=top_p, seed=seed, prompt_lang_ids=prompt_lang_ids,
+                     eos_id=vocab.eos_id, start_id=vocab.start_id)
   return [vocab.decode(o) if o else "" for o in out]
 
 

@@ -23,7 +23,6 @@ from ``TFDS_PARTS`` parts of the split, scaled by the split's example count.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 
 import numpy as np
@@ -64,13 +63,13 @@ class SplitCounts:
 
 
 def vocab_key(vocab) -> str:
-  """A vocabulary's identity for the count cache: the hash of its model."""
-  return hashlib.sha1(vocab.sp_model).hexdigest()
+  """A vocabulary's identity for the count cache: the SHA-1 of its file."""
+  return vocab.checksum
 
 
 def _count(vocab, table, texts: list, sources, seq_len: int) -> SplitCounts:
-  sp, eos = vocab.tokenizer, int(vocab.eos_id)
-  enc = readers.encode_examples(sp, eos, texts, sources, max_len=seq_len, table=table)
+  enc = readers.encode_examples(vocab, int(vocab.eos_id), texts, sources, max_len=seq_len,
+                                table=table)
   lens = np.diff(enc.row_splits)
   kept = int(enc.kept.sum())
   return SplitCounts(examples=kept, tokens=int(lens.sum()),
@@ -101,7 +100,7 @@ def _file_counts(path: str, fmt: str, vocab, seq_len: int, every: int) -> SplitC
 
 
 def _read_file_counts(path: str, fmt: str, vocab, seq_len: int, every: int) -> SplitCounts:
-  table = readers.piece_bytes(vocab.tokenizer)
+  table = readers.piece_bytes(vocab)
   total = SplitCounts(0, 0)
   examples, seen = _examples(path, fmt, every)
   while True:
@@ -148,7 +147,7 @@ def sampled_task_counts(name: str, split: str, vocab, seq_len: int,
   texts, srcs, keep = readers.parse(texts, np.array(formats, object))
   texts = [t for t, k in zip(texts, keep, strict=True) if k]
   sources = None if srcs is None else srcs[keep]
-  got = _count(vocab, readers.piece_bytes(vocab.tokenizer), texts, sources, seq_len)
+  got = _count(vocab, readers.piece_bytes(vocab), texts, sources, seq_len)
   read = len(formats)
   if not n or read == n:  # the whole split was read (or its size is unknown)
     return got

@@ -11,8 +11,7 @@ import numpy as np
 import seqio
 
 from xlingo import paths
-from xlingo.data import counts, iterator, mixing, packing, pairs, readers, tasks
-from xlingo.data import vocab as xvocab
+from xlingo.data import counts, iterator, mixing, packing, pairs, readers, tasks, vocabulary
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
 
@@ -25,7 +24,7 @@ class InputPlan:
   """Everything decided about the input before the first batch."""
 
   table: LanguageTable
-  vocab: seqio.SentencePieceVocabulary
+  vocab: seqio.Vocabulary  # either kind behind one face (vocabulary.py)
   vocab_path: str
   lm_tasks: dict  # lang -> task name, for the languages trained on (replayed ones included)
   mt_tasks: dict  # "src-tgt" -> task name
@@ -61,11 +60,8 @@ class InputPlan:
 
 
 def load_vocab_for(data_cfg, model_vocab_size: int | None = None):
-  path = data_cfg.vocab_path or xvocab.embedded_vocab_path()
-  vocab = xvocab.load_vocab(path)
-  if model_vocab_size is not None:
-    xvocab.check_vocab_matches(vocab, model_vocab_size)
-  return path, vocab
+  """(absolute path, vocabulary) of ``data.vocab_path`` (``vocabulary.load_configured``)."""
+  return vocabulary.load_configured(data_cfg, model_vocab_size)
 
 
 def _prefix(data_cfg, vocab_path: str) -> str:

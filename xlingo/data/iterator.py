@@ -204,7 +204,8 @@ class PackedIterator:
     self.reader = reader
     self.batch_size = batch_size
     self.seq_len = seq_len
-    self.stream = packing_lib.TokenStream()
+    # A reader without a vocabulary (a test's) packs with SentencePiece's start id.
+    self.stream = packing_lib.TokenStream(getattr(reader, "start_id", 0))
     self.ready: collections.deque = collections.deque()  # packed, not yet returned
     self.batches = 0
     # JSON values saved and restored with the state: what the consumer counts of the batches

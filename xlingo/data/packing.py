@@ -4,7 +4,8 @@ Readers (readers.py) append whole tokenized examples to a :class:`TokenStream` (
 language ids, loss weights, example starts), and batches are cut from its head in NumPy. A
 batch is a dict of [batch, seq_len] arrays:
 
-  inputs        tokens shifted right inside each packed segment (0 at a segment's start)
+  inputs        tokens shifted right inside each packed segment (the vocabulary's start id at
+                a segment's start: 0 for SentencePiece, vocabulary.py; 0 on padding)
   targets       the tokens to predict
   segment_ids   1, 2, ... per packed segment in a row; 0 on padding
   positions     position inside the segment
@@ -109,12 +110,14 @@ def flatten_group(b: Mapping[str, np.ndarray], table: LanguageTable,
 
 class TokenStream:
   """Tokens read but not yet placed in a batch: flat token, language id, loss weight,
-  example-start, raw-byte and has-a-source arrays. Both packings take batches from its head."""
+  example-start, raw-byte and has-a-source arrays. Both packings take batches from its head;
+  ``start_id`` is the input at each segment's start (the vocabulary's ``start_id``)."""
 
   FIELDS = ("tokens", "lang_ids", "weights", "starts", "raw_bytes", "sourced")
   DTYPES = (np.int32, np.int32, np.float32, bool, np.int32, bool)
 
-  def __init__(self):
+  def __init__(self, start_id: int = 0):
+    self.start_id = int(start_id)
     self.clear()
 
   def clear(self):
@@ -142,11 +145,12 @@ class TokenStream:
     return out
 
 
-def _finish(targets, segs, pos, langs, weights, raw_bytes) -> dict[str, np.ndarray]:
-  """Add the shifted inputs (0 at every segment start and on padding)."""
+def _finish(start_id, targets, segs, pos, langs, weights, raw_bytes) -> dict[str, np.ndarray]:
+  """Add the shifted inputs (``start_id`` at every segment start, 0 on padding)."""
   inputs = np.zeros_like(targets)
   inputs[:, 1:] = targets[:, :-1]
   inputs[pos == 0] = 0
+  inputs[(pos == 0) & (segs > 0)] = start_id
   return {"inputs": inputs, "targets": targets, "segment_ids": segs, "positions": pos,
           "lang_ids": langs, "loss_weights": weights, "raw_bytes": raw_bytes}
 
@@ -186,7 +190,7 @@ def concat_batches(stream: TokenStream, batch_size: int, seq_len: int,
   pos = arange - np.maximum.accumulate(np.where(starts, arange, 0), axis=1)
   segs[~real] = 0
   pos[~real] = 0
-  return _split(_finish(targets, segs, pos, langs, weights, raw), batch_size)
+  return _split(_finish(stream.start_id, targets, segs, pos, langs, weights, raw), batch_size)
 
 
 def _chunks(starts: np.ndarray, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
@@ -254,16 +258,17 @@ def first_fit_batches(stream: TokenStream, batch_size: int, seq_len: int,
     a = np.zeros(size, dtype)
     a[idx] = src
     out.append(a.reshape(nb * b, length))
-  return _split(_finish(*out), b)
+  return _split(_finish(stream.start_id, *out), b)
 
 
 PACKERS = {"concat": concat_batches, "first_fit": first_fit_batches}
 
 
 def pack_examples(examples: Sequence[Mapping[str, object]], table: LanguageTable,
-                  batch_size: int, seq_len: int, packing: str = "first_fit") -> list[dict]:
+                  batch_size: int, seq_len: int, packing: str = "first_fit",
+                  start_id: int = 0) -> list[dict]:
   """Pack a finite list of tokenized examples (``targets`` with EOS, ``lang``, optional
-  ``src_lang``/``prefix_len``/``raw_bytes``) into batches."""
+  ``src_lang``/``prefix_len``/``raw_bytes``) into batches; ``start_id``: the vocabulary's."""
   check_packing(packing)
   lens = [len(ex["targets"]) for ex in examples]
   group = {
@@ -274,6 +279,6 @@ def pack_examples(examples: Sequence[Mapping[str, object]], table: LanguageTable
       "lang": np.array([ex["lang"] for ex in examples], object),
       "src_lang": np.array([ex.get("src_lang", "") for ex in examples], object),
       "prefix_len": np.array([int(ex.get("prefix_len", 0)) for ex in examples], np.int64)}
-  stream = TokenStream()
+  stream = TokenStream(start_id)
   stream.add(*flatten_group(group, table, {}))
   return PACKERS[packing](stream, batch_size, seq_len, final=True)

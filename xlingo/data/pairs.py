@@ -49,15 +49,17 @@ def read_pairs(task_name: str, split: str, limit: int | None = None) -> list[tup
   return out
 
 
-def encode_pairs(pairs, sp, max_len: int) -> dict[str, np.ndarray]:
+def encode_pairs(pairs, vocab, max_len: int) -> dict[str, np.ndarray]:
   """(source, target, source id, target id) tuples -> the pair features of
-  ``xlingo.training.contrastive.PAIR_FEATURES`` for these rows."""
+  ``xlingo.training.contrastive.PAIR_FEATURES`` for these rows (each row the vocabulary's
+  start id, then the sentence's tokens)."""
   p = len(pairs)
   texts = [s for s, _, _, _ in pairs] + [t for _, t, _, _ in pairs]
-  tokens, lens = readers.encode_flat(sp, texts)
+  tokens, lens = readers.encode_flat(vocab, texts)
   starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
   n = np.minimum(lens, max_len - 1)
   inputs = np.zeros((2 * p, max_len), np.int32)
+  inputs[:, 0] = vocab.start_id
   for i in range(2 * p):
     inputs[i, 1:1 + n[i]] = tokens[starts[i]:starts[i] + n[i]]
   side = lambda a: np.stack([a[:p], a[p:]], axis=1)  # [2P] (sources, then targets) -> [P, 2]
@@ -72,12 +74,12 @@ class PairStream:
 
   replicated = True
 
-  def __init__(self, pool: list[tuple[str, str, int, int]], sp, global_batch: int,
+  def __init__(self, pool: list[tuple[str, str, int, int]], vocab, global_batch: int,
                max_len: int, seed: int, lo: int, hi: int, fingerprint: dict):
     if len(pool) < 2:
       raise DataError(f"train.contrastive.pairs hold {len(pool)} usable pair(s); contrastive "
                       "alignment needs at least 2 (check the pairs' train files)")
-    self.pool, self.sp, self.global_batch, self.max_len = pool, sp, global_batch, max_len
+    self.pool, self.vocab, self.global_batch, self.max_len = pool, vocab, global_batch, max_len
     self.seed, self.lo, self.hi = int(seed), lo, hi
     self.fingerprint = fingerprint
     self.epoch = self.pos = self.batches = 0
@@ -106,7 +108,7 @@ class PairStream:
   def __next__(self) -> dict[str, np.ndarray]:
     rows = self._global_indices()[self.lo:self.hi]
     self.batches += 1
-    return encode_pairs([self.pool[i] for i in rows], self.sp, self.max_len)
+    return encode_pairs([self.pool[i] for i in rows], self.vocab, self.max_len)
 
   def state(self) -> dict:
     return {"epoch": self.epoch, "pos": self.pos, "batches": self.batches,
@@ -203,7 +205,7 @@ def attach(lm_iterator, plan, config):
   lo, hi = _rows(p)
   fingerprint = {"pairs": list(plan.pair_tasks), "pool": len(pool), "batch_size": p,
                  "max_len": int(c.max_len), "seed": int(config.data.seed)}
-  stream = PairStream(pool, plan.vocab.tokenizer, p, int(c.max_len), config.data.seed, lo, hi,
+  stream = PairStream(pool, plan.vocab, p, int(c.max_len), config.data.seed, lo, hi,
                       fingerprint)
   epochs = config.train.steps * p / len(pool)
   summary = (f"contrastive pairs: {', '.join(f'{k} {v:,d}' for k, v in counts.items())}; "
@@ -228,7 +230,7 @@ def validation_sets(plan, config) -> dict:
       continue
     rows = [(s, t, table.id(src), table.id(tgt)) for s, t in got]
     rows += [rows[-1]] * (-len(rows) % p)  # padding rows, dropped after embedding
-    batches = [encode_pairs(rows[i:i + p][lo:hi], plan.vocab.tokenizer, int(c.max_len))
+    batches = [encode_pairs(rows[i:i + p][lo:hi], plan.vocab, int(c.max_len))
                for i in range(0, len(rows), p)]
     keys = np.array([[text_key(s), text_key(t)] for s, t in got], np.int32)
     out[pair] = (batches, keys)

@@ -16,8 +16,8 @@ is blank: never an example, in any format. A task's ``format`` says how a line i
 A file's format follows its name (:func:`format_of`): ``.jsonl``/``.json`` are JSON records,
 anything else plain text; pairs files are TSV by configuration.
 
-**Tokens.** SentencePiece on the host (the vocabulary's Python processor), all texts of a read
-in one multi-threaded call. An example's tokens are its source's (a conditional example's
+**Tokens.** The vocabulary on the host (SentencePiece or a Hugging Face tokenizer behind one
+face, vocabulary.py), all texts of a read in one multi-threaded call. An example's tokens are its source's (a conditional example's
 ``prefix_len`` first tokens), then its text's, then EOS; a pair longer than a row keeps its
 source and is cut in its target (:func:`encode_examples`). Every token carries the raw UTF-8
 bytes it stands for (``raw_bytes``, for bits per byte).
@@ -200,41 +200,17 @@ def _parse_located(lines: list, fmt: str, path: str, numbers: Sequence[int]):
 # --- the tokenizer --------------------------------------------------------------------------
 
 
-def encode_flat(sp, texts: list) -> tuple[np.ndarray, np.ndarray]:
-  """SentencePiece ids of ``texts`` (str or bytes) as (all ids concatenated, length of each).
-
-  One multi-threaded batch call. sentencepiece 0.2.3's numpy output builds one array per text
-  in Python (about a fifth of the encode time, holding the GIL); its C++ buffers are joined
-  here in one step instead, falling back to the public call if that method is not there.
-  """
-  batch = getattr(getattr(sp, "_processor", None), "_EncodeAsBufferBatch", None)
-  if batch is not None:
-    bufs = batch(texts, -1, None, False, 0, 0.0, False, False, False)
-    lens = np.fromiter((memoryview(b).nbytes for b in bufs), np.int64, count=len(bufs)) // 4
-    return np.frombuffer(b"".join(bufs), np.int32), lens
-  arrs = sp.Encode(texts, return_type="numpy")
-  lens = np.fromiter(map(len, arrs), np.int64, count=len(arrs))
-  return (np.concatenate(arrs) if arrs else np.zeros(0, np.int32)), lens
+def encode_flat(vocab, texts: list) -> tuple[np.ndarray, np.ndarray]:
+  """Ids of ``texts`` (str or bytes) as (all ids concatenated, length of each), no special
+  token added: one batch call of the vocabulary (``xlingo.data.vocabulary``)."""
+  return vocab.encode_flat(texts)
 
 
-_PIECE_BYTES: dict[int, tuple] = {}  # id(processor) -> (processor, table); holds the processor
-
-
-def piece_bytes(sp) -> np.ndarray:
-  """UTF-8 bytes of the normalised text each piece stands for ("▁" as a space, a byte
-  piece 1, control and unknown pieces 0): a token's byte count before the per-example
-  correction to the raw text (:func:`encode_examples`). Computed once per processor."""
-  hit = _PIECE_BYTES.get(id(sp))
-  if hit is not None and hit[0] is sp:
-    return hit[1]
-  out = np.zeros(sp.get_piece_size(), np.int32)
-  for i in range(sp.get_piece_size()):
-    if sp.is_control(i) or sp.is_unknown(i):
-      continue
-    out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
-  out.setflags(write=False)
-  _PIECE_BYTES[id(sp)] = (sp, out)
-  return out
+def piece_bytes(vocab) -> np.ndarray:
+  """UTF-8 bytes of the normalised text each piece stands for (control and unknown pieces 0):
+  a token's byte count before the per-example correction to the raw text
+  (:func:`encode_examples`). Computed once per vocabulary."""
+  return vocab.piece_bytes()
 
 
 def utf8_lengths(texts: Sequence) -> np.ndarray:
@@ -258,7 +234,7 @@ class Encoded:
   kept: np.ndarray
 
 
-def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None, *,
+def encode_examples(vocab, eos: int, texts: list, sources: np.ndarray | None = None, *,
                     max_len: int = 0, table: np.ndarray | None = None) -> Encoded:
   """Examples -> tokens: each example's source's (where ``sources`` has one, non-empty), its
   text's, then EOS.
@@ -269,22 +245,22 @@ def encode_examples(sp, eos: int, texts: list, sources: np.ndarray | None = None
   there); a pair whose source alone fills the row is dropped. Plain texts are left whole (the
   packer splits them).
 
-  ``raw_bytes``: bits per byte are counted on the raw UTF-8 text, not SentencePiece's
+  ``raw_bytes``: bits per byte are counted on the raw UTF-8 text, not the tokenizer's
   normalised form (NFKC, collapsed spaces, a dummy-prefix space), so that they compare across
   tokenizers. Each target token carries its piece's normalised bytes (``table``, default
   :func:`piece_bytes`), and EOS the difference to the text's raw length, so that an example's
   tokens sum to its raw length; a pair cut short carries its kept pieces' bytes. Source tokens
   carry 0 (no loss is taken there).
   """
-  table = piece_bytes(sp) if table is None else table
-  tokens, lens = encode_flat(sp, texts)
+  table = piece_bytes(vocab) if table is None else table
+  tokens, lens = encode_flat(vocab, texts)
   n = len(texts)
   prefix = np.zeros(n, np.int64)
   cond = (np.flatnonzero(np.fromiter((len(s) > 0 for s in sources), bool, len(sources)))
           if sources is not None else np.zeros(0, np.int64))
   if not cond.size:
     return _encode_texts(texts, tokens, lens, eos, table)
-  src_tokens, src_lens = encode_flat(sp, list(sources[cond]))
+  src_tokens, src_lens = encode_flat(vocab, list(sources[cond]))
   prefix[cond] = src_lens
   keep_t = lens.copy()  # target tokens kept
   eos_n = np.ones(n, np.int64)
@@ -373,11 +349,12 @@ class _Reader:
                max_len: int = 0):
     self._table = table
     self._lang_cache: dict = {}
-    self._sp = vocab.tokenizer
+    self._vocab = vocab
     self._eos = int(vocab.eos_id)
+    self.start_id = int(vocab.start_id)
     self._locate = locate
     self._max_len = int(max_len)
-    self.piece_bytes = piece_bytes(self._sp)
+    self.piece_bytes = piece_bytes(vocab)
 
   def fetch(self) -> dict | None:
     b = next(self.iterator, None)
@@ -427,7 +404,7 @@ class _Reader:
       texts = [t for t, k in zip(texts, keep, strict=True) if k]
       lang, src_lang = lang[keep], src_lang[keep]
       sources = None if sources is None else sources[keep]
-    enc = encode_examples(self._sp, self._eos, texts, sources, max_len=self._max_len,
+    enc = encode_examples(self._vocab, self._eos, texts, sources, max_len=self._max_len,
                           table=self.piece_bytes)
     if not enc.kept.all():
       lang, src_lang = lang[enc.kept], src_lang[enc.kept]
@@ -462,7 +439,7 @@ class GroupReader(_Reader):
   a seqio mixture draws them so.) A group rate is the task's example rate over its mean group
   size (``mean_group``), so that examples come at the example rates. The read's lines are then
   shuffled together (a NumPy permutation seeded by (seed, read number)), parsed, and tokenized
-  in one multi-threaded SentencePiece call: no TensorFlow op and no Python tf.data step per
+  in one multi-threaded tokenizer call: no TensorFlow op and no Python tf.data step per
   example. Groups cross from tf.data ``GROUPS_PER_FETCH`` at a time per task (a Python tf.data
   step costs ~0.1 ms); the ones not yet taken wait in the reader (and in its saved state).
 

@@ -1,4 +1,5 @@
-"""The shared multilingual SentencePiece vocabulary: training, loading, checks and parity.
+"""The shared multilingual vocabulary: training (SentencePiece), loading either kind, checks,
+parity.
 
 One vocabulary serves every language. Its training text is sampled with temperature, as in
 mBERT/XLM/mT5: language ``l`` with ``n_l`` lines gets a share of the training text
@@ -7,6 +8,9 @@ proportional to ``n_l ** (1 / T)``, so that small languages are not drowned by l
 
 The model is a unigram SentencePiece model with byte fallback (no text is ever unknown) and
 seqio's special ids: pad = 0, eos = 1, unk = 2, and no bos.
+
+``data.vocab_path`` and ``--vocab`` take a SentencePiece ``.model`` or a Hugging Face
+``tokenizer.json`` (vocabulary.py: one face over both).
 
 Command line::
 
@@ -30,13 +34,12 @@ import numpy as np
 import sentencepiece as spm
 
 from xlingo import paths
-from xlingo.data import readers
+from xlingo.data import readers, vocabulary
 from xlingo.errors import VocabError, XlingoError
 
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
+PAD_ID, EOS_ID, UNK_ID = vocabulary.PAD_ID, vocabulary.EOS_ID, vocabulary.UNK_ID
+local_model = vocabulary.local_model
+EMBEDDED_VOCAB_NAME = vocabulary.EMBEDDED_VOCAB_NAME
 
 
 def corpus_dir() -> str:
@@ -46,7 +49,7 @@ def corpus_dir() -> str:
 
 def embedded_vocab_path() -> str:
   """Path of the shipped vocabulary, trained on the embedded corpus's train split."""
-  return os.path.join(corpus_dir(), "vocab", EMBEDDED_VOCAB_NAME)
+  return vocabulary.embedded_path()
 
 
 def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]:
@@ -191,52 +194,16 @@ def _train(text_path, model_prefix, output_prefix, vocab_size, num_threads, log)
     raise VocabError(f"sentencepiece training for {output_prefix} failed: {first}{hint}") from None
 
 
-def local_model(path: str) -> str:
-  """A local file with the model at ``path``: the path itself, or for a remote model (gs://) a
-  content-addressed local copy fetched through the path layer (seqio and SentencePiece read
-  models through tf.io.gfile or local files only)."""
-  if not paths.isfile(path):
-    raise VocabError(
-        f"{path}: vocabulary file not found; train one with `python -m xlingo.data.vocab train`"
-        " or point data.vocab_path at an existing .model"
-    )
-  return paths.local_copy(path)
-
-
-def _processor(path: str) -> spm.SentencePieceProcessor:
-  """The SentencePiece processor of the model at ``path`` (local or remote), checked."""
-  sp = spm.SentencePieceProcessor()
-  try:
-    sp.Load(local_model(path))
-  except (OSError, RuntimeError):
-    raise VocabError(
-        f"{path}: not a SentencePiece model; give the .model file written by the trainer"
-    ) from None
-  if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (PAD_ID, EOS_ID, UNK_ID):
-    raise VocabError(
-        f"{path}: special ids pad={sp.pad_id()} eos={sp.eos_id()} unk={sp.unk_id()}, but seqio"
-        " needs pad=0 eos=1 unk=2; retrain it with `python -m xlingo.data.vocab train`"
-    )
-  return sp
-
-
 def load_vocab(path: str | None = None):
-  """A ``seqio.SentencePieceVocabulary`` for ``path`` (default: the shipped one)."""
-  path = embedded_vocab_path() if path is None else path
-  _processor(path)  # clear errors before seqio's own
-  import seqio
-
-  return seqio.SentencePieceVocabulary(local_model(path))
+  """The vocabulary at ``path`` (default: the shipped one): a SentencePiece ``.model`` or a
+  Hugging Face ``tokenizer.json``, behind one face (``xlingo.data.vocabulary``)."""
+  return vocabulary.load(embedded_vocab_path() if path is None else path)
 
 
 def check_vocab_matches(vocab, expected_size: int) -> None:
-  """VocabError unless ``vocab.vocab_size == expected_size`` (e.g. ``model.vocab_size``)."""
-  n = vocab.vocab_size
-  if n != expected_size:
-    raise VocabError(
-        f"vocabulary has {n} pieces but the model expects {expected_size}; set"
-        f" model.vocab_size={n} or use a vocabulary of {expected_size} pieces"
-    )
+  """VocabError unless the vocabulary fits a model of ``expected_size`` rows
+  (``vocabulary.check_size``)."""
+  vocabulary.check_size(vocab, expected_size)
 
 
 def parity_report(
@@ -253,14 +220,14 @@ def parity_report(
   translations over the tokens of their English sources, the "tokenisation parity" of the same
   content (1.0 for English, None for a language without pairs).
   """
-  sp = _processor(vocab_path)
+  vocab = load_vocab(vocab_path)
   rows = []
   for lang, texts in lang_to_texts.items():
-    ids = sp.EncodeAsIds(list(texts))
-    tokens = sum(len(x) for x in ids)
+    ids, _ = vocab.encode_flat(list(texts))
+    tokens = len(ids)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     chars = sum(len(t) for t in texts)
-    unk = sum(x.count(UNK_ID) for x in ids)
+    unk = 0 if vocab.unk_id is None else int((ids == vocab.unk_id).sum())
     rows.append({
         "language": lang,
         "examples": len(texts),
@@ -278,8 +245,8 @@ def parity_report(
     r["parallel_ratio"] = 1.0 if r["language"] == "en" else None
     pairs = (parallel or {}).get(r["language"])
     if pairs:
-      en_tokens = sum(len(x) for x in sp.EncodeAsIds([e for e, _ in pairs]))
-      x_tokens = sum(len(x) for x in sp.EncodeAsIds([x for _, x in pairs]))
+      en_tokens = len(vocab.encode_flat([e for e, _ in pairs])[0])
+      x_tokens = len(vocab.encode_flat([x for _, x in pairs])[0])
       r["parallel_ratio"] = x_tokens / max(en_tokens, 1)
   return rows
 
@@ -325,14 +292,11 @@ def format_parity_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
-def vocab_byte_lengths(vocab) -> np.ndarray:
-  """UTF-8 bytes each piece stands for in normalised text; control pieces count 0. Bits per
-  byte count the raw text's bytes instead (the batches' ``raw_bytes``, readers.py); this table
-  serves batches that carry none."""
-  out = np.zeros(vocab.vocab_size, np.float32)
-  table = readers.piece_bytes(vocab.tokenizer)
-  out[: len(table)] = table
-  return out
+def vocab_byte_lengths(vocab, size: int | None = None) -> np.ndarray:
+  """UTF-8 bytes each piece stands for in normalised text; control pieces count 0, rows past
+  the vocabulary (up to ``size``) too. Bits per byte count the raw text's bytes instead (the
+  batches' ``raw_bytes``, readers.py); this table serves batches that carry none."""
+  return vocabulary.byte_lengths(vocab, size)
 
 
 def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
@@ -364,7 +328,8 @@ def main(argv=None) -> int:
   t.add_argument("--seed", type=int, default=0, help="sampling seed")
   t.add_argument("--jsonl_field", default="text", help="the text field of *.jsonl files")
   p = sub.add_parser("parity", help="tokens per byte/char per language", formatter_class=fmt)
-  p.add_argument("--vocab", default=None, help="a .model file (default: the shipped one)")
+  p.add_argument("--vocab", default=None,
+                 help="a .model or tokenizer.json file (default: the shipped one)")
   p.add_argument("--split", default="validation", choices=("train", "validation"),
                  help="split of the embedded corpus")
   p.add_argument("--input", action="append", default=[], help="lang=GLOB instead of the corpus")
