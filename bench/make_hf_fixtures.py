@@ -111,8 +111,12 @@ def make_family(name: str, out_root: str, tok: Tokenizer) -> None:
   shutil.rmtree(out, ignore_errors=True)
   model.save_pretrained(out, safe_serialization=True)
   write_tokenizer(tok, out, extra["bos_token_id"])
-  bos = extra["bos_token_id"]
+  write_reference(model, out, extra["bos_token_id"], rng)
+  print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {out}")
 
+
+def write_reference(model, out: str, bos: int, rng: np.random.Generator) -> None:
+  """``out``/reference.npz: the model's logits (unpacked, packed) and greedy tokens."""
   body = rng.integers(3, VOCAB, size=(2, 23))
   unpacked = np.concatenate([np.full((2, 1), bos), body], axis=1)
   segs = [np.concatenate([[bos], rng.integers(3, VOCAB, size=n - 1)]) for n in SEGMENTS]
@@ -125,7 +129,6 @@ def make_family(name: str, out_root: str, tok: Tokenizer) -> None:
       unpacked_logits=logits_of(model, unpacked), packed_inputs=np.concatenate(segs),
       packed_segment_lengths=np.asarray(SEGMENTS), packed_logits=packed_logits,
       greedy_prompt=prompt[0], greedy_tokens=gen[0, prompt.shape[1]:].numpy())
-  print(f"{name}: {sum(p.numel() for p in model.parameters())} parameters -> {out}")
 
 
 def make_gguf_reference(gguf_path: str, out_root: str) -> None:

@@ -43,7 +43,7 @@ def _check_output(output: str) -> str:
 
 
 def _check_peft(meta: dict, want_peft: bool, where: str):
-  spec = peft_lib.PeftSpec.from_meta(meta.get("peft"))
+  spec = peft_lib.PeftSpec.from_meta(meta)
   if spec is not None and spec.without_lora() is not None:
     raise ConfigError(f"{where} holds bottleneck adapters or prefixes ({spec.without_lora()}), "
                       "which have no Hugging Face equivalent; export a full or LoRA adaptation")
