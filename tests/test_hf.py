@@ -18,7 +18,8 @@ from xlingo.errors import XlingoError
 from xlingo.hf import exporter, importer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ("llama", "llama_tied", "mistral", "qwen2")
+# exported_llama_tied: an adapted model as xlingo.hf exports it (bench/check_hf_export.py).
+FAMILIES = ("llama", "llama_tied", "mistral", "qwen2", "exported_llama_tied")
 EOS = 1  # the fixtures' EOS, where xlingo's generation stops
 
 
@@ -181,3 +182,62 @@ def test_import_and_export_refuse_non_empty_targets(tmp_path):
   with pytest.raises(XlingoError, match="already exists and is not empty"):
     exporter.export_model(str(tmp_path / "nowhere"), str(tmp_path / "w"))
   assert paths.listdir(str(tmp_path / "w")) == ["x"]
+
+
+def test_cli_import_then_tools_and_export(tmp_path):
+  """The command line writes a workdir that load_model reads as a tool and as init_from does,
+  and exporting it gives back the original tensors."""
+  import subprocess
+  import sys
+
+  from xlingo.load import load_model
+
+  work, out = str(tmp_path / "w"), str(tmp_path / "hf")
+  r = subprocess.run([sys.executable, "-m", "xlingo.hf", "import", "--model", fixture("qwen2"),
+                      "--workdir", work, "--languages", "en,de", "--max_len", "128"],
+                     capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-2000:]
+  cfg = config_lib.base_config()
+  lm = load_model(cfg, work)
+  assert lm.table.codes == ("en", "de") and lm.vocab.vocab_size == 320
+  assert lm.config.model.qkv_bias and lm.config.model.bos_id == 1
+  assert lm.vocab.start_id == lm.config.model.bos_id
+  from xlingo.training import restore
+
+  for k in restore.MODEL_KEYS:
+    cfg.model[k] = lm.config.model[k]
+  cfg.data.languages, cfg.data.vocab_path = ("en", "de", "fr"), lm.vocab_path
+  cfg.model.num_languages, cfg.model.lang_emb_init_std = 3, 0.0
+  grown = load_model(cfg, work, model_from="config")  # what checkpoint.init_from does
+  assert not np.any(np.asarray(grown.params["lang_embedding"]))
+  exporter.export_model(work, out)
+  original = load_file(os.path.join(fixture("qwen2"), "model.safetensors"))
+  exported = load_file(os.path.join(out, "model.safetensors"))
+  assert sorted(exported) == sorted(original)
+  for k, v in original.items():
+    np.testing.assert_array_equal(exported[k], v, err_msg=k)
+  with open(os.path.join(out, "config.json")) as f:
+    assert json.load(f)["architectures"] == ["Qwen2ForCausalLM"]
+  assert sorted(os.listdir(out)) == ["config.json", "generation_config.json",
+                                     "model.safetensors", "tokenizer.json",
+                                     "tokenizer_config.json"]
+
+
+def test_export_refusals():
+  meta = {"peft": {"adapter_bottleneck": 8}}
+  with pytest.raises(XlingoError, match="no Hugging Face equivalent"):
+    exporter._check_peft(meta, False, "W")
+  with pytest.raises(XlingoError, match="has no LoRA factors"):
+    exporter._check_peft({}, True, "W")
+  from xlingo.data.languages import LanguageTable
+
+  table = LanguageTable(("en", "de"))
+  rows = np.zeros((2, 4), np.float32)
+  assert exporter._language_row({"lang_embedding": rows}, table, None, "W") is None
+  rows[1, 0] = 1.0
+  with pytest.raises(XlingoError, match="pass --lang"):
+    exporter._language_row({"lang_embedding": rows}, table, None, "W")
+  with pytest.raises(XlingoError, match="not a language of W"):
+    exporter._language_row({"lang_embedding": rows}, table, "fr", "W")
+  np.testing.assert_array_equal(
+      exporter._language_row({"lang_embedding": rows}, table, "de", "W"), rows[1])
