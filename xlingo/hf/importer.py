@@ -58,7 +58,7 @@ def read_model(model: str, max_len: int):
 
 
 def check_tokenizer(files: dict, keys: dict, where: str) -> None:
-  """VocabError-free only when the tokenizer loads and fits the embedding table."""
+  """CheckpointError unless the tokenizer loads, fits the embedding table and has the BOS."""
   from tokenizers import Tokenizer
 
   try:

@@ -15,7 +15,6 @@ slice of the xlingo array), the exporter the other (whole arrays). Kinds:
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 
@@ -223,7 +222,3 @@ def hf_config(m, *, tie: bool, eos_id, max_positions: int) -> dict:
   if m["qkv_bias"]:
     cfg |= {"use_sliding_window": False, "sliding_window": None}
   return cfg
-
-
-def numel(shape) -> int:
-  return math.prod(shape)
