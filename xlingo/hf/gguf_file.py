@@ -35,6 +35,12 @@ NAMES = {
 PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
 
 
+def _short(value) -> float:
+  """A float32 field as the shortest decimal that reads back to it (GGUF stores 1e-5 as
+  9.99999975e-06; configs write 1e-5, and init_from compares the two)."""
+  return float(str(np.float32(value)))
+
+
 def unpermute(w: np.ndarray, heads: int) -> np.ndarray:
   """The inverse of llama.cpp's q/k row permutation (per head: interleaved pairs -> halves)."""
   rows = w.shape[0]
@@ -77,8 +83,8 @@ class GgufSource:
         "num_hidden_layers": int(f["llama.block_count"]), "num_attention_heads": self.heads,
         "num_key_value_heads": self.kv_heads,
         "head_dim": int(f.get("llama.rope.dimension_count", d // self.heads)),
-        "rms_norm_eps": float(f["llama.attention.layer_norm_rms_epsilon"]),
-        "rope_theta": float(f.get("llama.rope.freq_base", 10000.0)),
+        "rms_norm_eps": _short(f["llama.attention.layer_norm_rms_epsilon"]),
+        "rope_theta": _short(f.get("llama.rope.freq_base", 10000.0)),
         "vocab_size": int(f.get("llama.vocab_size", len(f["tokenizer.ggml.tokens"]))),
         "tie_word_embeddings": "output.weight" not in self.tensors,
         "max_position_embeddings": int(f.get("llama.context_length", 2048)),
