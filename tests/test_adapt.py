@@ -200,7 +200,7 @@ def test_vocabulary_growth_of_an_untied_output_layer():
   """The output kernel [d, V] grows by columns, each the mean of its sources' columns."""
   old = np.arange(12, dtype=np.float32).reshape(3, 4)  # d = 3, V = 4
   sources = {4: [1, 3], 5: [2]}
-  got = np.asarray(restore_lib._grow_vocab(old, sources, 1, None))
+  got = np.asarray(vocab_extend.grow_rows(old, sources, 1, None))
   np.testing.assert_array_equal(got[:, :4], old)
   np.testing.assert_allclose(got[:, 4], old[:, [1, 3]].mean(1))
   np.testing.assert_allclose(got[:, 5], old[:, 2])

@@ -5,11 +5,11 @@ Bad input ends in one line on stderr naming the problem and the fix, and exit co
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 
 from xlingo.errors import XlingoError
+from xlingo.stdio import native_stderr_silenced
 
 
 def _one_line(e: BaseException) -> str:
@@ -152,23 +152,6 @@ def leave_distributed() -> None:
 
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
-
-
-@contextlib.contextmanager
-def native_stderr_silenced():
-  """Silence the process's C-level stderr (fd 2) inside the block; Python errors still raise."""
-  try:
-    saved = os.dup(2)
-  except OSError:  # no usable fd 2 (embedded interpreters): nothing to silence
-    yield
-    return
-  try:
-    with open(os.devnull, "w") as null:
-      os.dup2(null.fileno(), 2)
-      yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
 
 
 TF_TAKES_BACK = ("TPU_",)

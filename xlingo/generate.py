@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlingo.data.vocabulary import EOS_ID, PAD_ID
+from xlingo.data.vocab_facts import EOS_ID, PAD_ID
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 

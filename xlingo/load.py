@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 from flax import linen as nn
 
 from xlingo import paths, sharding
-from xlingo.data import vocab as xvocab
+from xlingo.data import vocab_facts, vocabulary
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, ConfigError
 from xlingo.model import decoder as decoder_lib
@@ -57,7 +57,7 @@ class LoadedModel:
   @functools.cached_property
   def byte_table(self) -> jax.Array:
     """UTF-8 bytes per vocabulary piece (bits per byte)."""
-    return jnp.asarray(xvocab.vocab_byte_lengths(self.vocab))
+    return jnp.asarray(vocab_facts.byte_lengths(self.vocab))
 
 
 def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, rules=None,
@@ -117,12 +117,11 @@ def load_model(config, checkpoint: str, *, what: str = "--workdir", mesh=None, r
     params = jax.jit(functools.partial(peft.merge_lora, spec=built["spec"]))(params)
     model = decoder_lib.Decoder(cfg.model, built["want"])
   if grow:  # the config's own vocabulary (load_params checked it against the checkpoint's)
-    path = restore_lib.vocab_path(config)
-    vocab = xvocab.load_vocab(path)
-    xvocab.check_vocab_matches(vocab, cfg.model.vocab_size)
+    path, vocab = vocabulary.load_configured(config.data, cfg.model.vocab_size)
   else:
-    path, vocab = _vocabulary(cfg, r.meta, f"{what} {r.step_dir}")
-  cfg.data.vocab_path = "" if path == paths.resolve(xvocab.embedded_vocab_path()) else path
+    path, vocab = vocabulary.recorded(cfg.data, r.meta, cfg.model.vocab_size,
+                                      f"{what} {r.step_dir}")
+  cfg.data.vocab_path = "" if path == paths.resolve(vocab_facts.embedded_path()) else path
   return LoadedModel(config=cfg, model=model, params=params, vocab=vocab, vocab_path=path,
                      table=LanguageTable(cfg.data.languages), mesh=mesh, rules=rules,
                      step=r.step, step_dir=r.step_dir, meta=r.meta)
@@ -178,25 +177,3 @@ def _config_for(config, meta: dict, step_dir: str, model_from: str, model_config
     if meta.get("languages"):
       cfg.data.languages = tuple(meta["languages"])
   return cfg
-
-
-def _vocabulary(cfg, meta: dict, where: str):
-  """(path, vocabulary) the checkpoint was trained with: ``data.vocab_path`` when set, else the
-  path in its metadata, else the shipped one; checked against the recorded SHA-1."""
-  want = meta.get("vocab_sha1")
-  given = cfg.data.get("vocab_path", "")
-  candidates = [given] if given else [meta.get("vocab_path"), xvocab.embedded_vocab_path()]
-  for path in filter(None, candidates):
-    path = paths.resolve(path)
-    if not want or restore_lib._file_sha1(path) == want:
-      vocab = xvocab.load_vocab(path)
-      xvocab.check_vocab_matches(vocab, cfg.model.vocab_size)
-      return path, vocab
-  trained = meta.get("vocab_path") or "its vocabulary"
-  if given:
-    raise CheckpointError(f"{where}: data.vocab_path={given!r} is not the vocabulary the "
-                          f"checkpoint was trained with (SHA-1 {want[:12]}, {trained}); set "
-                          "data.vocab_path to that vocabulary")
-  raise CheckpointError(f"{where} was trained with {trained} (SentencePiece SHA-1 {want[:12]}), "
-                        "which is not on this machine; copy it here and pass "
-                        "--config.data.vocab_path=COPY")

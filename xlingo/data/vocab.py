@@ -10,7 +10,7 @@ The model is a unigram SentencePiece model with byte fallback (no text is ever u
 seqio's special ids: pad = 0, eos = 1, unk = 2, and no bos.
 
 ``data.vocab_path`` and ``--vocab`` take a SentencePiece ``.model`` or a Hugging Face
-``tokenizer.json`` (vocabulary.py: one face over both).
+``tokenizer.json`` (xlingo/data/vocabulary.py: one face over both).
 
 Command line::
 
@@ -34,12 +34,13 @@ import numpy as np
 import sentencepiece as spm
 
 from xlingo import paths
-from xlingo.data import readers, vocabulary
+from xlingo.data import readers, vocab_facts
+from xlingo.data.sampling import balanced_sample, sampling_rates
 from xlingo.errors import VocabError, XlingoError
 
-PAD_ID, EOS_ID, UNK_ID = vocabulary.PAD_ID, vocabulary.EOS_ID, vocabulary.UNK_ID
-local_model = vocabulary.local_model
-EMBEDDED_VOCAB_NAME = vocabulary.EMBEDDED_VOCAB_NAME
+PAD_ID, EOS_ID, UNK_ID = vocab_facts.PAD_ID, vocab_facts.EOS_ID, vocab_facts.UNK_ID
+local_model = vocab_facts.local_model
+EMBEDDED_VOCAB_NAME = vocab_facts.EMBEDDED_VOCAB_NAME
 
 
 def corpus_dir() -> str:
@@ -49,7 +50,7 @@ def corpus_dir() -> str:
 
 def embedded_vocab_path() -> str:
   """Path of the shipped vocabulary, trained on the embedded corpus's train split."""
-  return vocabulary.embedded_path()
+  return vocab_facts.embedded_path()
 
 
 def embedded_files(split: str = "train", languages=None) -> dict[str, list[str]]:
@@ -91,39 +92,6 @@ def expand_globs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
         raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
       files.extend(matched)
     out[lang] = files
-  return out
-
-
-def sampling_rates(counts: dict[str, int], temperature: float) -> dict[str, float]:
-  """Share of each language in the training text: ``n ** (1/T)`` normalised to sum to 1."""
-  if temperature <= 0:
-    raise VocabError(f"temperature must be > 0, got {temperature}")
-  if not counts or any(n <= 0 for n in counts.values()):
-    raise VocabError(f"every language needs at least one line, got {counts}")
-  weights = {lang: n ** (1.0 / temperature) for lang, n in counts.items()}
-  total = sum(weights.values())
-  return {lang: w / total for lang, w in weights.items()}
-
-
-def sample_counts(counts: dict[str, int], temperature: float, budget: int) -> dict[str, int]:
-  """Lines to draw per language for a ``budget`` of lines (at least one each)."""
-  rates = sampling_rates(counts, temperature)
-  return {lang: max(1, round(rate * budget)) for lang, rate in rates.items()}
-
-
-def balanced_sample(
-    lang_to_lines: dict[str, list[str]], temperature: float, budget: int, seed: int = 0
-) -> dict[str, list[str]]:
-  """Temperature-balanced sample: big languages subsampled, small ones repeated."""
-  counts = {lang: len(lines) for lang, lines in lang_to_lines.items()}
-  targets = sample_counts(counts, temperature, budget)
-  out = {}
-  for lang in sorted(lang_to_lines):
-    lines = list(lang_to_lines[lang])
-    random.Random(f"{seed}:{lang}").shuffle(lines)
-    target = targets[lang]
-    reps, rest = divmod(target, len(lines))
-    out[lang] = lines * reps + lines[:rest]
   return out
 
 
@@ -197,13 +165,15 @@ def _train(text_path, model_prefix, output_prefix, vocab_size, num_threads, log)
 def load_vocab(path: str | None = None):
   """The vocabulary at ``path`` (default: the shipped one): a SentencePiece ``.model`` or a
   Hugging Face ``tokenizer.json``, behind one face (``xlingo.data.vocabulary``)."""
+  from xlingo.data import vocabulary
+
   return vocabulary.load(embedded_vocab_path() if path is None else path)
 
 
 def check_vocab_matches(vocab, expected_size: int) -> None:
   """VocabError unless the vocabulary fits a model of ``expected_size`` rows
-  (``vocabulary.check_size``)."""
-  vocabulary.check_size(vocab, expected_size)
+  (``vocab_facts.check_size``)."""
+  vocab_facts.check_size(vocab, expected_size)
 
 
 def parity_report(
@@ -296,7 +266,7 @@ def vocab_byte_lengths(vocab, size: int | None = None) -> np.ndarray:
   """UTF-8 bytes each piece stands for in normalised text; control pieces count 0, rows past
   the vocabulary (up to ``size``) too. Bits per byte count the raw text's bytes instead (the
   batches' ``raw_bytes``, readers.py); this table serves batches that carry none."""
-  return vocabulary.byte_lengths(vocab, size)
+  return vocab_facts.byte_lengths(vocab, size)
 
 
 def _parse_inputs(values: list[str]) -> dict[str, list[str]]:

@@ -9,6 +9,14 @@ pad 0 / eos 1 / unk 2 / no bos), and appends its most useful pieces that OLD lac
 trained with OLD stays valid: adaptation only adds embedding rows (and output rows) for the new
 ids, each initialised from the old pieces its text decodes to (``new_piece_init_sources``).
 
+A Hugging Face byte-level BPE ``tokenizer.json`` (SmolLM2, Llama 3, Qwen2) is extended the same
+way by ``vocab_bpe.extend_tokenizer``: a BPE trained on the new text with OLD's pre-tokenizer,
+whose new pieces are appended with their merges after OLD's (every old id and merge kept).
+
+The module also grows a model with its vocabulary: ``extension_sources`` checks that a
+config's vocabulary extends a checkpoint's and names each new id's old pieces, ``grow_rows``
+appends the new embedding rows and output columns (``init_from``, training/restore.py).
+
 Which pieces (``pieces=``):
 
 - ``"new_chars"`` (default): only pieces holding at least one character that no OLD piece
@@ -50,13 +58,15 @@ import io
 import json
 import random
 import statistics
+import sys
 
+import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from xlingo import cli, paths
-from xlingo.data import vocab as vocab_lib
-from xlingo.errors import VocabError
+from xlingo import paths, stdio
+from xlingo.data import sampling, vocab_bpe, vocab_facts
+from xlingo.errors import CheckpointError, VocabError, XlingoError
 
 PIECE_MODES = ("new_chars", "all")
 _NORMAL = model_pb2.ModelProto.SentencePiece.NORMAL
@@ -104,7 +114,7 @@ def _check_old(proto: model_pb2.ModelProto, path: str) -> None:
                      " SentencePiece model (train one with `python -m xlingo.data.vocab train`)")
   sp = _processor(proto, path)
   ids = (sp.pad_id(), sp.eos_id(), sp.unk_id())
-  if ids != (vocab_lib.PAD_ID, vocab_lib.EOS_ID, vocab_lib.UNK_ID):
+  if ids != (vocab_facts.PAD_ID, vocab_facts.EOS_ID, vocab_facts.UNK_ID):
     raise VocabError(f"{path}: special ids pad={ids[0]} eos={ids[1]} unk={ids[2]}, but xlingo"
                      " needs pad=0 eos=1 unk=2; retrain it with"
                      " `python -m xlingo.data.vocab train`")
@@ -158,7 +168,7 @@ def _train_new_model(
   options.update({f: getattr(ns, f) for f in _COPIED_NORMALIZER_FIELDS})
   writer = io.BytesIO()
   # The trainer logs dozens of lines to fd 2; its errors still arrive as RuntimeError.
-  with cli.native_stderr_silenced():
+  with stdio.native_stderr_silenced():
     try:
       spm.SentencePieceTrainer.train(
           sentence_iterator=iter(lines),
@@ -167,9 +177,9 @@ def _train_new_model(
           vocab_size=vocab_size,
           hard_vocab_limit=False,  # a small text may support fewer pieces than asked for
           normalization_rule_name=ns.name,
-          pad_id=vocab_lib.PAD_ID,
-          eos_id=vocab_lib.EOS_ID,
-          unk_id=vocab_lib.UNK_ID,
+          pad_id=vocab_facts.PAD_ID,
+          eos_id=vocab_facts.EOS_ID,
+          unk_id=vocab_facts.UNK_ID,
           bos_id=-1,
           input_sentence_size=0,
           shuffle_input_sentence=False,
@@ -217,10 +227,17 @@ def score_offset(old: model_pb2.ModelProto, new: model_pb2.ModelProto) -> float:
   return statistics.median(diffs) if diffs else 0.0
 
 
-def _sample_lines(lang_to_lines: dict[str, list[str]], max_sentences: int, temperature: float,
-                  seed: int) -> list[str]:
+def read_sample(lang_to_files: dict[str, list[str]], max_sentences: int, temperature: float,
+                seed: int) -> list[str]:
+  """The new languages' examples, mixed with temperature sampling as in ``vocab train``, in a
+  seeded order."""
+  lang_to_lines = {}
+  for lang, files in lang_to_files.items():
+    if not files:
+      raise VocabError(f"language {lang!r} has no input files; give --input {lang}='GLOB'")
+    lang_to_lines[lang] = [ln for f in files for ln in read_examples(f)]
   total = sum(len(v) for v in lang_to_lines.values())
-  sample = vocab_lib.balanced_sample(lang_to_lines, temperature, min(max_sentences, total), seed)
+  sample = sampling.balanced_sample(lang_to_lines, temperature, min(max_sentences, total), seed)
   lines = [ln for lang in sorted(sample) for ln in sample[lang]]
   random.Random(seed).shuffle(lines)
   return lines
@@ -238,7 +255,8 @@ def extend_vocab(
 ) -> dict:
   """Writes ``output_prefix``.model/.vocab: OLD plus up to ``new_pieces`` pieces; returns a report.
 
-  ``lang_to_files`` maps each new language to its text files (one example per line, or JSONL
+  For a Hugging Face byte-level BPE (OLD a ``tokenizer.json``), ``output_prefix`` is a
+  directory and the work is ``vocab_bpe.extend_tokenizer``'s. ``lang_to_files`` maps each new language to its text files (one example per line, or JSONL
   with a "text" field); several languages are mixed with temperature sampling as in
   ``vocab train``. The report holds ``old_size``, ``new_size``, ``added`` (fewer than asked
   when the text supports no more useful pieces: ``candidates`` says how many there were),
@@ -248,18 +266,17 @@ def extend_vocab(
     raise VocabError(f"--new_pieces must be at least 1, got {new_pieces}")
   if pieces not in PIECE_MODES:
     raise VocabError(f"pieces={pieces!r}; use one of {', '.join(PIECE_MODES)}")
+  if vocab_facts.kind_of(old_model_path) == "hf":
+    vocab_bpe.load_spec(old_model_path)  # a bad tokenizer fails before the text is read
+    lines = read_sample(lang_to_files, max_sentences, temperature, seed)
+    return vocab_bpe.extend_tokenizer(old_model_path, lines, new_pieces, output_prefix, pieces)
   old = load_model_proto(old_model_path)
   _check_old(old, old_model_path)
   out_model = output_prefix + ".model"
   if paths.resolve(out_model) == paths.resolve(old_model_path):
     raise VocabError(f"--output {output_prefix} would overwrite --vocab {old_model_path};"
                      " choose another output prefix")
-  lang_to_lines = {}
-  for lang, files in lang_to_files.items():
-    if not files:
-      raise VocabError(f"language {lang!r} has no input files; give --input {lang}='GLOB'")
-    lang_to_lines[lang] = [ln for f in files for ln in read_examples(f)]
-  lines = _sample_lines(lang_to_lines, max_sentences, temperature, seed)
+  lines = read_sample(lang_to_files, max_sentences, temperature, seed)
 
   # The new model also spends pieces on bytes, specials and pieces OLD has, and must hold every
   # character it keeps (about a thousand Hangul syllables for Korean): grow it until it yields
@@ -306,7 +323,7 @@ def extend_vocab(
   }
 
 
-def new_piece_init_sources(old_model: str, new_model: str) -> dict[int, list[int]]:
+def sentencepiece_init_sources(old_model: str, new_model: str) -> dict[int, list[int]]:
   """``{new_id: [old ids]}``: the OLD ids each appended piece's text encodes to under OLD.
 
   The adaptation step initialises new embedding row ``i`` as the mean of the old rows listed
@@ -336,6 +353,85 @@ def new_piece_init_sources(old_model: str, new_model: str) -> dict[int, list[int
   return out
 
 
+def new_piece_init_sources(old_model: str, new_model: str) -> dict[int, list[int]]:
+  """``{new_id: [old ids]}`` for either kind: each appended piece and the OLD ids its text
+  encodes to under OLD (``sentencepiece_init_sources``, ``vocab_bpe.init_sources``)."""
+  if vocab_facts.kind_of(old_model) != vocab_facts.kind_of(new_model):
+    raise VocabError(f"{new_model} and {old_model} are different kinds of vocabulary; give the "
+                     "vocabulary that `vocab extend` wrote from the old one")
+  if vocab_facts.kind_of(old_model) == "hf":
+    return vocab_bpe.init_sources(old_model, new_model)
+  return sentencepiece_init_sources(old_model, new_model)
+
+
+# --- growing a model with its vocabulary ------------------------------------------------------
+
+
+def grow_rows(old, sources: dict, axis: int, out_sharding):
+  """``old`` with one row (``axis`` 0) or column (1) appended per new piece, in id order: the
+  mean of the old rows of the pieces the new piece's text encodes to (``sources``). The
+  embedding table and output kernel of a model whose vocabulary was extended."""
+  import jax
+
+  ids = sorted(sources)
+  width = max(1, max(len(sources[i]) for i in ids))
+  idx = np.zeros((len(ids), width), np.int32)
+  weight = np.zeros((len(ids), width), np.float32)
+  for r, i in enumerate(ids):
+    src = sources[i]
+    idx[r, :len(src)] = src
+    weight[r, :len(src)] = 1.0 / len(src) if src else 0.0
+
+  def grow(o):
+    table = o if axis == 0 else o.T
+    new = jax.numpy.einsum("nm,nmd->nd", weight, table[idx].astype(jax.numpy.float32))
+    # A piece with no old pieces (none is known to occur) gets the mean of all old rows.
+    empty = (weight.sum(1) == 0)[:, None]
+    new = jax.numpy.where(empty, table.astype(jax.numpy.float32).mean(0), new)
+    out = jax.numpy.concatenate([table, new.astype(table.dtype)], axis=0)
+    return out if axis == 0 else out.T
+
+  return jax.jit(grow, out_shardings=out_sharding)(old)
+
+
+def extension_sources(meta: dict, config, where: str) -> dict[int, list[int]] | None:
+  """None when ``config`` uses the checkpoint's vocabulary; ``{new id: [old ids]}`` when its
+  ``data.vocab_path`` extends it (the checkpoint's pieces first, piece by piece, then new ones,
+  as ``python -m xlingo.data.vocab extend`` writes); CheckpointError for anything else."""
+  new_path, want_sha = vocab_facts.configured(config.data)
+  have_sha = meta.get("vocab_sha1")
+  old_size, new_size = meta.get("vocab_size"), int(config.model.vocab_size)
+  if old_size == new_size and (not have_sha or not want_sha or have_sha == want_sha):
+    return None
+  if old_size == new_size:
+    raise CheckpointError(
+        f"{where}: the checkpoint was trained with a different vocabulary (vocabulary file "
+        f"SHA-1 {have_sha[:12]} vs {want_sha[:12]} of data.vocab_path); set data.vocab_path to "
+        "the checkpoint's vocabulary (or to an extension of it, with model.vocab_size its size)")
+  old = meta.get("vocab_path")
+  if not (have_sha and old and isinstance(old_size, int)):
+    raise CheckpointError(
+        f"{where}: vocabulary size {old_size} differs from model.vocab_size={new_size} and the "
+        "checkpoint does not record its vocabulary file; the checkpoint needs its own vocabulary")
+  old_path = paths.resolve(old)
+  if vocab_facts.file_sha1(old_path) != have_sha:
+    raise CheckpointError(
+        f"{where} was trained with {old} (vocabulary SHA-1 {have_sha[:12]}), which is not on "
+        "this machine; it is needed to check and initialise the extended data.vocab_path: copy "
+        "it there")
+  try:
+    sources = new_piece_init_sources(old_path, new_path)
+  except VocabError:
+    sources = None
+  if not sources or old_size + len(sources) != new_size:
+    raise CheckpointError(
+        f"{where}: data.vocab_path={new_path} is neither the checkpoint's vocabulary {old} nor "
+        f"an extension of it (its first {old_size} pieces, then new ones); use the "
+        "checkpoint's vocabulary or a model written by `python -m xlingo.data.vocab extend "
+        f"--vocab {old}` (with model.vocab_size set to its size)")
+  return sources
+
+
 def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
   out: dict[str, list[str]] = {}
   for value in values:
@@ -349,11 +445,14 @@ def _parse_inputs(values: list[str]) -> dict[str, list[str]]:
 def build_parser(prog: str = "python -m xlingo.data.vocab_extend") -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--vocab", required=True, help="the OLD .model to extend")
+  parser.add_argument("--vocab", required=True,
+                      help="the OLD .model (or Hugging Face byte-level BPE tokenizer.json) to extend")
   parser.add_argument("--input", action="append", required=True,
                       help="LANG=GLOB of the new language's text, repeatable")
   parser.add_argument("--new_pieces", type=int, required=True, help="pieces to add (at most)")
-  parser.add_argument("--output", required=True, help="output prefix; writes PREFIX.model/.vocab")
+  parser.add_argument("--output", required=True,
+                      help="output prefix; writes PREFIX.model/.vocab (for a tokenizer.json: a "
+                      "directory; writes DIR/tokenizer.json and its tokenizer_config.json)")
   parser.add_argument("--pieces", default="new_chars", choices=PIECE_MODES,
                       help="new_chars: only pieces with a character OLD lacks (old languages keep"
                       " their ids); all: any piece OLD lacks")
@@ -368,17 +467,19 @@ def main(argv=None, prog: str = "python -m xlingo.data.vocab_extend") -> int:
 
   args = build_parser(prog).parse_args(argv)
 
-  def body():
+  try:
     files = expand_inputs(_parse_inputs(args.input))
     report = extend_vocab(args.vocab, files, args.new_pieces, args.output, pieces=args.pieces,
                           temperature=args.temperature, max_sentences=args.max_sentences,
                           seed=args.seed)
-    short = "" if report["added"] == report["requested"] else (
-        f" (only {report['candidates']} useful pieces in the text)")
-    print(f"added {report['added']} of {report['requested']} pieces{short}: "
-          f"{report['old_size']} -> {report['new_size']}; wrote {report['model']}")
-
-  cli.run_body(body)
+  except XlingoError as e:
+    msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f"xlingo: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(e.exit_code) from None
+  short = "" if report["added"] == report["requested"] else (
+      f" (only {report['candidates']} useful pieces in the text)")
+  print(f"added {report['added']} of {report['requested']} pieces{short}: "
+        f"{report['old_size']} -> {report['new_size']}; wrote {report['model']}")
   return 0
 
 

@@ -1,8 +1,6 @@
-"""Vocabulary facts in one place: which file a config names, its kind, its checksum, the
-special ids of SentencePiece models, the byte-level BPE alphabet, and loading either kind.
+"""The vocabulary: one face over SentencePiece models and Hugging Face ``tokenizer.json`` files.
 
-``load(path)`` gives a vocabulary behind one face (``xlingo.data.vocab_kinds``), whatever the
-file: a SentencePiece ``*.model`` or a Hugging Face ``tokenizer.json``. Callers need only
+``load(path)`` gives either kind; callers need only
 
   kind            "sentencepiece" or "hf"
   path, checksum  where it was loaded from and the SHA-1 of that file's bytes
@@ -20,157 +18,333 @@ and never SentencePiece or the ``tokenizers`` library themselves. Both kinds are
 SentencePiece (``*.model``) keeps seqio's ids: pad 0, eos 1, unk 2, no bos; the start id is
 0. A Hugging Face ``tokenizer.json`` (byte-level BPE as SmolLM2, Llama 3 and Qwen2 ship it, or
 a SentencePiece-style BPE with byte fallback as Llama 2 and Mistral do) keeps its own ids: its
-eos and bos come from the ``tokenizer_config.json`` beside it (``eos_token``/``bos_token``),
-and the start id is the bos id, or the eos id where it has no bos (the token that separates
-documents in its pretraining). Text is encoded with special tokens read as plain text, so a
+eos and bos come from the ``tokenizer_config.json`` beside it (``eos_token``/``bos_token``).
+Its start id is what a text follows in the model's pretraining: the special token its
+post-processor puts first (Llama 3's ``<|begin_of_text|>``), else its bos where the config sets
+``add_bos_token``, else ``<|endoftext|>`` (the document separator of SmolLM2 and Qwen2, also
+where their instruct versions end turns with ``<|im_end|>``), else its eos. Its checksum covers
+the ``tokenizer_config.json`` too, since that decides the eos. Text is encoded with special tokens read as plain text, so a
 corpus that contains ``<|endoftext|>`` cannot inject a control id. Nothing in xlingo treats an
 id as padding: masks come from segment ids.
 
-This module imports neither seqio nor TensorFlow (the vocabulary command line stays quick);
-``load`` does.
+Which file a config names, checksums and ids are in ``vocab_facts`` (no seqio, no TensorFlow).
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
+import itertools
+import json
 
 import numpy as np
+import seqio
+import tensorflow as tf
 
 from xlingo import paths
+from xlingo.data import vocab_facts as v
 from xlingo.errors import VocabError
 
-# SentencePiece models written by ``python -m xlingo.data.vocab train`` (seqio's ids).
-PAD_ID = 0
-EOS_ID = 1
-UNK_ID = 2
-KINDS = ("sentencepiece", "hf")
-HF_CONFIG = "tokenizer_config.json"
-# End-of-text names tried, in order, for a tokenizer.json without a tokenizer_config.json.
-EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
-EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
+# --- SentencePiece ---------------------------------------------------------------------------
 
 
-def embedded_path() -> str:
-  """The shipped vocabulary, trained on the embedded corpus's train split."""
-  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "vocab",
-                      EMBEDDED_VOCAB_NAME)
+def sentencepiece_processor(path: str):
+  """The SentencePiece processor of the model at ``path`` (local or remote), checked."""
+  import sentencepiece as spm
 
-
-def kind_of(path: str) -> str:
-  """"hf" for a ``*.json`` tokenizer file, else "sentencepiece"."""
-  return "hf" if str(path).endswith(".json") else "sentencepiece"
-
-
-@functools.lru_cache(maxsize=16)
-def file_sha1(path: str) -> str | None:
-  """SHA-1 of a vocabulary file's bytes (None if it cannot be read): its identity in
-  checkpoints (``vocab_sha1``) and caches."""
+  sp = spm.SentencePieceProcessor()
   try:
-    return hashlib.sha1(paths.read_bytes(path)).hexdigest()
-  except OSError:
+    sp.Load(v.local_model(path))
+  except (OSError, RuntimeError):
+    raise VocabError(
+        f"{path}: not a SentencePiece model; give the .model file written by the trainer (or a"
+        " Hugging Face tokenizer.json)"
+    ) from None
+  if (sp.pad_id(), sp.eos_id(), sp.unk_id()) != (v.PAD_ID, v.EOS_ID, v.UNK_ID):
+    raise VocabError(
+        f"{path}: special ids pad={sp.pad_id()} eos={sp.eos_id()} unk={sp.unk_id()}, but seqio"
+        " needs pad=0 eos=1 unk=2; retrain it with `python -m xlingo.data.vocab train`"
+    )
+  return sp
+
+
+class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
+  """seqio's SentencePiece vocabulary with the face (module docstring); ``tokenizer`` is the
+  SentencePiece processor."""
+
+  kind = "sentencepiece"
+  start_id = v.PAD_ID
+
+  def __init__(self, path: str):
+    sentencepiece_processor(path)  # clear errors before seqio's own
+    self.path = paths.resolve(path)
+    super().__init__(v.local_model(path))
+    self._piece_bytes = None
+
+  @property
+  def checksum(self) -> str:
+    return v.file_sha1(self.path)
+
+  @property
+  def bos_id(self) -> int | None:
     return None
 
+  def encode_flat(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of ``texts`` (str or bytes) as (all ids concatenated, length of each).
 
-def configured(data_cfg) -> tuple[str, str | None]:
-  """(absolute path, SHA-1) of the vocabulary a data config names: ``data.vocab_path``, or the
-  shipped one when it is empty. The one place training, restore and the tools turn the
-  setting into a file."""
-  path = paths.resolve(data_cfg.vocab_path or embedded_path())
-  return path, file_sha1(path)
+    One multi-threaded batch call. sentencepiece 0.2.3's numpy output builds one array per
+    text in Python (about a fifth of the encode time, holding the GIL); its C++ buffers are
+    joined here in one step instead, falling back to the public call if that method is not
+    there.
+    """
+    sp = self.tokenizer
+    batch = getattr(getattr(sp, "_processor", None), "_EncodeAsBufferBatch", None)
+    if batch is not None:
+      bufs = batch(texts, -1, None, False, 0, 0.0, False, False, False)
+      lens = np.fromiter((memoryview(b).nbytes for b in bufs), np.int64, count=len(bufs)) // 4
+      return np.frombuffer(b"".join(bufs), np.int32), lens
+    arrs = sp.Encode(texts, return_type="numpy")
+    lens = np.fromiter(map(len, arrs), np.int64, count=len(arrs))
+    return (np.concatenate(arrs) if arrs else np.zeros(0, np.int32)), lens
+
+  def piece_bytes(self) -> np.ndarray:
+    """UTF-8 bytes of the normalised text each piece stands for ("▁" as a space, a byte piece
+    1, control and unknown pieces 0)."""
+    if self._piece_bytes is None:
+      sp = self.tokenizer
+      out = np.zeros(sp.get_piece_size(), np.int32)
+      for i in range(sp.get_piece_size()):
+        if sp.is_control(i) or sp.is_unknown(i):
+          continue
+        out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
+      out.setflags(write=False)
+      self._piece_bytes = out
+    return self._piece_bytes
+
+
+
+# --- Hugging Face tokenizer.json ------------------------------------------------------------
+
+
+def _has_type(node, name: str) -> bool:
+  """Whether a tokenizer.json component (or a Sequence of them) is of type ``name``."""
+  if not isinstance(node, dict):
+    return False
+  if node.get("type") == name:
+    return True
+  subs = node.get("pretokenizers") or node.get("decoders") or node.get("normalizers") or []
+  return any(_has_type(s, name) for s in subs)
+
+
+def _token_name(value) -> str | None:
+  """A tokenizer_config.json token entry: a string or ``{"content": ...}``."""
+  if isinstance(value, dict):
+    value = value.get("content")
+  return value if isinstance(value, str) and value else None
+
+
+class HFVocabulary(seqio.Vocabulary):
+  """A Hugging Face ``tokenizer.json`` behind the face (module docstring); ``tokenizer`` is
+  the ``tokenizers.Tokenizer``, ``spec`` its parsed JSON."""
+
+  kind = "hf"
+
+  def __init__(self, path: str):
+    import tokenizers
+
+    super().__init__(extra_ids=0)
+    if not paths.isfile(path):
+      v.local_model(path)  # its one-line error
+    self.path = paths.resolve(path)
+    text = paths.read_text(self.path)
+    try:
+      self.spec = json.loads(text)
+      self.tokenizer = tokenizers.Tokenizer.from_str(text)
+    except Exception as e:  # noqa: BLE001 - json and the Rust library raise their own types
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+      raise VocabError(f"{path}: not a Hugging Face tokenizer.json ({first}); give the "
+                       "tokenizer.json of a Hugging Face model directory") from None
+    # Corpus text is text: "<|endoftext|>" written in a file is not the control id.
+    self.tokenizer.encode_special_tokens = True
+    ids = self.tokenizer.get_vocab(with_added_tokens=True)
+    self._size = max(ids.values()) + 1 if ids else 0
+    config = self._config()
+    self._eos = self._special_id(config, "eos_token", required=True)
+    self._bos = self._special_id(config, "bos_token", required=False)
+    self._start = self._start_of_text(config)
+    self._unk = self.spec.get("model", {}).get("unk_token")
+    self._unk = None if self._unk is None else self.tokenizer.token_to_id(self._unk)
+    self.byte_level = _has_type(self.spec.get("pre_tokenizer"), "ByteLevel") or _has_type(
+        self.spec.get("decoder"), "ByteLevel")
+    self._piece_bytes = None
+
+  def _config(self) -> dict:
+    where = paths.join(paths.dirname(self.path), v.HF_CONFIG)
+    if not paths.isfile(where):
+      return {}
+    try:
+      config = json.loads(paths.read_text(where))
+    except ValueError:
+      raise VocabError(f"{where}: not valid JSON; fix it or remove it (the eos token is then "
+                       "guessed from the tokenizer's special tokens)") from None
+    return config if isinstance(config, dict) else {}
+
+  def _special_id(self, config: dict, key: str, required: bool) -> int | None:
+    name = _token_name(config.get(key))
+    if name is None and required:
+      name = next((n for n in v.EOS_NAMES if self.tokenizer.token_to_id(n) is not None), None)
+    if name is None:
+      if required:
+        raise VocabError(f"{self.path}: no end-of-text token; put a {v.HF_CONFIG} with "
+                         "\"eos_token\" beside it (as Hugging Face model directories have)")
+      return None
+    i = self.tokenizer.token_to_id(name)
+    if i is None:
+      raise VocabError(f"{self.path}: {v.HF_CONFIG} names {key} {name!r}, which the tokenizer "
+                       "does not have; give the tokenizer_config.json of the same model")
+    return int(i)
+
+  def _start_of_text(self, config: dict) -> int:
+    """The id a text follows (module docstring): the special token the tokenizer's own
+    post-processor puts before a text (Llama 3's ``<|begin_of_text|>``), else its bos when
+    ``add_bos_token`` asks for it, else ``<|endoftext|>``, the document separator of GPT-2-style
+    pretraining (SmolLM2, Qwen2), else its eos."""
+    bare = self.tokenizer.encode("x", add_special_tokens=False).ids
+    full = self.tokenizer.encode("x", add_special_tokens=True).ids
+    if len(full) > len(bare) and full[len(full) - len(bare):] == bare:
+      return int(full[0])
+    if self._bos is not None and config.get("add_bos_token") is True:
+      return self._bos
+    separator = self.tokenizer.token_to_id(v.EOS_NAMES[0])
+    return self._eos if separator is None else int(separator)
+
+  @property
+  def checksum(self) -> str:
+    return v.file_sha1(self.path)
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos
+
+  @property
+  def start_id(self) -> int:
+    return self._start
+
+  @property
+  def unk_id(self) -> int | None:
+    return self._unk
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self._size
+
+  def _encode(self, s: str) -> list[int]:
+    return self.tokenizer.encode(s, add_special_tokens=False).ids
+
+  def _decode(self, ids) -> str:
+    return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
+
+  def _encode_tf(self, s):
+    # A scalar string, as seqio's tokenize preprocessors give one example at a time (xlingo's
+    # own readers tokenize on the host, in batches: encode_flat).
+    def enc(x):
+      return np.asarray(self._encode(x.item().decode("utf-8")), np.int32)
+
+    out = tf.numpy_function(enc, [s], tf.int32, stateful=False)
+    out.set_shape([None])
+    return out
+
+  def _decode_tf(self, ids):
+    def dec(x):
+      return np.asarray(self._decode(x.tolist()).encode("utf-8"), object)
+
+    out = tf.numpy_function(dec, [ids], tf.string, stateful=False)
+    out.set_shape([])
+    return out
+
+  def encode_flat(self, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Ids of ``texts`` (str or bytes) as (all ids concatenated, length of each), in one
+    multi-threaded batch call."""
+    texts = [t.decode("utf-8") if isinstance(t, bytes) else t for t in texts]
+    encs = self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+    lens = np.fromiter((len(e.ids) for e in encs), np.int64, count=len(encs))
+    flat = np.fromiter(itertools.chain.from_iterable(e.ids for e in encs), np.int32,
+                       count=int(lens.sum()))
+    return flat, lens
+
+  def piece_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for: a byte-level piece's bytes through the byte alphabet,
+    a ``<0xNN>`` byte-fallback piece 1, another piece's text with "▁" as a space, an added
+    token's content; special tokens and unused ids 0."""
+    if self._piece_bytes is None:
+      out = np.zeros(self._size, np.int32)
+      added = {int(i): t for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+      byte_fallback = bool(self.spec.get("model", {}).get("byte_fallback"))
+      for piece, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+        if i in added or i == self._unk:
+          continue
+        if self.byte_level:
+          out[i] = len(v.piece_to_bytes(piece))
+        elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece[-1] == ">":
+          out[i] = 1
+        else:
+          out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
+      for i, t in added.items():
+        out[i] = 0 if t.special else len(t.content.encode("utf-8"))
+      out.setflags(write=False)
+      self._piece_bytes = out
+    return self._piece_bytes
+
+  def __eq__(self, other):
+    return isinstance(other, HFVocabulary) and other.checksum == self.checksum
+
+  def __hash__(self):
+    return hash(self.checksum)
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+def load(path: str):
+  """The vocabulary at ``path``: :class:`HFVocabulary` for a ``*.json`` file, else
+  :class:`SentencePieceVocabulary`; VocabError (one line) for a missing or unusable file."""
+  if v.kind_of(path) == "hf":
+    return HFVocabulary(path)
+  return SentencePieceVocabulary(path)
 
 
 def load_configured(data_cfg, model_vocab_size: int | None = None):
   """(absolute path, vocabulary) of ``data.vocab_path`` (``configured``), checked against the
   model's ``model.vocab_size`` when given."""
-  path, _ = configured(data_cfg)
+  path, _ = v.configured(data_cfg)
   vocab = load(path)
   if model_vocab_size is not None:
-    check_size(vocab, model_vocab_size)
+    v.check_size(vocab, model_vocab_size)
   return path, vocab
 
 
-def local_model(path: str) -> str:
-  """A local file with the model at ``path``: the path itself, or for a remote model (gs://) a
-  content-addressed local copy fetched through the path layer (seqio and SentencePiece read
-  models through tf.io.gfile or local files only)."""
-  if not paths.isfile(path):
-    raise VocabError(
-        f"{path}: vocabulary file not found; train one with `python -m xlingo.data.vocab train`"
-        " or point data.vocab_path at an existing .model or tokenizer.json"
-    )
-  return paths.local_copy(path)
+def recorded(data_cfg, meta: dict, model_vocab_size: int, where: str):
+  """(absolute path, vocabulary) a checkpoint was trained with, for the tools: ``data.vocab_path``
+  when set, else the path in the checkpoint's metadata, else the shipped one; each checked
+  against the recorded SHA-1 (``meta["vocab_sha1"]``). CheckpointError when none matches."""
+  from xlingo.errors import CheckpointError
 
-
-def load(path: str):
-  """The vocabulary at ``path``: ``vocab_kinds.HFVocabulary`` for a ``*.json`` file, else
-  ``vocab_kinds.SentencePieceVocabulary``; VocabError (one line) for a missing or unusable
-  file."""
-  from xlingo.data import vocab_kinds
-
-  if kind_of(path) == "hf":
-    return vocab_kinds.HFVocabulary(path)
-  return vocab_kinds.SentencePieceVocabulary(path)
-
-
-# --- the byte-level BPE alphabet ------------------------------------------------------------
-
-
-@functools.cache
-def byte_to_unicode() -> dict[int, str]:
-  """The byte-level BPE alphabet (GPT-2's): each byte value as the character that stands for
-  it in pieces. Printable Latin-1 bytes stand for themselves; the others (controls, space,
-  0x7f-0xa0, 0xad) take the characters from U+0100 on, in byte order."""
-  keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
-  out, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      out[b] = chr(b)
-    else:
-      out[b] = chr(256 + extra)
-      extra += 1
-  return out
-
-
-@functools.cache
-def unicode_to_byte() -> dict[str, int]:
-  return {c: b for b, c in byte_to_unicode().items()}
-
-
-def piece_to_bytes(piece: str) -> bytes:
-  """The bytes a byte-level BPE piece stands for (VocabError for a character outside the
-  byte alphabet)."""
-  table = unicode_to_byte()
-  try:
-    return bytes(table[c] for c in piece)
-  except KeyError:
-    raise VocabError(f"piece {piece!r} has a character outside the byte-level alphabet") from None
-
-
-def bytes_to_piece(data: bytes) -> str:
-  """The byte-level BPE spelling of ``data``."""
-  table = byte_to_unicode()
-  return "".join(table[b] for b in data)
-
-
-def check_size(vocab, model_vocab_size: int) -> None:
-  """VocabError unless the model has one row per id: ``vocab.vocab_size == model_vocab_size``,
-  or for a Hugging Face tokenizer at least that many (models pad their tables: Qwen2's 151,936
-  rows serve 151,665 ids)."""
-  n = vocab.vocab_size
-  if n == model_vocab_size or (getattr(vocab, "kind", "") == "hf" and model_vocab_size > n):
-    return
-  raise VocabError(
-      f"vocabulary has {n} pieces but the model expects {model_vocab_size}; set"
-      f" model.vocab_size={n} or use a vocabulary of {model_vocab_size} pieces"
-  )
-
-
-def byte_lengths(vocab, size: int | None = None) -> np.ndarray:
-  """``vocab.piece_bytes()`` as float32, zero-padded to ``size`` rows (the model's)."""
-  table = vocab.piece_bytes()
-  out = np.zeros(max(size or 0, len(table)), np.float32)
-  out[: len(table)] = table
-  return out
-
+  want = meta.get("vocab_sha1")
+  given = data_cfg.vocab_path
+  candidates = [given] if given else [meta.get("vocab_path"), v.embedded_path()]
+  for path in filter(None, candidates):
+    path = paths.resolve(path)
+    if not want or v.file_sha1(path) == want:
+      vocab = load(path)
+      v.check_size(vocab, model_vocab_size)
+      return path, vocab
+  trained = meta.get("vocab_path") or "its vocabulary"
+  if given:
+    raise CheckpointError(f"{where}: data.vocab_path={given!r} is not the vocabulary the "
+                          f"checkpoint was trained with (SHA-1 {want[:12]}, {trained}); set "
+                          "data.vocab_path to that vocabulary")
+  raise CheckpointError(f"{where} was trained with {trained} (vocabulary SHA-1 {want[:12]}), "
+                        "which is not on this machine; copy it here and pass "
+                        "--config.data.vocab_path=COPY")

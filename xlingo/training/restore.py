@@ -23,20 +23,16 @@ LoRA checkpoint's factors are merged when the new model has none).
 from __future__ import annotations
 
 import dataclasses
-import functools
-import hashlib
 import json
 from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from xlingo import paths
-from xlingo.data import vocab as xvocab
-from xlingo.data import vocab_extend
-from xlingo.errors import CheckpointError, ConfigError, VocabError
+from xlingo.data import vocab_extend, vocab_facts
+from xlingo.errors import CheckpointError, ConfigError
 from xlingo.model import peft
 from xlingo.training import state as state_lib
 
@@ -53,7 +49,8 @@ def model_fingerprint(config) -> dict:
   m = config.model
   # Tuples as lists: the form they take in the JSON metadata they are compared with.
   return {k: list(m[k]) if isinstance(m[k], tuple) else m[k] for k in MODEL_KEYS} | {
-      "languages": list(config.data.languages), "vocab_sha1": vocab_sha1(config)}
+      "languages": list(config.data.languages),
+      "vocab_sha1": vocab_facts.configured(config.data)[1]}
 
 
 # Parameters with a language axis (name -> axis): a checkpoint with fewer languages grows them.
@@ -61,21 +58,8 @@ LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
 # Parameters with a vocabulary axis (name -> axis): an extended vocabulary grows them.
 VOCAB_AXES = {"token_embedding": 0, "output_kernel": 1}
 # Fingerprint keys that may differ for init_from: languages may be appended, the vocabulary
-# extended (checked piece by piece: ``vocab_extension``).
+# extended (checked piece by piece: ``vocab_extend.extension_sources``).
 _GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
-
-
-def vocab_sha1(config) -> str | None:
-  """SHA-1 of the SentencePiece model file the config uses (None if it cannot be read)."""
-  return _file_sha1(vocab_path(config))
-
-
-@functools.lru_cache(maxsize=8)
-def _file_sha1(path: str) -> str | None:
-  try:
-    return hashlib.sha1(paths.read_bytes(path)).hexdigest()
-  except OSError:
-    return None
 
 
 # --- restoring ------------------------------------------------------------------------------
@@ -149,16 +133,13 @@ def fmt_value(value) -> str:
   return repr(value) if isinstance(value, str) else str(value)
 
 
-def vocab_path(config) -> str:
-  return paths.resolve(config.data.get("vocab_path", "") or xvocab.embedded_vocab_path())
-
-
 def checkpoint_meta(config, step: int, restore_step: int | None = None) -> dict:
   """A training checkpoint's ``meta/``: the model fingerprint, where its vocabulary was, the
   parameter-efficient parts of the model, the settings that shape its saved state, its step
   (and the restore_step it descends from)."""
   spec = peft.spec_from_config(config)
-  meta = model_fingerprint(config) | {"step": int(step), "vocab_path": vocab_path(config),
+  meta = model_fingerprint(config) | {"step": int(step),
+                                      "vocab_path": vocab_facts.configured(config.data)[0],
                                       "peft": spec.to_meta() if spec else None,
                                       "settings": state_settings(config)}
   if restore_step:
@@ -168,7 +149,7 @@ def checkpoint_meta(config, step: int, restore_step: int | None = None) -> dict:
 
 def export_meta(config, step: int | None) -> dict:
   """The ``meta/`` of exported plain parameters (no optimizer or data state to describe)."""
-  meta = model_fingerprint(config) | {"vocab_path": vocab_path(config)}
+  meta = model_fingerprint(config) | {"vocab_path": vocab_facts.configured(config.data)[0]}
   return meta if step is None else meta | {"step": int(step)}
 
 
@@ -282,7 +263,7 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
   (and left as it is: a tool does not rename another run's files). With ``config``
   (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
   ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
-  ``data.vocab_path`` may extend its vocabulary (``vocab_extension``), and the target may hold
+  ``data.vocab_path`` may extend its vocabulary (``vocab_extend.extension_sources``), and the target may hold
   parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
   ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
   languages' rows and the new parameter-efficient ones; everything else is loaded.
@@ -362,77 +343,15 @@ def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, 
         [o, f[i]], axis=a), out_shardings=abstract_params[name].sharding)(
             saved_part(name, have), new[name])
   for name, (axis, have) in grow_vocab.items():
-    params[name] = _grow_vocab(saved_part(name, have), vocab_sources, axis,
-                               abstract_params[name].sharding)
+    params[name] = vocab_extend.grow_rows(saved_part(name, have), vocab_sources, axis,
+                                          abstract_params[name].sharding)
   return params
-
-
-def _grow_vocab(old, sources: dict, axis: int, out_sharding):
-  """``old`` with one row (``axis`` 0) or column (1) appended per new piece, in id order: the
-  mean of the old rows of the pieces the new piece's text encodes to (``sources``)."""
-  ids = sorted(sources)
-  width = max(1, max(len(sources[i]) for i in ids))
-  idx = np.zeros((len(ids), width), np.int32)
-  weight = np.zeros((len(ids), width), np.float32)
-  for r, i in enumerate(ids):
-    src = sources[i]
-    idx[r, :len(src)] = src
-    weight[r, :len(src)] = 1.0 / len(src) if src else 0.0
-
-  def grow(o):
-    table = o if axis == 0 else o.T
-    new = jax.numpy.einsum("nm,nmd->nd", weight, table[idx].astype(jax.numpy.float32))
-    # A piece with no old pieces (none is known to occur) gets the mean of all old rows.
-    empty = (weight.sum(1) == 0)[:, None]
-    new = jax.numpy.where(empty, table.astype(jax.numpy.float32).mean(0), new)
-    out = jax.numpy.concatenate([table, new.astype(table.dtype)], axis=0)
-    return out if axis == 0 else out.T
-
-  return jax.jit(grow, out_shardings=out_sharding)(old)
-
-
-def vocab_extension(meta: dict, config, where: str) -> dict[int, list[int]] | None:
-  """None when ``config`` uses the checkpoint's vocabulary; ``{new id: [old ids]}`` when its
-  ``data.vocab_path`` extends it (the checkpoint's pieces first, piece by piece, then new ones,
-  as ``python -m xlingo.data.vocab extend`` writes); CheckpointError for anything else."""
-  have_sha, want_sha = meta.get("vocab_sha1"), vocab_sha1(config)
-  old_size, new_size = meta.get("vocab_size"), int(config.model.vocab_size)
-  if old_size == new_size and (not have_sha or not want_sha or have_sha == want_sha):
-    return None
-  if old_size == new_size:
-    raise CheckpointError(
-        f"{where}: the checkpoint was trained with a different vocabulary (SentencePiece model "
-        f"SHA-1 {have_sha[:12]} vs {want_sha[:12]} of data.vocab_path); set data.vocab_path to "
-        "the checkpoint's vocabulary (or to an extension of it, with model.vocab_size its size)")
-  old = meta.get("vocab_path")
-  if not (have_sha and old and isinstance(old_size, int)):
-    raise CheckpointError(
-        f"{where}: vocabulary size {old_size} differs from model.vocab_size={new_size} and the "
-        "checkpoint does not record its vocabulary file; the checkpoint needs its own vocabulary")
-  old_path = paths.resolve(old)
-  if _file_sha1(old_path) != have_sha:
-    raise CheckpointError(
-        f"{where} was trained with {old} (SentencePiece SHA-1 {have_sha[:12]}), which is not on "
-        "this machine; it is needed to check and initialise the extended data.vocab_path: copy "
-        "it there")
-  new_path = vocab_path(config)
-  try:
-    sources = vocab_extend.new_piece_init_sources(old_path, new_path)
-  except VocabError:
-    sources = None
-  if not sources or old_size + len(sources) != new_size:
-    raise CheckpointError(
-        f"{where}: data.vocab_path={new_path} is neither the checkpoint's vocabulary {old} nor "
-        f"an extension of it (its first {old_size} pieces, then new ones); use the "
-        "checkpoint's vocabulary or a model written by `python -m xlingo.data.vocab extend "
-        f"--vocab {old}` (with model.vocab_size set to its size)")
-  return sources
 
 
 def _check_init_from_meta(meta: dict, config, where: str) -> dict | None:
   """CheckpointError unless ``config``'s model can start from the checkpoint's; returns the
-  vocabulary extension's sources (``vocab_extension``)."""
-  sources = vocab_extension(meta, config, where)
+  vocabulary extension's sources (``vocab_extend.extension_sources``)."""
+  sources = vocab_extend.extension_sources(meta, config, where)
   want = model_fingerprint(config)
   diff = {k: (meta[k], want[k]) for k in want
           if k in meta and k not in _GROWABLE and meta[k] != want[k]}

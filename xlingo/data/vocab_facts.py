@@ -1,0 +1,133 @@
+"""Vocabulary facts in one place, without seqio or TensorFlow: which file a config names
+(``configured``), its kind and checksum, the special ids of SentencePiece models, the
+byte-level BPE alphabet, and whether a vocabulary fits a model. The vocabulary itself (either
+kind behind one face) is ``xlingo.data.vocabulary``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+import numpy as np
+
+from xlingo import paths
+from xlingo.errors import VocabError
+
+# SentencePiece models written by ``python -m xlingo.data.vocab train`` (seqio's ids).
+PAD_ID = 0
+EOS_ID = 1
+UNK_ID = 2
+HF_CONFIG = "tokenizer_config.json"
+# End-of-text names tried, in order, for a tokenizer.json without a tokenizer_config.json.
+EOS_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "<|im_end|>")
+EMBEDDED_VOCAB_NAME = "xlingo_8k.model"
+
+
+def embedded_path() -> str:
+  """The shipped vocabulary, trained on the embedded corpus's train split."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus", "vocab",
+                      EMBEDDED_VOCAB_NAME)
+
+
+def kind_of(path: str) -> str:
+  """"hf" for a ``*.json`` tokenizer file, else "sentencepiece"."""
+  return "hf" if str(path).endswith(".json") else "sentencepiece"
+
+
+@functools.lru_cache(maxsize=16)
+def file_sha1(path: str) -> str | None:
+  """A vocabulary's identity in checkpoints (``vocab_sha1``) and caches (None if it cannot be
+  read): the SHA-1 of its file's bytes, and for a ``tokenizer.json`` also of the
+  ``tokenizer_config.json`` beside it (it names the eos)."""
+  try:
+    h = hashlib.sha1(paths.read_bytes(path))
+    config = paths.join(paths.dirname(path), HF_CONFIG)
+    if kind_of(path) == "hf" and paths.isfile(config):
+      h.update(b"\0" + paths.read_bytes(config))
+    return h.hexdigest()
+  except OSError:
+    return None
+
+
+def configured(data_cfg) -> tuple[str, str | None]:
+  """(absolute path, SHA-1) of the vocabulary a data config names: ``data.vocab_path``, or the
+  shipped one when it is empty. The one place training, restore and the tools turn the
+  setting into a file."""
+  path = paths.resolve(data_cfg.vocab_path or embedded_path())
+  return path, file_sha1(path)
+
+
+def local_model(path: str) -> str:
+  """A local file with the model at ``path``: the path itself, or for a remote model (gs://) a
+  content-addressed local copy fetched through the path layer (seqio and SentencePiece read
+  models through tf.io.gfile or local files only)."""
+  if not paths.isfile(path):
+    raise VocabError(
+        f"{path}: vocabulary file not found; train one with `python -m xlingo.data.vocab train`"
+        " or point data.vocab_path at an existing .model or tokenizer.json"
+    )
+  return paths.local_copy(path)
+
+
+# --- the byte-level BPE alphabet ------------------------------------------------------------
+
+
+@functools.cache
+def byte_to_unicode() -> dict[int, str]:
+  """The byte-level BPE alphabet (GPT-2's): each byte value as the character that stands for
+  it in pieces. Printable Latin-1 bytes stand for themselves; the others (controls, space,
+  0x7f-0xa0, 0xad) take the characters from U+0100 on, in byte order."""
+  keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  out, extra = {}, 0
+  for b in range(256):
+    if b in keep:
+      out[b] = chr(b)
+    else:
+      out[b] = chr(256 + extra)
+      extra += 1
+  return out
+
+
+@functools.cache
+def unicode_to_byte() -> dict[str, int]:
+  return {c: b for b, c in byte_to_unicode().items()}
+
+
+def piece_to_bytes(piece: str) -> bytes:
+  """The bytes a byte-level BPE piece stands for (VocabError for a character outside the
+  byte alphabet)."""
+  table = unicode_to_byte()
+  try:
+    return bytes(table[c] for c in piece)
+  except KeyError:
+    raise VocabError(f"piece {piece!r} has a character outside the byte-level alphabet") from None
+
+
+def bytes_to_piece(data: bytes) -> str:
+  """The byte-level BPE spelling of ``data``."""
+  table = byte_to_unicode()
+  return "".join(table[b] for b in data)
+
+
+def check_size(vocab, model_vocab_size: int) -> None:
+  """VocabError unless the model has one row per id: ``vocab.vocab_size == model_vocab_size``,
+  or for a Hugging Face tokenizer at least that many (models pad their tables: Qwen2's 151,936
+  rows serve 151,665 ids)."""
+  n = vocab.vocab_size
+  if n == model_vocab_size or (getattr(vocab, "kind", "") == "hf" and model_vocab_size > n):
+    return
+  raise VocabError(
+      f"vocabulary has {n} pieces but the model expects {model_vocab_size}; set"
+      f" model.vocab_size={n} or use a vocabulary of {model_vocab_size} pieces"
+  )
+
+
+def byte_lengths(vocab, size: int | None = None) -> np.ndarray:
+  """``vocab.piece_bytes()`` as float32, zero-padded to ``size`` rows (the model's)."""
+  table = vocab.piece_bytes()
+  out = np.zeros(max(size or 0, len(table)), np.float32)
+  out[: len(table)] = table
+  return out
+
