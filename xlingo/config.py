@@ -144,6 +144,20 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # (generate --lang none), and the language-ID loss is taken where the hint is hidden.
   model.lang_emb_dropout = 0.0
   model.rope_theta = 10000.0
+  # Llama 3's RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
+  # original_max_position_embeddings); empty: none (xlingo.model.attention.rope_inv_freq).
+  model.rope_scaling = ()
+  model.norm_eps = 1e-6  # RMSNorm's epsilon (Llama 2/3 and SmolLM2 use 1e-5)
+  model.qkv_bias = False  # biases on the query/key/value projections (Qwen2)
+  # The tied output projection's scale on the hidden states: "rsqrt_d" (d_model**-0.5, which
+  # keeps a from-scratch model's initial logits O(1)) or "none" (Hugging Face's tied models).
+  model.tied_output_scale = "rsqrt_d"
+  # The input id at position 0 of every segment (the shifted-in placeholder): 0 for xlingo's
+  # own vocabularies, the tokenizer's BOS for an imported model (xlingo.hf).
+  model.bos_id = 0
+  # Standard deviation of the language-embedding rows at initialisation (and of appended
+  # languages' rows); 0 starts them at zero, so an imported model is unchanged until trained.
+  model.lang_emb_init_std = 0.1
   model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
   return model
 

@@ -15,7 +15,7 @@ Everything else (resume, SIGTERM, metrics, evaluation) is the shared loop's.
 
 The teacher's shape comes from its checkpoint's metadata (``distill.teacher_model_source =
 'checkpoint'``) or from ``distill.teacher_model`` ('config', which must then agree with the
-metadata); the remaining keys of ``distill.teacher_model`` (dtype, max_len, rope_theta, ...)
+metadata); the remaining keys of ``distill.teacher_model`` (dtype, max_len, attention_impl, ...)
 are always read from the config. Teacher and student must share the vocabulary and the
 language table.
 """
@@ -68,7 +68,7 @@ def teacher_model_config(config, meta: dict | None = None,
           tm[k] = type(tm[k])(meta[k])
     else:
       diff = [f"{k}: checkpoint {meta[k]} vs distill.teacher_model {tm[k]}"
-              for k in shape_keys if k in meta and meta[k] != tm[k]]
+              for k in shape_keys if k in meta and type(tm[k])(meta[k]) != tm[k]]
       if diff:
         raise ConfigError(f"distill.teacher_model disagrees with the teacher checkpoint "
                           f"{step_dir} ({', '.join(diff)}); fix distill.teacher_model or set "

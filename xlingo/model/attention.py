@@ -171,11 +171,33 @@ def splash_attention(q_btnh, k_btkh, v_btkh, segment_ids_bt, *,
   return jnp.swapaxes(out_bnth, 1, 2)
 
 
-def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+def rope_inv_freq(head_dim: int, theta: float, scaling=()) -> jax.Array:
+  """RoPE's float32 inverse frequencies [head_dim / 2], with Llama 3's scaling when
+  ``scaling`` is (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+  wavelengths longer than original / low_freq_factor are stretched by ``factor``, those shorter
+  than original / high_freq_factor kept, and the band between interpolated smoothly."""
+  half = head_dim // 2
+  inv_freq_f = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+  if not scaling:
+    return inv_freq_f
+  if len(scaling) != 4:
+    raise ConfigError(f"model.rope_scaling={tuple(scaling)}; give (factor, low_freq_factor, "
+                      "high_freq_factor, original_max_position_embeddings) or () for none")
+  factor, low, high, original = (float(v) for v in scaling)
+  wavelen_f = 2.0 * np.pi / inv_freq_f
+  scaled_f = jnp.where(wavelen_f > original / low, inv_freq_f / factor, inv_freq_f)
+  smooth_f = (original / wavelen_f - low) / (high - low)
+  smoothed_f = (1.0 - smooth_f) * scaled_f / factor + smooth_f * scaled_f
+  medium_f = (wavelen_f >= original / high) & (wavelen_f <= original / low)
+  return jnp.where(medium_f, smoothed_f, scaled_f)
+
+
+def apply_rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float,
+               scaling=()) -> jax.Array:
   """Rotary position embedding (rotate-half form) computed in float32."""
   head_dim = x_btnh.shape[-1]
   half = head_dim // 2
-  inv_freq_f = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) * 2.0 / head_dim))
+  inv_freq_f = rope_inv_freq(head_dim, theta, scaling)
   angle_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq_f
   sin_bt1f = jnp.sin(angle_btf)[:, :, None, :]
   cos_bt1f = jnp.cos(angle_btf)[:, :, None, :]
@@ -322,6 +344,12 @@ class Attention(nn.Module):
          ("embed", "kv_heads", "head_dim")),
         ("value", flat_matmul(x_btd, w_v.astype(dtype)), w_v.shape,
          ("embed", "kv_heads", "head_dim"))])
+    if cfg.qkv_bias:
+      q_btnh, k_btkh, v_btkh = (y + self.param(
+          f"{name}_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), axes),
+          y.shape[2:], param_dtype).astype(dtype) for name, y, axes in (
+              ("query", q_btnh, ("heads", "head_dim")), ("key", k_btkh, ("kv_heads", "head_dim")),
+              ("value", v_btkh, ("kv_heads", "head_dim"))))
     q_btnh = nn.with_logical_constraint(q_btnh, BTNH)
 
     batch, length = x_btd.shape[:2]
@@ -330,8 +358,8 @@ class Attention(nn.Module):
       start = cache[2].value if cache is not None else 0
       positions_bt = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
     q_content_btnh = q_btnh  # a prefix has no position: its scores use the unrotated query
-    q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta)
-    k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta)
+    q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
+    k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
 
     impl = choose_implementation(cfg.attention_impl, dtype, h)
     if impl == "splash" and not splash_supported(length):

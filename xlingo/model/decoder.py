@@ -107,12 +107,12 @@ class DecoderBlock(nn.Module):
   def __call__(self, x_btd, segment_ids_bt, positions_bt, lang_ids_bt):
     cfg = self.config
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    h_btd = RMSNorm(dtype, param_dtype, name="attn_norm")(x_btd)
+    h_btd = RMSNorm(dtype, param_dtype, cfg.norm_eps, name="attn_norm")(x_btd)
     h_btd = Attention(cfg, decode=self.decode, peft=self.peft, name="attn")(
         h_btd, segment_ids_bt, positions_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
-    h_btd = RMSNorm(dtype, param_dtype, name="mlp_norm")(x_btd)
+    h_btd = RMSNorm(dtype, param_dtype, cfg.norm_eps, name="mlp_norm")(x_btd)
     h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
     if self.peft is not None and self.peft.adapter_bottleneck:
       h_btd = h_btd + peft_lib.Adapter(
@@ -189,6 +189,19 @@ class DecoderStack(nn.Module):
     return x_btd
 
 
+class DecodePosition(nn.Module):
+  """Positions [1, T] of the tokens of a decoding call: a counter in the 'cache' collection
+  (for ``model.bos_id``, which needs to know where position 0 is)."""
+
+  @nn.compact
+  def __call__(self, length: int) -> jax.Array:
+    seen = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+    positions = seen.value + jnp.arange(length, dtype=jnp.int32)[None, :]
+    if not self.is_initializing():
+      seen.value = seen.value + length
+    return positions
+
+
 class Decoder(nn.Module):
   """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``);
   ``peft`` adds LoRA, adapters or prefixes beside the parameters (``xlingo.model.peft``)."""
@@ -210,10 +223,13 @@ class Decoder(nn.Module):
     )
     if cfg.use_lang_emb:
       # Smaller than the token rows, so that at the start the language signal shifts the
-      # token embedding rather than drowning it.
+      # token embedding rather than drowning it; zero for an imported model (unchanged by it).
+      std = cfg.lang_emb_init_std
       self.lang_embedding = self.param(
           "lang_embedding",
-          nn.with_logical_partitioning(nn.initializers.normal(0.1), ("languages", "embed")),
+          nn.with_logical_partitioning(
+              nn.initializers.normal(std) if std else nn.initializers.zeros_init(),
+              ("languages", "embed")),
           (cfg.num_languages, d),
           param_dtype,
       )
@@ -239,7 +255,9 @@ class Decoder(nn.Module):
       )
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.blocks = DecoderStack(cfg, self.peft)
-    self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype)
+    self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype, cfg.norm_eps)
+    if cfg.bos_id:
+      self.decode_position = DecodePosition()
 
   def __call__(
       self,
@@ -277,6 +295,8 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     batch, length = inputs.shape
+    if cfg.bos_id:
+      inputs = self._with_bos(inputs, positions, decode)
     # Gather whole rows: like any FSDP weight, the table is all-gathered over its 'embed'
     # shards before use. Left to itself, SPMD gathers embed-sharded rows and then fully
     # replicates them to reach the batch-sharded activation layout.
@@ -319,6 +339,16 @@ class Decoder(nn.Module):
       return hidden_btd, lid_logits_btl
     return self.logits_from_hidden(hidden_btd), lid_logits_btl
 
+  def _with_bos(self, inputs, positions, decode: bool):
+    """``inputs`` with ``model.bos_id`` at every segment's position 0: that position always
+    holds the shifted-in placeholder (id 0), never a token of the text, so the swap is exact.
+    Decoding passes no positions: a counter in the cache gives them."""
+    if decode and positions is None:
+      positions = self.decode_position(inputs.shape[1])
+    elif positions is None:
+      positions = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
+    return jnp.where(positions == 0, jnp.int32(self.config.bos_id), inputs)
+
   def logits_from_hidden(self, hidden_btd: jax.Array) -> jax.Array:
     """The output projection: hidden [..., D] → float32 logits [..., V].
 
@@ -327,7 +357,12 @@ class Decoder(nn.Module):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
     hidden_btd = hidden_btd.astype(dtype)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and cfg.tied_output_scale not in ("rsqrt_d", "none"):
+      raise ConfigError(f"model.tied_output_scale={cfg.tied_output_scale!r}; use 'rsqrt_d' "
+                        "(xlingo's own models) or 'none' (Hugging Face's)")
+    if cfg.tie_embeddings and cfg.tied_output_scale == "none":
+      kernel_dv = self.token_embedding.astype(dtype).T
+    elif cfg.tie_embeddings:
       # The 1/sqrt(d) scale goes on the [..., D] hidden states rather than the [..., V]
       # logits: a D-wide multiply instead of a V-wide one, and the logits' gradient reaches
       # the two backward matmuls without an elementwise op fused into a transposed copy.
@@ -366,6 +401,8 @@ def param_count(model_cfg: ml_collections.ConfigDict) -> int:
   cfg = model_cfg
   d = cfg.d_model
   per_layer = _matmul_params_per_layer(cfg) + 2 * d  # + the two RMSNorm scales
+  if cfg.qkv_bias:
+    per_layer += (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
   total = cfg.vocab_size * d + cfg.num_layers * per_layer + d  # + final norm
   if cfg.use_lang_emb:
     total += cfg.num_languages * d

@@ -33,16 +33,19 @@ from xlingo.errors import CheckpointError
 from xlingo.model import peft
 from xlingo.training import state as state_lib
 
-# The model keys that fix its parameter shapes (and tools read from a checkpoint's metadata).
+# The model keys that fix its parameter shapes and the function they compute (tools read them
+# from a checkpoint's metadata; a key a checkpoint predates takes the config's value).
 MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "num_languages", "use_lang_emb", "tie_embeddings", "lid_head",
-              "scan_layers")
+              "scan_layers", "rope_theta", "rope_scaling", "norm_eps", "qkv_bias",
+              "tied_output_scale", "bos_id")
 
 
 def model_fingerprint(config) -> dict:
   """What must match for a state to be restored into this model."""
   m = config.model
-  return {k: m[k] for k in MODEL_KEYS} | {
+  # Tuples as lists: the form they take in the JSON metadata they are compared with.
+  return {k: list(m[k]) if isinstance(m[k], tuple) else m[k] for k in MODEL_KEYS} | {
       "languages": list(config.data.languages),
       "vocab_sha1": vocab_facts.configured(config.data)[1]}
 
