@@ -16,6 +16,7 @@ from xlingo import config as config_lib
 from xlingo import decode, paths, sharding
 from xlingo.errors import XlingoError
 from xlingo.hf import exporter, importer
+from xlingo.model import decoder
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # exported_llama_tied: an adapted model as xlingo.hf exports it (bench/check_hf_export.py).
@@ -98,6 +99,7 @@ def _write_export(c, out, lang_row=None):
 @pytest.mark.parametrize("name", ["llama_tied", "qwen2"])
 def test_export_is_the_original_and_round_trips(name, tmp_path):
   c = importer.convert(fixture(name), max_len=128)
+  assert decoder.param_count(c.config.model) == sum(x.size for x in jax.tree.leaves(c.params))
   tensors, tied = _write_export(c, str(tmp_path / "out"))
   original = load_file(os.path.join(fixture(name), "model.safetensors"))
   assert sorted(tensors) == sorted(original) and tied == (name == "llama_tied")
