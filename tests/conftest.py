@@ -85,3 +85,25 @@ def gcs_emulator():
       else:
         os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """An existing directory nothing can be written in: mode 0555 for a normal user; for root
+  (who writes anyway) a read-only tmpfs, or a skip where mounting is not allowed."""
+  import subprocess
+
+  d = tmp_path / "read_only"
+  d.mkdir()
+  if os.geteuid() != 0:
+    d.chmod(0o555)
+    yield d
+    d.chmod(0o755)
+    return
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("root without permission to mount a read-only tmpfs")
+  try:
+    yield d
+  finally:
+    subprocess.run(["umount", "-l", str(d)], check=False)

@@ -160,7 +160,13 @@ def train_vocab(
     prefix = os.path.join(tmp, paths.basename(output_prefix))
     with paths.open(os.path.join(tmp, "trainer.log"), "w") as log:
       _train(text_path, prefix, output_prefix, vocab_size, num_threads, log)
-    for ext in (".model", ".vocab"):
+    parent = paths.dirname(paths.resolve(output_prefix))
+  try:
+    paths.makedirs(parent)
+  except OSError as e:
+    raise VocabError(f"--output {output_prefix}: cannot create the directory {parent} "
+                     f"({e.strerror or e}); choose a writable place") from None
+  for ext in (".model", ".vocab"):
       paths.copy_file(prefix + ext, output_prefix + ext)
   return output_prefix + ".model"
 
@@ -375,7 +381,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "train":
-      _check_output_dir(args.output)
+      check_output_prefix(args.output)
       files = expand_globs(_parse_inputs(args.input))
       path = train_vocab(
           files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed,
@@ -404,17 +410,21 @@ def main(argv=None) -> int:
   return 0
 
 
-def _check_output_dir(output_prefix: str) -> None:
-  """Create the output's directory before any work, or say in one line why it cannot be."""
+def check_output_prefix(output_prefix: str) -> None:
+  """VocabError before any training when PREFIX.model or PREFIX.vocab cannot be written (a
+  read-only place, a file where the directory should be, a directory of that name)."""
   parent = paths.dirname(paths.resolve(output_prefix))
   try:
     paths.makedirs(parent)
   except OSError as e:
     raise VocabError(f"--output {output_prefix}: cannot create the directory {parent} "
                      f"({e.strerror or e}); choose a writable place") from None
-  if not paths.isdir(parent):
-    raise VocabError(f"--output {output_prefix}: {parent} is not a directory; choose another "
-                     "output prefix")
+  for ext in (".model", ".vocab"):
+    try:
+      paths.check_writable(output_prefix + ext)
+    except OSError as e:
+      raise VocabError(f"--output {output_prefix}: {output_prefix}{ext} cannot be written "
+                       f"({e.strerror or e}); choose a writable place") from None
 
 
 if __name__ == "__main__":

@@ -369,6 +369,7 @@ def main(argv=None, prog: str = "python -m xlingo.data.vocab_extend") -> int:
   args = build_parser(prog).parse_args(argv)
 
   def body():
+    vocab_lib.check_output_prefix(args.output)
     files = expand_inputs(_parse_inputs(args.input))
     report = extend_vocab(args.vocab, files, args.new_pieces, args.output, pieces=args.pieces,
                           temperature=args.temperature, max_sentences=args.max_sentences,
