@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import logging
 import os
 import posixpath
 import threading
@@ -371,6 +372,10 @@ class Retrying:
     self.abort = abort or (lambda: False)
     self.on_retry = on_retry
     self.call_timeout_s = call_timeout_s
+    if remote:
+      # gcsfs logs each request that ran out of its own retries with a traceback, then raises:
+      # the error is retried (or reported in one line) here.
+      logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
 
   def run(self, fn: Callable, what: str, recover: Callable | None = None):
     if not self.remote:

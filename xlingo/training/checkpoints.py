@@ -426,11 +426,12 @@ class Checkpoints:
 
 class _DropDiskFullRecords(logging.Filter):
   """Orbax logs a failed background save with its traceback (six chained ones for a full
-  disk) before the error reaches the loop, which reports a full disk as one line."""
+  disk) before the error reaches the loop, which reports a full disk as one line; a storage
+  error that is retried (``paths.Retrying``) is reported in one line per retry."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not ((exc is not None and paths.is_disk_full(exc))
+    return not ((exc is not None and (paths.is_disk_full(exc) or paths.is_transient(exc)))
                 or "No space left on device" in record.getMessage())
 
 

@@ -281,7 +281,11 @@ class WorkdirLock:
     return self
 
   def __exit__(self, exc_type, exc, tb):
-    if self.is_leader:
+    if self.is_leader and getattr(exc, "abandons_threads", False):
+      # The storage is away (the run stops for that): the lock stays, and the next run on
+      # this host takes it over at once (its holder is gone), elsewhere after STALE_S.
+      self._stop.set()
+    elif self.is_leader:
       self.release(failed=exc_type is not None)
 
 
