@@ -95,7 +95,7 @@ def test_store_paused_then_killed_within_the_bound_is_survived(own_gcs_emulator,
   emu.resume()
   run.wait_for("step      8/")
   emu.kill()  # a store that goes away, for longer than gcsfs' and tensorstore's own retries
-  time.sleep(45)
+  time.sleep(40)
   emu.start()
   assert run.finish() == 0, run.output[-4000:]
   out = run.output
