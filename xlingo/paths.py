@@ -356,7 +356,8 @@ class Retrying:
   stalls (``is_transient``; for a local path nothing is transient: a disk does not come back by
   itself) and raises ``give_up(StorageGaveUp)`` (default: the StorageGaveUp) once ``retry_s``
   passed since the call began, or once ``abort()`` (a stop request) is true.
-  ``on_retry(what, error, waited_s, left_s)`` reports each retry.
+  ``on_retry(what, error, waited_s, left_s)`` reports each retry. ``again=False``: one bounded
+  try, then the same give-up (where one process alone must not try again).
   ``recover()``, when given to ``run``, runs before each retry, inside its time bound (e.g. to
   replace a client whose state the failure may have broken)."""
 
@@ -365,8 +366,10 @@ class Retrying:
 
   def __init__(self, retry_s: float, *, remote: bool, abort: Callable[[], bool] | None = None,
                on_retry: Callable | None = None, call_timeout_s: float | None = None,
-               give_up: Callable[[StorageGaveUp], BaseException] | None = None):
+               give_up: Callable[[StorageGaveUp], BaseException] | None = None,
+               again: bool = True):
     self.retry_s = float(retry_s)
+    self.again = again
     self.give_up = give_up or (lambda e: e)
     self.remote = remote
     self.abort = abort or (lambda: False)
@@ -398,7 +401,7 @@ class Retrying:
           first = began
         cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
         waited = time.monotonic() - first_mono
-        if self.abort() or waited >= self.retry_s:
+        if self.abort() or waited >= self.retry_s or not self.again:
           raise self.give_up(StorageGaveUp(what, first, cause, stopped=self.abort())) from None
         if self.on_retry is not None:
           self.on_retry(what, cause, waited, self.retry_s - waited)

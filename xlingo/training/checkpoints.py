@@ -151,9 +151,11 @@ class Checkpoints:
     # Storage that fails or stalls (gs://): each save is retried with backoff for at most
     # checkpoint.storage_retry_s, then the run stops with one line (``_gave_up``); the metrics
     # writer and the workdir lock share this policy.
+    # Several processes save collectively: one of them retrying alone (with a new manager)
+    # would wait for the others at Orbax's barriers, so there each try is bounded, not repeated.
     self.storage = paths.Retrying(c.storage_retry_s, remote=paths.is_remote(self.workdir),
                                   abort=preemption.stop_requested, on_retry=_report_retry,
-                                  give_up=self._gave_up)
+                                  give_up=self._gave_up, again=jax.process_count() == 1)
     self.manager = self.storage.run(self._new_manager, "opening the checkpoint manager")
     _quiet_disk_full_logs()
     # The newest step known to be complete in storage, and the (step, state, iterator) of the
