@@ -160,13 +160,7 @@ def train_vocab(
     prefix = os.path.join(tmp, paths.basename(output_prefix))
     with paths.open(os.path.join(tmp, "trainer.log"), "w") as log:
       _train(text_path, prefix, output_prefix, vocab_size, num_threads, log)
-    parent = paths.dirname(paths.resolve(output_prefix))
-  try:
-    paths.makedirs(parent)
-  except OSError as e:
-    raise VocabError(f"--output {output_prefix}: cannot create the directory {parent} "
-                     f"({e.strerror or e}); choose a writable place") from None
-  for ext in (".model", ".vocab"):
+    for ext in (".model", ".vocab"):
       paths.copy_file(prefix + ext, output_prefix + ext)
   return output_prefix + ".model"
 
