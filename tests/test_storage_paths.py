@@ -231,3 +231,54 @@ def test_check_workdir_refuses_without_creating(gcs_emulator, tmp_path):
   bucket = gcs_emulator.bucket("probe")
   loop.check_workdir(f"gs://{bucket}/run")
   assert paths.listdir(f"gs://{bucket}") == []
+
+
+# --- storage calls that fail or stall -------------------------------------------------------
+
+
+def test_transient_storage_errors_are_retried_others_raised_at_once():
+  calls, retries = [], []
+
+  def flaky():
+    calls.append(1)
+    if len(calls) < 3:
+      raise OSError("upload failed") from ConnectionResetError("Connection reset by peer")
+    return 7
+
+  r = paths.Retrying(30, remote=True, on_retry=lambda *a: retries.append(a))
+  assert r.run(flaky, "saving") == 7 and len(calls) == 3 and len(retries) == 2
+  assert retries[0][0] == "saving" and "upload failed" in retries[0][1]
+
+  def denied():
+    calls.append(1)
+    raise PermissionError("403 Forbidden")
+
+  calls.clear()
+  with pytest.raises(PermissionError):
+    r.run(denied, "saving")
+  assert len(calls) == 1
+  calls.clear()  # a local disk does not come back by itself: no retry
+  with pytest.raises(OSError):
+    paths.Retrying(30, remote=False).run(flaky, "saving")
+  assert len(calls) == 1
+
+
+def test_a_stalled_call_gives_up_in_bounded_time_or_at_a_stop_request(monkeypatch):
+  import threading
+  import time
+
+  release = threading.Event()
+  t0 = time.monotonic()
+  with pytest.raises(paths.StorageGaveUp) as e:
+    paths.Retrying(1.5, remote=True).run(lambda: release.wait(60), "uploading")
+  assert time.monotonic() - t0 < 5 and not e.value.stopped
+  assert "StorageStall" in e.value.cause and e.value.since <= time.time()
+
+  monkeypatch.setattr(paths.Retrying, "GRACE_S", 0.5)
+  stop_at = time.monotonic() + 0.5
+  t0 = time.monotonic()
+  with pytest.raises(paths.StorageGaveUp) as e:
+    paths.Retrying(600, remote=True, abort=lambda: time.monotonic() > stop_at).run(
+        lambda: release.wait(60), "saving")
+  assert time.monotonic() - t0 < 4 and e.value.stopped
+  release.set()

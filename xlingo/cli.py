@@ -177,6 +177,13 @@ def import_tensorflow_quietly() -> None:
   with native_stderr_silenced():
     import seqio  # noqa: F401
     import tensorflow  # noqa: F401
+
+    # TensorFlow only feeds the input pipeline: its first op would look for GPUs (and log
+    # "failed call to cuInit" on a machine without one, or take GPU memory JAX needs on one).
+    try:
+      tensorflow.config.set_visible_devices([], "GPU")
+    except RuntimeError:  # TensorFlow's devices were already set up by the caller
+      pass
   for k in [k for k in os.environ if k.startswith(TF_TAKES_BACK)]:
     if k not in before:
       del os.environ[k]
@@ -236,6 +243,12 @@ def run_body(body) -> None:
     import_tensorflow_quietly()
     body()
   except XlingoError as e:
+    if getattr(e, "abandons_threads", False):
+      # A storage call may still be stuck in a thread (Orbax's, gcsfs's): the interpreter
+      # would wait for it at exit, so leave now, after the one line.
+      print(f"xlingo: error: {_one_line(e)}", file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(e.exit_code)
     fail(_one_line(e), e.exit_code)
 
 

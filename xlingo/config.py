@@ -297,6 +297,10 @@ def _checkpoint_defaults() -> ml_collections.ConfigDict:
   # before a divergence; the later steps are kept aside as <step>.superseded-<time>.
   checkpoint.restore_step = 0
   checkpoint.async_save = True
+  # A save, metrics upload or lock update on storage that fails or stops answering (gs://: 429,
+  # 503, dropped or stalled connections) is retried with backoff for this long, then the run
+  # stops with one line naming the last good checkpoint and the command that resumes.
+  checkpoint.storage_retry_s = 300.0
   return checkpoint
 
 

@@ -31,6 +31,14 @@ class CheckpointError(XlingoError, RuntimeError):
   """A checkpoint cannot be used; the message says which and what to do."""
 
 
+class StorageError(CheckpointError):
+  """The storage of a workdir failed or stalled for longer than ``checkpoint.storage_retry_s``
+  (or a stop request came while it was stuck). A stalled call may still hold a thread, so the
+  command line exits at once after the line, without waiting for it."""
+
+  abandons_threads = True
+
+
 class NonFiniteError(XlingoError, FloatingPointError):
   """Training produced a non-finite loss or gradient; the run stops (exit code 3)."""
 

@@ -22,9 +22,7 @@ column per evaluated language.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 
 import jax
 import numpy as np
@@ -167,14 +165,8 @@ def check_output(output: str) -> None:
   """ConfigError before anything is evaluated when ``output`` cannot be written."""
   from xlingo import paths
 
-  parent = paths.dirname(paths.resolve(output))
-  probe = paths.join(parent, f".{paths.basename(output)}.probe-{os.getpid()}")
   try:
-    if paths.isdir(output):
-      raise IsADirectoryError(errno.EISDIR, "it is a directory")
-    paths.makedirs(parent)
-    paths.write_text(probe, "")
-    paths.remove(probe)
+    paths.check_writable(output)
   except OSError as e:
     raise ConfigError(f"--output {output!r} cannot be written ({e.strerror or e}); choose "
                       "another path") from None

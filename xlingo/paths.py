@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import errno
 import fnmatch
+import logging
 import os
 import posixpath
-from collections.abc import Iterable
+import threading
+import time
+from collections.abc import Callable, Iterable
 
 from etils import epath
 
@@ -247,6 +250,166 @@ def is_disk_full(e: BaseException) -> bool:
       return True
     e = e.__cause__ or e.__context__
   return False
+
+
+def check_writable(path) -> None:
+  """Raise OSError (with ``strerror``) unless a file can be written at ``path``, before the work
+  that would produce it: its directory is created if missing, a probe file written and removed
+  beside it; ``path`` itself is not touched."""
+  path = resolve(path)
+  if isdir(path):
+    raise IsADirectoryError(errno.EISDIR, "it is a directory")
+  parent = dirname(path)
+  makedirs(parent)
+  if not isdir(parent) and not is_remote(parent):
+    raise NotADirectoryError(errno.ENOTDIR, f"{parent} is not a directory")
+  probe = join(parent, f".{basename(path)}.probe-{os.getpid()}")
+  write_text(probe, "")
+  remove(probe)
+
+
+# --- storage calls that fail or stall --------------------------------------------------------
+
+# Signs of a store that is away for a while (a restart, 429/503, a dropped connection): the
+# exception types and the words gcsfs, aiohttp, tensorstore and Orbax report them with.
+_TRANSIENT_TYPES = ("ConnectionError", "TimeoutError", "ClientConnectorError", "ClientOSError",
+                    "ServerDisconnectedError", "ClientPayloadError", "ServerTimeoutError",
+                    "StorageStall")
+_TRANSIENT_WORDS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "Connection refused", "Couldn't connect",
+                    "Could not connect", "connection reset", "Connection reset", "timed out",
+                    "Timeout was reached", "Server disconnected", "Service Unavailable",
+                    "Too Many Requests", "Bad Gateway", "Gateway Timeout", " 503", " 502",
+                    " 504", " 429", "code=503", "code=429", "Empty reply from server")
+
+
+class StorageStall(TimeoutError):
+  """A storage call that did not return within its time limit (a store that stopped answering)."""
+
+
+class StorageGaveUp(Exception):
+  """Storage stayed unusable for the whole retry window (or a stop request came meanwhile).
+
+  ``since``: when the trouble began (time.time()); ``cause``: the last error, in one line;
+  ``stopped``: True when a stop request (SIGTERM) ended the waiting, not the window."""
+
+  def __init__(self, what: str, since: float, cause: str, stopped: bool = False):
+    super().__init__(f"{what}: {cause}")
+    self.what, self.since, self.cause, self.stopped = what, since, cause, stopped
+
+
+def is_transient(e: BaseException) -> bool:
+  """True when ``e`` or anything it was raised from says the store is away for a while, not
+  that the request is wrong (a missing bucket, no permission, a full disk)."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    names = {t.__name__ for t in type(e).__mro__}
+    if names & set(_TRANSIENT_TYPES):
+      return True
+    code = getattr(e, "code", None) or getattr(e, "status", None)
+    if isinstance(code, int) and (code in (408, 429) or 500 <= code < 600):
+      return True
+    if any(w in str(e) for w in _TRANSIENT_WORDS):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def call_with_timeout(fn: Callable, timeout_s: float, abort: Callable[[], bool] | None = None,
+                      grace_s: float = 0.0):
+  """``fn()`` in a worker thread: its result or its exception, or StorageStall once it has run
+  ``timeout_s`` (or ``grace_s`` after ``abort()`` turned true). For calls that take no timeout
+  of their own (Orbax, gcsfs' sync wrappers): a stalled call is left behind in its daemon
+  thread, and the caller goes on (or stops) in bounded time."""
+  box: dict = {}
+
+  def work():
+    try:
+      box["value"] = fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the calling thread
+      box["error"] = e
+
+  thread = threading.Thread(target=work, name="xlingo-storage-call", daemon=True)
+  start = time.monotonic()
+  thread.start()
+  deadline = start + timeout_s
+  while True:
+    # Short waits keep the calling (main) thread free to run signal handlers.
+    thread.join(min(0.2, max(deadline - time.monotonic(), 0.0)))
+    if not thread.is_alive():
+      break
+    now = time.monotonic()
+    if abort is not None and abort():
+      deadline = min(deadline, now + grace_s)
+      abort = None
+    if now >= deadline:
+      raise StorageStall(f"no answer from the store for {now - start:.0f} s")
+  if "error" in box:
+    raise box["error"]
+  return box.get("value")
+
+
+class Retrying:
+  """Storage calls retried with backoff while the store is away, for at most ``retry_s``.
+
+  ``run(fn, what)`` bounds each try (``call_with_timeout``), retries transient errors and
+  stalls (``is_transient``; for a local path nothing is transient: a disk does not come back by
+  itself) and raises ``give_up(StorageGaveUp)`` (default: the StorageGaveUp) once ``retry_s``
+  passed since the call began, or once ``abort()`` (a stop request) is true.
+  ``on_retry(what, error, waited_s, left_s)`` reports each retry. ``again=False``: one bounded
+  try, then the same give-up (where one process alone must not try again).
+  ``recover()``, when given to ``run``, runs before each retry, inside its time bound (e.g. to
+  replace a client whose state the failure may have broken)."""
+
+  GRACE_S = 15.0  # how long a call may still finish once a stop was requested
+  MAX_DELAY_S = 30.0
+
+  def __init__(self, retry_s: float, *, remote: bool, abort: Callable[[], bool] | None = None,
+               on_retry: Callable | None = None, call_timeout_s: float | None = None,
+               give_up: Callable[[StorageGaveUp], BaseException] | None = None,
+               again: bool = True):
+    self.retry_s = float(retry_s)
+    self.again = again
+    self.give_up = give_up or (lambda e: e)
+    self.remote = remote
+    self.abort = abort or (lambda: False)
+    self.on_retry = on_retry
+    self.call_timeout_s = call_timeout_s
+    if remote:
+      # gcsfs logs each request that ran out of its own retries with a traceback, then raises:
+      # the error is retried (or reported in one line) here.
+      logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
+
+  def run(self, fn: Callable, what: str, recover: Callable | None = None):
+    if not self.remote:
+      return fn()
+    first: float | None = None
+    first_mono = time.monotonic()
+    delay = 1.0
+    while True:
+      limit = self.retry_s - (time.monotonic() - first_mono)
+      if self.call_timeout_s is not None:
+        limit = min(limit, self.call_timeout_s)
+      began = time.time()
+      attempt = fn if first is None or recover is None else lambda: (recover(), fn())[1]
+      try:
+        return call_with_timeout(attempt, max(limit, 1.0), self.abort, self.GRACE_S)
+      except Exception as e:  # noqa: BLE001 - sorted: transient ones are retried
+        if not is_transient(e):
+          raise
+        if first is None:
+          first = began
+        cause = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+        waited = time.monotonic() - first_mono
+        if self.abort() or waited >= self.retry_s or not self.again:
+          raise self.give_up(StorageGaveUp(what, first, cause, stopped=self.abort())) from None
+        if self.on_retry is not None:
+          self.on_retry(what, cause, waited, self.retry_s - waited)
+        pause = min(delay, self.retry_s - waited)
+        end = time.monotonic() + pause
+        while time.monotonic() < end and not self.abort():
+          time.sleep(0.1)
+        delay = min(delay * 2, self.MAX_DELAY_S)
 
 
 def has_glob(pattern: str) -> bool:

@@ -117,6 +117,11 @@ def check_multi_process_ready() -> None:
 REQUEST = StopRequest()
 
 
+def stop_requested() -> bool:
+  """True once SIGTERM or SIGINT asked this process to stop (storage waits give up then)."""
+  return REQUEST.name is not None
+
+
 @contextlib.contextmanager
 def handling():
   """Stop requests are caught inside the block (the outermost block installs the handlers and

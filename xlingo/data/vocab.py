@@ -310,7 +310,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command == "train":
-      _check_output_dir(args.output)
+      vocab_facts.check_outputs(args.output)
       files = expand_globs(_parse_inputs(args.input))
       path = train_vocab(
           files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed,
@@ -337,19 +337,6 @@ def main(argv=None) -> int:
     print(f"xlingo: error: {e}", file=sys.stderr)
     return e.exit_code
   return 0
-
-
-def _check_output_dir(output_prefix: str) -> None:
-  """Create the output's directory before any work, or say in one line why it cannot be."""
-  parent = paths.dirname(paths.resolve(output_prefix))
-  try:
-    paths.makedirs(parent)
-  except OSError as e:
-    raise VocabError(f"--output {output_prefix}: cannot create the directory {parent} "
-                     f"({e.strerror or e}); choose a writable place") from None
-  if not paths.isdir(parent):
-    raise VocabError(f"--output {output_prefix}: {parent} is not a directory; choose another "
-                     "output prefix")
 
 
 if __name__ == "__main__":

@@ -468,6 +468,7 @@ def main(argv=None, prog: str = "python -m xlingo.data.vocab_extend") -> int:
   args = build_parser(prog).parse_args(argv)
 
   try:
+    vocab_facts.check_outputs(args.output, vocab_facts.kind_of(args.vocab))
     files = expand_inputs(_parse_inputs(args.input))
     report = extend_vocab(args.vocab, files, args.new_pieces, args.output, pieces=args.pieces,
                           temperature=args.temperature, max_sentences=args.max_sentences,

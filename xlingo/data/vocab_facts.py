@@ -131,3 +131,19 @@ def byte_lengths(vocab, size: int | None = None) -> np.ndarray:
   out[: len(table)] = table
   return out
 
+
+def check_outputs(output: str, kind: str = "sentencepiece") -> None:
+  """VocabError before any training when a vocabulary cannot be written at ``output``: a
+  SentencePiece PREFIX gets PREFIX.model and PREFIX.vocab, a Hugging Face tokenizer the
+  directory OUTPUT with tokenizer.json and tokenizer_config.json. Catches a read-only place, a
+  file where a directory should be and a directory where a file should be."""
+  if kind == "hf":
+    files = [paths.join(output, "tokenizer.json"), paths.join(output, "tokenizer_config.json")]
+  else:
+    files = [output + ".model", output + ".vocab"]
+  for f in files:
+    try:
+      paths.check_writable(f)
+    except OSError as e:
+      raise VocabError(f"--output {output}: {f} cannot be written ({e.strerror or e}); choose "
+                       "a writable place") from None

@@ -32,6 +32,8 @@ import dataclasses
 import json
 import logging
 import os
+import shlex
+import sys
 import time
 from typing import Any
 
@@ -39,8 +41,8 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from xlingo import paths
-from xlingo.errors import CheckpointError, XlingoError
+from xlingo import paths, preemption
+from xlingo.errors import CheckpointError, StorageError, XlingoError
 from xlingo.training import layout, restore
 
 # --- the data-iterator item ------------------------------------------------------------------
@@ -147,9 +149,45 @@ class Checkpoints:
       # program per distinct shape (~9 s for a tiny model on 8 fake devices) for no gain on a
       # host whose devices share one disk.
       _register_array_handler_without_replica_parallel()
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=("state", "data", "meta"))
+    self._options = options
+    # Storage that fails or stalls (gs://): each save is retried with backoff for at most
+    # checkpoint.storage_retry_s, then the run stops with one line (``_gave_up``); the metrics
+    # writer and the workdir lock share this policy.
+    # Several processes save collectively: one of them retrying alone (with a new manager)
+    # would wait for the others at Orbax's barriers, so there each try is bounded, not repeated.
+    self.storage = paths.Retrying(c.storage_retry_s, remote=paths.is_remote(self.workdir),
+                                  abort=preemption.stop_requested, on_retry=_report_retry,
+                                  give_up=self._gave_up, again=jax.process_count() == 1)
+    self.manager = self.storage.run(self._new_manager, "opening the checkpoint manager")
     _quiet_disk_full_logs()
+    # The newest step known to be complete in storage, and the (step, state, iterator) of the
+    # newest save, which may still be writing in the background.
+    self.confirmed: int | None = self.manager.latest_step()
+    self._last: tuple | None = None
+    self._retrying = False
+
+  def _new_manager(self):
+    return ocp.CheckpointManager(self.directory, options=self._options,
+                                 item_names=("state", "data", "meta"))
+
+  def _recover(self) -> None:
+    """Before a retried save: a manager whose save failed or stalled may hold a broken
+    background save; it is left behind (closing it could block) and a new one reads the
+    directory. The retry waits for its save, so success is known before training goes on."""
+    self.manager = self._new_manager()
+    self._retrying = True
+
+  def _gave_up(self, e: paths.StorageGaveUp) -> CheckpointError:
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.since))
+    last = (f"the last good checkpoint is step {self.confirmed}" if self.confirmed is not None
+            else "no checkpoint had been saved yet")
+    how = (f"a stop request came while it was stuck (the storage had not answered since "
+           f"{since})" if e.stopped else
+           f"the storage failed from {since} until checkpoint.storage_retry_s="
+           f"{self.storage.retry_s:g} s ran out")
+    return StorageError(
+        f"{e.what} in {self.workdir} failed ({e.cause}): {how}; {last}. When the storage "
+        f"answers again, resume with: {resume_command()}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -167,12 +205,32 @@ class Checkpoints:
     removes old steps only after a save succeeded, so the previous checkpoint is kept."""
     if self._state_bytes is None:
       self._state_bytes = sum(int(x.nbytes) for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
+    args = self._composite(step, state, iterator)
+
+    def attempt() -> bool:
+      if self._retrying and step in self.manager.all_steps():
+        return True  # the failed try got as far as a complete step after all
+      saved = self.manager.save(step, args=args, force=force)
+      if self._retrying or not self._options.enable_async_checkpointing:
+        self.manager.wait_until_finished()
+      return saved
+
+    with self._disk_full_is_one_line():
+      saved = self.storage.run(attempt, f"saving checkpoint step {step}", recover=self._recover)
+    # manager.save returns after the previous (background) save finished without error.
+    self.confirmed = self._last[0] if self._last and not self._retrying else self.confirmed
+    if self._retrying or not self._options.enable_async_checkpointing:
+      self.confirmed = step
+    self._retrying = False
+    self._last = (step, state, iterator)
+    return saved
+
+  def _composite(self, step: int, state, iterator):
     items = {"state": ocp.args.StandardSave(state),
              "meta": ocp.args.JsonSave(restore.checkpoint_meta(self.config, step, self.branched_from))}
     if iterator is not None:
       items["data"] = DataIteratorSave(iterator)
-    with self._disk_full_is_one_line():
-      return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    return ocp.args.Composite(**items)
 
   @contextlib.contextmanager
   def _disk_full_is_one_line(self):
@@ -237,7 +295,6 @@ class Checkpoints:
       try:
         return self._restore_step(step, abstract_state, iterator), step
       except restore.Unreadable as e:
-        logging.warning("checkpoint step %d is unreadable (%s); trying the previous one", step, e)
         aside = self._move_aside(step, "unreadable")
         print(f"xlingo: checkpoint step {step} in {self.directory} is unreadable ({e}); "
               f"falling back to the previous checkpoint (kept the unreadable one as {aside})",
@@ -345,21 +402,38 @@ class Checkpoints:
 
   def wait(self) -> None:
     with self._disk_full_is_one_line():
-      self.manager.wait_until_finished()
+      self.storage.run(self.manager.wait_until_finished, "finishing the last checkpoint save")
+    if self._last is not None:
+      self.confirmed = self._last[0]
 
   def close(self) -> None:
-    with self._disk_full_is_one_line():
+    """Finish the last save; a background save that failed is written again from its state,
+    which is intact here (no step after the last save donated it)."""
+    step = self._last[0] if self._last else None
+
+    def finish():
+      if self._retrying and self._last is not None:
+        if step not in self.manager.all_steps():
+          self.manager.save(step, args=self._composite(*self._last), force=True)
       self.manager.wait_until_finished()
+
+    with self._disk_full_is_one_line():
+      what = "finishing the last checkpoint save" if step is None else (
+          f"saving checkpoint step {step}")
+      self.storage.run(finish, what, recover=self._recover)
+    self.confirmed = step if step is not None else self.confirmed
+    self._retrying = False
     self.manager.close()
 
 
 class _DropDiskFullRecords(logging.Filter):
   """Orbax logs a failed background save with its traceback (six chained ones for a full
-  disk) before the error reaches the loop, which reports a full disk as one line."""
+  disk) before the error reaches the loop, which reports a full disk as one line; a storage
+  error that is retried (``paths.Retrying``) is reported in one line per retry."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     exc = record.exc_info[1] if record.exc_info else None
-    return not ((exc is not None and paths.is_disk_full(exc))
+    return not ((exc is not None and (paths.is_disk_full(exc) or paths.is_transient(exc)))
                 or "No space left on device" in record.getMessage())
 
 
@@ -367,6 +441,16 @@ def _quiet_disk_full_logs() -> None:
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _DropDiskFullRecords) for f in absl_logger.filters):
     absl_logger.addFilter(_DropDiskFullRecords())
+
+
+def _report_retry(what: str, cause: str, waited_s: float, left_s: float) -> None:
+  print(f"xlingo: {what} failed ({cause}); retrying for up to {left_s:.0f} s more",
+        flush=True)
+
+
+def resume_command() -> str:
+  """This process's own command line, which resumes the run (``python -m xlingo.train ...``)."""
+  return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
 
 
 def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointError:

@@ -25,3 +25,8 @@ LANGUAGES_PLOT = "languages.png"
 def report_name(objective: str) -> str:
   """The end-of-run report of an objective (``adapt`` -> ``adapt_report.json``)."""
   return f"{objective}_report.json"
+
+# What a run keeps in its workdir, by kind (besides the lock, always a directory): checked
+# before a run starts (``workdir.check_layout``), so a file where a directory belongs is one
+# line at the start, not a traceback at the first save.
+KINDS = {CHECKPOINTS: "dir", METRICS: "file", TENSORBOARD: "dir", BEST: "dir"}

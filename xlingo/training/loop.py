@@ -164,6 +164,9 @@ def validate_config(config) -> None:
   if c.keep < 1:
     raise ConfigError(f"checkpoint.keep={c.keep} must be >= 1 (the checkpoints kept; the newest "
                       "is always among them)")
+  if c.storage_retry_s <= 0:
+    raise ConfigError(f"checkpoint.storage_retry_s={c.storage_retry_s} must be > 0 (seconds a "
+                      "failing or stalled storage call is retried)")
   if c.restore_step < 0:
     raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be >= 0 (0: the latest)")
   if t.batch_size % t.microbatches:
@@ -210,6 +213,7 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
   stops cleanly (``preemption``); a full disk is one line naming the workdir and the space.
   """
   check_workdir(workdir)
+  workdir_lib.check_layout(workdir, layout.KINDS)
   adopt_init_from_model(config)
   lock = workdir_lib.WorkdirLock(workdir, is_leader=jax.process_index() == 0)
   try:
@@ -255,6 +259,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
                   f"MFLOP per token (train)")
 
   ckpts = ckpt_lib.Checkpoints(workdir, config)
+  lock.storage = ckpts.storage
   train_it = inputs.train_iterator(s.plan, config)
   if getattr(train_it, "summary", ""):
     metrics.console(train_it.summary)
@@ -311,7 +316,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
                     f"{'resume' if start else 'start'}.")
     return {}
   preemption.check_multi_process_ready()
-  writer = metrics.MetricWriter(workdir, start)
+  writer = metrics.MetricWriter(workdir, start, storage=ckpts.storage)
   progress = metrics.Progress(t.steps, start)
   lr_fn = state_lib.learning_rate_schedule(t)
   step = start

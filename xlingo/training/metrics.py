@@ -113,8 +113,9 @@ class MetricWriter:
 
   FLUSH_S = 60.0
 
-  def __init__(self, workdir: str, start_step: int = 0):
+  def __init__(self, workdir: str, start_step: int = 0, storage: paths.Retrying | None = None):
     self.active = jax.process_index() == 0
+    self._storage = storage
     self.workdir = paths.resolve(workdir)
     self.path = paths.join(self.workdir, layout.METRICS)
     self.remote = paths.is_remote(self.workdir)
@@ -156,6 +157,13 @@ class MetricWriter:
     self._tb.flush()
     if not self.remote:
       return
+    if self._storage is not None:  # retried while the store is away (the rows stay pending)
+      self._storage.run(self._upload, "uploading metrics.jsonl")
+    else:
+      self._upload()
+    self._last_flush = time.monotonic()
+
+  def _upload(self) -> None:
     if self._pending:
       paths.write_text(self.path, self._text + self._pending)
       self._text += self._pending
@@ -166,7 +174,6 @@ class MetricWriter:
       if self._copied.get(name) != n:
         paths.copy_file(local, paths.join(self._tb_dir, name))
         self._copied[name] = n
-    self._last_flush = time.monotonic()
 
   def close(self) -> None:
     if self._tb is None:

@@ -82,10 +82,12 @@ def first_line(e: BaseException) -> str:
 # Config values that shape what a checkpoint holds besides the model (name -> what), so that a
 # resume under another value cannot use it. train.grad_clip is not one: clipping on or off is
 # carried over (``Checkpoints._state_target``); adapt.lora.alpha scales, it does not shape.
+# Compared in this order: adapt.mode before train.trainable, which it overwrites (so the
+# message names the key that resumes the run).
 STATE_SHAPING = {
+    "adapt.mode": "the parameters",
     "train.optimizer": "the optimizer state",
     "train.trainable": "the optimizer state",
-    "adapt.mode": "the parameters",
     "adapt.lora.rank": "the LoRA factors",
     "adapt.lora.targets": "the LoRA factors",
     "adapt.adapter.bottleneck": "the adapters",

@@ -37,6 +37,7 @@ from xlingo.training.layout import LOCK as LOCK_DIR
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+RELEASE_TIMEOUT_S = 30.0
 
 
 def _boot_id() -> str:
@@ -122,6 +123,8 @@ class WorkdirLock:
     self._created: str | None = None  # the outermost directory this run created, if any
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
+    # The run's storage policy (paths.Retrying), once it knows checkpoint.storage_retry_s.
+    self.storage: paths.Retrying | None = None
 
   # --- the files ----------------------------------------------------------------------------
 
@@ -132,14 +135,14 @@ class WorkdirLock:
     return sorted(int(name[:-5]) for name in paths.listdir(self.dir)
                   if name.endswith(".json") and name[:-5].isdigit())
 
-  def _read(self, n: int) -> Holder | None:
-    """The holder in file ``n``; None while its creator is still writing it (or it vanished)."""
+  def _read(self, n: int) -> Holder | str | None:
+    """The holder in file ``n``; None while its creator is still writing it (or it vanished);
+    a string saying what is wrong when it is whole JSON that no trainer wrote (wrong types)."""
     try:
       data = json.loads(paths.read_text(self._path(n)))
-      return Holder(**{f.name: data[f.name] for f in dataclasses.fields(Holder)
-                       if f.name in data})
-    except (OSError, ValueError, TypeError):
+    except (OSError, ValueError):
       return None
+    return _holder_from(data)
 
   def _write_own(self) -> None:
     paths.write_text(self._path(self.number), json.dumps(dataclasses.asdict(self.me)))
@@ -159,7 +162,10 @@ class WorkdirLock:
       if numbers:
         n = numbers[-1]
         holder = self._read(n)
-        if holder is None:
+        if isinstance(holder, str):
+          # Whole JSON with wrong types: no trainer writes that, so none holds this number.
+          taking_over = f"a malformed lock file {self._path(n)} ({holder})"
+        elif holder is None:
           # Just created and not yet written, or unreadable: judge by the file's age.
           age = time.time() - _mtime_or_now(self._path(n))
           if age <= STALE_S:
@@ -200,10 +206,13 @@ class WorkdirLock:
     if not self.is_leader or self.number is None:
       return
     if self.lost is None:
-      newer = [n for n in self._numbers() if n > self.number]
+      numbers = (self.storage.run(self._numbers, "checking the workdir lock") if self.storage
+                 else self._numbers())
+      newer = [n for n in numbers if n > self.number]
       if newer:
         other = self._read(newer[-1])
-        self.lost = other.describe() if other else f"lock file {self._path(newer[-1])}"
+        self.lost = (other.describe() if isinstance(other, Holder)
+                     else f"lock file {self._path(newer[-1])}")
     if self.lost is not None:
       raise CheckpointError(
           f"--workdir {self.workdir} was taken over by another trainer ({self.lost}) after this "
@@ -212,26 +221,44 @@ class WorkdirLock:
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
       try:
-        self.check()
-        self.me.heartbeat = time.time()
-        self._write_own()
+        # Bounded: a heartbeat stuck on a stalled store must not stop the ones after it.
+        paths.call_with_timeout(self._beat_once, self.heartbeat_s)
       except CheckpointError:
         return
       except Exception:  # noqa: BLE001 - a failed heartbeat is retried; check() guards saves
         continue
 
+  def _beat_once(self) -> None:
+    newer = [n for n in self._numbers() if n > (self.number or 0)]
+    if newer:
+      self.check()
+    self.me.heartbeat = time.time()
+    self._write_own()
+
   def release(self, failed: bool = False) -> None:
+    """Release the lock (bounded in time: on a store that is away the lock stays, and the next
+    run takes it over as its holder is gone)."""
     self._stop.set()
     if self._thread is not None:
       self._thread.join(timeout=10)
     if self.number is None or self.lost is not None:
       return
-    if failed and self._created and paths.listdir(self.workdir) == [LOCK_DIR]:
-      paths.rmtree(self._created)  # a run that failed before writing anything leaves nothing
+    try:
+      paths.call_with_timeout(lambda: self._release(failed), RELEASE_TIMEOUT_S)
+    except Exception as e:  # noqa: BLE001 - the run's own outcome matters more than the lock
+      print(f"xlingo: could not release the workdir lock in {self.dir} ({type(e).__name__}); "
+            "the next run takes it over", flush=True)
+    self.number = None
+
+  def _release(self, failed: bool) -> None:
+    if failed and self._created and not [
+        f for f in paths.walk_files(self.workdir) if not f.startswith(LOCK_DIR + "/")]:
+      # A run that failed before writing a file (only the lock, and the empty directories of
+      # a checkpoint manager) leaves nothing.
+      paths.rmtree(self._created)
     else:
       self.me.released = True
       self._write_own()
-    self.number = None
 
   def __enter__(self) -> WorkdirLock:
     ok = True
@@ -254,8 +281,67 @@ class WorkdirLock:
     return self
 
   def __exit__(self, exc_type, exc, tb):
-    if self.is_leader:
+    if self.is_leader and getattr(exc, "abandons_threads", False):
+      # The storage is away (the run stops for that): the lock stays, and the next run on
+      # this host takes it over at once (its holder is gone), elsewhere after STALE_S.
+      self._stop.set()
+    elif self.is_leader:
       self.release(failed=exc_type is not None)
+
+
+_HOLDER_TYPES = {"host": str, "pid": int, "boot_id": str, "pid_start": str,
+                 "started": (int, float), "heartbeat": (int, float), "token": str,
+                 "command": str, "released": bool}
+
+
+def _holder_from(data) -> Holder | str:
+  """A Holder from a lock file's JSON, or what is wrong with it."""
+  if not isinstance(data, dict):
+    return f"a JSON {type(data).__name__}, not an object"
+  fields = {f.name for f in dataclasses.fields(Holder)}
+  missing = sorted(k for k in fields if k not in data and k not in ("command", "released"))
+  if missing:
+    return f"no {', '.join(missing)}"
+  for k, types in _HOLDER_TYPES.items():
+    v = data.get(k)
+    if k in data and (not isinstance(v, types) or (isinstance(v, bool) and types is not bool)):
+      return f"{k}={json.dumps(v)[:40]} is not a {_type_name(types)}"
+  return Holder(**{k: data[k] for k in fields if k in data})
+
+
+def _type_name(types) -> str:
+  return "number" if isinstance(types, tuple) else types.__name__
+
+
+def check_layout(workdir: str, names: dict[str, str]) -> None:
+  """ConfigError, before anything is trained, when ``workdir`` is not a run's directory: an
+  entry of the run's layout of the wrong kind (``names`` maps each name to 'dir' or 'file'),
+  or the workdir is a checkpoint step (or the checkpoints directory) of another run."""
+  wd = paths.resolve(workdir)
+  if not paths.isdir(wd):
+    return
+  entries = set(paths.listdir(wd))
+  for name, kind in {LOCK_DIR: "dir", **names}.items():
+    if name not in entries:
+      continue
+    p = paths.join(wd, name)
+    if kind == "dir" and not paths.isdir(p):
+      raise ConfigError(f"--workdir {wd}: {name} is a file, but a run keeps a directory there; "
+                        f"move {p} away (or choose another --workdir)")
+    if kind == "file" and paths.isdir(p):
+      raise ConfigError(f"--workdir {wd}: {name} is a directory, but a run keeps a file there; "
+                        f"move {p} away (or choose another --workdir)")
+  if {"state", "meta"} <= entries:
+    parent = paths.dirname(wd)
+    run = paths.dirname(parent) if paths.basename(parent) == "checkpoints" else parent
+    raise ConfigError(f"--workdir {wd} is a checkpoint step directory, not a run's workdir; to "
+                      f"resume that run pass --workdir {run}, or start a new run from it with "
+                      f"--config.checkpoint.init_from={wd} and a new --workdir")
+  steps = [n for n in entries if n.isdigit() and paths.exists(paths.join(wd, n, "meta"))]
+  if steps:
+    raise ConfigError(f"--workdir {wd} holds checkpoint steps ({', '.join(sorted(steps)[:4])}): "
+                      f"it is a run's checkpoints directory; pass the run's own workdir "
+                      f"--workdir {paths.dirname(wd)} to resume it")
 
 
 def _agree(ok: bool) -> bool:
