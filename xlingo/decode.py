@@ -6,13 +6,13 @@ token), so ``--lang`` steers the continuation. ``--lang none`` gives no language
 "unknown language", a zero language vector; ``decoder.UNKNOWN_LANG``): the model continues in
 whatever language the prompt suggests, which it has learned to do when it was trained with
 ``model.lang_emb_dropout`` > 0. A row starts with the vocabulary's start id at position 0 (the
-input at a segment's start in training: 0 for SentencePiece, the bos or else eos id of a Hugging
-Face tokenizer; xlingo/data/vocabulary.py) and its prompt tokens follow (the model's inputs are
-the targets shifted right); generation stops at the vocabulary's EOS or after ``--max_len`` new
-tokens, whichever comes first.
+input at a segment's start in training: 0 for SentencePiece; xlingo/data/vocabulary.py) and
+its prompt tokens follow (the model's inputs are the targets shifted right); generation stops
+at the vocabulary's EOS or after ``--max_len`` new tokens, whichever comes first.
 
 Batching rows of different prompt lengths: all rows share the cache index, so nothing is
-padded. The prefix every prompt has (the start id plus the shortest prompt) is prefilled in one call;
+padded. The prefix every prompt has (the start id plus the shortest prompt) is prefilled in
+one call;
 after that the rows advance one position per step, and a row still inside its prompt is fed
 its own next prompt token instead of the sample (the sample is discarded). Every row's
 positions are therefore 0, 1, 2, ... without gaps, exactly as in training.

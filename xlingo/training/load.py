@@ -300,8 +300,9 @@ def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
   (and left as it is: a tool does not rename another run's files). With ``config``
   (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
   ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
-  ``data.vocab_path`` may extend its vocabulary (``vocab_extend.extension_sources``), and the target may hold
-  parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
+  ``data.vocab_path`` may extend its vocabulary (``vocab_extend.extension_sources``), and the
+  target may hold parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint
+  lacks.
   ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
   languages' rows and the new parameter-efficient ones; everything else is loaded.
   """
