@@ -365,7 +365,7 @@ class Retrying:
   MAX_DELAY_S = 30.0
 
   def __init__(self, retry_s: float, *, remote: bool, abort: Callable[[], bool] | None = None,
-               on_retry: Callable | None = None, call_timeout_s: float | None = None,
+               on_retry: Callable | None = None,
                give_up: Callable[[StorageGaveUp], BaseException] | None = None,
                again: bool = True):
     self.retry_s = float(retry_s)
@@ -374,7 +374,6 @@ class Retrying:
     self.remote = remote
     self.abort = abort or (lambda: False)
     self.on_retry = on_retry
-    self.call_timeout_s = call_timeout_s
     if remote:
       # gcsfs logs each request that ran out of its own retries with a traceback, then raises:
       # the error is retried (or reported in one line) here.
@@ -388,8 +387,6 @@ class Retrying:
     delay = 1.0
     while True:
       limit = self.retry_s - (time.monotonic() - first_mono)
-      if self.call_timeout_s is not None:
-        limit = min(limit, self.call_timeout_s)
       began = time.time()
       attempt = fn if first is None or recover is None else lambda: (recover(), fn())[1]
       try:
