@@ -1,16 +1,16 @@
 """The one training loop shared by pretraining, adaptation and distillation.
 
-An objective (``xlingo.training.step.Objective``) says what differs: the loss, any extra
-(frozen) tree the step needs, such as a teacher's parameters, and how the initial parameters are
-obtained. The compiled step is built in ``xlingo.training.step``; everything else (mesh, data,
-state, logging, evaluation, checkpoints, preemption) lives here once.
+A recipe (``xlingo.training.step.Recipe``) says what differs: the objective's loss terms (with
+what they bind, such as a teacher), how the initial parameters are obtained, its config checks,
+and hooks of its own (early stopping, a report at the end). The compiled step is built in
+``xlingo.training.step``, what runs every N steps in ``xlingo.training.hooks``; the start-up
+(mesh, data, state, resume, compile), the step loop, checkpoints and preemption live here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import socket
 from typing import Any
@@ -32,7 +32,6 @@ from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
 
 FINISHED_MARKER = "xlingo: training finished"
-LN2 = math.log(2.0)
 
 
 def check_workdir(workdir: str) -> None:
