@@ -69,7 +69,7 @@ def validation_metrics(lm) -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them, and
   val/retrieval/* for the config's train.contrastive.pairs."""
   from xlingo import sharding
-  from xlingo.training import contrastive, hooks, step
+  from xlingo.training import hooks, step
 
   val_batches, plan = validation_batches(lm)
   if not val_batches:
@@ -78,8 +78,7 @@ def validation_metrics(lm) -> dict:
   objective = step.lm_objective(lm.config, lm.model)
   eval_step = jax.jit(step.make_eval_step(objective, lm.byte_table, len(codes)))
   env = hooks.EvalEnv(plan, lm.mesh, sharding.batch_sharding(lm.mesh))
-  if plan.pair_tasks:
-    contrastive.check_mesh(lm.config, lm.mesh)
+  step.check_objective_mesh(lm.config, lm.mesh)
   with sharding.mesh_context(lm.mesh, lm.rules):
     return hooks.validator(objective, eval_step, val_batches, codes, env, {})(lm.params)
 

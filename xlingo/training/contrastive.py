@@ -167,6 +167,14 @@ class Contrastive(terms.Term):
   def from_config(cls, config, model) -> Contrastive:
     return cls(model, Settings.from_config(config))
 
+  @staticmethod
+  def check(config) -> None:
+    check_config(config)
+
+  @staticmethod
+  def check_mesh(config, mesh) -> None:
+    check_mesh(config, mesh)
+
   def embed(self, params, pair_batch, *, deterministic: bool = True, rng=None):
     """Pooled states [P, 2, D] of both sides of each pair, as the loss pools them."""
     c = self.settings

@@ -25,7 +25,7 @@ from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import contrastive, hooks, metrics, preemption, terms
+from xlingo.training import hooks, metrics, preemption, terms
 from xlingo.training import restore as restore_lib
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
@@ -107,7 +107,7 @@ def build(config) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
-  contrastive.check_mesh(config, mesh)
+  step_lib.check_objective_mesh(config, mesh)
   spec = peft.spec_from_config(config)
   model = decoder_lib.Decoder(config.model, spec)
   plan = inputs.plan_inputs(config)

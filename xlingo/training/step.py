@@ -115,11 +115,19 @@ def lm_objective(config, model, name: str = "lm", extra_terms: tuple = (), **kw)
 LM = Recipe("lm", build=lambda config, setup: lm_objective(config, setup.model))
 
 
+LM_TERMS = (terms.CrossEntropy, terms.LanguageId, terms.HintFreeValidation,
+            contrastive.Contrastive)
+
+
 def check_objective_config(config) -> None:
   """One line for a setting of the shared LM terms that cannot work (before anything runs)."""
-  terms.check_hints_and_lid(config)
-  terms.check_loss_weights(config)
-  contrastive.check_config(config)
+  for term in LM_TERMS:
+    term.check(config)
+
+
+def check_objective_mesh(config, mesh) -> None:
+  for term in LM_TERMS:
+    term.check_mesh(config, mesh)
 
 
 def _per_language(aux, batch, byte_table, num_langs):

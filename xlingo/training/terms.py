@@ -132,6 +132,15 @@ class Term:
   def loss(self, params, batch, rng, run: Pass) -> tuple[jax.Array, dict]:
     raise NotImplementedError
 
+  @staticmethod
+  def check(config) -> None:
+    """One line (ConfigError) for a setting of this term that cannot work, checked before
+    anything is built; the term is not built yet, so this reads the config."""
+
+  @staticmethod
+  def check_mesh(config, mesh) -> None:
+    """One line for a setting of this term that the mesh cannot serve (before the state)."""
+
   def features(self, batch_sharding) -> dict:
     """Batch features this term needs beyond the LM batch, as sharded ShapeDtypeStructs."""
     del batch_sharding
@@ -158,7 +167,7 @@ def language_loss_weights(config) -> np.ndarray | None:
   """The LM loss weight of each language id (``data.languages`` order), or None when every
   weight is 1. ``train.loss_weights`` (1.0 where not listed), then ``train.main_language``
   weighs ``train.main_language_weight``. Languages the table lacks are ignored here
-  (:func:`check_lm_config` refuses them before training)."""
+  (:meth:`CrossEntropy.check` refuses them before training)."""
   t = config.train
   given = dict(t.loss_weights or {})
   main = t.main_language or ""
@@ -205,6 +214,10 @@ class CrossEntropy(Term):
       w = tuple(float(x) for x in np.concatenate([w, np.ones(pad, np.float32)]))
     return cls(float(config.train.z_loss), loss_chunk_size(config), w)
 
+  @staticmethod
+  def check(config) -> None:
+    check_loss_weights(config)
+
   def loss(self, params, batch, rng, run):
     scale = None if self.lang_weights is None else jnp.take(
         jnp.asarray(np.asarray(self.lang_weights, np.float32)), batch["lang_ids"])
@@ -228,6 +241,10 @@ class LanguageId(Term):
   lid_loss, lid_acc), of the LM forward pass's LID head."""
 
   weight: float = 0.0
+
+  @staticmethod
+  def check(config) -> None:
+    check_hints_and_lid(config)
 
   def loss(self, params, batch, rng, run):
     out = run.lm()
