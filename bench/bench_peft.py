@@ -64,9 +64,10 @@ def compiled_step(cfg, mesh, rules):
   model = decoder_lib.Decoder(cfg.model, peft.spec_from_config(cfg))
   factory = state_lib.StateFactory(model, cfg, mesh, rules)
   byte_table = np.ones((cfg.model.vocab_size,), np.float32)
-  fn = step_lib.make_train_step(step_lib.LM_OBJECTIVE, model, cfg, factory.tx, byte_table,
-                                len(cfg.data.languages))
-  compiled, lower_s, compile_s = step_lib.compile_train_step(fn, factory, mesh, rules, cfg)
+  objective = step_lib.lm_objective(cfg, model)
+  fn = step_lib.make_train_step(objective, cfg, factory.tx, byte_table, len(cfg.data.languages))
+  compiled, lower_s, compile_s = step_lib.compile_train_step(objective, fn, factory, mesh, rules,
+                                                             cfg)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   state = factory.init(jax.random.PRNGKey(cfg.train.seed))

@@ -80,9 +80,9 @@ def compile_step(cfg, mesh, rules, model, factory, byte_table, num_langs):
   compile_s)."""
   from xlingo.training import step as step_lib
 
-  step_fn = step_lib.make_train_step(step_lib.LM_OBJECTIVE, model, cfg, factory.tx, byte_table,
-                                     num_langs)
-  return step_lib.compile_train_step(step_fn, factory, mesh, rules, cfg)
+  objective = step_lib.lm_objective(cfg, model)
+  step_fn = step_lib.make_train_step(objective, cfg, factory.tx, byte_table, num_langs)
+  return step_lib.compile_train_step(objective, step_fn, factory, mesh, rules, cfg)
 
 
 def synthetic_setup(cfg):

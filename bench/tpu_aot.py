@@ -58,7 +58,7 @@ def topology_devices(name: str):
                       "v5e:4x4, v5p:2x4x4, v6e:2x4") from None
 
 
-def compile_for_devices(config, devices, objective=None):
+def compile_for_devices(config, devices):
   """Lower and compile the loop's train step for ``devices``: (figures dict, compiled)."""
   import jax.numpy as jnp
   import numpy as np
@@ -70,7 +70,6 @@ def compile_for_devices(config, devices, objective=None):
   from xlingo.training import state as state_lib
   from xlingo.training import step as step_lib
 
-  objective = objective or step_lib.LM_OBJECTIVE
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.logical_rules(config.mesh)
   t = config.train
@@ -79,10 +78,11 @@ def compile_for_devices(config, devices, objective=None):
   factory = state_lib.StateFactory(model, config, mesh, rules)
   # Only bits-per-byte sums read the byte table; its values do not change the program.
   byte_table = np.ones((config.model.vocab_size,), np.float32)
-  step_fn = step_lib.make_train_step(objective, model, config, factory.tx, byte_table,
+  objective = step_lib.lm_objective(config, model)
+  step_fn = step_lib.make_train_step(objective, config, factory.tx, byte_table,
                                      len(config.data.languages))
-  compiled, lower_s, compile_s = step_lib.compile_train_step(step_fn, factory, mesh, rules,
-                                                             config)
+  compiled, lower_s, compile_s = step_lib.compile_train_step(objective, step_fn, factory, mesh,
+                                                             rules, config)
   ma = compiled.memory_analysis()
   total = (ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes
            - ma.alias_size_in_bytes)
@@ -103,7 +103,7 @@ def compile_for_devices(config, devices, objective=None):
       "devices": n, "device_kind": kind, "mesh": dict(mesh.shape),
       "params_b": round(state_lib.param_count(factory.params_abstract) / 1e9, 3),
       "batch": t.batch_size, "seq_len": config.data.seq_len, "microbatches": t.microbatches,
-      "loss_chunk_size": step_lib.loss_chunk_size(config), "remat": config.model.remat_policy,
+      "loss_chunk_size": config.train.loss_chunk_size, "remat": config.model.remat_policy,
       "attention": impl, "splash_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
       "args_gib": round(ma.argument_size_in_bytes / GIB, 3),
       "out_gib": round(ma.output_size_in_bytes / GIB, 3),

@@ -5,6 +5,7 @@ targets-only loss, errors."""
 import json
 import os
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +24,7 @@ from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import load, loop, step
+from xlingo.training import hooks, load, loop
 from xlingo.training import restore as restore_lib
 from xlingo.training.load import load_model
 
@@ -246,9 +247,10 @@ def test_full_adaptation_with_replay_and_early_stop(pretrained, tmp_path):
   c.train.steps = 4
   c.train.eval_every = 1
   adapt.resolve_config(c)
-  objective, stopper = adapt.make_objective(c)
+  recipe = adapt.make_recipe(c)
   wd = str(tmp_path / "full")
-  loop.run(c, wd, objective)
+  loop.run(c, wd, recipe)
+  stopper, _ = recipe.hooks
   assert stopper.best_step is not None
   text, bpb = adapt.bpb_table(wd, c.data.languages, "de")
   assert "(target)" in text and set(bpb["languages"]) == set(OLD_LANGS)
@@ -278,10 +280,9 @@ def test_targets_only_loss_matches_numpy():
   ac = adapt_tiny.get_config()
   ac.model = c.model
   ac.checkpoint.init_from = "unused"
-  objective, _ = adapt.make_objective(ac)
-  ctx = step.StepContext(model=model, config=ac, deterministic=True)
+  objective = adapt.make_recipe(ac).build(ac, types.SimpleNamespace(model=model))
   # jitted: op by op on 8 fake devices is slow
-  got, _ = jax.jit(lambda p, b: objective.loss_fn(ctx, p, b, jax.random.PRNGKey(0), {}))(
+  got, _ = jax.jit(lambda p, b: objective.loss(p, b, jax.random.PRNGKey(0), deterministic=True))(
       params, jax.tree.map(jnp.asarray, batch))
   logits, _ = jax.jit(model.apply)({"params": params}, batch["inputs"], batch["segment_ids"],
                                    batch["positions"], batch["lang_ids"])
@@ -295,7 +296,7 @@ def test_targets_only_loss_matches_numpy():
 
 
 def test_early_stopping_tracks_target():
-  s = adapt.EarlyStopping("val/bpb/de", patience=2)
+  s = hooks.EarlyStopping("val/bpb/de", patience=2)
   assert s.on_eval(1, {"val/bpb/de": 3.0})
   assert not s.on_eval(2, {"val/bpb/de": 3.1}) and not s.should_stop()
   assert not s.on_eval(3, {"val/bpb/de": 3.0}) and s.should_stop()

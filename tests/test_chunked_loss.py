@@ -54,10 +54,10 @@ def test_lm_loss_and_grads_equal_unchunked(chunk):
   byte_table = jnp.arange(512, dtype=jnp.float32) % 5 + 1
 
   def loss_and_sums(cfg):
-    ctx = step.StepContext(model=model, config=cfg, deterministic=True)
+    objective = step.lm_objective(cfg, model)
 
     def f(p):
-      total, aux = step.lm_loss(ctx, p, batch, jax.random.PRNGKey(0), None)
+      total, aux = objective.loss(p, batch, jax.random.PRNGKey(0), deterministic=True)
       return total, step._sums(aux, batch, byte_table, cfg.model.num_languages)
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))(params)
@@ -110,11 +110,11 @@ def test_distill_loss_and_grads_equal_unchunked(top_k):
 
   def run(chunk):
     cfg.train.loss_chunk_size = chunk
-    ctx = step.StepContext(model=student, config=cfg, deterministic=True, step=jnp.int32(3))
+    objective = distill.distill_objective(cfg, student, teacher, tparams)
 
     def f(p):
-      return distill.distill_loss(teacher, ctx, p, batch, jax.random.PRNGKey(0),
-                                  {"teacher_params": tparams})
+      return objective.loss(p, batch, jax.random.PRNGKey(0), deterministic=True,
+                            step=jnp.int32(3))
 
     return jax.jit(jax.value_and_grad(f, has_aux=True))(sparams)
 

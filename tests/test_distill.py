@@ -14,8 +14,7 @@ from configs import distill_tiny, tiny
 from xlingo import distill
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
-from xlingo.training import load, losses
-from xlingo.training.step import StepContext
+from xlingo.training import load, losses, terms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,18 +92,19 @@ def _batch(vocab, b=8, length=16):
 
 def test_no_gradient_reaches_the_teacher():
   cfg, teacher, student, tp, sp = _tiny_models()
-  ctx = StepContext(model=student, config=cfg, deterministic=True, step=jnp.int32(0))
+  objective = distill.distill_objective(cfg, student, teacher, tp)
   batch = _batch(cfg.model.vocab_size)
   rng = jax.random.PRNGKey(0)
 
   def loss(tparams, sparams):
-    return distill.distill_loss(teacher, ctx, sparams, batch, rng, {"teacher_params": tparams})[0]
+    bound = objective.bound({"0": tparams})  # the teacher as the step receives it
+    return bound.loss(sparams, batch, rng, deterministic=True, step=jnp.int32(0))[0]
 
   g_teacher, g_student = jax.jit(jax.grad(loss, argnums=(0, 1)))(tp, sp)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(g_teacher))
   assert any(float(jnp.abs(g).max()) > 0.0 for g in jax.tree.leaves(g_student))
   # The loss is alpha * tau^2 * KL + (1 - alpha) * CE, and aux 'loss' is the plain CE.
-  total, aux = distill.distill_loss(teacher, ctx, sp, batch, rng, {"teacher_params": tp})
+  total, aux = objective.loss(sp, batch, rng, deterministic=True, step=jnp.int32(0))
   d = cfg.distill
   want = d.alpha * d.temperature**2 * aux["kl_sum"] + (1 - d.alpha) * aux["ce_sum"]
   np.testing.assert_allclose(total, want, rtol=1e-6)
@@ -112,10 +112,10 @@ def test_no_gradient_reaches_the_teacher():
 
 
 def test_linear_schedule():
-  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(0), 10)) == pytest.approx(0.8)
-  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(5), 10)) == pytest.approx(0.5)
-  assert float(distill.scheduled(0.8, 0.2, "linear", jnp.int32(20), 10)) == pytest.approx(0.2)
-  assert float(distill.scheduled(0.8, 0.2, "constant", jnp.int32(5), 10)) == pytest.approx(0.8)
+  assert float(terms.scheduled(0.8, 0.2, "linear", jnp.int32(0), 10)) == pytest.approx(0.8)
+  assert float(terms.scheduled(0.8, 0.2, "linear", jnp.int32(5), 10)) == pytest.approx(0.5)
+  assert float(terms.scheduled(0.8, 0.2, "linear", jnp.int32(20), 10)) == pytest.approx(0.2)
+  assert float(terms.scheduled(0.8, 0.2, "constant", jnp.int32(5), 10)) == pytest.approx(0.8)
 
 
 @pytest.mark.parametrize("student_scan", [True, False])

@@ -14,7 +14,7 @@ from configs import tiny
 from xlingo import sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
-from xlingo.training import contrastive, loop, losses, step
+from xlingo.training import contrastive, hooks, loop, losses, step, terms
 
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 fast_jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
@@ -144,10 +144,10 @@ def _loss_and_grads(config, params, batch, mesh_cfg):
   boxed = sharding.abstract_params(model, config.model, 8)
   p_sh = sharding.param_shardings(boxed, mesh, rules)
   b_sh = sharding.batch_sharding(mesh)
-  ctx = step.StepContext(model=model, config=config, deterministic=True)
+  objective = step.lm_objective(config, model)
 
   def f(p, b):
-    total, aux = step.lm_loss(ctx, p, b, jax.random.PRNGKey(0), None)
+    total, aux = objective.loss(p, b, jax.random.PRNGKey(0), deterministic=True)
     return total, aux["contrastive_loss_sum"]
 
   with sharding.mesh_context(mesh, rules):
@@ -177,8 +177,8 @@ def test_contrastive_same_on_1_and_8_devices(layer, pooling, scan):
   for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=5e-5)
   # The contrastive term is InfoNCE of the pooled states (computed here without the step).
-  z = np.asarray(contrastive.pair_embeddings(model, params, jax.tree.map(jnp.asarray, batch),
-                                             config), np.float64)
+  term = contrastive.Contrastive.from_config(config, model)
+  z = np.asarray(term.embed(params, jax.tree.map(jnp.asarray, batch)), np.float64)
   want = _numpy_info_nce(z[:, 0], z[:, 1], 0.1, batch["pair_keys"][:, 0],
                          batch["pair_keys"][:, 1])
   n_tok = batch["loss_weights"].sum()
@@ -188,31 +188,26 @@ def test_contrastive_same_on_1_and_8_devices(layer, pooling, scan):
   if pooling == "last":
     longer = jax.tree.map(np.copy, batch)
     longer["pair_inputs"][0, 0, longer["pair_lengths"][0, 0] + 1:] = 7
-    z2 = np.asarray(contrastive.pair_embeddings(model, params, longer, config))
+    z2 = np.asarray(term.embed(params, longer))
     np.testing.assert_allclose(z2[0, 0], z[0, 0], rtol=1e-5, atol=1e-6)
 
 
-def test_retrieval_embeds_through_the_objectives_loss():
-  """Validation's pooled states see the parameters as the objective's loss does (an adapter,
-  merged factors): here an objective that doubles the token embedding before the LM loss."""
+def test_retrieval_embeds_pairs_as_the_term_pools_them():
+  """Validation's pooled states are the contrastive term's own (its bound layer and pooling),
+  embedded directly on the mesh, with no LM batch beside the pairs."""
   import ml_collections
 
-  config = _contrastive_config()
+  config = _contrastive_config(layer=0, pooling="last")
   model = decoder_lib.Decoder(config.model)
   params = _random_params(model)
   batch = jax.tree.map(jnp.asarray, _pair_batch())
-
-  def doubled(p):
-    return {**p, "token_embedding": p["token_embedding"] * 2.0}
-
-  objective = step.Objective(
-      name="t", loss_fn=lambda ctx, p, b, r, e: step.lm_loss(ctx, doubled(p), b, r, e))
+  (retrieval,) = step.lm_objective(config, model).evaluators()
   mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 4, "tensor": 1}))
   with sharding.mesh_context(mesh, sharding.logical_rules(config.mesh)):
-    got = step.make_embed_step(objective, model, config, mesh)(params, batch, {})
-  want = contrastive.pair_embeddings(model, doubled(params), batch, config)
+    got = jax.jit(retrieval.term.embed)(params, batch)
+  want = contrastive.pair_embeddings(model, params, batch, 0, "last")
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-  plain = contrastive.pair_embeddings(model, params, batch, config)
+  plain = contrastive.pair_embeddings(model, params, batch, -1, "mean")
   assert not np.allclose(np.asarray(plain), np.asarray(want), atol=1e-2)
 
 
@@ -263,8 +258,8 @@ def test_hints_hidden_per_example_at_the_rate():
   config = _config()
   config.model.lang_emb_dropout = 0.3
   batch = _lm_batch(64, 24, 9)
-  ctx = step.StepContext(model=None, config=config, deterministic=False)
-  ids, hidden = step.hide_language_hints(ctx, batch, jax.random.PRNGKey(0))
+  hints = terms.Hints.from_config(config)
+  ids, hidden = hints.hide(batch, jax.random.PRNGKey(0), deterministic=False)
   ids, hidden = np.asarray(ids), np.asarray(hidden)
   seg = batch["segment_ids"]
   for r in range(seg.shape[0]):
@@ -277,12 +272,11 @@ def test_hints_hidden_per_example_at_the_rate():
   per_example = np.array([hidden[r, seg[r] == s][0] for r in range(64) for s in (1, 2, 3)])
   assert 0.2 < per_example.mean() < 0.4
   # Evaluation gives every hint; without language embeddings no token has one.
-  ev = step.StepContext(model=None, config=config, deterministic=True)
-  ids_e, hidden_e = step.hide_language_hints(ev, batch, jax.random.PRNGKey(0))
+  ids_e, hidden_e = hints.hide(batch, jax.random.PRNGKey(0), deterministic=True)
   assert hidden_e is None and np.array_equal(np.asarray(ids_e), batch["lang_ids"])
   config.model.use_lang_emb = False
   config.model.lang_emb_dropout = 0.0
-  _, none = step.hide_language_hints(ctx, batch, jax.random.PRNGKey(0))
+  _, none = terms.Hints.from_config(config).hide(batch, jax.random.PRNGKey(0), False)
   assert np.asarray(none).min() == 1.0
 
 
@@ -293,10 +287,9 @@ def test_lid_loss_is_taken_only_where_the_hint_is_hidden():
   model = decoder_lib.Decoder(config.model)
   params = _random_params(model)
   batch = jax.tree.map(jnp.asarray, _lm_batch(8, 24, 9))
-  ctx = step.StepContext(model=model, config=config, deterministic=False)
   rng = jax.random.PRNGKey(3)
-  _, aux = step.lm_loss(ctx, params, batch, rng, None)
-  ids, hidden = step.hide_language_hints(ctx, batch, jax.random.fold_in(rng, 1))
+  _, aux = step.lm_objective(config, model).loss(params, batch, rng, deterministic=False)
+  ids, hidden = terms.Hints.from_config(config).hide(batch, jax.random.fold_in(rng, 1), False)
   _, lid_logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                               batch["positions"], ids)
   w = np.asarray(batch["loss_weights"]) * np.asarray(hidden)
@@ -314,8 +307,8 @@ def test_eval_reports_lid_accuracy_and_bpb_without_hints():
   params = _random_params(model)
   batch = jax.tree.map(jnp.asarray, _lm_batch(4, 24, 9))
   byte_table = jnp.ones((VOCAB,), jnp.float32)
-  sums = step.make_eval_step(step.LM_OBJECTIVE, model, config, byte_table, 9)(params, batch, {})
-  out = loop.language_scalars(jax.device_get(sums), config.data.languages, prefix="val/")
+  sums = step.make_eval_step(step.lm_objective(config, model), byte_table, 9)(params, batch, {})
+  out = hooks.language_scalars(jax.device_get(sums), config.data.languages, prefix="val/")
   assert 0.0 <= out["val/lid_acc"] <= 1.0 and "val/bpb_nohint" in out
   _, lid = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
                        batch["positions"], jnp.full_like(batch["lang_ids"], -1))
@@ -366,9 +359,10 @@ def test_loss_weights_scale_each_language_exactly():
   lam = {c: weights.get(c, 1.0) for c in codes} | {"en": 2.0}
 
   def loss_fn(cfg):
-    ctx = step.StepContext(model=model, config=cfg, deterministic=True)
+    objective = step.lm_objective(cfg, model)
     f = fast_jit(jax.value_and_grad(
-        lambda p, b: step.lm_loss(ctx, p, b, jax.random.PRNGKey(0), None), has_aux=True))
+        lambda p, b: objective.loss(p, b, jax.random.PRNGKey(0), deterministic=True),
+        has_aux=True))
     return lambda c, b: f(params, b)
 
   loss = loss_fn(plain)
@@ -385,13 +379,13 @@ def test_loss_weights_scale_each_language_exactly():
   (_, aux_plain), _ = loss(plain, batch)
   np.testing.assert_array_equal(np.asarray(aux["per_token"]["loss"]),
                                 np.asarray(aux_plain["per_token"]["loss"]))
-  line = step.loss_weights_line(config)
+  line = terms.loss_weights_line(config)
   assert "en 2 (main)" in line and "de 0.25" in line and "ru 3" in line and "fr 1" in line
 
 
 def test_loss_weight_config_checks():
   c = _config()
-  assert step.loss_weights_line(c) == ""
+  assert terms.loss_weights_line(c) == ""
   c.train.loss_weights["xx"] = 2.0
   _expect_config_error(c, "names 'xx'")
   c = _config(main_language="de")

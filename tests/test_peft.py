@@ -216,7 +216,7 @@ def _step_setup(c):
   mesh, rules = sharding.make_mesh(c.mesh), sharding.logical_rules(c.mesh)
   factory = state_lib.StateFactory(model, c, mesh, rules)
   byte_table = np.ones(c.model.vocab_size, np.float32)
-  fn = step_lib.make_train_step(step_lib.LM_OBJECTIVE, model, c, factory.tx, byte_table,
+  fn = step_lib.make_train_step(step_lib.lm_objective(c, model), c, factory.tx, byte_table,
                                 len(c.data.languages))
   return model, mesh, rules, factory, fn
 
@@ -284,12 +284,12 @@ def test_grad_norm_and_optimizer_state_cover_trained_parameters_only():
       np.testing.assert_array_equal(after[k], before[k], err_msg=k)
 
   # grad_norm is the norm of the adapters' gradient, not of every parameter's.
-  ctx = step_lib.StepContext(model=model, config=c, deterministic=False, step=state.step)
+  objective = step_lib.lm_objective(c, model)
   w = jnp.sum(batch["loss_weights"])
 
   def loss(p):
-    return step_lib.lm_loss(ctx, p, batch, jax.random.fold_in(
-        jax.random.PRNGKey(c.train.seed), 0), None)[0] / w
+    return objective.loss(p, batch, jax.random.fold_in(jax.random.PRNGKey(c.train.seed), 0),
+                          deterministic=False, step=state.step)[0] / w
 
   with sharding.mesh_context(mesh, rules):
     grads = _flat(jax.device_get(jax.jit(jax.grad(loss))(state.params)))

@@ -28,14 +28,13 @@ import json
 import sys
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
 from xlingo import cli, paths, scoring, sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import layout, load, metrics, step
+from xlingo.training import layout, load, metrics, step, terms
 from xlingo.training import state as state_lib
 
 MODES = ("full", "freeze", "lora", "adapter", "prefix", "lang_emb")
@@ -118,62 +117,27 @@ def resolve_config(config) -> None:
 # --- objective ------------------------------------------------------------------------------
 
 
-class EarlyStopping:
-  """Tracks the target's validation bpb: 'save best' on improvement, 'stop' after patience."""
+def make_recipe(config) -> step.Recipe:
+  """The adaptation objective: the shared LM terms (+ L2 towards the initial values of the
+  trained parameters), with early stopping on the target's validation bpb. Targets-only loss on
+  translation pairs comes from the batch: its loss_weights are 0 on the source tokens, so the
+  shared cross-entropy is already the conditional loss."""
+  l2 = float(config.adapt.l2_init_weight)
 
-  def __init__(self, key: str, patience: int):
-    self.key = key
-    self.patience = patience
-    self.best = float("inf")
-    self.best_step = None
-    self.bad = 0
+  def build(cfg, setup):
+    more = ()
+    if l2:
+      init = load.load_model(cfg, cfg.checkpoint.init_from, what="checkpoint.init_from",
+                             mesh=setup.mesh, rules=setup.rules, model_from="config").params
+      trainable = cfg.train.trainable
+      more = (terms.L2ToInit(l2, trainable, state_lib.trained_params(init, trainable)),)
+    return step.lm_objective(cfg, setup.model, "adapt", more)
 
-  def on_eval(self, step, val) -> bool:
-    v = val.get(self.key)
-    if v is None:
-      return False
-    if v < self.best:
-      self.best, self.best_step, self.bad = v, step, 0
-      return True
-    self.bad += 1
-    return False
+  from xlingo.training import hooks
 
-  def should_stop(self) -> bool:
-    return self.patience > 0 and self.bad >= self.patience
-
-
-def make_objective(config):
-  """The adaptation objective: the shared LM loss (+ L2 towards the initial values of the
-  trained parameters), with early stopping on the target's validation bpb."""
-  a = config.adapt
-  l2 = float(a.l2_init_weight)
-
-  def loss_fn(ctx, params, batch, rng, extra):
-    # Targets-only loss on translation pairs comes from the batch: its loss_weights are 0 on
-    # the source tokens, so the shared LM loss is already the conditional loss.
-    total, aux = step.lm_loss(ctx, params, batch, rng, None)
-    if l2 and extra:
-      trained = state_lib.trained_params(params, ctx.config.train.trainable)
-      sq = sum(jnp.sum(jnp.square(x.astype(jnp.float32) - x0.astype(jnp.float32)))
-               for x, x0 in zip(jax.tree.leaves(trained), jax.tree.leaves(extra["init"])))
-      # The step divides the loss sum by the batch's weight: scale so that the mean loss
-      # gains exactly l2 * ||theta - theta_0||^2 (also across microbatches).
-      pen = l2 * sq * jnp.sum(batch["loss_weights"].astype(jnp.float32))
-      total = total + pen
-      aux["l2_init_sum"] = pen
-    return total, aux
-
-  def prepare_extra(cfg, mesh, rules):
-    if not l2:
-      return {}
-    init = load.load_model(cfg, cfg.checkpoint.init_from, what="checkpoint.init_from", mesh=mesh,
-                           rules=rules, model_from="config").params
-    return {"init": state_lib.trained_params(init, cfg.train.trainable)}
-
-  stopper = EarlyStopping(f"val/bpb/{target_language(config)}", int(a.early_stop_patience))
-  return step.Objective(
-      name="adapt", loss_fn=loss_fn, prepare_extra=prepare_extra, check_config=check_config,
-      on_eval=stopper.on_eval, should_stop=stopper.should_stop), stopper
+  stopper = hooks.EarlyStopping(f"val/bpb/{target_language(config)}",
+                                int(config.adapt.early_stop_patience))
+  return step.Recipe("adapt", build, check_config, hooks=(stopper, Report(config, stopper)))
 
 
 # --- reports --------------------------------------------------------------------------------
@@ -227,45 +191,71 @@ def parameter_counts(config) -> dict:
               state_lib.trained_params(abstract, config.train.trainable))}
 
 
+class Report:
+  """A hook factory: at the end of a finished run, the before/after bpb table, BLEU/chrF of
+  greedy translations before and after, the merged export, and WORKDIR/adapt_report.json;
+  ``result`` holds the report."""
+
+  def __init__(self, config, stopper):
+    self.config, self.stopper, self.result = config, stopper, None
+
+  def __call__(self, env):
+    from xlingo.training import hooks
+
+    return hooks.Hook(0, lambda tick: self.write(env.workdir, env.last))
+
+  def write(self, workdir: str, last: dict) -> None:
+    config = self.config
+    target = target_language(config)
+    text, bpb = bpb_table(workdir, config.data.languages, target)
+    if text:
+      metrics.console(text)
+    report = {"metrics": last, "bpb": bpb, "target": target, "mode": config.adapt.mode,
+              "best_step": self.stopper.best_step, "translation": {},
+              **parameter_counts(config)}
+    want_bleu = bool(config.data.translation_pairs) and config.adapt.bleu_examples > 0
+    if (want_bleu or config.adapt.export_merged) and paths.isdir(
+        paths.join(workdir, layout.CHECKPOINTS)):
+      # The run's last parameters, loaded as every tool loads them (no training plan, no
+      # optimizer), and those it started from.
+      after = load.load_model(config, workdir)
+      if want_bleu:
+        report["translation"] = self._translation(after)
+      if config.adapt.export_merged:
+        path = load.export_merged(after, config.adapt.export_merged)
+        metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
+    if jax.process_index() == 0:
+      paths.write_text(paths.join(workdir, layout.report_name("adapt")),
+                       json.dumps(report, indent=1, default=float))
+    self.result = report
+
+  def _translation(self, after) -> dict:
+    config = self.config
+    before = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                             mesh=after.mesh, rules=after.rules, model_from="config")
+    out = translation_report(config, {"before": before, "after": after})
+    for pair, r in out.items():
+      metrics.console(
+          f"{pair} greedy, {r['after']['examples']} validation pairs: BLEU "
+          f"{r['before']['bleu']:.1f} -> {r['after']['bleu']:.1f}, chrF "
+          f"{r['before']['chrf']:.1f} -> {r['after']['chrf']:.1f} "
+          f"({r['after']['bleu_signature']})")
+    return out
+
+
 def run(config, workdir: str) -> dict:
-  """Adapt, then report; returns {'metrics', 'bpb', 'translation', 'best_step', ...}."""
+  """Adapt, then report; returns {'metrics', 'bpb', 'translation', 'best_step', ...} (a run
+  stopped by a signal: {'metrics'} only; the report comes when it finishes)."""
   # After the flags: the loop imports the data layer (seqio, TensorFlow), so a config error
   # is reported before that import.
   from xlingo.training import loop
 
   loop.adopt_init_from_model(config)  # before the objective is built from the config
   resolve_config(config)
-  objective, stopper = make_objective(config)
-  last = loop.run(config, workdir, objective)
-  target = target_language(config)
-  text, bpb = bpb_table(workdir, config.data.languages, target)
-  if text:
-    metrics.console(text)
-  report = {"metrics": last, "bpb": bpb, "target": target, "mode": config.adapt.mode,
-            "best_step": stopper.best_step, "translation": {}, **parameter_counts(config)}
-  want_bleu = bool(config.data.translation_pairs) and config.adapt.bleu_examples > 0
-  if (want_bleu or config.adapt.export_merged) and paths.isdir(
-      paths.join(workdir, layout.CHECKPOINTS)):
-    # The run's last parameters, loaded as every tool loads them (no training plan, no
-    # optimizer), and those it started from.
-    after = load.load_model(config, workdir)
-    if want_bleu:
-      before = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
-                               mesh=after.mesh, rules=after.rules, model_from="config")
-      report["translation"] = translation_report(config, {"before": before, "after": after})
-      for pair, r in report["translation"].items():
-        metrics.console(
-            f"{pair} greedy, {r['after']['examples']} validation pairs: BLEU "
-            f"{r['before']['bleu']:.1f} -> {r['after']['bleu']:.1f}, chrF "
-            f"{r['before']['chrf']:.1f} -> {r['after']['chrf']:.1f} "
-            f"({r['after']['bleu_signature']})")
-    if config.adapt.export_merged:
-      path = load.export_merged(after, config.adapt.export_merged)
-      metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
-  if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, layout.report_name("adapt")),
-                     json.dumps(report, indent=1, default=float))
-  return report
+  recipe = make_recipe(config)
+  last = loop.run(config, workdir, recipe)
+  report = recipe.hooks[-1].result
+  return report if report is not None else {"metrics": last}
 
 
 def main(argv=None):

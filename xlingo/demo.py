@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     from xlingo.training import loop, step
 
     state["config"] = config
-    state["last"] = loop.run(config, workdir, step.LM_OBJECTIVE)
+    state["last"] = loop.run(config, workdir, step.LM)
 
   cli.run_main(argv_train, __doc__, body)
   config = state["config"]

@@ -22,6 +22,7 @@ language table.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 import jax
@@ -151,14 +152,6 @@ def student_from_teacher_layers(student_params, teacher_params, student_cfg, tea
 # --- the objective --------------------------------------------------------------------------
 
 
-def scheduled(start: float, end: float, kind: str, step, steps: int):
-  """``start``, or linear from ``start`` at step 0 to ``end`` at ``steps`` (kind 'linear')."""
-  if kind == "constant" or step is None:
-    return jnp.float32(start)
-  frac = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
-  return jnp.float32(start) + (end - start) * frac
-
-
 def check_distill_config(config) -> None:
   if "distill" not in config:
     raise ConfigError("the config has no 'distill' section; start from configs/distill_tiny.py")
@@ -194,78 +187,60 @@ def check_distill_config(config) -> None:
                         f"width ({', '.join(diff)}); leave it empty to initialise from scratch")
 
 
-def distill_loss(teacher_model, ctx, params, batch, rng, extra):
-  """alpha * tau^2 * KL + (1 - alpha) * CE, summed over tokens; ``extra['teacher_params']``.
+def distill_objective(config, model, teacher_model, teacher_params):
+  """The student's objective: the distillation term (KL to the bound teacher + CE) and, with
+  the student's LID head, the language-ID term; the student's hints hidden as in LM training."""
+  from xlingo.training import step, terms
 
-  Both models return hidden states; the loss projects them onto the vocabulary
-  ``train.loss_chunk_size`` positions at a time (``losses.chunked_distillation``), so neither
-  the teacher's nor the student's [B, T, V] logits are ever held whole.
-  """
-  from xlingo.training import losses, step
-
-  d, t = ctx.config.distill, ctx.config.train
-  feats = (batch["inputs"], batch["segment_ids"], batch["positions"])
-  # Frozen teacher: no gradient, so no activations are kept for a backward pass.
-  teacher_params = jax.lax.stop_gradient(extra["teacher_params"])
-  t_hidden, _ = teacher_model.apply({"params": teacher_params}, *feats, batch["lang_ids"],
-                                    deterministic=True, return_hidden=True)
-  # The student's language hints are hidden as in LM training (model.lang_emb_dropout).
-  hint_ids, hidden_bt = step.hide_language_hints(ctx, batch, jax.random.fold_in(rng, 1))
-  s_hidden, lid_logits = ctx.model.apply({"params": params}, *feats, hint_ids,
-                                         deterministic=ctx.deterministic, rngs={"dropout": rng},
-                                         return_hidden=True)
-  step_now = getattr(ctx, "step", None)
-  alpha = scheduled(d.alpha, d.alpha_end, d.schedule, step_now, t.steps)
-  tau = scheduled(d.temperature, d.temperature_end, d.schedule, step_now, t.steps)
-  w = batch["loss_weights"]
-  ce_sum, ce_pt, kl_sum, kl_pt = losses.chunked_distillation(
-      step.output_logits_fn(ctx.model, params), s_hidden,
-      step.output_logits_fn(teacher_model, teacher_params), t_hidden, batch["targets"], w,
-      z_loss=t.z_loss, temperature=tau, top_k=d.top_k or None,
-      chunk_size=step.loss_chunk_size(ctx.config))
-  total = alpha * tau**2 * kl_sum + (1.0 - alpha) * ce_sum
-  # 'loss' stays the student's own cross-entropy: the loop turns it into bits per byte.
-  aux = {"per_token": {"loss": ce_pt, "kl": kl_pt}, "kl_sum": kl_sum, "ce_sum": ce_sum}
-  lid_total, lid_aux = step.language_id_term(ctx.config, lid_logits, batch, hidden_bt)
-  aux.update(lid_aux)
-  return total + lid_total, aux
+  d, t = config.distill, config.train
+  kl = terms.Distillation(
+      teacher_model=teacher_model, teacher_params=teacher_params,
+      alpha=(float(d.alpha), float(d.alpha_end)),
+      temperature=(float(d.temperature), float(d.temperature_end)), schedule=str(d.schedule),
+      steps=int(t.steps), top_k=int(d.top_k), z_loss=float(t.z_loss),
+      chunk_size=terms.loss_chunk_size(config))
+  more = (terms.LanguageId(float(t.lid_loss_weight)),) if config.model.lid_head else ()
+  return step.Objective("distill", model, terms.Hints.from_config(config), (kl, *more))
 
 
-def make_objective():
-  """The distillation :class:`~xlingo.training.step.Objective` (teacher built on first use)."""
-  from xlingo.training import metrics, step
+def build_objective(config, setup):
+  """The teacher restored once (float32 when the student copies its layers), bound into the
+  distillation term; the student's initial parameters from its layers when asked."""
+  from xlingo.training import metrics
 
-  teacher: dict = {}
+  layers = tuple(config.distill.init_from_teacher_layers)
+  t = restore_teacher(config, setup.mesh, setup.rules,
+                      param_dtype="float32" if layers else None)
+  tm = t.model.config
+  metrics.console(f"teacher: {t.step_dir} (d_model {tm.d_model}, {tm.num_layers} layers, "
+                  f"dtype {tm.dtype}), frozen")
+  teacher_params = t.params
+  if layers and config.distill.teacher_model.param_dtype != "float32":
+    teacher_params = jax.tree.map(
+        lambda x: x.astype(config.distill.teacher_model.param_dtype), t.params)
+  objective = distill_objective(config, setup.model, t.model, teacher_params)
+  if not layers:
+    return objective
 
-  def prepare_extra(config, mesh, rules):
-    t = restore_teacher(config, mesh, rules)
-    teacher["model"] = t.model
-    tm = t.model.config
-    metrics.console(f"teacher: {t.step_dir} (d_model {tm.d_model}, {tm.num_layers} layers, "
-                    f"dtype {tm.dtype}), frozen")
-    return {"teacher_params": t.params}
-
-  def initial_params(factory, config):
-    layers = tuple(config.distill.init_from_teacher_layers)
-    if not layers:
-      return factory.init(jax.random.PRNGKey(config.train.seed)).params
-    t = restore_teacher(config, factory.mesh, factory.rules, param_dtype="float32")
+  def initial_params(factory):
     fresh = factory.init(jax.random.PRNGKey(config.train.seed)).params
-    params = student_from_teacher_layers(fresh, t.params, config.model, t.model.config, layers)
+    params = student_from_teacher_layers(fresh, t.params, config.model, tm, layers)
     metrics.console(f"student initialised from teacher layers {layers}")
     return jax.device_put(params, factory.param_shardings)
 
-  def loss_fn(ctx, params, batch, rng, extra):
-    return distill_loss(teacher["model"], ctx, params, batch, rng, extra)
+  return dataclasses.replace(objective, initial_params=initial_params)
 
-  return step.Objective(name="distill", loss_fn=loss_fn, prepare_extra=prepare_extra,
-                        initial_params=initial_params, check_config=check_distill_config)
+
+def make_recipe():
+  from xlingo.training import step
+
+  return step.Recipe("distill", build_objective, check_distill_config)
 
 
 def run(config, workdir: str) -> dict:
   from xlingo.training import loop
 
-  return loop.run(config, workdir, make_objective())
+  return loop.run(config, workdir, make_recipe())
 
 
 def main(argv=None):

@@ -5,9 +5,10 @@ and a zero-shot transfer matrix over several checkpoints.
       [--checkpoint STEP_DIR] [--output results.json] [--translate en-de,en-fr] \
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
 
-Validation uses exactly the loop's evaluation (``loop.evaluate_batches`` over
-``inputs.eval_batches`` with ``train.eval_batches`` batches per language), so the numbers equal
-what training logged as val/* at the same step. Translation greedily continues each source
+Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
+``inputs.eval_batches`` with ``train.eval_batches`` batches per language, then the evaluators of
+the LM objective's terms, e.g. retrieval), so the numbers equal what training logged as val/* at
+the same step. Translation greedily continues each source
 sentence of the validation pairs in the target language (the source tokens carry the source
 language id, as in the conditional training tasks) and scores the outputs with
 ``xlingo.scoring`` (sacrebleu BLEU and chrF, the one scorer adaptation's report uses too).
@@ -61,25 +62,18 @@ def validation_metrics(lm) -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them, and
   val/retrieval/* for the config's train.contrastive.pairs."""
   from xlingo import sharding
-  from xlingo.data import iterator, pairs
-  from xlingo.training import contrastive, loop, step
+  from xlingo.training import hooks, step
 
   val_batches, plan = validation_batches(lm)
   if not val_batches:
     return {}
   codes = lm.table.codes
-  eval_fn = step.make_eval_step(step.LM_OBJECTIVE, lm.model, lm.config, lm.byte_table,
-                                len(codes))
-  batch_sh = sharding.batch_sharding(lm.mesh)
+  objective = step.lm_objective(lm.config, lm.model)
+  eval_step = jax.jit(step.make_eval_step(objective, lm.byte_table, len(codes)))
+  env = hooks.EvalEnv(plan, lm.mesh, sharding.batch_sharding(lm.mesh))
+  step.check_objective_mesh(lm.config, lm.mesh)
   with sharding.mesh_context(lm.mesh, lm.rules):
-    out = loop.evaluate_batches(jax.jit(eval_fn), lm.params, val_batches, codes, batch_sh, {})
-    if plan.pair_tasks:
-      contrastive.check_mesh(lm.config, lm.mesh)
-      embed = step.make_embed_step(step.LM_OBJECTIVE, lm.model, lm.config, lm.mesh)
-      out.update(contrastive.retrieval_metrics(
-          lambda p, b: embed(p, b, {}), lm.params, pairs.validation_sets(plan, lm.config),
-          lambda b: iterator.to_global(b, batch_sh)))
-  return out
+    return hooks.validator(objective, eval_step, val_batches, codes, env, {})(lm.params)
 
 
 def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:

@@ -13,7 +13,7 @@ from xlingo import cli
 def run(config, workdir: str) -> dict:
   from xlingo.training import loop, step
 
-  return loop.run(config, workdir, step.LM_OBJECTIVE)
+  return loop.run(config, workdir, step.LM)
 
 
 def main(argv=None):

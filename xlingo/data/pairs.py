@@ -154,9 +154,8 @@ class WithPairs(iterator.Wrapped):
 
 def pair_tasks(config, registered_mt: dict, table: LanguageTable) -> dict:
   """``train.contrastive.pairs`` -> their registered parallel task names (checked)."""
-  c = config.train.get("contrastive", None)
   out = {}
-  for pair in (c.pairs if c is not None else ()) or ():
+  for pair in config.train.contrastive.pairs or ():
     if pair not in registered_mt:
       raise DataError(f"train.contrastive.pairs: {pair!r} has no parallel data in source "
                       f"{config.data.source!r} (available: {sorted(registered_mt)}); fix "
@@ -189,16 +188,12 @@ def _rows(global_batch: int) -> tuple[int, int]:
   return jax.process_index() * local, (jax.process_index() + 1) * local
 
 
-def _settings(config):
-  """``train.contrastive`` and its pairs per step (0 there: ``train.batch_size``)."""
-  c = config.train.contrastive
-  return c, int(c.batch_size or config.train.batch_size)
-
-
 def attach(lm_iterator, plan, config):
   """``lm_iterator`` with the pair stream joined when the loss has a contrastive term
-  (``train.contrastive.weight`` > 0), else ``lm_iterator`` itself."""
-  c, p = _settings(config)
+  (``train.contrastive.weight`` > 0), else ``lm_iterator`` itself. The stream's own settings
+  are read here, where the stream is made (the term reads its own when it is built)."""
+  c = config.train.contrastive
+  p = int(c.batch_size or config.train.batch_size)  # 0: train.batch_size
   if not (c.weight and plan.pair_tasks):
     return lm_iterator
   pool, counts = _pool(plan, "train")
@@ -214,11 +209,12 @@ def attach(lm_iterator, plan, config):
   return WithPairs(lm_iterator, stream, summary)
 
 
-def validation_sets(plan, config) -> dict:
+def validation_sets(plan, settings) -> dict:
   """pair -> (this process's rows of each global validation batch, text hashes [N, 2]) for
-  retrieval (``contrastive.retrieval_metrics``): the first ``train.contrastive.eval_pairs``
-  validation pairs of each task (0: all), padded to whole batches."""
-  c, p = _settings(config)
+  retrieval (``contrastive.retrieval_metrics``): the first ``settings.eval_pairs`` validation
+  pairs of each task (0: all), padded to whole batches of ``settings.batch_size`` pairs.
+  ``settings``: the contrastive term's (``xlingo.training.contrastive.Settings``)."""
+  c, p = settings, settings.batch_size
   lo, hi = _rows(p)
   table: LanguageTable = plan.table
   out = {}

@@ -2,7 +2,7 @@
 workdir.
 
 The workdir holds ``tokenizer/`` (the model's tokenizer files, copied or, for a GGUF, built)
-and ``checkpoints/0``, a params-only step directory written by ``xlingo.load.export_merged``
+and ``checkpoints/0``, a params-only step directory written by ``checkpoints.export_params``
 whose metadata names the model section (with the options that make xlingo compute the Hugging
 Face function: ``norm_eps``, ``qkv_bias``, ``rope_scaling``, ``tied_output_scale='none'``,
 ``bos_id``), the language table and ``tokenizer/tokenizer.json`` as the vocabulary. So

@@ -26,13 +26,16 @@ pairs and those are its negatives.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
-from xlingo.training import losses
+from xlingo.training import losses, terms
 
 # The pair features of a batch, [P, 2, ...] each (xlingo.data.pairs emits them): the sentence
 # rows (pair_inputs [P, 2, max_len]), the number of tokens after BOS, the language id and a
@@ -41,30 +44,39 @@ PAIR_FEATURES = ("pair_inputs", "pair_lengths", "pair_lang_ids", "pair_keys")
 POOLINGS = ("mean", "last")
 
 
-def settings(config):
-  return config.train.get("contrastive", None)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """``train.contrastive``, read once (after :func:`check_config`)."""
 
+  weight: float
+  pairs: tuple[str, ...]
+  temperature: float
+  layer: int
+  pooling: str
+  batch_size: int  # pairs per step, global (0 in the config: train.batch_size)
+  max_len: int
+  eval_pairs: int
 
-def trains(config) -> bool:
-  """Whether the loss has a contrastive term (and the batches carry pairs)."""
-  c = settings(config)
-  return bool(c is not None and c.weight and c.pairs)
+  @classmethod
+  def from_config(cls, config) -> Settings:
+    c = config.train.contrastive
+    return cls(float(c.weight), tuple(c.pairs or ()), float(c.temperature), int(c.layer),
+               str(c.pooling), int(c.batch_size or config.train.batch_size), int(c.max_len),
+               int(c.eval_pairs))
 
+  @property
+  def trains(self) -> bool:
+    """Whether the loss has a contrastive term (and the batches carry pairs)."""
+    return bool(self.weight and self.pairs)
 
-def measures(config) -> bool:
-  """Whether validation reports retrieval (pairs are named, whatever the weight)."""
-  c = settings(config)
-  return bool(c is not None and c.pairs)
-
-
-def pair_batch_size(config) -> int:
-  return int(settings(config).batch_size or config.train.batch_size)
+  @property
+  def measures(self) -> bool:
+    """Whether validation reports retrieval (pairs are named, whatever the weight)."""
+    return bool(self.pairs)
 
 
 def check_config(config) -> None:
-  c = settings(config)
-  if c is None:
-    return
+  c = config.train.contrastive
   if c.weight < 0:
     raise ConfigError(f"train.contrastive.weight={c.weight} must be >= 0")
   if c.weight and not c.pairs:
@@ -98,7 +110,7 @@ def check_config(config) -> None:
   if c.batch_size < 0 or c.eval_pairs < 0:
     raise ConfigError("train.contrastive.batch_size and train.contrastive.eval_pairs must be "
                       ">= 0 (0: train.batch_size, and all validation pairs)")
-  p, m = pair_batch_size(config), int(config.train.microbatches)
+  p, m = Settings.from_config(config).batch_size, int(config.train.microbatches)
   if p < 2 or p % m:
     raise ConfigError(f"train.contrastive.batch_size={p} pairs must be >= 2 and divide into "
                       f"train.microbatches={m}; use a multiple of {m}")
@@ -108,27 +120,19 @@ def check_mesh(config, mesh) -> None:
   """The pair batch (each microbatch's share) splits over the data-parallel devices."""
   from xlingo import sharding
 
-  if not measures(config):
+  c = Settings.from_config(config)
+  if not c.measures:
     return
-  p, m = pair_batch_size(config), int(config.train.microbatches)
+  p, m = c.batch_size, int(config.train.microbatches)
   dp = sharding.data_parallel_size(mesh)
   if (p // m) % dp:
     raise ConfigError(f"train.contrastive.batch_size={p} pairs (per microbatch {p // m}) do not "
                       f"divide over the {dp} data-parallel devices; use a multiple of {dp * m}")
 
 
-def abstract_pair_batch(config, batch_sharding) -> dict:
-  """The pair features as sharded ShapeDtypeStructs (what the step is compiled for)."""
-  p, n = pair_batch_size(config), int(settings(config).max_len)
-  shapes = {"pair_inputs": (p, 2, n), "pair_lengths": (p, 2), "pair_lang_ids": (p, 2),
-            "pair_keys": (p, 2)}
-  return {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32, sharding=batch_sharding)
-          for k in PAIR_FEATURES}
-
-
-def pair_embeddings(model, params, batch, config, *, deterministic: bool = True, rng=None):
-  """Pooled hidden states of both sides of each pair: float32 [P, 2, D]."""
-  c = settings(config)
+def pair_embeddings(model, params, batch, layer: int, pooling: str, *,
+                    deterministic: bool = True, rng=None):
+  """Pooled hidden states after block ``layer`` of both sides of each pair: float32 [P, 2, D]."""
   inputs_pnl = batch["pair_inputs"]
   p, _, length = inputs_pnl.shape
   inputs_nl = inputs_pnl.reshape(2 * p, length)
@@ -141,8 +145,8 @@ def pair_embeddings(model, params, batch, config, *, deterministic: bool = True,
   hidden_nld = model.apply(
       {"params": params}, inputs_nl, segment_ids_nl, positions_nl, lang_nl,
       deterministic=deterministic, rngs={} if rng is None else {"dropout": rng},
-      hidden_layer=int(c.layer)).astype(jnp.float32)
-  if c.pooling == "last":
+      hidden_layer=layer).astype(jnp.float32)
+  if pooling == "last":
     pooled_nd = jnp.take_along_axis(hidden_nld, len_n[:, None, None], axis=1)[:, 0]
   else:
     mask_nl = (in_sentence_nl & (pos_l[None, :] >= 1)).astype(jnp.float32)
@@ -151,13 +155,77 @@ def pair_embeddings(model, params, batch, config, *, deterministic: bool = True,
   return pooled_nd.reshape(p, 2, -1)
 
 
-def pair_loss(ctx, params, batch, rng) -> tuple[jax.Array, jax.Array]:
-  """``(InfoNCE, top-1 accuracy within the batch)`` of the batch's pairs (means)."""
-  c = settings(ctx.config)
-  z_p2d = pair_embeddings(ctx.model, params, batch, ctx.config,
-                          deterministic=ctx.deterministic, rng=rng)
-  keys = batch["pair_keys"]
-  return losses.info_nce(z_p2d[:, 0], z_p2d[:, 1], float(c.temperature), keys[:, 0], keys[:, 1])
+@dataclasses.dataclass(frozen=True)
+class Contrastive(terms.Term):
+  """``weight`` times the symmetric InfoNCE of the batch's pairs (a mean, scaled by the LM
+  batch's token count), and its in-batch top-1 accuracy; validation runs :class:`Retrieval`."""
+
+  model: Any = None
+  settings: Settings = None
+
+  @classmethod
+  def from_config(cls, config, model) -> Contrastive:
+    return cls(model, Settings.from_config(config))
+
+  @staticmethod
+  def check(config) -> None:
+    check_config(config)
+
+  @staticmethod
+  def check_mesh(config, mesh) -> None:
+    check_mesh(config, mesh)
+
+  def embed(self, params, pair_batch, *, deterministic: bool = True, rng=None):
+    """Pooled states [P, 2, D] of both sides of each pair, as the loss pools them."""
+    c = self.settings
+    return pair_embeddings(self.model, params, pair_batch, c.layer, c.pooling,
+                           deterministic=deterministic, rng=rng)
+
+  def loss(self, params, batch, rng, run):
+    c = self.settings
+    if run.evaluating or not c.trains or "pair_inputs" not in batch:
+      return jnp.float32(0.0), {}
+    z_p2d = self.embed(params, batch, deterministic=run.deterministic,
+                       rng=jax.random.fold_in(rng, 2))
+    keys = batch["pair_keys"]
+    c_loss, c_acc = losses.info_nce(z_p2d[:, 0], z_p2d[:, 1], c.temperature, keys[:, 0],
+                                    keys[:, 1])
+    n_tok = run.token_count()
+    return c.weight * c_loss * n_tok, {"contrastive_loss_sum": c_loss * n_tok,
+                                       "contrastive_acc_sum": c_acc * n_tok}
+
+  def features(self, batch_sharding) -> dict:
+    """The pair features as sharded ShapeDtypeStructs (what the step is compiled for)."""
+    if not self.settings.trains:
+      return {}
+    p, n = self.settings.batch_size, self.settings.max_len
+    shapes = {"pair_inputs": (p, 2, n), "pair_lengths": (p, 2), "pair_lang_ids": (p, 2),
+              "pair_keys": (p, 2)}
+    return {k: jax.ShapeDtypeStruct(shapes[k], jnp.int32, sharding=batch_sharding)
+            for k in PAIR_FEATURES}
+
+  def evaluators(self) -> tuple:
+    return (Retrieval(self),) if self.settings.measures else ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Retrieval:
+  """Validation's ``val/retrieval/*`` on the held-out pairs of ``train.contrastive.pairs``: the
+  pairs are embedded directly with the term's own pooling (no LM batch beside them)."""
+
+  term: Contrastive
+
+  def prepare(self, env):
+    """``(params, extra) -> metrics`` over ``env``'s plan, on its mesh."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from xlingo.data import iterator, pairs
+
+    sets = pairs.validation_sets(env.plan, self.term.settings)
+    # Replicated: every process reads the whole [P, 2, D] to rank all pairs.
+    embed = jax.jit(self.term.embed, out_shardings=NamedSharding(env.mesh, PartitionSpec()))
+    to_global = lambda b: iterator.to_global(b, env.batch_sharding)
+    return lambda params, extra: retrieval_metrics(embed, params, sets, to_global)
 
 
 # --- retrieval on held-out pairs ------------------------------------------------------------
@@ -182,7 +250,7 @@ def retrieval_metrics(embed_fn, params, val_sets: dict, to_global) -> dict:
   """``val/retrieval/<src>-<tgt>`` (find the target among all the task's validation targets,
   given its source) and ``val/retrieval/<tgt>-<src>`` (the other way).
 
-  ``embed_fn(params, pair batch) -> [P, 2, D]`` (``step.make_embed_step``); ``val_sets``:
+  ``embed_fn(params, pair batch) -> [P, 2, D]`` (``Contrastive.embed``); ``val_sets``:
   pair -> (this process's rows of each global batch, the text hashes [N, 2] of the N real
   pairs, which come first), from ``xlingo.data.pairs.validation_sets``; ``to_global`` places a
   host batch on the mesh.

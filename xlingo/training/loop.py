@@ -1,122 +1,35 @@
 """The one training loop shared by pretraining, adaptation and distillation.
 
-An objective (``xlingo.training.step.Objective``) says what differs: the loss, any extra
-(frozen) tree the step needs, such as a teacher's parameters, and how the initial parameters are
-obtained. The compiled step is built in ``xlingo.training.step``; everything else (mesh, data,
-state, logging, evaluation, checkpoints, preemption) lives here once.
+A recipe (``xlingo.training.step.Recipe``) says what differs: the objective's loss terms (with
+what they bind, such as a teacher), how the initial parameters are obtained, its config checks,
+and hooks of its own (early stopping, a report at the end). The compiled step is built in
+``xlingo.training.step``, what runs every N steps in ``xlingo.training.hooks``; the start-up
+(mesh, data, state, resume, compile), the step loop, checkpoints and preemption live here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import socket
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from xlingo import paths, preemption, sharding
-from xlingo.data import inputs, iterator, pairs
+from xlingo.data import inputs, iterator
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import contrastive, layout, load, metrics
+from xlingo.training import hooks, layout, load, metrics, terms
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
 
 FINISHED_MARKER = "xlingo: training finished"
-LN2 = math.log(2.0)
-
-
-# --- host side ------------------------------------------------------------------------------
-
-
-def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
-  """Per-language means and bits per byte from the summed arrays."""
-  out = {}
-  w = np.asarray(sums["weight_lang"])
-  b = np.asarray(sums["bytes_lang"])
-  for key, v in sums.items():
-    if not key.endswith("_lang") or key in ("weight_lang", "bytes_lang", "tokens_lang"):
-      continue
-    name = key[: -len("_lang")]
-    v = np.asarray(v)
-    # loss -> bpb, loss_nohint -> bpb_nohint: every cross-entropy also in bits per byte
-    bpb = "bpb" + name[len("loss"):] if name.startswith("loss") else None
-    for i, code in enumerate(codes):
-      if w[i] > 0:
-        out[f"{prefix}{name}/{code}"] = float(v[i] / w[i])
-        if bpb and b[i] > 0:
-          out[f"{prefix}{bpb}/{code}"] = float(v[i] / (LN2 * b[i]))
-    if name != "loss" and w.sum() > 0:  # e.g. val/lid_acc over all languages
-      out[f"{prefix}{name}"] = float(v.sum() / w.sum())
-      if bpb and b.sum() > 0:
-        out[f"{prefix}{bpb}"] = float(v.sum() / (LN2 * b.sum()))
-  if w.sum() > 0 and "loss_lang" in sums:
-    out[f"{prefix}loss"] = float(np.asarray(sums["loss_lang"]).sum() / w.sum())
-    if b.sum() > 0:
-      out[f"{prefix}bpb"] = float(np.asarray(sums["loss_lang"]).sum() / (LN2 * b.sum()))
-  return out
-
-
-class TokenCounter:
-  """Cumulative tokens per language of the batches trained on (``tokens/<lang>``: padding
-  excluded, a pair's source counted for the source's language), kept in the training
-  iterator's saved state (``counters``)."""
-
-  KEY = "tokens_per_language"
-
-  def __init__(self, codes, train_it):
-    self.codes, self.it = list(codes), train_it
-    self.total = np.zeros(len(self.codes), np.int64)
-
-  def restored(self) -> None:
-    """Take up the counts of a restored iterator state."""
-    saved = self.it.counters.get(self.KEY, {})
-    self.total = np.array([int(saved.get(c, 0)) for c in self.codes], np.int64)
-
-  def add(self, window) -> dict:
-    """Add a log window's per-language tokens; returns the metrics."""
-    self.total += np.asarray(window, np.int64)
-    return {f"tokens/{c}": int(n) for c, n in zip(self.codes, self.total, strict=True)}
-
-  def keep(self, pending) -> None:
-    """Put the counts (plus ``pending``, the unlogged steps' device sums) in the iterator's
-    state before it is saved."""
-    total = self.total + (0 if pending is None else np.asarray(jax.device_get(pending), np.int64))
-    self.it.counters[self.KEY] = {c: int(n) for c, n in zip(self.codes, total, strict=True)}
-
-
-def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extra) -> dict:
-  """val/loss[/<lang>] and val/bpb[/<lang>] over fixed per-language validation batches.
-
-  ``eval_step`` is the jitted :func:`make_eval_step`; ``val_batches`` maps a language to its
-  host batches (``inputs.eval_batches``). Each language's sums count only its own tokens
-  (a batch of one language may hold a translation task's source tokens of another). Shared by
-  the loop's periodic evaluation and ``xlingo.evaluate``, so both report the same numbers.
-  """
-  num_langs = len(codes)
-  totals = None
-  for lang, batches in val_batches.items():
-    lang_tot = None
-    for b in batches:
-      r = eval_step(params, iterator.to_global(b, batch_sh), extra)
-      lang_tot = r if lang_tot is None else jax.tree.map(jnp.add, lang_tot, r)
-    if lang_tot is None:
-      continue
-    lang_tot = jax.device_get(lang_tot)
-    mask = np.zeros(num_langs, bool)
-    mask[codes.index(lang)] = True
-    masked = {k: np.where(mask, v, 0) for k, v in lang_tot.items()}
-    totals = masked if totals is None else {k: totals[k] + masked[k] for k in totals}
-  return {} if totals is None else language_scalars(totals, codes, prefix="val/")
 
 
 def check_workdir(workdir: str) -> None:
@@ -195,7 +108,7 @@ def build(config) -> Setup:
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.logical_rules(config.mesh)
   sharding.check_batch_divisible(config.train.batch_size // config.train.microbatches, mesh)
-  contrastive.check_mesh(config, mesh)
+  step_lib.check_objective_mesh(config, mesh)
   spec = peft.spec_from_config(config)
   model = decoder_lib.Decoder(config.model, spec)
   plan = inputs.plan_inputs(config)
@@ -206,7 +119,7 @@ def build(config) -> Setup:
   return Setup(config, mesh, rules, model, plan, factory, byte_table)
 
 
-def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECTIVE) -> dict:
+def run(config, workdir: str, recipe: step_lib.Recipe = step_lib.LM) -> dict:
   """Train until ``train.steps``, resuming from the workdir; returns the last metrics.
 
   One trainer per workdir (``workdir.WorkdirLock``); SIGTERM or SIGINT, even during start-up,
@@ -218,7 +131,7 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
   lock = workdir_lib.WorkdirLock(workdir, is_leader=jax.process_index() == 0)
   try:
     with preemption.handling() as preempt, lock:
-      return _run_locked(config, workdir, objective, lock, preempt)
+      return _run_locked(config, workdir, recipe, lock, preempt)
   except XlingoError:
     raise
   except Exception as e:
@@ -235,80 +148,28 @@ def adopt_init_from_model(config) -> None:
         f"model.{k}={config.model[k]}" for k in taken))
 
 
-def _run_locked(config, workdir, objective, lock, preempt) -> dict:
+def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   validate_config(config)
-  if objective.check_config:
-    objective.check_config(config)
+  if recipe.check:
+    recipe.check(config)
   s = build(config)
-  t = config.train
-  codes = s.plan.table.codes
-  num_langs = len(codes)
-  run_tokens = t.steps * t.batch_size * config.data.seq_len
-  metrics.console(f"xlingo {objective.name}: mesh {dict(s.mesh.shape)} on "
-                  f"{jax.device_count()} {jax.devices()[0].platform} devices, "
-                  f"{jax.process_count()} process(es)")
-  metrics.console(s.plan.table_text(run_tokens))
-  if step_lib.loss_weights_line(config):
-    metrics.console(step_lib.loss_weights_line(config))
-  n_params = state_lib.param_count(s.factory.params_abstract)
-  n_trained = state_lib.param_count(state_lib.trained_params(s.factory.params_abstract,
-                                                             t.trainable))
-  flops_tok = decoder_lib.flops_per_token(config.model, config.data.seq_len)
-  trained = "" if n_trained == n_params else f" ({n_trained / 1e6:.3f} M trained)"
-  metrics.console(f"model: {n_params / 1e6:.2f} M parameters{trained}, {flops_tok / 1e6:.1f} "
-                  f"MFLOP per token (train)")
-
+  flops_tok = _start_lines(config, s, recipe.name)
   ckpts = ckpt_lib.Checkpoints(workdir, config)
   lock.storage = ckpts.storage
   train_it = inputs.train_iterator(s.plan, config)
   if getattr(train_it, "summary", ""):
     metrics.console(train_it.summary)
-  extra = objective.prepare_extra(config, s.mesh, s.rules) if objective.prepare_extra else {}
-
-  # Resume order: own checkpoint (the latest readable one, or checkpoint.restore_step) ->
-  # init_from (params only) -> objective's init -> scratch. A checkpoint that does not fit the
-  # config stops the run here with one line, before anything is written.
-  restored = ckpts.restore_latest(s.factory.abstract_with_shardings(), train_it)
+  objective = recipe.build(config, s)
+  extra = objective.extra()
+  codes = s.plan.table.codes
   # Cumulative training tokens per language (metrics tokens/<lang>), carried in the data
   # iterator's state so that a resumed run counts on from its checkpoint.
-  delivered = TokenCounter(codes, train_it)
-  if restored is not None:
-    state, start = restored
-    delivered.restored()
-    metrics.console(f"resumed from {ckpts.directory} step {start}")
-    metrics.truncate_jsonl_after(paths.join(workdir, layout.METRICS), start)
-  elif config.checkpoint.init_from:
-    params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
-                             mesh=s.mesh, rules=s.rules, model_from="config").params
-    state, start = s.factory.from_params(params), 0
-    metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
-  elif objective.initial_params is not None:
-    state, start = s.factory.from_params(objective.initial_params(s.factory, config)), 0
-  else:
-    state, start = s.factory.init(jax.random.PRNGKey(t.seed)), 0
-
-  batch_sh = sharding.batch_sharding(s.mesh)
-  step_fn = step_lib.make_train_step(objective, s.model, config, s.factory.tx, s.byte_table,
-                                    num_langs)
-  eval_fn = step_lib.make_eval_step(objective, s.model, config, s.byte_table, num_langs)
-  train_step, lower_s, compile_s = step_lib.compile_train_step(
-      step_fn, s.factory, s.mesh, s.rules, config, extra)
-  compile_s += lower_s
-  eval_step = jax.jit(eval_fn)
-  mem = _memory_line(train_step)
-  metrics.console(f"train step compiled in {compile_s:.1f} s{mem}")
-  peak, peak_src = metrics.peak_flops_per_device(t.peak_flops_per_device, config.model.dtype)
+  delivered = hooks.TokenCounter(codes, train_it)
+  state, start = _initial_state(config, workdir, s, objective, ckpts, train_it, delivered)
+  train_step, evaluate, has_val = _compile(config, s, objective, extra)
+  peak, peak_src = metrics.peak_flops_per_device(config.train.peak_flops_per_device,
+                                                 config.model.dtype)
   metrics.console(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_src})")
-
-  val_batches = {lang: inputs.eval_batches(s.plan, config, lang, t.eval_batches)
-                 for lang in s.plan.eval_tasks}
-
-  retrieval = _retrieval_eval(s, config, objective, batch_sh, extra)
-
-  def evaluate(params) -> dict:
-    return {**evaluate_batches(eval_step, params, val_batches, codes, batch_sh, extra),
-            **retrieval(params)}
-
   if preempt.requested_locally():  # a signal during start-up: nothing trained, nothing to save
     ckpts.close()
     metrics.console(f"xlingo: stopped by {preempt.label} before training step {start + 1}; "
@@ -317,111 +178,113 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
     return {}
   preemption.check_multi_process_ready()
   writer = metrics.MetricWriter(workdir, start, storage=ckpts.storage)
-  progress = metrics.Progress(t.steps, start)
-  lr_fn = state_lib.learning_rate_schedule(t)
-  step = start
-  last: dict = {}
-  if start == 0 and val_batches:
+  env = hooks.Env(recipe.name, config, workdir, codes, writer, {},
+                  lambda state, step: ckpt_lib.save_best(workdir, config, state, step))
+  window = hooks.LogWindow(env, delivered, start, flops_tok, peak)
+  every = [window.hook(), hooks.validation(env, evaluate, window),
+           *(make(env) for make in recipe.hooks), hooks.plot(env)]
+  if start == 0 and has_val:
     with sharding.mesh_context(s.mesh, s.rules):
-      initial = evaluate(state.params)
-    writer.write(0, initial)
-    last.update(initial)
-    metrics.console("step      0 | " + _val_summary(initial, codes))
+      hooks.validate(env, evaluate, 0, state.params)
 
-  acc = None
-  pending_flags: list = []
-  wait_s = 0.0
-  t_window = time.perf_counter()
-  steps_in_window = 0
-  stopped_by_signal = False
+  def save(step, state):
+    writer.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint
+    lock.check()
+    delivered.keep(window.pending_tokens())
+    ckpts.save(step, state, train_it, force=True)
+
+  batch_sh = sharding.batch_sharding(s.mesh)
+  step, signalled = start, False
   with sharding.mesh_context(s.mesh, s.rules):
-    while step < t.steps:
-      tw = time.perf_counter()
-      batch = next(train_it)
-      wait_s += time.perf_counter() - tw
-      gbatch = iterator.to_global(batch, batch_sh)
-      state, m = train_step(state, gbatch, extra)
+    while step < config.train.steps:
+      batch = iterator.to_global(window.next_batch(train_it), batch_sh)
+      state, m = train_step(state, batch, extra)
       step += 1
-      steps_in_window += 1
-      pending_flags.append((step, m["nonfinite"]))
-      acc = m if acc is None else jax.tree.map(jnp.add, acc, m)
-      is_last = step == t.steps
-      stop = preempt.should_stop(step)
-      save_now = step % config.checkpoint.every_steps == 0 or is_last or stop
-      if step % t.log_every == 0 or is_last or save_now:
-        bad = _first_nonfinite(pending_flags)
-        pending_flags = []
-        if bad is not None:
-          ckpts.wait()
-          raise NonFiniteError(_nonfinite_message(bad, ckpts.all_steps(), config, state.params))
-      if step % t.log_every == 0 or is_last:
-        host = jax.device_get(acc)
-        elapsed = time.perf_counter() - t_window
-        n = steps_in_window
-        tokens = t.batch_size * config.data.seq_len * n
-        scalars = language_scalars(host, codes)
-        scalars.update(delivered.add(host["tokens_lang"]))
-        scalars["loss"] = float(host["loss"] / n)
-        scalars["grad_norm"] = float(host["grad_norm"] / n)
-        for k, v in host.items():
-          if k.endswith("_sum") and np.ndim(v) == 0:
-            scalars[k[:-4]] = float(v / max(float(host["total_weight"]), 1.0))
-        scalars["learning_rate"] = float(lr_fn(step))
-        scalars["step_time_s"] = elapsed / n
-        scalars["tokens_per_s"] = tokens / elapsed
-        scalars["mfu"] = flops_tok * tokens / elapsed / (peak * jax.device_count())
-        scalars["input_wait_s"] = wait_s / n
-        scalars["input_wait_frac"] = wait_s / elapsed
-        writer.write(step, scalars)
-        metrics.console(progress.line(step, scalars))
-        last.update(scalars)
-        acc, wait_s, steps_in_window = None, 0.0, 0
-        t_window = time.perf_counter()
-      if step % t.eval_every == 0 or is_last:
-        val = evaluate(state.params)
-        writer.write(step, val)
-        last.update(val)
-        metrics.console(f"step {step:>6} | " + _val_summary(val, codes))
-        if objective.on_eval is not None and objective.on_eval(step, val):
-          ckpt_lib.save_best(workdir, config, state, step)
-        if objective.should_stop is not None and objective.should_stop() and not is_last:
-          metrics.console(f"xlingo: {objective.name} stops early at step {step}")
-          writer.flush()
-          lock.check()
-          delivered.keep(None if acc is None else acc["tokens_lang"])
-          ckpts.save(step, state, train_it, force=True)
-          break
-        t_window = time.perf_counter()
-      if save_now:
-        writer.flush()  # a bucket's metrics.jsonl holds every row up to the checkpoint
-        lock.check()
-        delivered.keep(None if acc is None else acc["tokens_lang"])
-        ckpts.save(step, state, train_it, force=True)
-      if stop and not is_last:
-        stopped_by_signal = True
+      window.add(step, m)
+      tick = hooks.Tick(step, state, is_last=step == config.train.steps)
+      signalled = preempt.should_stop(step)
+      save_now = step % config.checkpoint.every_steps == 0 or tick.is_last or signalled
+      if save_now or step % config.train.log_every == 0 or tick.is_last:
+        _stop_if_nonfinite(window, ckpts, config, state)
+      stop = hooks.run_due(every, tick)
+      if save_now or stop:
+        save(step, state)
+      if (signalled or stop) and not tick.is_last:
         break
   ckpts.close()
   writer.close()
-  if stopped_by_signal:
+  if signalled and step < config.train.steps:
     how = "preempted" if preempt.label == "SIGTERM" else "interrupted"
     metrics.console(f"xlingo: {how} ({preempt.label}) at step {step}; checkpoint saved. Run the "
                     "same command again to resume.")
-    return last
-  png = metrics.plot_languages(workdir, codes)
-  if png:
-    metrics.console(f"per-language curves: {png}")
+    return env.last
+  hooks.run_at_end(every, hooks.Tick(step, state, is_last=True))
   metrics.console(FINISHED_MARKER)
-  return last
+  return env.last
 
 
-def _retrieval_eval(s: Setup, config, objective, batch_sh, extra):
-  """params -> val/retrieval/* on the held-out pairs of train.contrastive.pairs (none: {})."""
-  if not contrastive.measures(config):
-    return lambda params: {}
-  sets = pairs.validation_sets(s.plan, config)
-  embed = step_lib.make_embed_step(objective, s.model, config, s.mesh)
-  return lambda params: contrastive.retrieval_metrics(
-      lambda p, b: embed(p, b, extra), params, sets, lambda b: iterator.to_global(b, batch_sh))
+def _start_lines(config, s: Setup, name: str) -> float:
+  """The start-of-run lines (mesh, mixture table, loss weights, model size); returns the
+  model's FLOPs per trained token."""
+  t = config.train
+  metrics.console(f"xlingo {name}: mesh {dict(s.mesh.shape)} on {jax.device_count()} "
+                  f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
+  metrics.console(s.plan.table_text(t.steps * t.batch_size * config.data.seq_len))
+  if terms.loss_weights_line(config):
+    metrics.console(terms.loss_weights_line(config))
+  n_params = state_lib.param_count(s.factory.params_abstract)
+  n_trained = state_lib.param_count(state_lib.trained_params(s.factory.params_abstract,
+                                                             t.trainable))
+  flops_tok = decoder_lib.flops_per_token(config.model, config.data.seq_len)
+  trained = "" if n_trained == n_params else f" ({n_trained / 1e6:.3f} M trained)"
+  metrics.console(f"model: {n_params / 1e6:.2f} M parameters{trained}, {flops_tok / 1e6:.1f} "
+                  f"MFLOP per token (train)")
+  return flops_tok
+
+
+def _initial_state(config, workdir, s: Setup, objective, ckpts, train_it, delivered):
+  """``(state, start step)``. Resume order: own checkpoint (the latest readable one, or
+  checkpoint.restore_step) -> init_from (params only) -> the objective's initial parameters ->
+  scratch. A checkpoint that does not fit the config stops the run here with one line, before
+  anything is written."""
+  restored = ckpts.restore_latest(s.factory.abstract_with_shardings(), train_it)
+  if restored is not None:
+    state, start = restored
+    delivered.restored()
+    metrics.console(f"resumed from {ckpts.directory} step {start}")
+    metrics.truncate_jsonl_after(paths.join(workdir, layout.METRICS), start)
+    return state, start
+  if config.checkpoint.init_from:
+    params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                             mesh=s.mesh, rules=s.rules, model_from="config").params
+    metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
+    return s.factory.from_params(params), 0
+  if objective.initial_params is not None:
+    return s.factory.from_params(objective.initial_params(s.factory)), 0
+  return s.factory.init(jax.random.PRNGKey(config.train.seed)), 0
+
+
+def _compile(config, s: Setup, objective, extra):
+  """The compiled train step, ``evaluate(params) -> val metrics`` (per-language bpb and the
+  terms' evaluators, ``hooks.validator``), and whether there is validation data."""
+  num_langs = len(s.plan.table.codes)
+  step_fn = step_lib.make_train_step(objective, config, s.factory.tx, s.byte_table, num_langs)
+  train_step, lower_s, compile_s = step_lib.compile_train_step(
+      objective, step_fn, s.factory, s.mesh, s.rules, config)
+  metrics.console(f"train step compiled in {compile_s + lower_s:.1f} s{_memory_line(train_step)}")
+  eval_step = jax.jit(step_lib.make_eval_step(objective, s.byte_table, num_langs))
+  val_batches = {lang: inputs.eval_batches(s.plan, config, lang, config.train.eval_batches)
+                 for lang in s.plan.eval_tasks}
+  env = hooks.EvalEnv(s.plan, s.mesh, sharding.batch_sharding(s.mesh))
+  evaluate = hooks.validator(objective, eval_step, val_batches, s.plan.table.codes, env, extra)
+  return train_step, evaluate, bool(val_batches)
+
+
+def _stop_if_nonfinite(window, ckpts, config, state) -> None:
+  bad = window.first_nonfinite()
+  if bad is not None:
+    ckpts.wait()
+    raise NonFiniteError(_nonfinite_message(bad, ckpts.all_steps(), config, state.params))
 
 
 def _nonfinite_message(bad: int, kept: list[int], config, params) -> str:
@@ -441,17 +304,6 @@ def _nonfinite_message(bad: int, kept: list[int], config, params) -> str:
           f"with --config.checkpoint.restore_step={kept[0]} {fix}")
 
 
-def _first_nonfinite(flags) -> int | None:
-  for step, f in flags:
-    if int(jax.device_get(f)):
-      return step
-  return None
-
-
-def _val_summary(val: dict, codes) -> str:
-  parts = [f"{c} {val[f'val/bpb/{c}']:.3f}" for c in codes if f"val/bpb/{c}" in val]
-  head = f"val bpb {val['val/bpb']:.3f} | " if "val/bpb" in val else ""
-  return head + " ".join(parts)
 
 
 def _memory_line(compiled) -> str:
