@@ -29,10 +29,10 @@ def test_parse_arg_reads_numbers_choices_and_defaults():
   assert (a.beta, a.size) == (0.1, "small")
   a = xconfig.parse_arg("unimax", "c.py", t=(3.33, "unimax"))
   assert a.t == "unimax" and xconfig.parse_arg("100", "c.py", t=(3.33, "unimax")).t == 100.0
-  with pytest.raises(ConfigError, match=r"c.py:x,tiny: beta 'x' is not a number; the form is "
+  with pytest.raises(ConfigError, match=r"c.py:x,tiny: beta 'x' is not a beta \(a number\); the form is "
                      r"c.py:BETA\[,SIZE\]"):
     xconfig.parse_arg("x,tiny", "c.py", beta=0.1, size=("small", "tiny"))
-  with pytest.raises(ConfigError, match="size 'huge' is not 'small' or 'tiny'"):
+  with pytest.raises(ConfigError, match="size 'huge' is unknown: use 'small' or 'tiny'"):
     xconfig.parse_arg("1,huge", "c.py", beta=0.1, size=("small", "tiny"))
   with pytest.raises(ConfigError, match="c.py:a: it takes no argument"):
     xconfig.parse_arg("a", "c.py")

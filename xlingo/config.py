@@ -79,9 +79,13 @@ def parse_arg(arg, where: str, **spec) -> types.SimpleNamespace:
       out[name] = float(value)
     elif len(spec) == 1:
       raise ConfigError(f"{where}:{arg}: use {_alternatives(kind)}")
+    elif any(isinstance(k, float) for k in kind):  # a number or one of the named choices
+      names = " or ".join(repr(k) for k in kind if isinstance(k, str) and k)
+      raise ConfigError(f"{where}:{arg}: {name} {value!r} is neither a {_label(name)} nor "
+                        f"{names}; {_form(where, spec)}")
     else:
-      raise ConfigError(f"{where}:{arg}: {name} {value!r} is not {_alternatives(kind)}; "
-                        f"{_form(where, spec)}")
+      raise ConfigError(f"{where}:{arg}: {name} {value!r} is unknown: use "
+                        f"{_alternatives(kind)}; {_form(where, spec)}")
   return types.SimpleNamespace(**out)
 
 
@@ -95,8 +99,13 @@ def _is_number(value) -> bool:
 
 def _number(value, where, arg, name, spec) -> float:
   if not _is_number(value):
-    raise ConfigError(f"{where}:{arg}: {name} {value!r} is not a number; {_form(where, spec)}")
+    raise ConfigError(f"{where}:{arg}: {name} {value!r} is not a {_label(name)} (a number); "
+                      f"{_form(where, spec)}")
   return float(value)
+
+
+def _label(name: str) -> str:
+  return name.replace("_", " ")
 
 
 def _alternatives(kind: tuple) -> str:

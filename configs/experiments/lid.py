@@ -15,9 +15,10 @@ from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  a = xconfig.parse_arg(arg, "configs/experiments/lid.py", weight=0.1, size=base.SIZES)
+  a = xconfig.parse_arg(arg, "configs/experiments/lid.py", loss_weight=0.1,
+                      size=base.SIZES)
   c = base.get_config(a.size)
   c.model.lid_head = True
   c.model.lang_emb_dropout = 0.3
-  c.train.lid_loss_weight = a.weight
+  c.train.lid_loss_weight = a.loss_weight
   return c

@@ -1,4 +1,5 @@
-"""Temperature-balanced samples of text by language, for training and extending a vocabulary.
+"""Temperature-balanced samples of text by language, for training and extending a vocabulary,
+and the ``--input LANG=GLOB`` files they are drawn from.
 
 Language ``l`` with ``n_l`` lines gets a share of the sample proportional to
 ``n_l ** (1 / T)``, as in mBERT/XLM/mT5, so that small languages are not drowned by large ones
@@ -9,7 +10,25 @@ from __future__ import annotations
 
 import random
 
+from xlingo import paths
 from xlingo.errors import VocabError
+
+
+def expand_globs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
+  """``{lang: [file]}`` from ``{lang: [glob]}`` (local or gs://); VocabError when a glob
+  matches no file, or when no language is given."""
+  if not lang_to_globs:
+    raise VocabError("no --input; give the text as --input LANG='GLOB'")
+  out = {}
+  for lang, patterns in lang_to_globs.items():
+    files = []
+    for pattern in patterns:
+      matched = [p for p in paths.glob(pattern) if paths.isfile(p)]
+      if not matched:
+        raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
+      files.extend(matched)
+    out[lang] = files
+  return out
 
 
 def sampling_rates(counts: dict[str, int], temperature: float) -> dict[str, float]:

@@ -34,7 +34,7 @@ import numpy as np
 import sentencepiece as spm
 
 from xlingo import paths
-from xlingo.data import readers, vocab_facts
+from xlingo.data import readers, sampling, vocab_facts
 from xlingo.data.sampling import balanced_sample, sampling_rates
 from xlingo.errors import VocabError, XlingoError
 
@@ -79,20 +79,6 @@ def read_lines(path: str, jsonl_field: str = "text") -> list[str]:
   if not lines:
     raise VocabError(f"{path}: file is empty; give a file with one example per line")
   return lines
-
-
-def expand_globs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
-  """Expands each language's globs; VocabError when one matches no file."""
-  out = {}
-  for lang, patterns in lang_to_globs.items():
-    files = []
-    for pattern in patterns:
-      matched = [p for p in paths.glob(pattern) if paths.isfile(p)]
-      if not matched:
-        raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
-      files.extend(matched)
-    out[lang] = files
-  return out
 
 
 def train_vocab(
@@ -311,7 +297,7 @@ def main(argv=None) -> int:
   try:
     if args.command == "train":
       vocab_facts.check_outputs(args.output)
-      files = expand_globs(_parse_inputs(args.input))
+      files = sampling.expand_globs(_parse_inputs(args.input))
       path = train_vocab(
           files, args.output, args.vocab_size, args.temperature, args.max_sentences, args.seed,
           jsonl_field=args.jsonl_field)
@@ -324,7 +310,7 @@ def main(argv=None) -> int:
     else:
       vocab_path = args.vocab or embedded_vocab_path()
       if args.input:
-        files, parallel = expand_globs(_parse_inputs(args.input)), None
+        files, parallel = sampling.expand_globs(_parse_inputs(args.input)), None
       else:
         files, parallel = embedded_files(args.split), embedded_parallel(args.split)
       texts = {lang: [ln for f in fs for ln in read_lines(f, args.jsonl_field)]

@@ -144,22 +144,6 @@ def read_examples(path: str) -> list[str]:
   return lines
 
 
-def expand_inputs(lang_to_globs: dict[str, list[str]]) -> dict[str, list[str]]:
-  """``{lang: [file]}`` from ``{lang: [glob]}`` (local or gs://); VocabError for no match."""
-  if not lang_to_globs:
-    raise VocabError("no --input; give the new language's text as --input LANG='GLOB'")
-  out = {}
-  for lang, patterns in lang_to_globs.items():
-    files = []
-    for pattern in patterns:
-      matched = [p for p in paths.glob(pattern) if paths.isfile(p)]
-      if not matched:
-        raise VocabError(f"--input {lang}={pattern} matches no file; check the path or glob")
-      files.extend(matched)
-    out[lang] = files
-  return out
-
-
 def _train_new_model(
     old: model_pb2.ModelProto, lines: list[str], vocab_size: int, seed: int
 ) -> model_pb2.ModelProto:
@@ -469,7 +453,7 @@ def main(argv=None, prog: str = "python -m xlingo.data.vocab_extend") -> int:
 
   try:
     vocab_facts.check_outputs(args.output, vocab_facts.kind_of(args.vocab))
-    files = expand_inputs(_parse_inputs(args.input))
+    files = sampling.expand_globs(_parse_inputs(args.input))
     report = extend_vocab(args.vocab, files, args.new_pieces, args.output, pieces=args.pieces,
                           temperature=args.temperature, max_sentences=args.max_sentences,
                           seed=args.seed)

@@ -141,6 +141,12 @@ def check_outputs(output: str, kind: str = "sentencepiece") -> None:
     files = [paths.join(output, "tokenizer.json"), paths.join(output, "tokenizer_config.json")]
   else:
     files = [output + ".model", output + ".vocab"]
+  parent = paths.dirname(files[0])
+  try:
+    paths.makedirs(parent)
+  except OSError as e:
+    raise VocabError(f"--output {output}: cannot create the directory {parent} "
+                     f"({e.strerror or e}); choose a writable place") from None
   for f in files:
     try:
       paths.check_writable(f)

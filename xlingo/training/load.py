@@ -143,7 +143,12 @@ def adopt_init_from_model(config) -> list[str]:
   """
   if not config.checkpoint.init_from:
     return []
-  _, meta = newest_meta(config.checkpoint.init_from, "checkpoint.init_from")
+  try:
+    _, meta = newest_meta(config.checkpoint.init_from, "checkpoint.init_from")
+  except (CheckpointError, ConfigError):
+    # Nothing to take: the restore itself reports the unreadable init_from in its place, after
+    # the config and data checks that need no checkpoint.
+    return []
   base = xconfig.base_config().model
   taken = []
   for k in restore_lib.MODEL_KEYS:
