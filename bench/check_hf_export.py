@@ -75,7 +75,8 @@ def xlingo_half(out: str) -> dict:
     base.model.dtype = "float32"
     lm = load_model(base, run)
     de = lm.table.id("de")
-    ids = [lm.vocab.start_id] + list(lm.vocab.encode(TEXT))
+    # The Hugging Face model's input is [BOS] + text: xlingo's model.bos_id at position 0.
+    ids = [int(lm.config.model.bos_id)] + list(lm.vocab.encode(TEXT))
     x = jnp.asarray([[0] + ids[1:]])
     logits, _ = lm.model.apply({"params": lm.params}, x, lang_ids=jnp.full_like(x, de))
     greedy = generate.generate_ids(lm.model, lm.params, [ids[1:]], de, max_len=8,
