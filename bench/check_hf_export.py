@@ -35,9 +35,9 @@ TOL = 1e-4
 
 def adapt_config(import_dir: str, mode: str):
   from xlingo import config as config_lib
-  from xlingo.training import restore
+  from xlingo.training import load, restore
 
-  _, meta = restore.newest_meta(import_dir, "--workdir")
+  _, meta = load.newest_meta(import_dir, "--workdir")
   c = config_lib.base_config()
   for k in restore.MODEL_KEYS:
     c.model[k] = type(c.model[k])(meta[k])
@@ -63,7 +63,7 @@ def xlingo_half(out: str) -> dict:
   from xlingo import adapt, generate
   from xlingo import config as config_lib
   from xlingo.hf import exporter, importer
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   cases = []
   for name, mode, peft in (("llama_tied", "full", False), ("qwen2", "lora", True)):

@@ -304,12 +304,13 @@ def generation_follows_lang(wd: str, config_arg: str, lid: CharTrigramLID, sampl
   """Share of samples generated from BOS with ``--lang L`` (every L) that the character
   classifier assigns to L: how well the model's output follows the requested language."""
   from configs.experiments import lang_emb
-  from xlingo import generate, load
+  from xlingo import decode
+  from xlingo.training import load
 
   config = lang_emb.get_config(config_arg)
   lm = load.load_model(config, wd)
   rows = [(i, lang) for i, lang in enumerate(lm.table.codes) for _ in range(samples)]
-  texts = generate.generate(lm.model, lm.params, lm.vocab, [""] * len(rows),
+  texts = decode.generate(lm.model, lm.params, lm.vocab, [""] * len(rows),
                             [i for i, _ in rows], max_len=32, temperature=0.8, top_k=40,
                             seed=seed)
   return statistics.fmean(lid.predict(t) == lang for (_, lang), t in zip(rows, texts))

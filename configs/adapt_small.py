@@ -14,14 +14,10 @@ from xlingo import config as xconfig
 
 
 def get_config(arg=None):
+  run = xconfig.parse_arg(arg, "configs/adapt_small.py", run=("", "pretrain")).run
   c = xconfig.base_config()
   # About 6 M parameters: ~1 s a step on a 2-core CPU, so each run takes minutes.
-  c.model.d_model = 256
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4
-  c.model.head_dim = 64
-  c.model.mlp_dim = 1024
+  xconfig.set_model_size(c.model, "base")
   c.model.max_len = 128
   c.model.dtype = "float32"
   c.data.seq_len = 128
@@ -29,7 +25,7 @@ def get_config(arg=None):
   c.train.eval_batches = 4
   c.train.log_every = 10
   c.checkpoint.async_save = False
-  if arg == "pretrain":
+  if run == "pretrain":
     c.train.steps = 200
     c.train.learning_rate = 3e-3
     c.train.warmup_steps = 20

@@ -28,12 +28,7 @@ def _common():
 
 def teacher_config():
   c = _common()
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4
-  c.model.head_dim = 32
-  c.model.mlp_dim = 512
+  xconfig.set_model_size(c.model, "small")
   c.train.steps = 400
   c.train.learning_rate = 3e-3
   return c
@@ -41,12 +36,7 @@ def teacher_config():
 
 def student_config():
   c = _common()
-  c.model.d_model = 64
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4
-  c.model.head_dim = 16
-  c.model.mlp_dim = 256
+  xconfig.set_model_size(c.model, "mini")
   c.train.steps = 200
   c.train.learning_rate = 3e-3
   return c
@@ -54,12 +44,11 @@ def student_config():
 
 def get_config(arg=None):
   """'' : the distillation run; 'teacher' / 'student': plain LM runs of either model."""
-  if arg == "teacher":
+  run = xconfig.parse_arg(arg, "configs/distill_small.py", run=("", "teacher", "student")).run
+  if run == "teacher":
     return teacher_config()
-  if arg == "student":
+  if run == "student":
     return student_config()
-  if arg:
-    raise xconfig.ConfigError(f"configs/distill_small.py:{arg}: use no argument, 'teacher' or 'student'")
   c = student_config()
   c.distill = xconfig.distill_section(teacher_config().model)
   return c

@@ -10,7 +10,7 @@ from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  del arg
+  xconfig.parse_arg(arg, "configs/distill_tiny.py")
   c = tiny.get_config()
   c.distill = xconfig.distill_section(c.model)
   c.model.num_layers = 1

@@ -7,14 +7,9 @@ from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  del arg
+  xconfig.parse_arg(arg, "configs/tiny.py")
   c = xconfig.base_config()
-  c.model.d_model = 64
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 16
-  c.model.mlp_dim = 128
+  xconfig.set_model_size(c.model, "tiny")
   c.model.max_len = 64
   c.model.dtype = "float32"
   c.data.seq_len = 64

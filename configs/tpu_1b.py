@@ -18,14 +18,9 @@ NUM_DEVICES = 16  # v4-32 and v5e-16 both have 16 chips, one JAX device each
 
 
 def get_config(arg=None):
-  del arg
+  xconfig.parse_arg(arg, "configs/tpu_1b.py")
   c = xconfig.tpu_pretrain_config(seq_len=2048)
-  c.model.d_model = 2048
-  c.model.num_layers = 18
-  c.model.num_heads = 16
-  c.model.num_kv_heads = 16
-  c.model.head_dim = 128
-  c.model.mlp_dim = 5632
+  xconfig.set_model_size(c.model, "1b")
   # Full remat (tpu_pretrain_config): saving the block's matmul outputs would need ~29 GiB per
   # chip at 16 x 2048 tokens.
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 1

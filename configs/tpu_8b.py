@@ -18,14 +18,9 @@ NUM_DEVICES = 32
 
 
 def get_config(arg=None):
-  del arg
+  xconfig.parse_arg(arg, "configs/tpu_8b.py")
   c = xconfig.tpu_pretrain_config(seq_len=2048)
-  c.model.d_model = 4096
-  c.model.num_layers = 32
-  c.model.num_heads = 32
-  c.model.num_kv_heads = 8
-  c.model.head_dim = 128
-  c.model.mlp_dim = 16384
+  xconfig.set_model_size(c.model, "8b")
   c.model.tie_embeddings = False
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 16, 2
   c.train.batch_size = 512  # 1M tokens per step

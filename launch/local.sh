@@ -4,6 +4,7 @@
 #   ./launch/local.sh demo        train configs/small.py on the embedded corpus (CPU, minutes)
 #   ./launch/local.sh test        the test suite (8 fake CPU devices)
 #   ./launch/local.sh test-fast   the fast subset (no end-to-end runs)
+#   ./launch/local.sh gcs         a local GCS API to try gs:// workdirs (docs/TPU.md)
 # Extra arguments go to the demo's trainer or to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +22,11 @@ ensure_venv() {
   if [[ ! -f "$stamp" ]] || [[ setup.py -nt "$stamp" ]]; then
     echo "[local.sh] installing xlingo and its pinned dependencies (first time: a few minutes)"
     "$VENV/bin/python" -m pip install -q --upgrade pip
-    "$VENV/bin/python" -m pip install -q -e ".[test]"
+    # pip's own progress, one line a package (the download bars and "already satisfied" lines
+    # left out), so a first install of a few minutes is not minutes of silence.
+    "$VENV/bin/python" -m pip install -e ".[test]" 2>&1 \
+      | { grep --line-buffered -E "^(Collecting|Installing collected|Successfully installed|ERROR)" \
+          || true; } | sed -u 's/^/[local.sh]   /'
     touch "$stamp"
   fi
 }
@@ -42,8 +47,12 @@ case "$cmd" in
     ensure_venv
     exec "$VENV/bin/python" -m pytest -q -m "not slow" "$@"
     ;;
+  gcs)
+    ensure_venv
+    exec "$VENV/bin/python" launch/gcs_emulator.py "$@"
+    ;;
   *)
-    echo "usage: ./launch/local.sh demo|test|test-fast [args...]" >&2
+    echo "usage: ./launch/local.sh demo|test|test-fast|gcs [args...]" >&2
     exit 2
     ;;
 esac

@@ -85,3 +85,10 @@ def gcs_emulator():
       else:
         os.environ[k] = v
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  """A JAX compilation cache shared by the subprocess runs of one test file
+  (tests/helpers.py subprocess_env)."""
+  return tmp_path_factory.mktemp("jax_cache")

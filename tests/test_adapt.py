@@ -11,20 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import linen as nn
+from helpers import metrics_rows
 
 from configs import adapt_tiny, tiny
 from xlingo import adapt, evaluate, sharding
-from xlingo import generate as gen
+from xlingo import decode as gen
 from xlingo.config import EMBEDDED_LANGUAGES, ConfigError
 from xlingo.data import inputs, packing, vocab_extend
 from xlingo.data import vocab as xvocab
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import CheckpointError, DataError
-from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import loop, step
+from xlingo.training import load, loop, step
 from xlingo.training import restore as restore_lib
+from xlingo.training.load import load_model
 
 OLD_LANGS = EMBEDDED_LANGUAGES[:-1]  # the pretrained model lacks 'zh'
 
@@ -43,11 +44,6 @@ def pretrained(tmp_path_factory):
   return wd
 
 
-def metrics_rows(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
 def _adapt_config(init_from: str, **adapt_kw):
   c = adapt_tiny.get_config()
   c.checkpoint.init_from = init_from
@@ -58,8 +54,8 @@ def _adapt_config(init_from: str, **adapt_kw):
 
 def _params(workdir, config):
   s = loop.build(config)
-  return restore_lib.restore_params(os.path.join(workdir, "checkpoints"),
-                                    s.factory.abstract_with_shardings().params)
+  return load.restore_params(os.path.join(workdir, "checkpoints"),
+                             s.factory.abstract_with_shardings().params)
 
 
 def _flat(tree):
@@ -364,3 +360,59 @@ def test_checkpoint_shape_mismatch_and_reordered_languages(pretrained, tmp_path)
   with pytest.raises(CheckpointError, match="append"):
     _restore_with(pretrained, tmp_path / "c", data__languages=("de", "en") + OLD_LANGS[2:] +
                   ("zh",))
+
+
+# --- init_from: the model's shape from the checkpoint ---------------------------------------
+
+
+def _fake_step_dir(tmp_path, config):
+  """A step directory with metadata alone: what adopting the init_from model reads."""
+  step_dir = tmp_path / "pre" / "2"
+  (step_dir / "state").mkdir(parents=True)
+  (step_dir / "meta").mkdir()
+  (step_dir / "meta" / "metadata").write_text(json.dumps(restore_lib.checkpoint_meta(config, 2)))
+  return str(step_dir)
+
+
+def test_init_from_takes_the_shape_the_config_leaves_at_its_default(tmp_path):
+  pre = tiny.get_config()
+  pre.model.lid_head = True
+  pre.model.scan_layers = False
+  step_dir = _fake_step_dir(tmp_path, pre)
+  c = _adapt_config(step_dir)
+  assert load.adopt_init_from_model(c) == ["lid_head", "scan_layers"]
+  assert c.model.lid_head and not c.model.scan_layers
+  meta = restore_lib.read_meta(step_dir)
+  assert restore_lib.check_init_from_meta(meta, c, "init_from") is None
+  assert load.adopt_init_from_model(c) == []  # once taken, nothing more to take
+
+  # a key the config sets is meant: a checkpoint that disagrees is one line naming it
+  c = _adapt_config(step_dir)
+  c.model.d_model = 32
+  load.adopt_init_from_model(c)
+  with pytest.raises(CheckpointError, match=r"d_model: checkpoint 64 vs config 32"):
+    restore_lib.check_init_from_meta(meta, c, "init_from")
+  c = _adapt_config(step_dir)  # a removed language
+  c.data.languages = tuple(x for x in EMBEDDED_LANGUAGES if x != "fr")
+  load.adopt_init_from_model(c)
+  with pytest.raises(CheckpointError, match="data.languages"):
+    restore_lib.check_init_from_meta(meta, c, "init_from")
+
+
+@pytest.mark.slow
+def test_adapt_tiny_from_an_lm_with_lid_head_and_contrastive_alignment(tmp_path):
+  """configs/adapt_tiny.py as it is starts from an LM pretrained with model.lid_head=True and
+  contrastive alignment on (the user does not restate the model's shape)."""
+  pre = tiny.get_config()
+  pre.model.lid_head = True
+  pre.train.contrastive.pairs = ("en-de",)
+  pre.train.contrastive.weight = 0.1
+  pre.train.steps = pre.train.eval_every = pre.checkpoint.every_steps = 2
+  lm = str(tmp_path / "lm")
+  loop.run(pre, lm)
+  c = _adapt_config(lm)
+  c.train.steps = c.train.eval_every = c.checkpoint.every_steps = 2
+  wd = str(tmp_path / "adapt")
+  report = adapt.run(c, wd)
+  assert report["target"] == "de" and os.path.isdir(os.path.join(wd, "checkpoints", "2"))
+  assert load_model(tiny.get_config(), wd).config.model.lid_head

@@ -10,7 +10,6 @@ in wiki40b's own layout (its features, TFRecord shards and metadata).
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -19,6 +18,7 @@ import pytest
 import seqio
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from helpers import free_port
 
 from configs import tiny
 from data_tasks import tfds_corpora
@@ -154,12 +154,6 @@ def test_each_process_reads_its_share_of_a_tfds_split(prepared, split):
     assert sorted(parts[0] + parts[1]) == sorted(one)
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
-
-
 def _decoded(batches, vocab) -> list[str]:
   """The examples (one segment each: they are short) of packed batches, as text."""
   out = []
@@ -197,7 +191,7 @@ def test_two_processes_read_disjoint_shares_of_tfds(prepared, tmp_path):
   """Two real processes (jax.distributed on CPU): each reads and packs only its share of the
   validation split (evaluation) and of the training mixture; the union of both is what one
   process reads."""
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(2):
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT,

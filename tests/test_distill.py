@@ -1,22 +1,20 @@
 """Distillation: the KL term, the frozen teacher, layer init, config checks, end to end, resume."""
 
-import json
 import os
 import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import linen as nn
+from helpers import checkpoint_params, metrics_rows
 
 from configs import distill_tiny, tiny
 from xlingo import distill
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
-from xlingo.training import losses
-from xlingo.training import restore as restore_lib
+from xlingo.training import load, losses
 from xlingo.training.step import StepContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,11 +162,6 @@ def _distill_config(teacher_dir, **over):
   return c
 
 
-def _final_params(workdir, step):
-  path = os.path.join(workdir, "checkpoints", str(step), "state")
-  return ocp.StandardCheckpointer().restore(path)["params"]
-
-
 def test_config_errors(teacher_dir):
   c = _distill_config(teacher_dir, model__vocab_size=4096)
   with pytest.raises(ConfigError, match="vocabulary and language"):
@@ -189,7 +182,7 @@ def test_config_errors(teacher_dir):
   with pytest.raises(ConfigError, match="num_layers=1"):
     distill.check_distill_config(c)
   with pytest.raises(ConfigError, match="holds no checkpoint"):
-    restore_lib.step_dirs(os.path.dirname(teacher_dir), distill.TEACHER)
+    load.step_dirs(os.path.dirname(teacher_dir), distill.TEACHER)
 
 
 @pytest.mark.slow
@@ -205,13 +198,12 @@ def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path, monkeypatch)
                 "--config.distill.init_from_teacher_layers=(1,)"]
   monkeypatch.setattr("sys.argv", argv)
   distill.main(argv)
-  with open(os.path.join(full, "metrics.jsonl")) as f:
-    rows = [json.loads(line) for line in f]
+  rows = metrics_rows(full)
   keys = set().union(*rows)
   assert {"kl", "ce", "val/bpb", "kl/en", "loss/en", "val/kl/en", "val/bpb/de"} <= keys
   assert all(np.isfinite(v) for r in rows for v in r.values() if isinstance(v, float))
   # The teacher is not part of the student's checkpoint.
-  params = _final_params(full, 4)
+  params = checkpoint_params(full, 4)
   assert params["blocks"]["layers"]["mlp"]["gate"].shape[0] == 1
 
   # Resume: drop the last checkpoint, run again to the same step count -> bitwise equal.
@@ -221,5 +213,5 @@ def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path, monkeypatch)
   c = _distill_config(teacher_dir, distill__schedule="linear", distill__alpha_end=0.1,
                       distill__top_k=16, distill__init_from_teacher_layers=(1,))
   distill.run(c, resumed)
-  again = _final_params(resumed, 4)
+  again = checkpoint_params(resumed, 4)
   jax.tree.map(np.testing.assert_array_equal, params, again)

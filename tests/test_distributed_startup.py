@@ -12,8 +12,7 @@ import signal
 import pytest
 from jax._src.clusters import cloud_tpu_cluster
 
-from xlingo import cli
-from xlingo.training import preemption
+from xlingo import cli, preemption
 
 TPU_VARS = ("TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_ID", "TPU_SKIP_MDS_QUERY",
             "MEGASCALE_NUM_SLICES", "MEGASCALE_SLICE_ID", "MEGASCALE_COORDINATOR_ADDRESS",

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import metrics_rows
 
 from configs import tiny
 from xlingo import evaluate
@@ -47,8 +48,7 @@ def test_evaluate_matches_training_log(tmp_path):
                   "--workdir", workdir, "--config.train.steps=2", "--config.train.eval_every=2",
                   "--config.checkpoint.every_steps=2"], cwd=ROOT, env=env, check=True,
                  capture_output=True)
-  logged = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
-            if r["step"] == 2 and "val/bpb" in r][-1]
+  logged = [r for r in metrics_rows(workdir) if r["step"] == 2 and "val/bpb" in r][-1]
   cfg = tiny.get_config()
   out = str(tmp_path / "results.json")
   report = evaluate.run(cfg, {"de": workdir, "ja": workdir}, translate_pairs=["en-de"],

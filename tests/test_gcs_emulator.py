@@ -19,56 +19,16 @@ import time
 
 import numpy as np
 import pytest
+from helpers import ROOT, final_params, metrics_rows, run_module, subprocess_env
 
 from xlingo import paths
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 TRAIN = ["--config", os.path.join(ROOT, "configs", "tiny.py"), f"--config.train.steps={STEPS}",
          "--config.checkpoint.every_steps=2", "--config.checkpoint.keep=3",
          "--config.train.log_every=2", f"--config.train.eval_every={STEPS}"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
-
-
-def _env(cache_dir, vm_dir=None):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-  if vm_dir is not None:  # everything a run could leave on its machine goes under vm_dir
-    os.makedirs(os.path.join(vm_dir, "tmp"), exist_ok=True)
-    env["TMPDIR"] = os.path.join(vm_dir, "tmp")
-  return env
-
-
-def _cli(module, args, cache_dir, vm_dir, check=True):
-  p = subprocess.run([sys.executable, "-m", module, *args], cwd=vm_dir,
-                     env=_env(cache_dir, vm_dir), capture_output=True, text=True, timeout=600)
-  if check and p.returncode != 0:
-    raise AssertionError(f"{module} exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-  return p
-
-
-def _rows(metrics_path):
-  return [json.loads(line) for line in paths.read_text(metrics_path).splitlines()]
-
-
-def _final_params(workdir):
-  """The parameters of the last checkpoint, read with Orbax (tensorstore for gs://)."""
-  import jax
-  import orbax.checkpoint as ocp
-
-  tree = ocp.StandardCheckpointer().restore(paths.join(workdir, "checkpoints", str(STEPS), "state"))
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
 
 
 def _event_steps(data: bytes, tag: str) -> list[int]:
@@ -90,12 +50,12 @@ def gs_run(gcs_emulator, cache_dir, tmp_path_factory):
   """An uninterrupted local run, and the same run on gs:// stopped by SIGTERM after a
   checkpoint and resumed on a 'new VM'."""
   base = tmp_path_factory.mktemp("local")
-  _cli("xlingo.train", [*TRAIN, f"--workdir={base / 'run'}"], cache_dir, base)
+  run_module("xlingo.train", [*TRAIN, f"--workdir={base / 'run'}"], cache_dir, base)
 
   workdir = f"gs://{gcs_emulator.bucket('run')}/run"
   vm1 = tmp_path_factory.mktemp("vm1")
   proc = subprocess.Popen([sys.executable, "-m", "xlingo.train", *TRAIN, f"--workdir={workdir}"],
-                          cwd=vm1, env=_env(cache_dir, vm1), stdout=subprocess.PIPE,
+                          cwd=vm1, env=subprocess_env(cache_dir, vm1), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   out = []
   for line in proc.stdout:
@@ -110,7 +70,7 @@ def gs_run(gcs_emulator, cache_dir, tmp_path_factory):
                  for d, _, files in os.walk(vm1) for f in files]
   shutil.rmtree(vm1)  # the VM is gone, and everything it had with it
   vm2 = tmp_path_factory.mktemp("vm2")
-  second = _cli("xlingo.train", [*TRAIN, f"--workdir={workdir}"], cache_dir, vm2)
+  second = run_module("xlingo.train", [*TRAIN, f"--workdir={workdir}"], cache_dir, vm2)
   return {"local": str(base / "run"), "gs": workdir, "first": first, "second": second.stdout,
           "left_on_vm1": left_on_vm1, "vm2": vm2}
 
@@ -126,8 +86,8 @@ def test_preempted_gs_run_resumes_on_a_new_vm(gs_run):
   assert "training finished" in second
 
   # The same result as the uninterrupted local run, one continuous history in the bucket.
-  gs_rows = _rows(paths.join(wd, "metrics.jsonl"))
-  local_rows = _rows(paths.join(gs_run["local"], "metrics.jsonl"))
+  gs_rows = metrics_rows(wd)
+  local_rows = metrics_rows(gs_run["local"])
   assert [r["step"] for r in gs_rows if "loss" in r] == list(range(2, STEPS + 1, 2))
   # (A logged loss is the mean over its log window, which a stop at an odd step splits; the
   # last window and the state are whole again.)
@@ -136,7 +96,7 @@ def test_preempted_gs_run_resumes_on_a_new_vm(gs_run):
   val = [r for r in gs_rows if "val/bpb" in r]
   assert [r["step"] for r in val] == [0, STEPS]
   assert val[-1]["val/bpb"] == [r for r in local_rows if "val/bpb" in r][-1]["val/bpb"]
-  a, b = _final_params(wd), _final_params(gs_run["local"])
+  a, b = final_params(wd, STEPS), final_params(gs_run["local"], STEPS)
   assert a.keys() == b.keys()
   for k in a:
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
@@ -180,9 +140,9 @@ def test_second_trainer_on_a_busy_bucket_is_refused(gcs_emulator, capsys):
 
 def test_evaluate_from_bucket(gs_run, cache_dir, tmp_path):
   out = paths.join(gs_run["gs"], "eval.json")
-  _cli("xlingo.evaluate", ["--config", os.path.join(ROOT, "configs", "tiny.py"),
+  run_module("xlingo.evaluate", ["--config", os.path.join(ROOT, "configs", "tiny.py"),
                            f"--workdir={gs_run['gs']}", f"--output={out}"], cache_dir, tmp_path)
-  logged = [r for r in _rows(paths.join(gs_run["gs"], "metrics.jsonl")) if "val/bpb" in r][-1]
+  logged = [r for r in metrics_rows(gs_run["gs"]) if "val/bpb" in r][-1]
   report = json.loads(paths.read_text(out))
   (result,) = report["results"].values()
   assert result["step"] == STEPS
@@ -190,7 +150,7 @@ def test_evaluate_from_bucket(gs_run, cache_dir, tmp_path):
 
 
 def test_generate_from_bucket(gs_run, cache_dir, tmp_path):
-  p = _cli("xlingo.generate", ["--config", os.path.join(ROOT, "configs", "tiny.py"),
+  p = run_module("xlingo.generate", ["--config", os.path.join(ROOT, "configs", "tiny.py"),
                                f"--workdir={gs_run['gs']}", "--lang=de", "--prompt=Das ist",
                                "--max_len=4"], cache_dir, tmp_path)
   assert p.stdout.strip().splitlines()[-1].startswith("[de] Das ist")
@@ -205,7 +165,7 @@ def test_adapt_init_from_bucket_with_vocab_in_bucket(gs_run, gcs_emulator, cache
   vocab = f"gs://{bucket}/vocab/xlingo_8k.model"
   paths.copy_file(xvocab.embedded_vocab_path(), vocab)
   wd = f"gs://{bucket}/adapt"
-  p = _cli("xlingo.adapt", ["--config", os.path.join(ROOT, "configs", "adapt_tiny.py"),
+  p = run_module("xlingo.adapt", ["--config", os.path.join(ROOT, "configs", "adapt_tiny.py"),
                             f"--workdir={wd}", f"--config.checkpoint.init_from={gs_run['gs']}",
                             f"--config.data.vocab_path={vocab}",
                             "--config.train.steps=2", "--config.train.eval_every=2",
@@ -214,7 +174,9 @@ def test_adapt_init_from_bucket_with_vocab_in_bucket(gs_run, gcs_emulator, cache
   assert f"initialised parameters from {gs_run['gs']}" in p.stdout
   names = paths.listdir(wd)
   assert {"checkpoints", "metrics.jsonl", "adapt_report.json", "best"} <= set(names), names
-  assert paths.read_text(paths.join(wd, "best", "step")).strip() == "2"
+  # best/ records its step in its metadata, like every step directory
+  best_meta = json.loads(paths.read_text(paths.join(wd, "best", "meta", "metadata")))
+  assert best_meta["step"] == 2
   meta = json.loads(paths.read_text(paths.join(wd, "checkpoints", "2", "meta", "metadata")))
   assert meta["vocab_sha1"] == hashlib.sha1(paths.read_bytes(vocab)).hexdigest()
   assert not any(n.startswith("gs:") for n in os.listdir(tmp_path))
@@ -222,7 +184,7 @@ def test_adapt_init_from_bucket_with_vocab_in_bucket(gs_run, gcs_emulator, cache
 
 def test_distill_teacher_in_bucket(gs_run, gcs_emulator, cache_dir, tmp_path):
   wd = f"gs://{gcs_emulator.bucket('distill')}/student"
-  p = _cli("xlingo.distill", ["--config", os.path.join(ROOT, "configs", "distill_tiny.py"),
+  p = run_module("xlingo.distill", ["--config", os.path.join(ROOT, "configs", "distill_tiny.py"),
                               f"--workdir={wd}", f"--config.distill.teacher_workdir={gs_run['gs']}",
                               "--config.train.steps=2", "--config.train.eval_every=2",
                               "--config.checkpoint.every_steps=2"], cache_dir, tmp_path)

@@ -7,7 +7,7 @@ import pytest
 from flax import linen as nn
 
 from configs import tiny
-from xlingo import generate as gen
+from xlingo import decode as gen
 from xlingo.data.vocab import EOS_ID
 from xlingo.model.decoder import Decoder
 

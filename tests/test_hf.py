@@ -192,7 +192,7 @@ def test_cli_import_then_tools_and_export(tmp_path):
   import subprocess
   import sys
 
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   work, out = str(tmp_path / "w"), str(tmp_path / "hf")
   r = subprocess.run([sys.executable, "-m", "xlingo.hf", "import", "--model", fixture("qwen2"),

@@ -88,9 +88,9 @@ def test_pieces_bytes_and_special_text(bpe):
 
 
 def test_train_bpb_generate_and_grow(bpe, el_bpe, tmp_path):
-  from xlingo import evaluate, generate
-  from xlingo.load import load_model
+  from xlingo import decode, evaluate, scoring
   from xlingo.training import loop
+  from xlingo.training.load import load_model
 
   line = "Die Straße führt über die Brücke nach Köln."  # one row of seq_len 64: no chunks
   files = {}
@@ -133,20 +133,20 @@ def test_train_bpb_generate_and_grow(bpe, el_bpe, tmp_path):
 
   # generation stops at the EOS id it is given: any id, here one that greedy decoding emits
   prompt = [vocab.encode("Die")]
-  free = generate.generate_ids(lm.model, lm.params, prompt, de, max_len=12, eos_id=-1,
+  free = decode.generate_ids(lm.model, lm.params, prompt, de, max_len=12, eos_id=-1,
                                start_id=vocab.start_id)[0]
   assert len(free) == 12
   stop = free[5]
-  out = generate.generate_ids(lm.model, lm.params, prompt, de, max_len=12, eos_id=stop,
+  out = decode.generate_ids(lm.model, lm.params, prompt, de, max_len=12, eos_id=stop,
                               start_id=vocab.start_id)[0]
   assert out == free[:free.index(stop)]
   # ... and generate() gives it the vocabulary's, and decodes with it
-  ids_eos = generate.generate_ids(lm.model, lm.params, prompt, de, max_len=12,
+  ids_eos = decode.generate_ids(lm.model, lm.params, prompt, de, max_len=12,
                                   eos_id=vocab.eos_id, start_id=vocab.start_id)[0]
-  text = generate.generate(lm.model, lm.params, vocab, ["Die"], de, max_len=12)[0]
+  text = decode.generate(lm.model, lm.params, vocab, ["Die"], de, max_len=12)[0]
   assert isinstance(text, str) and text == vocab.decode(ids_eos)
   # evaluate's translation scores decode with it too
-  scores = evaluate.translate_scores(lm, [("Good morning.", "Guten Morgen.")], "en", "de",
+  scores = scoring.translate_scores(lm, [("Good morning.", "Guten Morgen.")], "en", "de",
                                      max_examples=1, max_new=8)
   assert scores["examples"] == 1 and 0.0 <= scores["bleu"] <= 100.0
   assert isinstance(scores["samples"][0]["output"], str)

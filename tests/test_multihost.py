@@ -8,21 +8,15 @@ hence the losses, and the data state are those of one process.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
 import pytest
+from helpers import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config", "configs/tiny.py", "--config.train.log_every=1",
         "--config.train.eval_every=100", "--config.checkpoint.every_steps=2"]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _start(workdir, steps, processes, cache_dir):
@@ -39,7 +33,7 @@ def _start(workdir, steps, processes, cache_dir):
     env = dict(base, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     return [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)]
-  port = _free_port()
+  port = free_port()
   procs = []
   for i in range(processes):
     env = dict(base, XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}",

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from configs import adapt_tiny, tiny
 from xlingo import adapt, sharding
-from xlingo import generate as gen
+from xlingo import decode as gen
 from xlingo.config import LORA_TARGETS, ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft

@@ -11,25 +11,23 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from helpers import ROOT, run_module
 
 from configs import tiny
-from xlingo import adapt, cli, evaluate, generate, load, sharding, train
+from xlingo import adapt, cli, evaluate, generate, sharding, train
 from xlingo.errors import CheckpointError
-from xlingo.load import load_model
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import loop
+from xlingo.training import load, loop
 from xlingo.training import state as state_lib
+from xlingo.training.load import load_model
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "xlingo", "data", "corpus", "mono")
 FILES_CONFIG = """
 from configs import tiny
@@ -50,22 +48,8 @@ def get_config(arg=None):
 """
 
 
-def _env(cache_dir):
-  env = dict(os.environ)
-  env.update(XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-  return env
-
-
 def _cli(module, cache_dir, *args, check=True):
-  p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT,
-                     env=_env(cache_dir), capture_output=True, text=True, timeout=600)
-  if check and p.returncode != 0:
-    raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-  return p
+  return run_module(module, args, cache_dir, check=check)
 
 
 def _last_error(text: str) -> str:
@@ -79,11 +63,6 @@ def _load_config(path):
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   return mod.get_config()
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
 
 
 @pytest.fixture(scope="module")
@@ -405,7 +384,7 @@ def test_load_model_builds_the_adapted_model_and_reads_best_and_exports(tmp_path
   ckpts = ckpt_lib.Checkpoints(str(wd), c)
   ckpts.save(3, state, force=True)
   ckpts.close()
-  loop._save_best(str(wd), c, state, 3)
+  ckpt_lib.save_best(str(wd), c, state, 3)
 
   plain = tiny.get_config()
   x = np.arange(16, dtype=np.int32).reshape(2, 8) % 50

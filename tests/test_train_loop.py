@@ -1,6 +1,5 @@
 """The LM loop end to end through its command line: train, resume exactly, preemption, errors."""
 
-import json
 import os
 import shutil
 import signal
@@ -10,8 +9,8 @@ import time
 
 import numpy as np
 import pytest
+from helpers import ROOT, final_params, metrics_rows, run_module, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 24
 BASE_ARGS = ["--config", os.path.join(ROOT, "configs", "tiny.py"), f"--config.train.steps={STEPS}",
              "--config.checkpoint.every_steps=4", "--config.train.log_every=2",
@@ -21,61 +20,23 @@ BASE_ARGS = ["--config", os.path.join(ROOT, "configs", "tiny.py"), f"--config.tr
 pytestmark = pytest.mark.slow
 
 
-def _env(cache_dir):
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-  env["JAX_PLATFORMS"] = "cpu"
-  env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-  # Compiled programs are shared between the runs of this file.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-  env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
-  return env
-
-
 def _train(workdir, cache_dir, *extra, check=True, module="xlingo.train", cwd=ROOT):
-  cmd = [sys.executable, "-m", module, *BASE_ARGS, f"--workdir={workdir}", *extra]
-  env = _env(cache_dir)
-  env["PYTHONPATH"] = os.pathsep.join([ROOT, env.get("PYTHONPATH", "")])
-  p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-  if check and p.returncode != 0:
-    raise AssertionError(f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-  return p
-
-
-def _metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def _final_params(workdir):
-  import orbax.checkpoint as ocp
-
-  path = os.path.join(os.path.abspath(workdir), "checkpoints", str(STEPS), "state")
-  tree = ocp.StandardCheckpointer().restore(path)
-  import jax
-
-  return {jax.tree_util.keystr(k): np.asarray(v)
-          for k, v in jax.tree_util.tree_leaves_with_path(tree["params"])}
+  return run_module(module, [*BASE_ARGS, f"--workdir={workdir}", *extra], cache_dir, cwd=cwd,
+                    check=check)
 
 
 def _assert_same_run(a, b):
-  pa, pb = _final_params(a), _final_params(b)
+  pa, pb = final_params(a, STEPS), final_params(b, STEPS)
   assert pa.keys() == pb.keys()
   for k in pa:
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-  la = {r["step"]: r["loss"] for r in _metrics(a) if "loss" in r}
-  lb = {r["step"]: r["loss"] for r in _metrics(b) if "loss" in r}
+  la = {r["step"]: r["loss"] for r in metrics_rows(a) if "loss" in r}
+  lb = {r["step"]: r["loss"] for r in metrics_rows(b) if "loss" in r}
   assert la[STEPS] == lb[STEPS]
   # the cumulative tokens per language count on exactly from the checkpoint
-  ta, tb = ({k: v for k, v in [r for r in _metrics(w) if "loss" in r][-1].items()
+  ta, tb = ({k: v for k, v in [r for r in metrics_rows(w) if "loss" in r][-1].items()
              if k.startswith("tokens/")} for w in (a, b))
   assert ta and ta == tb
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return tmp_path_factory.mktemp("jax_cache")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +50,7 @@ def test_end_to_end_on_8_devices(baseline):
   wd, p = baseline
   assert "xlingo: training finished" in p.stdout
   assert "{'data': 2, 'fsdp': 2, 'tensor': 2}" in p.stdout
-  rows = _metrics(wd)
+  rows = metrics_rows(wd)
   steps = [r["step"] for r in rows if "loss" in r]
   assert steps == list(range(2, STEPS + 1, 2))
   last = [r for r in rows if "loss" in r][-1]
@@ -118,7 +79,7 @@ def test_end_to_end_on_8_devices(baseline):
 def test_sigterm_then_resume_is_exact(baseline, tmp_path, cache_dir):
   wd = tmp_path / "run"
   cmd = [sys.executable, "-m", "xlingo.train", *BASE_ARGS, f"--workdir={wd}"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stdout=subprocess.PIPE,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(cache_dir), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
   out = []
   for line in proc.stdout:
@@ -146,7 +107,7 @@ def test_sigkill_then_corrupt_latest_then_resume_is_exact(baseline, tmp_path, ca
   wd = tmp_path / "run"
   cmd = [sys.executable, "-m", "xlingo.train", *BASE_ARGS, f"--workdir={wd}",
          "--config.checkpoint.async_save=False"]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(cache_dir), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(cache_dir), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   deadline = time.time() + 300
   while not (wd / "checkpoints" / "12").is_dir() and time.time() < deadline:

@@ -10,8 +10,8 @@ import sys
 import time
 
 import pytest
+from helpers import ROOT, subprocess_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 16
 ARGS = ["--config", os.path.join(ROOT, "configs", "tiny.py"), f"--config.train.steps={STEPS}",
         "--config.checkpoint.every_steps=4", "--config.checkpoint.keep=2",
@@ -21,14 +21,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-  e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-           JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
-           JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  e["PYTHONPATH"] = os.pathsep.join([ROOT, e.get("PYTHONPATH", "")])
-  return e
+def env(cache_dir):
+  return subprocess_env(cache_dir)
 
 
 def _cmd(workdir, *extra):

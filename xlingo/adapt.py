@@ -31,11 +31,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from xlingo import cli, evaluate, load, paths, sharding
+from xlingo import cli, paths, scoring, sharding
 from xlingo.errors import ConfigError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
-from xlingo.training import metrics, step
+from xlingo.training import layout, load, metrics, step
 from xlingo.training import state as state_lib
 
 MODES = ("full", "freeze", "lora", "adapter", "prefix", "lang_emb")
@@ -181,7 +181,7 @@ def make_objective(config):
 
 def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
   """Before (step 0) / after (last evaluation) validation bpb per language, from metrics.jsonl."""
-  rows = [r for r in metrics.read_jsonl(paths.join(workdir, "metrics.jsonl"))
+  rows = [r for r in metrics.read_jsonl(paths.join(workdir, layout.METRICS))
           if any(k.startswith("val/bpb/") for k in r)]
   if not rows:
     return "", {}
@@ -201,18 +201,18 @@ def bpb_table(workdir: str, languages, target: str) -> tuple[str, dict]:
 
 
 def translation_report(config, models: dict) -> dict:
-  """{pair: {name: evaluate.translate_scores(...)}} on the first ``adapt.bleu_examples``
+  """{pair: {name: scoring.translate_scores(...)}} on the first ``adapt.bleu_examples``
   validation pairs of each of ``data.translation_pairs`` that has some, for each loaded model
   in ``models`` (name -> ``load.LoadedModel``)."""
   out = {}
   for pair in config.data.translation_pairs or ():
-    examples = evaluate.validation_pairs(config, pair)
+    examples = scoring.validation_pairs(config, pair)
     if not examples:
       metrics.console(f"{pair}: no validation pairs here (the embedded corpus has en-X and "
                       "X-en), so no BLEU/chrF")
       continue
     src, tgt = pair.split("-")
-    out[pair] = {name: evaluate.translate_scores(
+    out[pair] = {name: scoring.translate_scores(
         lm, examples, src, tgt, max_examples=int(config.adapt.bleu_examples),
         max_new=int(config.adapt.max_decode_len)) for name, lm in models.items()}
   return out
@@ -233,6 +233,7 @@ def run(config, workdir: str) -> dict:
   # is reported before that import.
   from xlingo.training import loop
 
+  loop.adopt_init_from_model(config)  # before the objective is built from the config
   resolve_config(config)
   objective, stopper = make_objective(config)
   last = loop.run(config, workdir, objective)
@@ -244,7 +245,7 @@ def run(config, workdir: str) -> dict:
             "best_step": stopper.best_step, "translation": {}, **parameter_counts(config)}
   want_bleu = bool(config.data.translation_pairs) and config.adapt.bleu_examples > 0
   if (want_bleu or config.adapt.export_merged) and paths.isdir(
-      paths.join(workdir, "checkpoints")):
+      paths.join(workdir, layout.CHECKPOINTS)):
     # The run's last parameters, loaded as every tool loads them (no training plan, no
     # optimizer), and those it started from.
     after = load.load_model(config, workdir)
@@ -262,7 +263,7 @@ def run(config, workdir: str) -> dict:
       path = load.export_merged(after, config.adapt.export_merged)
       metrics.console(f"merged parameters written to {path} (usable as checkpoint.init_from)")
   if jax.process_index() == 0:
-    paths.write_text(paths.join(workdir, "adapt_report.json"),
+    paths.write_text(paths.join(workdir, layout.report_name("adapt")),
                      json.dumps(report, indent=1, default=float))
   return report
 

@@ -133,7 +133,7 @@ def run_main(argv, doc: str, body) -> None:
   SIGTERM and SIGINT are stop requests from here on (before the slow imports, the compile and
   the restore), so a signal at any point ends in a clean stop, never an exit 143.
   """
-  from xlingo.training import preemption
+  from xlingo import preemption
 
   with preemption.handling():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -201,6 +201,32 @@ def _start_jax_backends() -> None:
     return
   with native_stderr_silenced():
     jax.devices()
+
+
+def run_tool(argv, doc: str, define, body, check=None) -> None:
+  """The start-up of a tool that reads a checkpoint (evaluate, generate): parse --config,
+  --workdir, --checkpoint and the tool's flags (``define(fl)``; ``check(fl)`` may refuse them
+  with :func:`fail`), join a multi-process run, then ``body(fl)`` with one-line errors."""
+  from absl import flags
+
+  def define_all(fl):
+    flags.DEFINE_string("checkpoint", None, "A checkpoint step directory instead of --workdir's "
+                        "latest checkpoint.", flag_values=fl)
+    define(fl)
+
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  fl = parse_flags(argv or sys.argv, doc, define_all,
+                   workdir_help="Run directory (its latest checkpoint).")
+  if check is not None:
+    check(fl)
+  maybe_initialize_distributed()
+  run_body(lambda: body(fl))
+
+
+def tool_checkpoint(fl) -> tuple[str | None, str]:
+  """(the checkpoint a tool's flags name, the flag that names it): --checkpoint, else
+  --workdir's latest."""
+  return (fl.checkpoint, "--checkpoint") if fl.checkpoint else (fl.workdir, "--workdir")
 
 
 def run_body(body) -> None:

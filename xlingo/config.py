@@ -11,14 +11,18 @@ A config file is a Python module with ``get_config(arg=None) -> ConfigDict`` tha
 - ``checkpoint``: how often and how many to keep, and ``init_from``.
 
 The adaptation and distillation loops add their own sections (:func:`adapt_section`,
-:func:`distill_section`), which their configs attach.
+:func:`distill_section`), which their configs attach. Configs take the decoder's dimensions
+from :data:`MODEL_SIZES` (:func:`set_model_size`) and read their ``:arg`` with
+:func:`parse_arg`.
 """
 
 from __future__ import annotations
 
+import types
+
 import ml_collections
 
-from xlingo.errors import ConfigError  # noqa: F401 - the name config files use
+from xlingo.errors import ConfigError
 
 # The language table of the embedded corpus. A language's id is its index here; the model's
 # language-embedding table has one row per entry. Order is fixed: appending is safe, reordering
@@ -27,55 +31,145 @@ EMBEDDED_LANGUAGES = ("en", "de", "fr", "es", "it", "pt", "ru", "ja", "zh")
 # The projection kernels LoRA adapts by default (attention and MLP, scanned or unrolled).
 LORA_TARGETS = r"attn/(query|key|value|out)$|mlp/(gate|up|down)$"
 
+# The decoder's dimensions by size name, smallest first (parameters at the shipped 8k
+# vocabulary): the configs name a size instead of writing the six numbers out.
+_SHAPE_KEYS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim")
+MODEL_SIZES = {
+    name: dict(zip(_SHAPE_KEYS, dims)) for name, dims in {
+        "tiny": (64, 2, 4, 2, 16, 128),  # tests: compiles in seconds
+        "mini": (64, 2, 4, 4, 16, 256),  # 0.66 M, the distillation student
+        "small": (128, 4, 4, 4, 32, 512),  # 2.1 M, the experiments and distillation teacher
+        "base": (256, 4, 4, 4, 64, 1024),  # ~6 M, base_config's and the adaptation runs'
+        "large": (512, 4, 8, 8, 64, 2048),  # ~21 M, the CPU demo (configs/small.py)
+        "1b": (2048, 18, 16, 16, 128, 5632),
+        "8b": (4096, 32, 32, 8, 128, 16384),  # grouped-query attention: 8 KV heads
+    }.items()
+}
+
+
+def set_model_size(model: ml_collections.ConfigDict, size: str) -> ml_collections.ConfigDict:
+  """Sets ``model``'s dimensions to :data:`MODEL_SIZES` ``[size]``; returns ``model``."""
+  if size not in MODEL_SIZES:
+    raise ConfigError(f"model size {size!r} is unknown; use one of {', '.join(MODEL_SIZES)}")
+  model.update(MODEL_SIZES[size])
+  return model
+
+
+def parse_arg(arg, where: str, **spec) -> types.SimpleNamespace:
+  """A config file's ``:arg`` -> its named values (big_vision's ``parse_arg``, positional).
+
+  ``arg`` is ``V1,V2,...`` in the order of ``spec``'s keys; a value left out (or no arg at all)
+  takes its default. Each spec says how to read its value: a float reads a number; a str is
+  any string; a tuple lists the choices, its first the default, where a float element stands
+  for any number and ``""`` for "no argument". Anything else is one ConfigError that names
+  ``where`` (the config file) and the accepted form.
+  """
+  given = [p.strip() for p in str(arg).split(",")] if arg else []
+  if len(given) > len(spec):
+    raise ConfigError(f"{where}:{arg}: {'too many values; ' if spec else ''}{_form(where, spec)}")
+  out = {}
+  for i, (name, kind) in enumerate(spec.items()):
+    default = kind[0] if isinstance(kind, tuple) else kind
+    value = given[i] if i < len(given) and given[i] else default
+    if not isinstance(kind, tuple):
+      out[name] = _number(value, where, arg, name, spec) if isinstance(kind, float) else value
+    elif value in kind:
+      out[name] = value
+    elif any(isinstance(k, float) for k in kind) and _is_number(value):
+      out[name] = float(value)
+    elif len(spec) == 1:
+      raise ConfigError(f"{where}:{arg}: use {_alternatives(kind)}")
+    else:
+      raise ConfigError(f"{where}:{arg}: {name} {value!r} is not {_alternatives(kind)}; "
+                        f"{_form(where, spec)}")
+  return types.SimpleNamespace(**out)
+
+
+def _is_number(value) -> bool:
+  try:
+    float(value)
+  except ValueError:
+    return False
+  return True
+
+
+def _number(value, where, arg, name, spec) -> float:
+  if not _is_number(value):
+    raise ConfigError(f"{where}:{arg}: {name} {value!r} is not a number; {_form(where, spec)}")
+  return float(value)
+
+
+def _alternatives(kind: tuple) -> str:
+  words = ["no argument" if k == "" else "a number" if isinstance(k, float) else repr(k)
+           for k in kind]
+  return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _form(where: str, spec: dict) -> str:
+  names = [n.upper() for n in spec]
+  optional = "".join(f"[,{n}" for n in names[1:]) + "]" * (len(names) - 1)
+  return f"the form is {where}:{names[0]}{optional}" if names else "it takes no argument"
+
 
 def base_config() -> ml_collections.ConfigDict:
+  """The defaults of every section the loops read: the one place a default is written."""
   c = ml_collections.ConfigDict()
+  c.model = _model_defaults()
+  c.mesh = _mesh_defaults()
+  c.data = _data_defaults()
+  c.train = _train_defaults()
+  c.checkpoint = _checkpoint_defaults()
+  return c
 
-  c.model = ml_collections.ConfigDict()
-  c.model.vocab_size = 8192
-  c.model.d_model = 256
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4  # < num_heads gives grouped-query attention
-  c.model.head_dim = 64
-  c.model.mlp_dim = 1024
-  c.model.max_len = 256
-  c.model.dropout_rate = 0.0
-  c.model.use_lang_emb = True
-  c.model.num_languages = len(EMBEDDED_LANGUAGES)
-  c.model.tie_embeddings = True
-  c.model.dtype = "bfloat16"  # compute dtype
-  c.model.param_dtype = "float32"
-  c.model.remat_policy = "none"  # none | full | dots_saveable
-  c.model.scan_layers = True
-  c.model.lid_head = False  # auxiliary language-identification head
+
+def _model_defaults() -> ml_collections.ConfigDict:
+  """``model``: the decoder's shape and numerics."""
+  model = ml_collections.ConfigDict()
+  model.vocab_size = 8192
+  # d_model, num_layers, num_heads, num_kv_heads (< num_heads: grouped-query attention),
+  # head_dim, mlp_dim: the "base" size
+  set_model_size(model, "base")
+  model.max_len = 256
+  model.dropout_rate = 0.0
+  model.use_lang_emb = True
+  model.num_languages = len(EMBEDDED_LANGUAGES)
+  model.tie_embeddings = True
+  model.dtype = "bfloat16"  # compute dtype
+  model.param_dtype = "float32"
+  model.remat_policy = "none"  # none | full | dots_saveable
+  model.scan_layers = True
+  model.lid_head = False  # auxiliary language-identification head
   # Per example (packed segment), the rate at which training hides the language hint (the
   # "unknown language", a zero language vector): the model learns to work without one
   # (generate --lang none), and the language-ID loss is taken where the hint is hidden.
-  c.model.lang_emb_dropout = 0.0
-  c.model.rope_theta = 10000.0
+  model.lang_emb_dropout = 0.0
+  model.rope_theta = 10000.0
   # Llama 3's RoPE frequency scaling: (factor, low_freq_factor, high_freq_factor,
   # original_max_position_embeddings); empty: none (xlingo.model.attention.rope_inv_freq).
-  c.model.rope_scaling = ()
-  c.model.norm_eps = 1e-6  # RMSNorm's epsilon (Llama 2/3 and SmolLM2 use 1e-5)
-  c.model.qkv_bias = False  # biases on the query/key/value projections (Qwen2)
+  model.rope_scaling = ()
+  model.norm_eps = 1e-6  # RMSNorm's epsilon (Llama 2/3 and SmolLM2 use 1e-5)
+  model.qkv_bias = False  # biases on the query/key/value projections (Qwen2)
   # The tied output projection's scale on the hidden states: "rsqrt_d" (d_model**-0.5, which
   # keeps a from-scratch model's initial logits O(1)) or "none" (Hugging Face's tied models).
-  c.model.tied_output_scale = "rsqrt_d"
+  model.tied_output_scale = "rsqrt_d"
   # The input id at position 0 of every segment (the shifted-in placeholder): 0 for xlingo's
   # own vocabularies, the tokenizer's BOS for an imported model (xlingo.hf).
-  c.model.bos_id = 0
+  model.bos_id = 0
   # Standard deviation of the language-embedding rows at initialisation (and of appended
   # languages' rows); 0 starts them at zero, so an imported model is unchanged until trained.
-  c.model.lang_emb_init_std = 0.1
-  c.model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
+  model.lang_emb_init_std = 0.1
+  model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
+  return model
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1: all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+  """``mesh``: the device mesh and the logical axis rules."""
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all remaining devices
+  mesh.fsdp = 1
+  mesh.tensor = 1
   # Logical axis name -> mesh axes. Activations use 'activation_*' names.
-  c.mesh.rules = (
+  mesh.rules = (
       ("batch", ("data", "fsdp")),
       ("activation_batch", ("data", "fsdp")),
       ("embed", "fsdp"),
@@ -96,102 +190,114 @@ def base_config() -> ml_collections.ConfigDict:
       ("activation_heads", "tensor"),
       ("activation_vocab", "tensor"),
   )
+  return mesh
 
-  c.data = ml_collections.ConfigDict()
-  c.data.source = "embedded"  # embedded | files | tfds
-  c.data.languages = EMBEDDED_LANGUAGES
+
+def _data_defaults() -> ml_collections.ConfigDict:
+  """``data``: corpus, languages, sampling, rows, vocabulary."""
+  data = ml_collections.ConfigDict()
+  data.source = "embedded"  # embedded | files | tfds
+  data.languages = EMBEDDED_LANGUAGES
   # Languages trained on (LM tasks); empty: all of data.languages.
-  c.data.train_languages = ()
-  c.data.translation_pairs = ()  # e.g. ("en-de",): conditional tasks, loss on targets only
-  c.data.language_weights = ml_collections.ConfigDict()  # lang -> rate multiplier
-  c.data.sampling = "temperature"  # temperature | unimax
-  c.data.temperature = 3.33  # mT5's alpha = 0.3
+  data.train_languages = ()
+  data.translation_pairs = ()  # e.g. ("en-de",): conditional tasks, loss on targets only
+  data.language_weights = ml_collections.ConfigDict()  # lang -> rate multiplier
+  data.sampling = "temperature"  # temperature | unimax
+  data.temperature = 3.33  # mT5's alpha = 0.3
   # Rates that move over the run: ((fraction of the run's tokens, temperature), ...), 1/T
   # linear between the points, e.g. ((0, 1.0), (1, 3.33)); empty: data.temperature throughout.
   # Needs data.group_size > 0 (groups are drawn on the host; xlingo/data/mixing.py).
-  c.data.temperature_schedule = ()
-  c.data.unimax_max_epochs = 4.0
-  c.data.seq_len = 256
+  data.temperature_schedule = ()
+  data.unimax_max_epochs = 4.0
+  data.seq_len = 256
   # first_fit: whole examples, first row with room (~3% padding); concat: one token stream cut
   # into rows (no padding, an example may continue in the next row). xlingo/data/packing.py.
-  c.data.packing = "first_fit"
+  data.packing = "first_fit"
   # Training mixtures sample groups of this many consecutive examples of one task and the host
   # tokenizes ~1024 examples at once (10x the per-example rate; xlingo/data/readers.py);
   # 0 samples single examples (tokenized on the host all the same).
-  c.data.group_size = 64
+  data.group_size = 64
   # Grouped input: groups are read (and their examples shuffled together, and tokenized in one
   # call) about this many examples at a time.
-  c.data.examples_per_read = 4096
-  c.data.vocab_path = ""  # empty: the shipped shared vocabulary
-  c.data.seed = 0
-  c.data.shuffle_buffer = 1024  # examples held per task by seqio's shuffle (grouped: in groups)
-  c.data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
-  c.data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
-  c.data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
-  c.data.jsonl_field = "text"
-  c.data.tfds_name = ""  # "wiki40b" or "c4/multilingual", for source=tfds
-  c.data.tfds_data_dir = ""  # required for source=tfds: where the prepared datasets live
+  data.examples_per_read = 4096
+  data.vocab_path = ""  # empty: the shipped shared vocabulary
+  data.seed = 0
+  data.shuffle_buffer = 1024  # examples held per task by seqio's shuffle (grouped: in groups)
+  data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
+  data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
+  data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
+  data.jsonl_field = "text"
+  data.tfds_name = ""  # "wiki40b" or "c4/multilingual", for source=tfds
+  data.tfds_data_dir = ""  # required for source=tfds: where the prepared datasets live
   # Refuse to start when a language's planned passes over its data exceed this (0: no bound):
   # past a few epochs repeated text adds little (Muennighoff et al. 2023, "Scaling
   # Data-Constrained Language Models"), and a run that plans thousands has the wrong corpus.
-  c.data.max_epochs = 0.0
+  data.max_epochs = 0.0
+  return data
 
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 100
-  c.train.batch_size = 8  # global, in sequences
-  c.train.microbatches = 1  # gradient accumulation
-  c.train.seed = 0
-  c.train.optimizer = "adamw"
-  c.train.learning_rate = 3e-3
-  c.train.warmup_steps = 10
-  c.train.schedule = "cosine"  # cosine | constant
-  c.train.min_lr_ratio = 0.1
-  c.train.b1 = 0.9
-  c.train.b2 = 0.95
-  c.train.weight_decay = 0.1
-  c.train.grad_clip = 1.0
-  c.train.z_loss = 0.0
+
+def _train_defaults() -> ml_collections.ConfigDict:
+  """``train``: steps, batch, optimizer, loss terms, cadence."""
+  train = ml_collections.ConfigDict()
+  train.steps = 100
+  train.batch_size = 8  # global, in sequences
+  train.microbatches = 1  # gradient accumulation
+  train.seed = 0
+  train.optimizer = "adamw"
+  train.learning_rate = 3e-3
+  train.warmup_steps = 10
+  train.schedule = "cosine"  # cosine | constant
+  train.min_lr_ratio = 0.1
+  train.b1 = 0.9
+  train.b2 = 0.95
+  train.weight_decay = 0.1
+  train.grad_clip = 1.0
+  train.z_loss = 0.0
   # Sequence positions per chunk of the loss's vocabulary projection (losses.py): the
   # [B, T, V] float32 logits are never held whole, only [B, chunk, V]. 0: one chunk, which on
   # CPU is as fast or faster (docs/PERFORMANCE.md); the TPU configs chunk.
-  c.train.loss_chunk_size = 0
+  train.loss_chunk_size = 0
   # lambda: the mean language-ID cross-entropy (model.lid_head) over the tokens that carry no
   # language hint (all tokens without model.use_lang_emb), added to the mean loss.
-  c.train.lid_loss_weight = 0.0
+  train.lid_loss_weight = 0.0
   # Per-language weights of the LM loss (not of sampling, which is data.language_weights):
   # language -> weight, 1.0 for a language not listed. The main language weighs
   # main_language_weight instead (it may not also be listed). The loss stays divided by the
   # batch's token count, so a weight w counts each of that language's tokens w times.
-  c.train.loss_weights = ml_collections.ConfigDict()
-  c.train.main_language = ""
-  c.train.main_language_weight = 1.0
+  train.loss_weights = ml_collections.ConfigDict()
+  train.main_language = ""
+  train.main_language_weight = 1.0
   # Contrastive alignment (xlingo/training/contrastive.py): InfoNCE between the pooled hidden
   # states of parallel sentences, both directions, the other pairs of the global batch as
   # negatives; weight * that loss is added to the mean loss.
-  c.train.contrastive = ml_collections.ConfigDict()
-  c.train.contrastive.weight = 0.0  # beta; 0 with pairs set: retrieval is measured, not trained
-  c.train.contrastive.pairs = ()  # parallel tasks, e.g. ("en-de", "en-fr"); val/retrieval/*
-  c.train.contrastive.temperature = 0.05
-  c.train.contrastive.layer = -1  # the block whose output is pooled (-1: the last)
-  c.train.contrastive.pooling = "mean"  # mean | last
-  c.train.contrastive.batch_size = 0  # pairs per step, global; 0: train.batch_size
-  c.train.contrastive.max_len = 64  # tokens per sentence (BOS included); longer ones are cut
-  c.train.contrastive.eval_pairs = 0  # validation pairs per task for retrieval; 0: all
-  c.train.log_every = 10
-  c.train.eval_every = 50
-  c.train.eval_batches = 4
-  c.train.peak_flops_per_device = 0.0  # 0: look the device kind up
-  c.train.trainable = ".*"  # regex over parameter paths; the rest is frozen
+  train.contrastive = ml_collections.ConfigDict()
+  train.contrastive.weight = 0.0  # beta; 0 with pairs set: retrieval is measured, not trained
+  train.contrastive.pairs = ()  # parallel tasks, e.g. ("en-de", "en-fr"); val/retrieval/*
+  train.contrastive.temperature = 0.05
+  train.contrastive.layer = -1  # the block whose output is pooled (-1: the last)
+  train.contrastive.pooling = "mean"  # mean | last
+  train.contrastive.batch_size = 0  # pairs per step, global; 0: train.batch_size
+  train.contrastive.max_len = 64  # tokens per sentence (BOS included); longer ones are cut
+  train.contrastive.eval_pairs = 0  # validation pairs per task for retrieval; 0: all
+  train.log_every = 10
+  train.eval_every = 50
+  train.eval_batches = 4
+  train.peak_flops_per_device = 0.0  # 0: look the device kind up
+  train.trainable = ".*"  # regex over parameter paths; the rest is frozen
+  return train
 
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every_steps = 50
-  c.checkpoint.keep = 3
-  c.checkpoint.init_from = ""
+
+def _checkpoint_defaults() -> ml_collections.ConfigDict:
+  """``checkpoint``: how often, how many, where a run starts from."""
+  checkpoint = ml_collections.ConfigDict()
+  checkpoint.every_steps = 50
+  checkpoint.keep = 3
+  checkpoint.init_from = ""
   # Resume from this step of the workdir instead of the latest (0: the latest), e.g. one from
   # before a divergence; the later steps are kept aside as <step>.superseded-<time>.
-  c.checkpoint.restore_step = 0
-  c.checkpoint.async_save = True
-  return c
+  checkpoint.restore_step = 0
+  checkpoint.async_save = True
+  return checkpoint
 
 
 def tpu_pretrain_config(seq_len: int = 2048) -> ml_collections.ConfigDict:

@@ -62,16 +62,16 @@ def _root() -> str:
 
 
 def _finished(workdir: str, steps: int) -> bool:
-  from xlingo.training import metrics
+  from xlingo.training import layout, metrics
 
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  rows = metrics.read_jsonl(os.path.join(workdir, layout.METRICS))
   return any(r["step"] == steps and "val/bpb" in r for r in rows)
 
 
 def _before_after(workdir: str, config) -> None:
-  from xlingo.training import metrics
+  from xlingo.training import layout, metrics
 
-  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "val/bpb" in r]
+  rows = [r for r in metrics.read_jsonl(os.path.join(workdir, layout.METRICS)) if "val/bpb" in r]
   first, last = rows[0], rows[-1]
   print(f"\nvalidation bits per byte, step {first['step']} -> step {last['step']}:")
   print(f"  {'lang':<6}{'before':>9}{'after':>9}{'change':>9}")
@@ -83,8 +83,8 @@ def _before_after(workdir: str, config) -> None:
 
 
 def _samples(workdir: str, config) -> None:
-  from xlingo import generate
-  from xlingo.load import load_model
+  from xlingo import decode
+  from xlingo.training.load import load_model
 
   lm = load_model(config, workdir)
   langs = [lang for lang in SAMPLE_PROMPTS if lang in lm.table.codes]
@@ -92,9 +92,9 @@ def _samples(workdir: str, config) -> None:
   ids = [lm.table.id(lang) for lang in langs]
   vocab = lm.vocab
   prompt_ids = [list(vocab.encode(p)) for p in prompts]
-  outs = generate.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
-                               temperature=0.7, top_k=40, seed=0, eos_id=vocab.eos_id,
-                               start_id=vocab.start_id)
+  outs = decode.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
+                             temperature=0.7, top_k=40, seed=0, eos_id=vocab.eos_id,
+                             start_id=vocab.start_id)
   print("\nsamples (temperature 0.7, top-k 40), language chosen by the language embedding:")
   for lang, p_ids, out in zip(langs, prompt_ids, outs, strict=True):
     # Decoded with the prompt, so the first piece keeps its word boundary.

@@ -45,11 +45,12 @@ def teacher_model_config(config, meta: dict | None = None,
                          step_dir: str | None = None) -> ml_collections.ConfigDict:
   """The teacher's model section, checked against its checkpoint's metadata (by default the
   newest checkpoint whose metadata reads) and against the student."""
+  from xlingo.training import load
   from xlingo.training import restore as restore_lib
 
   d = config.distill
   if meta is None:
-    step_dir, meta = restore_lib.newest_meta(d.teacher_workdir, TEACHER)
+    step_dir, meta = load.newest_meta(d.teacher_workdir, TEACHER)
   tm = ml_collections.ConfigDict(d.teacher_model.to_dict())
   fingerprint = restore_lib.model_fingerprint(config)
   shape_keys = [k for k in restore_lib.MODEL_KEYS if k in config.model]
@@ -94,7 +95,7 @@ def restore_teacher(config, mesh, rules, param_dtype: str | None = None):
   """The teacher (a ``load.LoadedModel``), its params placed in its own shardings on the
   student's mesh; a teacher workdir whose latest checkpoint is unreadable falls back to the
   previous one."""
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   def model_config(meta, step_dir):
     tm = teacher_model_config(config, meta, step_dir)
@@ -173,7 +174,7 @@ def check_distill_config(config) -> None:
   if not 0 <= d.top_k <= config.model.vocab_size:
     raise ConfigError(f"distill.top_k={d.top_k} must be in [0, vocab_size]; 0 = full KL")
   t = config.train
-  if t.get("loss_weights") or t.get("main_language") or t.contrastive.weight:
+  if t.loss_weights or t.main_language or t.contrastive.weight:
     raise ConfigError("distillation's loss takes no train.loss_weights, train.main_language or "
                       "train.contrastive.weight (they belong to the LM loss of xlingo.train and "
                       "xlingo.adapt); leave them unset")

@@ -9,10 +9,9 @@ Validation uses exactly the loop's evaluation (``loop.evaluate_batches`` over
 ``inputs.eval_batches`` with ``train.eval_batches`` batches per language), so the numbers equal
 what training logged as val/* at the same step. Translation greedily continues each source
 sentence of the validation pairs in the target language (the source tokens carry the source
-language id, as in the conditional training tasks) and scores the outputs with sacrebleu
-(``score_translations``, the one scorer: BLEU tokenised with ``13a``, ``zh`` for Chinese and
-``ja-mecab`` for Japanese, and chrF, each written with its sacrebleu signature).
-Checkpoints are loaded with ``xlingo.load.load_model`` (no training plan, no optimizer: the
+language id, as in the conditional training tasks) and scores the outputs with
+``xlingo.scoring`` (sacrebleu BLEU and chrF, the one scorer adaptation's report uses too).
+Checkpoints are loaded with ``xlingo.training.load.load_model`` (no training plan, no optimizer: the
 model, language table and vocabulary come from the checkpoint); a workdir whose latest
 checkpoint is unreadable falls back to the previous one. ``--output`` is checked before the
 evaluation and the table is printed before it is written (and the JSON, if writing fails).
@@ -26,16 +25,12 @@ from __future__ import annotations
 import errno
 import json
 import os
-import sys
 
 import jax
 import numpy as np
-from sacrebleu.metrics import BLEU, CHRF
 
+from xlingo import scoring
 from xlingo.errors import ConfigError
-
-BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled loop serves all)
-
 
 # --- pieces ---------------------------------------------------------------------------------
 
@@ -89,29 +84,11 @@ def validation_metrics(lm) -> dict:
   return out
 
 
-def validation_pairs(config, pair: str, tsv: dict[str, str] | None = None) -> list | None:
-  """[(source, reference)] of ``pair`` ("src-tgt") from a TSV file in ``tsv`` or the embedded
-  corpus's validation split; None when there are none."""
-  from xlingo.data import vocab as xvocab
-
-  if pair.count("-") != 1:
-    raise ConfigError(f"translation pair {pair!r}: give pairs as SRC-TGT, e.g. en-de")
-  if tsv and pair in tsv:
-    return xvocab.read_parallel(tsv[pair])
-  embedded = xvocab.embedded_parallel("validation") if config.data.source == "embedded" else {}
-  src, tgt = pair.split("-")
-  if src == "en" and tgt in embedded:
-    return embedded[tgt]
-  if tgt == "en" and src in embedded:
-    return [(x, e) for e, x in embedded[src]]
-  return None
-
-
 def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
   """{"src-tgt": [(source, reference)]} from --translate_tsv files or the embedded corpus."""
   out = {}
   for pair in pairs:
-    out[pair] = validation_pairs(config, pair, tsv)
+    out[pair] = scoring.validation_pairs(config, pair, tsv)
     if out[pair] is None:
       raise ConfigError(f"--translate {pair}: no validation pairs (the embedded corpus has en-X "
                         f"and X-en); pass --translate_tsv {pair}=FILE.tsv with "
@@ -119,62 +96,11 @@ def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str
   return out
 
 
-def bleu_tokenizer(lang: str) -> str:
-  """sacrebleu's BLEU tokenizer for a target language: Chinese and Japanese have no spaces
-  between words (``ja-mecab`` comes with ``sacrebleu[ja]``, a dependency of xlingo)."""
-  return {"zh": "zh", "ja": "ja-mecab"}.get(lang, "13a")
-
-
-def score_translations(hyps: list[str], refs: list[str], tgt: str) -> dict:
-  """Corpus BLEU and chrF of ``hyps`` against ``refs`` (one reference each), with the
-  sacrebleu signature of each: the one scorer of xlingo (evaluate, adaptation's report)."""
-  bleu, chrf = BLEU(tokenize=bleu_tokenizer(tgt)), CHRF()
-  if hyps:
-    b, c = bleu.corpus_score(hyps, [refs]).score, chrf.corpus_score(hyps, [refs]).score
-  else:  # the signatures name the number of references, known once something was scored
-    bleu.corpus_score([""], [[""]])
-    chrf.corpus_score([""], [[""]])
-    b = c = float("nan")
-  return {"bleu": float(b), "chrf": float(c), "bleu_signature": str(bleu.get_signature()),
-          "chrf_signature": str(chrf.get_signature())}
-
-
-def translate_scores(lm, examples, src: str, tgt: str, *, max_examples: int,
-                     max_new: int = 64) -> dict:
-  """Greedy translations of up to ``max_examples`` pairs (``generate``'s decoder), scored
-with :func:`score_translations`."""
-  from xlingo import generate as gen
-
-  table, vocab, model, params = lm.table, lm.vocab, lm.model, lm.params
-  src_id, tgt_id = table.id(src), table.id(tgt)
-  room = int(model.config.max_len) - 2  # the start id and at least one generated token
-  rows, skipped = [], 0
-  for source, ref in examples[:max_examples]:
-    ids = list(vocab.encode(source))
-    if len(ids) > room:
-      skipped += 1
-      continue
-    rows.append((ids, ref, source))
-  hyps = []
-  for start in range(0, len(rows), BATCH_ROWS):
-    chunk = [ids for ids, _, _ in rows[start:start + BATCH_ROWS]]
-    padded = chunk + [chunk[0]] * (BATCH_ROWS - len(chunk))
-    out = gen.generate_ids(model, params, padded, tgt_id, max_len=max_new,
-                           prompt_lang_ids=src_id, eos_id=vocab.eos_id,
-                           start_id=vocab.start_id)
-    hyps += [vocab.decode(o) if o else "" for o in out[:len(chunk)]]
-  refs = [ref for _, ref, _ in rows]
-  return {**score_translations(hyps, refs, tgt), "examples": len(rows),
-          "skipped_too_long": skipped,
-          "samples": [{"source": rows[i][2], "reference": refs[i], "output": hyps[i]}
-                      for i in range(min(3, len(rows)))]}
-
-
 def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
                         max_examples: int = 50, mesh=None, rules=None,
                         what: str = "--workdir") -> dict:
   """Everything for one checkpoint: {"path", "step", "languages", "metrics", "translation"}."""
-  from xlingo.load import load_model
+  from xlingo.training.load import load_model
 
   lm = load_model(config, path, what=what, mesh=mesh, rules=rules)
   result = {"path": lm.step_dir, "step": lm.step, "languages": list(lm.table.codes),
@@ -183,7 +109,7 @@ def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
     result["translation"] = {}
     for pair, examples in translate.items():
       src, tgt = pair.split("-")
-      scores = translate_scores(lm, examples, src, tgt, max_examples=max_examples)
+      scores = scoring.translate_scores(lm, examples, src, tgt, max_examples=max_examples)
       result["translation"][pair] = scores
       result["metrics"][f"translate/{pair}/bleu"] = scores["bleu"]
       result["metrics"][f"translate/{pair}/chrf"] = scores["chrf"]
@@ -269,7 +195,7 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it.
 
   ``output`` is checked before anything is evaluated. No training plan is built: each
-  checkpoint is loaded with ``xlingo.load.load_model``.
+  checkpoint is loaded with ``xlingo.training.load.load_model``.
   """
   from xlingo import sharding
 
@@ -308,8 +234,6 @@ def _parse_map(value: str, flag: str) -> dict[str, str]:
 def _define_flags(fl) -> None:
   from absl import flags
 
-  flags.DEFINE_string("checkpoint", None, "A checkpoint step directory (instead of the latest).",
-                      flag_values=fl)
   flags.DEFINE_string("checkpoints", None, "LABEL=PATH,... for a transfer matrix.",
                       flag_values=fl)
   flags.DEFINE_string("output", None, "Write the results as JSON here.", flag_values=fl)
@@ -322,13 +246,7 @@ def _define_flags(fl) -> None:
 def main(argv=None):
   from xlingo import cli
 
-  argv = argv or sys.argv
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  fl = cli.parse_flags(argv, __doc__, _define_flags,
-                       workdir_help="Run directory (its latest checkpoint).")
-  cli.maybe_initialize_distributed()
-
-  def body():
+  def body(fl):
     from xlingo import paths
 
     if fl.max_examples < 1:
@@ -337,10 +255,9 @@ def main(argv=None):
     ckpts = _parse_map(fl.checkpoints, "--checkpoints")
     what = "--checkpoints"
     if not ckpts:
-      path = fl.checkpoint or fl.workdir
+      path, what = cli.tool_checkpoint(fl)
       if not path:
         raise ConfigError("give --workdir DIR, --checkpoint STEP_DIR or --checkpoints L=DIR,...")
-      what = "--checkpoint" if fl.checkpoint else "--workdir"
       ckpts = {paths.basename(path) or "model": path}
     if fl.output:
       check_output(fl.output)
@@ -359,7 +276,7 @@ def main(argv=None):
           raise
         print(f"results: {fl.output}", flush=True)
 
-  cli.run_body(body)
+  cli.run_tool(argv, __doc__, _define_flags, body)
 
 
 if __name__ == "__main__":

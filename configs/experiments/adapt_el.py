@@ -30,9 +30,8 @@ NEW_PIECES = 1024
 
 
 def get_config(arg=None):
-  if arg not in (None, "", "extended"):
-    raise xconfig.ConfigError(f"configs/experiments/adapt_el.py:{arg}: use no argument (the "
-                              "shipped vocabulary) or 'extended'")
+  # no argument: the shipped vocabulary
+  vocab = xconfig.parse_arg(arg, "configs/experiments/adapt_el.py", vocab=("", "extended")).vocab
   c = adapt_small.get_config()
   c.data.languages = xconfig.EMBEDDED_LANGUAGES + ("el",)
   c.model.num_languages = len(c.data.languages)
@@ -49,7 +48,7 @@ def get_config(arg=None):
   c.train.warmup_steps = 10
   c.train.eval_every = 50
   c.checkpoint.every_steps = 100
-  if arg == "extended":
+  if vocab == "extended":
     c.data.vocab_path = "workdirs/el_vocab.model"
     c.model.vocab_size = 8192 + NEW_PIECES
   return c

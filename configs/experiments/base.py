@@ -1,22 +1,23 @@
 """The shared base of the objective experiments (docs/SCIENCE.md, README "Objectives").
 
-A 2.1 M-parameter model (d_model 128, 4 layers, 128-token rows, batch 16) trained for 300
-steps on all nine languages of the embedded corpus: a run takes three to five minutes on a
-2-core CPU, so each experiment's variants and seeds run in minutes. ``size='tiny'`` is
-configs/tiny.py's model and a short run (smoke tests). Seeds: --config.train.seed=N
---config.data.seed=N.
+A 2.1 M-parameter model (the "small" size: d_model 128, 4 layers, 128-token rows, batch 16)
+trained for 300 steps on all nine languages of the embedded corpus: a run takes three to five
+minutes on a 2-core CPU, so each experiment's variants and seeds run in minutes.
+``size='tiny'`` is configs/tiny.py's model and a short run (smoke tests). Seeds:
+--config.train.seed=N --config.data.seed=N.
 """
 
 from configs import tiny
 from xlingo import config as xconfig
-from xlingo.errors import ConfigError
 
+# The experiments' ':arg' ends in ',SIZE' (xconfig.parse_arg choices; the first is the default).
 SIZES = ("small", "tiny")
 
 
 def get_config(size: str = "small"):
   if size not in SIZES:
-    raise ConfigError(f"experiment size {size!r} is unknown; use one of {', '.join(SIZES)}")
+    raise xconfig.ConfigError(f"experiment size {size!r} is unknown; use one of "
+                              f"{', '.join(SIZES)}")
   if size == "tiny":
     c = tiny.get_config()
     c.train.steps = 100
@@ -26,12 +27,7 @@ def get_config(size: str = "small"):
     c.train.log_every = 10
     return c
   c = xconfig.base_config()
-  c.model.d_model = 128
-  c.model.num_layers = 4
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 4
-  c.model.head_dim = 32
-  c.model.mlp_dim = 512
+  xconfig.set_model_size(c.model, "small")
   c.model.max_len = 128
   c.model.dtype = "float32"
   c.model.scan_layers = False  # four blocks: unrolled is faster on CPU (configs/small.py)
@@ -46,9 +42,3 @@ def get_config(size: str = "small"):
   c.checkpoint.every_steps = 100
   c.checkpoint.async_save = False
   return c
-
-
-def parse(arg, default: str) -> tuple[str, str]:
-  """'VALUE[,SIZE]' -> (VALUE, SIZE); an empty arg is ``default``."""
-  parts = [p.strip() for p in str(arg or default).split(",")]
-  return parts[0], parts[1] if len(parts) > 1 else "small"

@@ -18,23 +18,18 @@ Append ',tiny' for a smoke-test size (e.g. contrastive.py:0.1,tiny).
 
 from configs.experiments import base
 from xlingo import config as xconfig
-from xlingo.errors import ConfigError
 
 PAIRS = ("en-de", "en-es", "en-fr", "en-it", "en-ja", "en-pt", "en-zh")
 
 
 def get_config(arg=None):
-  value, size = base.parse(arg, "0.1")
-  adapting = value.startswith("adapt:")
-  if adapting:
-    value = value[len("adapt:"):]
-  try:
-    beta = float(value)
-  except ValueError:
-    raise ConfigError(f"contrastive experiment: {value!r} is not a weight (e.g. "
-                      "contrastive.py:0.1 or contrastive.py:adapt:0.1)") from None
+  # 'adapt:' in front: the adaptation run from a pretrained one
+  adapting = str(arg or "").startswith("adapt:")
+  a = xconfig.parse_arg(str(arg).removeprefix("adapt:") if adapting else arg,
+                        "configs/experiments/contrastive.py", beta=0.1, size=base.SIZES)
+  size = a.size
   c = base.get_config(size)
-  c.train.contrastive.weight = beta
+  c.train.contrastive.weight = a.beta
   c.train.contrastive.pairs = PAIRS
   c.train.contrastive.batch_size = 16
   if adapting:

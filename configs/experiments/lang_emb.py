@@ -11,15 +11,14 @@ val/bpb_nohint/<lang> (the same text with no hint). Append ',tiny' for a smoke-t
 """
 
 from configs.experiments import base
-from xlingo.errors import ConfigError
+from xlingo import config as xconfig
 
 VARIANTS = {"on": (True, 0.0), "off": (False, 0.0), "dropout": (True, 0.3)}
 
 
 def get_config(arg=None):
-  variant, size = base.parse(arg, "on")
-  if variant not in VARIANTS:
-    raise ConfigError(f"lang_emb variant {variant!r} is unknown; use one of {', '.join(VARIANTS)}")
-  c = base.get_config(size)
-  c.model.use_lang_emb, c.model.lang_emb_dropout = VARIANTS[variant]
+  a = xconfig.parse_arg(arg, "configs/experiments/lang_emb.py", variant=tuple(VARIANTS),
+                        size=base.SIZES)
+  c = base.get_config(a.size)
+  c.model.use_lang_emb, c.model.lang_emb_dropout = VARIANTS[a.variant]
   return c

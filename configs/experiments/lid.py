@@ -11,17 +11,13 @@ and val/bpb/<lang>. Append ',tiny' for a smoke-test size.
 """
 
 from configs.experiments import base
-from xlingo.errors import ConfigError
+from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  value, size = base.parse(arg, "0.1")
-  try:
-    weight = float(value)
-  except ValueError:
-    raise ConfigError(f"lid experiment: {value!r} is not a loss weight (e.g. lid.py:0.1)") from None
-  c = base.get_config(size)
+  a = xconfig.parse_arg(arg, "configs/experiments/lid.py", weight=0.1, size=base.SIZES)
+  c = base.get_config(a.size)
   c.model.lid_head = True
   c.model.lang_emb_dropout = 0.3
-  c.train.lid_loss_weight = weight
+  c.train.lid_loss_weight = a.weight
   return c

@@ -11,21 +11,16 @@ the metrics (loss/<lang>, bpb/<lang>, val/*) stay unweighted.
 import ml_collections
 
 from configs.experiments import base
-from xlingo.errors import ConfigError
+from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  parts = [p.strip() for p in str(arg or "de,0.3").split(",")]
-  main = parts[0]
-  try:
-    others = float(parts[1]) if len(parts) > 1 else 0.3
-  except ValueError:
-    raise ConfigError(f"loss_weights experiment: {parts[1]!r} is not a weight (e.g. "
-                      "loss_weights.py:de,0.3)") from None
-  c = base.get_config(parts[2] if len(parts) > 2 else "small")
-  if main not in c.data.languages:
-    raise ConfigError(f"loss_weights experiment: {main!r} is not in data.languages")
-  c.train.main_language = main
+  a = xconfig.parse_arg(arg, "configs/experiments/loss_weights.py", main="de", others=0.3,
+                        size=base.SIZES)
+  c = base.get_config(a.size)
+  if a.main not in c.data.languages:
+    raise xconfig.ConfigError(f"loss_weights experiment: {a.main!r} is not in data.languages")
+  c.train.main_language = a.main
   c.train.loss_weights = ml_collections.ConfigDict(
-      {lang: others for lang in c.data.languages if lang != main})
+      {lang: a.others for lang in c.data.languages if lang != a.main})
   return c

@@ -12,18 +12,15 @@ config (configs/experiments/base.py). Append ',tiny' for a smoke-test size.
 """
 
 from configs.experiments import base
-from xlingo.errors import ConfigError
+from xlingo import config as xconfig
 
 
 def get_config(arg=None):
-  value, size = base.parse(arg, "3.33")
-  c = base.get_config(size)
-  if value == "unimax":
+  a = xconfig.parse_arg(arg, "configs/experiments/temperature.py", temperature=(3.33, "unimax"),
+                        size=base.SIZES)
+  c = base.get_config(a.size)
+  if a.temperature == "unimax":
     c.data.sampling = "unimax"
-    return c
-  try:
-    c.data.temperature = float(value)
-  except ValueError:
-    raise ConfigError(f"temperature experiment: {value!r} is neither a temperature nor "
-                      "'unimax' (e.g. temperature.py:3.33)") from None
+  else:
+    c.data.temperature = a.temperature
   return c

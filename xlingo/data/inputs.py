@@ -111,7 +111,7 @@ def plan_inputs(config) -> InputPlan:
   d = config.data
   packing.check_packing(d.packing)
   group_size = check_group_size(d.group_size, d.examples_per_read)
-  schedule = mixing.check_schedule(d.get("temperature_schedule", ()), d.sampling)
+  schedule = mixing.check_schedule(d.temperature_schedule, d.sampling)
   if schedule and not group_size:
     raise ConfigError("data.temperature_schedule draws groups of examples on the host; set "
                       "data.group_size > 0 (e.g. --config.data.group_size=64)")
@@ -122,7 +122,7 @@ def plan_inputs(config) -> InputPlan:
         f"{config.model.num_languages}; raise model.num_languages")
   vocab_path, vocab = load_vocab_for(d, config.model.vocab_size)
   reg = register_tasks(d, vocab, vocab_path)
-  train_langs = tuple(d.get("train_languages", ()) or d.languages)
+  train_langs = tuple(d.train_languages or d.languages)
   lm_tasks = {}
   for lang in train_langs:
     if lang not in reg.lm:
@@ -130,19 +130,19 @@ def plan_inputs(config) -> InputPlan:
                       f"(available: {sorted(reg.lm)}); remove it from data.languages")
     lm_tasks[lang] = reg.lm[lang]
   mt_tasks = {}
-  for pair in d.get("translation_pairs", ()) or ():
+  for pair in d.translation_pairs:
     if pair not in reg.mt:
       raise DataError(f"translation pair {pair!r} has no data in source {d.source!r} "
                       f"(available: {sorted(reg.mt)}); fix data.translation_pairs")
     for lang in pair.split("-"):
       table.id(lang)
     mt_tasks[pair] = reg.mt[pair]
-  replay_ratio = float(config.adapt.get("replay_ratio", 0.0)) if "adapt" in config else 0.0
+  replay_ratio = float(config.adapt.replay_ratio) if "adapt" in config else 0.0
   replay = {}
   if replay_ratio > 0:
     replay = {lang: reg.lm[lang] for lang in d.languages
               if lang not in lm_tasks and lang in reg.lm}
-    if not d.get("train_languages", ()) and not mt_tasks:
+    if not d.train_languages and not mt_tasks:
       raise ConfigError("adapt.replay_ratio needs data.train_languages (the languages adapted "
                         "to); the other languages of data.languages are replayed")
     if not replay:
@@ -156,11 +156,11 @@ def plan_inputs(config) -> InputPlan:
   run_tokens = float(config.train.steps * config.train.batch_size * d.seq_len)
   rule = mixing.RateRule(
       sampling=d.sampling, temperature=d.temperature, budget_tokens=run_tokens,
-      unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.get("language_weights", {}) or {}),
+      unimax_max_epochs=d.unimax_max_epochs, weights=dict(d.language_weights),
       replay=tuple(replay.values()), replay_ratio=replay_ratio)
   mix = mixing.Plan(tuple(stats), rule, run_tokens, schedule)
   rates = mix.rates_at(0.0)
-  mixing.check_epochs(stats, mix.epochs(), d.get("max_epochs", 0.0))
+  mixing.check_epochs(stats, mix.epochs(), d.max_epochs)
   mixture = mixing.register_mixture({s.name: rates[s.name] * s.lines_per_example for s in stats})
   train_streams = (mixture,)
   if group_size:

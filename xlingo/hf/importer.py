@@ -2,7 +2,7 @@
 workdir.
 
 The workdir holds ``tokenizer/`` (the model's tokenizer files, copied or, for a GGUF, built)
-and ``checkpoints/0``, a params-only step directory written by ``xlingo.load.export_merged``
+and ``checkpoints/0``, a params-only step directory written by ``checkpoints.export_params``
 whose metadata names the model section (with the options that make xlingo compute the Hugging
 Face function: ``norm_eps``, ``qkv_bias``, ``rope_scaling``, ``tied_output_scale='none'``,
 ``bos_id``), the language table and ``tokenizer/tokenizer.json`` as the vocabulary. So
@@ -126,7 +126,7 @@ def convert(model: str, *, vocab_path: str = "", languages=config_lib.EMBEDDED_L
 def import_model(model: str, workdir: str, *, languages=config_lib.EMBEDDED_LANGUAGES,
                  max_len: int = 2048, mesh=None, rules=None) -> str:
   """Writes the xlingo workdir for ``model``; returns its step directory."""
-  from xlingo import load
+  from xlingo.training import checkpoints
 
   workdir = paths.resolve(workdir)
   if paths.exists(workdir) and paths.listdir(workdir):
@@ -137,10 +137,8 @@ def import_model(model: str, workdir: str, *, languages=config_lib.EMBEDDED_LANG
   try:
     for name, text in c.tokenizer.items():
       paths.write_text(paths.join(workdir, TOKENIZER_DIR, name), text)
-    lm = load.LoadedModel(config=c.config, model=c.model, params=c.params, vocab=None,
-                          vocab_path=vocab_path, table=None, mesh=c.mesh, rules=c.rules,
-                          step=STEP, step_dir="", meta={})
-    return load.export_merged(lm, paths.join(workdir, "checkpoints", str(STEP)))
+    return checkpoints.export_params(paths.join(workdir, "checkpoints", str(STEP)), c.params,
+                                     c.config, STEP)
   except BaseException:
     paths.rmtree(workdir)  # nothing half-written
     raise

@@ -6,10 +6,15 @@ Layout of ``WORKDIR/checkpoints/<step>/``:
   meta/    JSON (``restore.checkpoint_meta``): the model's shape keys, language table and
            vocabulary (path and SHA-1), the settings that shape the saved state, the step
 
+The one module that imports Orbax: the manager below (save, resume), the best copy
+(``save_best``, ``WORKDIR/best``), params-only exports (``export_params``) and the reads the
+one restore of parameters (``load.load_params``) is made of (``step_numbers``,
+``saved_shapes``, ``restore_tree``). The workdir's names are ``layout.py``'s.
+
 Resume order (the loop's ``run``): the workdir's own latest checkpoint (or
 ``checkpoint.restore_step``), then ``checkpoint.init_from`` (parameters only), then from
 scratch. Tools (generate, evaluate, a distillation teacher, adaptation's report) restore
-parameters through ``restore.load_params``, with the same metadata and checks. What a restore
+parameters through ``load.load_params``, with the same metadata and checks. What a restore
 does with a checkpoint it cannot use:
 
 - its bytes cannot be read (a torn array file, a torn ``meta/metadata``): training renames the
@@ -36,7 +41,7 @@ from etils import epath
 
 from xlingo import paths
 from xlingo.errors import CheckpointError, XlingoError
-from xlingo.training import restore
+from xlingo.training import layout, restore
 
 # --- the data-iterator item ------------------------------------------------------------------
 
@@ -130,7 +135,7 @@ class Checkpoints:
     # Absolute: Orbax's OCDBT writer rejects relative paths (in its background save thread, so
     # the error would surface only after the step was lost). Orbax writes gs:// itself.
     self.workdir = paths.resolve(workdir)
-    self.directory = paths.join(self.workdir, "checkpoints")
+    self.directory = paths.join(self.workdir, layout.CHECKPOINTS)
     self._state_bytes: int | None = None
     self.config = config
     c = config.checkpoint
@@ -194,12 +199,10 @@ class Checkpoints:
   def check_compatible(self, step: int, meta: dict) -> None:
     """CheckpointError (nothing touched) when the checkpoint's model or the settings that
     shape its saved state differ from the config's."""
-    want = restore.model_fingerprint(self.config)
-    diff = {k: (meta[k], want[k]) for k in want if k in meta and meta[k] != want[k]}
+    diff = restore.fingerprint_diff(meta, self.config)
     if diff:
-      first = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
       raise CheckpointError(
-          f"checkpoint {self.directory} step {step} is from an incompatible model ({first}); use "
+          f"checkpoint {self.directory} step {step} is from an incompatible model ({diff}); use "
           "a workdir of its own for a new model, or set the config to match the checkpoint")
     d = restore.settings_diff(meta.get("settings") or {}, self.config)
     if d:
@@ -227,7 +230,7 @@ class Checkpoints:
     nothing. With only set-aside checkpoints left the run refuses instead of starting over.
     """
     steps = self.all_steps()
-    want = int(self.config.checkpoint.get("restore_step", 0) or 0)
+    want = int(self.config.checkpoint.restore_step)
     if want and steps and not self._continues_branch(steps, want):
       return self._restore_named(want, steps, abstract_state, iterator)
     for step in reversed(steps):
@@ -269,7 +272,7 @@ class Checkpoints:
     (``train.grad_clip``) is carried over: the clip keeps no state, so the saved arrays are the
     same in the same order, only nested differently.
     """
-    saved = restore.saved_shapes(state_dir)
+    saved = saved_shapes(state_dir)
     want = restore.tree_shapes(abstract_state)
     if saved == want:
       return abstract_state, None
@@ -369,7 +372,7 @@ def _quiet_disk_full_logs() -> None:
 def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointError:
   """The one line for 'no space left on device' while a run writes to its workdir."""
   wd = paths.resolve(workdir)
-  ck = paths.join(wd, "checkpoints")
+  ck = paths.join(wd, layout.CHECKPOINTS)
   steps = sorted(int(n) for n in paths.listdir(ck) if n.isdigit())
   if steps:  # the state alone undercounts: the data state can be larger
     need_bytes = max(need_bytes or 0, paths.tree_size(paths.join(ck, str(steps[-1]))))
@@ -384,3 +387,86 @@ def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointEr
       f"disk full while writing to --workdir {wd} ({free_txt}; {space}); {kept}. Free space "
       "(or copy the workdir to a larger disk) and run the same command again to resume")
 
+
+
+# --- step directories outside the manager: reading, the best copy, params-only exports ------
+
+
+def step_numbers(directory: str) -> list[int]:
+  """The finalized checkpoint steps in a ``checkpoints/`` directory (Orbax's own listing, so
+  a step still being written is not one)."""
+  return list(ocp.utils.checkpoint_steps(directory))
+
+
+def saved_shapes(item_dir: str) -> dict[str, tuple]:
+  """'params/blocks/...' -> shape of every array saved in a pytree item, from Orbax's metadata
+  alone (no array is read); Unreadable when the metadata cannot be read."""
+  try:
+    md = ocp.PyTreeCheckpointHandler().metadata(paths.as_path(item_dir))
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(md, "tree", md))
+  except Exception as e:  # noqa: BLE001 - whatever Orbax raises on metadata it cannot parse
+    raise restore.Unreadable(f"state metadata {restore.first_line(e)}") from None
+  shapes = {restore.tree_key(p): tuple(leaf.shape) for p, leaf in leaves
+            if getattr(leaf, "shape", None) is not None}
+  if not shapes:
+    raise restore.Unreadable("state metadata lists no arrays")
+  return shapes
+
+
+def restore_tree(step_dir: str, target):
+  """The arrays of ``target`` (a subtree of the saved state); the caller has checked the
+  structure, so a failure here is in the bytes (Unreadable)."""
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    restored = ckptr.restore(
+        paths.as_path(step_dir), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=target, restore_args=jax.tree.map(_restore_arg, target),
+            partial_restore=True)))
+  except Exception as e:  # noqa: BLE001 - any read failure: the caller falls back or reports
+    raise restore.Unreadable(restore.first_line(e)) from None
+  return restored["state"]
+
+
+def _restore_arg(x):
+  return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)
+
+
+def _save_step_dir(out_dir: str, state, meta: dict) -> None:
+  """One step directory (``state/`` + ``meta/``) outside the manager, written by every host
+  (the arrays are sharded) and finalized by Orbax; replaces what was at ``out_dir``."""
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  ckptr.save(paths.as_path(out_dir), args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def export_params(out_dir: str, params, config, step: int | None) -> str:
+  """Writes ``params`` alone (no optimizer or data state) as a step directory that
+  ``checkpoint.init_from`` and every tool load as a plain model; returns its path."""
+  out_dir = paths.resolve(out_dir)
+  _save_step_dir(out_dir, {"params": params}, restore.export_meta(config, step))
+  return out_dir
+
+
+def save_best(workdir: str, config, state, step: int) -> None:
+  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous. The
+  new copy is complete in best.tmp before the old one goes, so a crash leaves one whole copy
+  (under best/ or best.tmp/); on gs:// the final rename is a copy, not atomic. Its metadata is
+  a checkpoint's (step included), so that tools load best/ on its own."""
+  path = paths.join(paths.resolve(workdir), layout.BEST)
+  tmp = path + ".tmp"
+  leader = jax.process_index() == 0
+  if leader:
+    paths.rmtree(tmp)
+  _sync_hosts("xlingo_best_clear")
+  _save_step_dir(tmp, state, restore.checkpoint_meta(config, step))
+  if leader:
+    paths.rmtree(path)
+    paths.rename(tmp, path)
+  _sync_hosts("xlingo_best_done")
+
+
+def _sync_hosts(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)

@@ -9,7 +9,6 @@ state, logging, evaluation, checkpoints, preemption) lives here once.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import socket
@@ -20,15 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from xlingo import load, paths, sharding
+from xlingo import paths, preemption, sharding
 from xlingo.data import inputs, iterator, pairs
 from xlingo.data import vocab as xvocab
 from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import contrastive, metrics, preemption
-from xlingo.training import restore as restore_lib
+from xlingo.training import contrastive, layout, load, metrics
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
@@ -166,7 +164,7 @@ def validate_config(config) -> None:
   if c.keep < 1:
     raise ConfigError(f"checkpoint.keep={c.keep} must be >= 1 (the checkpoints kept; the newest "
                       "is always among them)")
-  if c.get("restore_step", 0) < 0:
+  if c.restore_step < 0:
     raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be >= 0 (0: the latest)")
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.batch_size={t.batch_size} does not divide into "
@@ -179,7 +177,7 @@ def validate_config(config) -> None:
 
 @dataclasses.dataclass
 class Setup:
-  """What the loop builds before the first step (the tools load models with xlingo.load)."""
+  """What the loop builds before the first step (tools load models with training/load.py)."""
 
   config: Any
   mesh: Any
@@ -212,6 +210,7 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
   stops cleanly (``preemption``); a full disk is one line naming the workdir and the space.
   """
   check_workdir(workdir)
+  adopt_init_from_model(config)
   lock = workdir_lib.WorkdirLock(workdir, is_leader=jax.process_index() == 0)
   try:
     with preemption.handling() as preempt, lock:
@@ -222,6 +221,14 @@ def run(config, workdir: str, objective: step_lib.Objective = step_lib.LM_OBJECT
     if paths.is_disk_full(e):  # metrics, plots, best/: one line too, not a traceback
       raise ckpt_lib.disk_full_error(workdir) from None
     raise
+
+
+def adopt_init_from_model(config) -> None:
+  """``load.adopt_init_from_model``, saying which keys it took."""
+  taken = load.adopt_init_from_model(config)
+  if taken:
+    metrics.console("model from checkpoint.init_from: " + ", ".join(
+        f"model.{k}={config.model[k]}" for k in taken))
 
 
 def _run_locked(config, workdir, objective, lock, preempt) -> dict:
@@ -264,7 +271,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
     state, start = restored
     delivered.restored()
     metrics.console(f"resumed from {ckpts.directory} step {start}")
-    metrics.truncate_jsonl_after(paths.join(workdir, "metrics.jsonl"), start)
+    metrics.truncate_jsonl_after(paths.join(workdir, layout.METRICS), start)
   elif config.checkpoint.init_from:
     params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
                              mesh=s.mesh, rules=s.rules, model_from="config").params
@@ -371,7 +378,7 @@ def _run_locked(config, workdir, objective, lock, preempt) -> dict:
         last.update(val)
         metrics.console(f"step {step:>6} | " + _val_summary(val, codes))
         if objective.on_eval is not None and objective.on_eval(step, val):
-          _save_best(workdir, config, state, step)
+          ckpt_lib.save_best(workdir, config, state, step)
         if objective.should_stop is not None and objective.should_stop() and not is_last:
           metrics.console(f"xlingo: {objective.name} stops early at step {step}")
           writer.flush()
@@ -434,38 +441,6 @@ def _first_nonfinite(flags) -> int | None:
     if int(jax.device_get(f)):
       return step
   return None
-
-
-def _save_best(workdir, config, state, step) -> None:
-  """Keep the best-so-far state (early stopping) in WORKDIR/best, replacing the previous. The
-  new copy is complete in best.tmp before the old one goes, so a crash leaves one whole copy
-  (under best/ or best.tmp/); on gs:// the final rename is a copy, not atomic."""
-  import orbax.checkpoint as ocp
-
-  path = paths.join(paths.resolve(workdir), "best")
-  tmp = path + ".tmp"
-  leader = jax.process_index() == 0
-  if leader:
-    paths.rmtree(tmp)
-  _sync_hosts("xlingo_best_clear")
-  ckptr = ocp.StandardCheckpointer()
-  ckptr.save(paths.join(tmp, "state"), state)
-  ckptr.wait_until_finished()
-  if leader:
-    paths.write_text(paths.join(tmp, "step"), str(step))
-    # The same metadata as a checkpoint's, so that tools load best/ on its own.
-    paths.write_text(paths.join(tmp, "meta", "metadata"),
-                     json.dumps(restore_lib.checkpoint_meta(config, step)))
-    paths.rmtree(path)
-    paths.rename(tmp, path)
-  _sync_hosts("xlingo_best_done")
-
-
-def _sync_hosts(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices(name)
 
 
 def _val_summary(val: dict, codes) -> str:

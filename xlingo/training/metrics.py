@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from xlingo import paths
+from xlingo.training import layout
 
 # Dense bf16 peak FLOP/s per JAX device, keyed by ``device.device_kind`` (the strings JAX
 # reports; jax's own Pallas TPU table maps the same names). One JAX device is one chip on
@@ -115,10 +116,10 @@ class MetricWriter:
   def __init__(self, workdir: str, start_step: int = 0):
     self.active = jax.process_index() == 0
     self.workdir = paths.resolve(workdir)
-    self.path = paths.join(self.workdir, "metrics.jsonl")
+    self.path = paths.join(self.workdir, layout.METRICS)
     self.remote = paths.is_remote(self.workdir)
     self._tb = None
-    self._tb_dir = paths.join(self.workdir, "tensorboard")
+    self._tb_dir = paths.join(self.workdir, layout.TENSORBOARD)
     self._tb_local = None
     self._copied: dict[str, int] = {}
     self._pending = ""
@@ -271,9 +272,9 @@ def console(msg: str) -> None:
     sys.stdout.flush()
 
 
-def plot_languages(workdir: str, languages, out_name: str = "languages.png") -> str | None:
+def plot_languages(workdir: str, languages, out_name: str = layout.LANGUAGES_PLOT) -> str | None:
   """PNG of per-language training loss and validation bits per byte over steps."""
-  rows = read_jsonl(paths.join(paths.resolve(workdir), "metrics.jsonl"))
+  rows = read_jsonl(paths.join(paths.resolve(workdir), layout.METRICS))
   if not rows or jax.process_index() != 0:
     return None
   import matplotlib

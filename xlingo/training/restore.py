@@ -1,20 +1,19 @@
-"""The one restore path: checkpoint metadata, finding step directories, restoring parameters.
+"""What a checkpoint says it is, and whether a config can use it: the metadata and its checks.
 
-Every restore reads a step directory that ``step_dirs`` names (a workdir's checkpoints newest
-first, or one step directory: a run's step, ``best/``, a merged export) and tells two failures
-apart: bytes that cannot be read (``Unreadable``: use the previous checkpoint) and a checkpoint
-that does not fit the config (``CheckpointError``: stop, touch nothing). The checkpoint manager
-(``checkpoints.Checkpoints``) resumes training through the same metadata and checks; tools
-(generate, evaluate, a distillation teacher, adaptation's report, ``init_from``) restore
-parameters through ``load_params``.
+Every restore tells two failures apart: bytes that cannot be read (``Unreadable``: use the
+previous checkpoint) and a checkpoint that does not fit the config (``CheckpointError``: stop,
+touch nothing). The checkpoint manager (``checkpoints.Checkpoints``: resume) and the one
+restore of parameters (``load.load_params``: tools, ``init_from``) check through the same
+metadata and the same fingerprint comparison (``fingerprint_diff``). Orbax itself is
+``checkpoints.py``'s alone.
 
 A step directory's ``meta/metadata`` (``checkpoint_meta``) holds the model's shape keys, the
 language table, the vocabulary (path and SHA-1), the parameter-efficient parts the model carries
 (``peft``: LoRA, adapters, prefixes; tools build the model with them), the settings that shape
 the saved optimizer and data state, and the step.
 
-``init_from`` may start a model that is larger than the checkpoint's in three ways, each filled
-in here: appended languages (new language-embedding rows, fresh), an extended vocabulary (new
+``init_from`` may start a model that is larger than the checkpoint's in three ways (checked
+here, filled in by ``load.load_params``): appended languages (new language-embedding rows, fresh), an extended vocabulary (new
 token rows and output columns, each the mean of the old rows of the pieces its text encodes to
 under the old vocabulary), and parameter-efficient parameters the checkpoint lacks (fresh; a
 LoRA checkpoint's factors are merged when the new model has none).
@@ -22,17 +21,15 @@ LoRA checkpoint's factors are merged when the new model has none).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 
 from xlingo import paths
 from xlingo.data import vocab_extend, vocab_facts
-from xlingo.errors import CheckpointError, ConfigError
+from xlingo.errors import CheckpointError
 from xlingo.model import peft
 from xlingo.training import state as state_lib
 
@@ -53,13 +50,21 @@ def model_fingerprint(config) -> dict:
       "vocab_sha1": vocab_facts.configured(config.data)[1]}
 
 
+def fingerprint_diff(meta: dict, config, allowed=()) -> str:
+  """The fingerprint keys where a checkpoint's metadata and ``config`` differ (leaving out
+  ``allowed``, keys that may differ), as 'key: checkpoint A vs config B, ...'; '' when none."""
+  want = model_fingerprint(config)
+  return ", ".join(f"{k}: checkpoint {meta[k]} vs config {want[k]}" for k in want
+                   if k in meta and k not in allowed and meta[k] != want[k])
+
+
 # Parameters with a language axis (name -> axis): a checkpoint with fewer languages grows them.
 LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
 # Parameters with a vocabulary axis (name -> axis): an extended vocabulary grows them.
 VOCAB_AXES = {"token_embedding": 0, "output_kernel": 1}
 # Fingerprint keys that may differ for init_from: languages may be appended, the vocabulary
 # extended (checked piece by piece: ``vocab_extend.extension_sources``).
-_GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
+GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
 
 
 # --- restoring ------------------------------------------------------------------------------
@@ -167,198 +172,15 @@ def read_meta(step_dir: str) -> dict:
   return meta
 
 
-def _named(what: str, path: str) -> str:
-  return f"{what} {path!r}" if what.startswith("--") else f"{what}={path!r}"
-
-
-def step_dirs(path: str, what: str) -> list[tuple[int | None, str]]:
-  """(step, step directory) that ``path`` names, newest first: itself when it is one (a run's
-  step, ``best/``, a merged export), else the finalized steps of a workdir (or of its
-  ``checkpoints/``). ``what`` is the flag or config key that gave ``path``, for the messages."""
-  if not path:
-    raise ConfigError(f"{what} is empty; give a workdir or a checkpoint step directory")
-  path = paths.resolve(path)
-  if paths.isdir(paths.join(path, "state")):
-    return [(_step_of(path), path)]
-  ck = paths.join(path, "checkpoints")
-  ck = ck if paths.isdir(ck) else path
-  if not paths.isdir(ck):
-    raise ConfigError(f"{_named(what, path)} does not exist; give a workdir or a checkpoint "
-                      "step directory")
-  steps = sorted((s for s in ocp.utils.checkpoint_steps(ck) if paths.isdir(paths.join(ck, str(s)))),
-                 reverse=True)
-  if not steps:
-    aside = [n for n in paths.listdir(ck) if ".unreadable-" in n]
-    note = f" (only checkpoints set aside as unreadable: {', '.join(aside[:3])})" if aside else ""
-    raise ConfigError(f"{_named(what, path)} holds no checkpoint{note}; train first "
-                      "(python -m xlingo.train ...) or give a checkpoint step directory")
-  return [(s, paths.join(ck, str(s))) for s in steps]
-
-
-def _step_of(step_dir: str) -> int | None:
-  """A step directory's step: its name, ``best/``'s ``step`` file, or its metadata."""
-  name = paths.basename(step_dir)
-  if name.isdigit():
-    return int(name)
-  try:
-    if paths.exists(paths.join(step_dir, "step")):
-      return int(paths.read_text(paths.join(step_dir, "step")).strip())
-    step = read_meta(step_dir).get("step")
-  except (Unreadable, OSError, ValueError):
-    return None
-  return int(step) if isinstance(step, int) else None
-
-
-def newest_meta(path: str, what: str) -> tuple[str, dict]:
-  """(step directory, metadata) of the newest checkpoint ``path`` names whose metadata reads."""
-  for _, step_dir in step_dirs(path, what):
-    try:
-      return step_dir, read_meta(step_dir)
-    except Unreadable as e:
-      print(f"xlingo: checkpoint {step_dir} is unreadable ({e}); trying the previous one",
-            flush=True)
-  raise CheckpointError(f"{_named(what, path)}: no checkpoint with readable metadata; give "
-                        "another checkpoint")
-
-
-def _workdir_meta(step_dir: str) -> dict:
-  """For a step directory without metadata inside a workdir (``WORKDIR/best``): the model
-  and settings of the workdir's newest readable checkpoint (not its step)."""
-  parent = paths.dirname(step_dir)
-  try:
-    candidates = step_dirs(parent, "the workdir") if paths.isdir(
-        paths.join(parent, "checkpoints")) else []
-  except ConfigError:  # no checkpoint beside it
-    candidates = []
-  for _, d in candidates:
-    try:
-      return {k: v for k, v in read_meta(d).items() if k not in ("step", "restore_step")}
-    except Unreadable:
-      continue
-  return {}
-
-
-@dataclasses.dataclass
-class Restored:
-  params: Any
-  step: int | None
-  step_dir: str
-  meta: dict
-
-
-def restore_params(path: str, abstract_params, config=None, init_fresh=None, *,
-                   what: str = "checkpoint.init_from"):
-  """Parameters only (``load_params``'s ``.params``)."""
-  return load_params(path, abstract_params, config, init_fresh, what=what).params
-
-
-def load_params(path: str, abstract_params, config=None, init_fresh=None, *,
-                what: str = "checkpoint.init_from") -> Restored:
-  """Parameters from a workdir or a step directory: the one restore of parameters (init_from,
-  generate, evaluate, a teacher, adaptation's report, ``best/``, a merged export).
-
-  ``abstract_params`` is the target tree, or a function ``(step_dir, meta, saved shapes) ->
-  tree`` for a caller that builds its model from the checkpoint. A workdir's newest readable
-  checkpoint is used: one whose bytes cannot be read is reported and the previous one is tried
-  (and left as it is: a tool does not rename another run's files). With ``config``
-  (``init_from``), the checkpoint's model must match ``config.model`` except where it may grow:
-  ``config.data.languages`` may append languages to the checkpoint's (never reorder them),
-  ``data.vocab_path`` may extend its vocabulary (``vocab_extend.extension_sources``), and the target may hold
-  parameter-efficient parameters (``xlingo.model.peft``) that the checkpoint lacks.
-  ``init_fresh(keys) -> {key: array}`` gives freshly initialised parameters for the new
-  languages' rows and the new parameter-efficient ones; everything else is loaded.
-  """
-  candidates = step_dirs(path, what)
-  for i, (step, step_dir) in enumerate(candidates):
-    try:
-      meta = read_meta(step_dir) or _workdir_meta(step_dir)
-      saved = {k[len("params/"):]: v for k, v in saved_shapes(paths.join(step_dir, "state")).items()
-               if k.startswith("params/")}
-      abstract = (abstract_params(step_dir, meta, saved) if callable(abstract_params)
-                  else abstract_params)
-      sources = None
-      if config is not None and meta:
-        sources = _check_init_from_meta(meta, config, f"{what} {step_dir}")
-      params = _restore_params_at(step_dir, abstract, saved, meta, init_fresh, what, sources)
-    except Unreadable as e:
-      if i + 1 == len(candidates):
-        older = "" if len(candidates) == 1 else " (and no older checkpoint reads)"
-        raise CheckpointError(f"{_named(what, path)}: {step_dir} is unreadable ({e}){older}; give "
-                              "another checkpoint") from None
-      print(f"xlingo: checkpoint {step_dir} is unreadable ({e}); using {candidates[i + 1][1]} "
-            "instead (left as it is)", flush=True)
-      continue
-    return Restored(params, step if step is not None else meta.get("step"), step_dir, meta)
-  raise AssertionError("unreachable: step_dirs returns at least one candidate")
-
-
-def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, init_fresh,
-                       what: str, vocab_sources: dict | None = None):
-  where = f"{what} {step_dir}"
-  old_langs = meta.get("num_languages")
-  grow = {}  # name -> (axis, saved shape): new language rows
-  for name, axis in LANGUAGE_AXES.items():
-    if name in abstract_params and name in saved:
-      want, have = abstract_params[name].shape, saved[name]
-      if len(want) == len(have) and have[axis] < want[axis] and (
-          old_langs is None or have[axis] == old_langs):
-        grow[name] = (axis, have)
-  grow_vocab = {}  # name -> (axis, saved shape): new token rows / output columns
-  for name, axis in VOCAB_AXES.items():
-    if vocab_sources and name in abstract_params and name in saved:
-      want, have = abstract_params[name].shape, saved[name]
-      if len(want) == len(have) and have[axis] + len(vocab_sources) == want[axis]:
-        grow_vocab[name] = (axis, have)
-  for key, have in saved.items():
-    want = _get_path(abstract_params, key)
-    if (want is not None and key not in grow and key not in grow_vocab
-        and tuple(want.shape) != tuple(have)):
-      raise CheckpointError(
-          f"{where}: parameter {key} has shape {tuple(have)} in the checkpoint but "
-          f"{tuple(want.shape)} in this model; set model.* (or adapt.*) to match the checkpoint")
-  missing = [k for k in tree_shapes(abstract_params) if k not in saved]
-  fresh = [k for k in missing if peft.PEFT_PARAM.search(k)]
-  missing = [k for k in missing if k not in fresh]
-  if missing:
-    raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing[:3])}; check that "
-                          "model.* matches the checkpoint's model")
-  if (grow or fresh) and init_fresh is None:
-    raise CheckpointError(f"{where}: the checkpoint lacks {(list(grow) + fresh)[0]} (fewer "
-                          "languages, or no adapters) and no initialiser was given for it")
-  target = _without(abstract_params, set(grow) | set(grow_vocab) | set(fresh))
-  params = _restore_tree(step_dir, {"params": target})["params"]
-  new = init_fresh(list(grow) + fresh) if (grow or fresh) else {}
-  for key in fresh:
-    params = _with(params, key, new[key])
-
-  def saved_part(name, have):
-    full = abstract_params[name]
-    sds = jax.ShapeDtypeStruct(have, full.dtype, sharding=full.sharding)
-    return _restore_tree(step_dir, {"params": {name: sds}})["params"][name]
-
-  for name, (axis, have) in grow.items():
-    idx = [slice(None)] * len(have)
-    idx[axis] = slice(have[axis], None)
-    params[name] = jax.jit(lambda o, f, a=axis, i=tuple(idx): jax.numpy.concatenate(
-        [o, f[i]], axis=a), out_shardings=abstract_params[name].sharding)(
-            saved_part(name, have), new[name])
-  for name, (axis, have) in grow_vocab.items():
-    params[name] = vocab_extend.grow_rows(saved_part(name, have), vocab_sources, axis,
-                                          abstract_params[name].sharding)
-  return params
-
-
-def _check_init_from_meta(meta: dict, config, where: str) -> dict | None:
+def check_init_from_meta(meta: dict, config, where: str) -> dict | None:
   """CheckpointError unless ``config``'s model can start from the checkpoint's; returns the
   vocabulary extension's sources (``vocab_extend.extension_sources``)."""
   sources = vocab_extend.extension_sources(meta, config, where)
-  want = model_fingerprint(config)
-  diff = {k: (meta[k], want[k]) for k in want
-          if k in meta and k not in _GROWABLE and meta[k] != want[k]}
+  diff = fingerprint_diff(meta, config, allowed=GROWABLE)
   if diff:
-    first = ", ".join(f"{k}: checkpoint {a} vs config {b}" for k, (a, b) in diff.items())
-    raise CheckpointError(f"{where} is from a different model ({first}); set model.* to match "
+    raise CheckpointError(f"{where} is from a different model ({diff}); set model.* to match "
                           "the checkpoint")
+  want = model_fingerprint(config)
   old = list(meta.get("languages") or [])
   new = list(want["languages"])
   if old and new[:len(old)] != old:
@@ -373,23 +195,8 @@ def _check_init_from_meta(meta: dict, config, where: str) -> dict | None:
   return sources
 
 
-def saved_shapes(item_dir: str) -> dict[str, tuple]:
-  """'params/blocks/...' -> shape of every array saved in a pytree item, from Orbax's metadata
-  alone (no array is read); Unreadable when the metadata cannot be read."""
-  try:
-    md = ocp.PyTreeCheckpointHandler().metadata(paths.as_path(item_dir))
-    leaves = jax.tree_util.tree_leaves_with_path(getattr(md, "tree", md))
-  except Exception as e:  # noqa: BLE001 - whatever Orbax raises on metadata it cannot parse
-    raise Unreadable(f"state metadata {first_line(e)}") from None
-  shapes = {_key(p): tuple(leaf.shape) for p, leaf in leaves
-            if getattr(leaf, "shape", None) is not None}
-  if not shapes:
-    raise Unreadable("state metadata lists no arrays")
-  return shapes
-
-
 def tree_shapes(tree) -> dict[str, tuple]:
-  return {_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  return {tree_key(p): tuple(x.shape) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def structure_message(where: str, saved: dict, want: dict, init_from_hint: str) -> str:
@@ -427,53 +234,7 @@ def clip_toggled(abstract_state, config):
   return abstract_state.replace(opt_state=jax.tree.unflatten(jax.tree.structure(alt), leaves))
 
 
-def _without(tree: dict, keys: set, prefix: str = "") -> dict:
-  """``tree`` less the leaves at ``keys`` ('a/b/c' paths), empty branches dropped."""
-  out = {}
-  for k, v in tree.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      sub = _without(v, keys, key + "/")
-      if sub:
-        out[k] = sub
-    elif key not in keys:
-      out[k] = v
-  return out
-
-
-def _with(tree: dict, key: str, value) -> dict:
-  """A copy of ``tree`` with ``value`` at the path ``key``."""
-  head, _, rest = key.partition("/")
-  out = dict(tree)
-  out[head] = _with(dict(out.get(head, {})), rest, value) if rest else value
-  return out
-
-
-def _get_path(tree, key: str):
-  for part in key.split("/"):
-    if not isinstance(tree, dict) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
-
-
-def _restore_tree(step_dir: str, target):
-  """The arrays of ``target`` (a subtree of the saved state); the caller has checked the
-  structure, so a failure here is in the bytes (Unreadable)."""
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    restored = ckptr.restore(
-        paths.as_path(step_dir), args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-            item=target, restore_args=jax.tree.map(_restore_arg, target),
-            partial_restore=True)))
-  except Exception as e:  # noqa: BLE001 - any read failure: the caller falls back or reports
-    raise Unreadable(first_line(e)) from None
-  return restored["state"]
-
-
-def _key(path) -> str:
+def tree_key(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
-def _restore_arg(x):
-  return ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype)

@@ -33,10 +33,10 @@ import uuid
 
 from xlingo import paths
 from xlingo.errors import CheckpointError, ConfigError
+from xlingo.training.layout import LOCK as LOCK_DIR
 
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
-LOCK_DIR = "lock"
 
 
 def _boot_id() -> str:
