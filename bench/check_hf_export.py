@@ -60,7 +60,7 @@ def xlingo_half(out: str) -> dict:
   import jax.numpy as jnp
   import numpy as np
 
-  from xlingo import adapt, generate
+  from xlingo import adapt, decode
   from xlingo import config as config_lib
   from xlingo.hf import exporter, importer
   from xlingo.training.load import load_model
@@ -79,7 +79,7 @@ def xlingo_half(out: str) -> dict:
     ids = [int(lm.config.model.bos_id)] + list(lm.vocab.encode(TEXT))
     x = jnp.asarray([[0] + ids[1:]])
     logits, _ = lm.model.apply({"params": lm.params}, x, lang_ids=jnp.full_like(x, de))
-    greedy = generate.generate_ids(lm.model, lm.params, [ids[1:]], de, max_len=8,
+    greedy = decode.generate_ids(lm.model, lm.params, [ids[1:]], de, max_len=8,
                                    eos_id=lm.vocab.eos_id, start_id=lm.vocab.start_id)[0]
     np.save(os.path.join(out, f"{name}_logits.npy"), np.asarray(logits[0]))
     for as_peft in ([False, True] if peft else [False]):

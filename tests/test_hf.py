@@ -13,7 +13,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from xlingo import config as config_lib
-from xlingo import generate, paths, sharding
+from xlingo import decode, paths, sharding
 from xlingo.errors import XlingoError
 from xlingo.hf import exporter, importer
 from xlingo.model import decoder
@@ -52,7 +52,7 @@ def test_logits_and_greedy_match_transformers(name):
 
   want = list(ref["greedy_tokens"])
   want = want[:want.index(EOS)] if EOS in want else want
-  got = generate.generate_ids(c.model, c.params, [list(ref["greedy_prompt"][1:])], 0,
+  got = decode.generate_ids(c.model, c.params, [list(ref["greedy_prompt"][1:])], 0,
                               max_len=len(ref["greedy_tokens"]))
   assert got[0] == want
 
