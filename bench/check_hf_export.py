@@ -35,10 +35,9 @@ TOL = 1e-4
 
 def adapt_config(import_dir: str, mode: str):
   from xlingo import config as config_lib
-  from xlingo.training import load as load_lib
-  from xlingo.training import restore
+  from xlingo.training import load, restore
 
-  _, meta = load_lib.newest_meta(import_dir, "--workdir")
+  _, meta = load.newest_meta(import_dir, "--workdir")
   c = config_lib.base_config()
   for k in restore.MODEL_KEYS:
     c.model[k] = type(c.model[k])(meta[k])
@@ -76,7 +75,8 @@ def xlingo_half(out: str) -> dict:
     base.model.dtype = "float32"
     lm = load_model(base, run)
     de = lm.table.id("de")
-    ids = [lm.vocab.start_id] + list(lm.vocab.encode(TEXT))
+    # The Hugging Face model's input is [BOS] + text: xlingo's model.bos_id at position 0.
+    ids = [int(lm.config.model.bos_id)] + list(lm.vocab.encode(TEXT))
     x = jnp.asarray([[0] + ids[1:]])
     logits, _ = lm.model.apply({"params": lm.params}, x, lang_ids=jnp.full_like(x, de))
     greedy = decode.generate_ids(lm.model, lm.params, [ids[1:]], de, max_len=8,

@@ -158,11 +158,10 @@ def export_model(workdir: str, output: str, *, lang: str | None = None, peft: bo
   from safetensors.numpy import save
 
   from xlingo import config as config_lib
-  from xlingo.training import load as load_lib
-  from xlingo.training.load import load_model
+  from xlingo.training.load import load_model, newest_meta
 
   output = _check_output(output)
-  step_dir, meta = load_lib.newest_meta(workdir, "--workdir")
+  step_dir, meta = newest_meta(workdir, "--workdir")
   spec = _check_peft(meta, peft, step_dir)
   config = config_lib.base_config()
   config.model.dtype = "float32"
