@@ -361,7 +361,21 @@ class Attention(nn.Module):
     q_btnh = apply_rope(q_btnh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
     k_btkh = apply_rope(k_btkh, positions_bt, cfg.rope_theta, cfg.rope_scaling)
 
-    impl = choose_implementation(cfg.attention_impl, dtype, h)
+    out_btnh = self._attend(q_btnh, k_btkh, v_btkh, segment_ids_bt, cache)
+    if self.peft is not None and self.peft.prefix_length:
+      k_pkh, v_pkh = peft.prefix_params(self, self.peft, k, h, param_dtype)
+      out_btnh = out_btnh + peft.prefix_attention(q_content_btnh, k_pkh, v_pkh)
+    out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
+    (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
+                                  w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
+    return nn.with_logical_constraint(out_btd, BTD)
+
+  def _attend(self, q_btnh, k_btkh, v_btkh, segment_ids_bt, cache) -> jax.Array:
+    """Causal, segment-masked attention of the rotated queries and keys, [B, T, N, H] out:
+    through a filled KV cache when decoding, else with the configured implementation."""
+    length = q_btnh.shape[1]
+    cfg = self.config
+    impl = choose_implementation(cfg.attention_impl, jnp.dtype(cfg.dtype), cfg.head_dim)
     if impl == "splash" and not splash_supported(length):
       # Parameter init (8 positions) and odd lengths: the kernel tiles rows in 128s.
       impl = "xla"
@@ -395,13 +409,7 @@ class Attention(nn.Module):
           is_causal=True,
           implementation=impl,
       )
-    if self.peft is not None and self.peft.prefix_length:
-      k_pkh, v_pkh = peft.prefix_params(self, self.peft, k, h, param_dtype)
-      out_btnh = out_btnh + peft.prefix_attention(q_content_btnh, k_pkh, v_pkh)
-    out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
-    (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
-                                  w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
-    return nn.with_logical_constraint(out_btd, BTD)
+    return out_btnh
 
   def _cache_vars(self, batch: int, num_kv_heads: int, head_dim: int, dtype):
     """Returns (cached_key, cached_value, cache_index, was_initialised).

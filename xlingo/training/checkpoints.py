@@ -30,10 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import os
-import shlex
-import sys
 import time
 from typing import Any
 
@@ -43,7 +40,7 @@ from etils import epath
 
 from xlingo import paths, preemption
 from xlingo.errors import CheckpointError, StorageError, XlingoError
-from xlingo.training import layout, restore
+from xlingo.training import layout, restore, storage_faults
 
 # --- the data-iterator item ------------------------------------------------------------------
 
@@ -155,11 +152,12 @@ class Checkpoints:
     # writer and the workdir lock share this policy.
     # Several processes save collectively: one of them retrying alone (with a new manager)
     # would wait for the others at Orbax's barriers, so there each try is bounded, not repeated.
-    self.storage = paths.Retrying(c.storage_retry_s, remote=paths.is_remote(self.workdir),
-                                  abort=preemption.stop_requested, on_retry=_report_retry,
-                                  give_up=self._gave_up, again=jax.process_count() == 1)
+    self.storage = paths.Retrying(
+        c.storage_retry_s, remote=paths.is_remote(self.workdir), abort=preemption.stop_requested,
+        on_retry=storage_faults.report_retry, give_up=self._gave_up,
+        again=jax.process_count() == 1)
     self.manager = self.storage.run(self._new_manager, "opening the checkpoint manager")
-    _quiet_disk_full_logs()
+    storage_faults.quiet_disk_full_logs()
     # The newest step known to be complete in storage, and the (step, state, iterator) of the
     # newest save, which may still be writing in the background.
     self.confirmed: int | None = self.manager.latest_step()
@@ -187,7 +185,7 @@ class Checkpoints:
            f"{self.storage.retry_s:g} s ran out")
     return StorageError(
         f"{e.what} in {self.workdir} failed ({e.cause}): {how}; {last}. When the storage "
-        f"answers again, resume with: {resume_command()}")
+        f"answers again, resume with: {storage_faults.resume_command()}")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -239,7 +237,7 @@ class Checkpoints:
     except Exception as e:
       if paths.is_disk_full(e):
         self._remove_partial_saves()
-        raise disk_full_error(self.workdir, self._state_bytes) from None
+        raise storage_faults.disk_full_error(self.workdir, self._state_bytes) from None
       raise
 
   def _remove_partial_saves(self) -> None:
@@ -424,53 +422,6 @@ class Checkpoints:
     self.confirmed = step if step is not None else self.confirmed
     self._retrying = False
     self.manager.close()
-
-
-class _DropDiskFullRecords(logging.Filter):
-  """Orbax logs a failed background save with its traceback (six chained ones for a full
-  disk) before the error reaches the loop, which reports a full disk as one line; a storage
-  error that is retried (``paths.Retrying``) is reported in one line per retry."""
-
-  def filter(self, record: logging.LogRecord) -> bool:
-    exc = record.exc_info[1] if record.exc_info else None
-    return not ((exc is not None and (paths.is_disk_full(exc) or paths.is_transient(exc)))
-                or "No space left on device" in record.getMessage())
-
-
-def _quiet_disk_full_logs() -> None:
-  absl_logger = logging.getLogger("absl")
-  if not any(isinstance(f, _DropDiskFullRecords) for f in absl_logger.filters):
-    absl_logger.addFilter(_DropDiskFullRecords())
-
-
-def _report_retry(what: str, cause: str, waited_s: float, left_s: float) -> None:
-  print(f"xlingo: {what} failed ({cause}); retrying for up to {left_s:.0f} s more",
-        flush=True)
-
-
-def resume_command() -> str:
-  """This process's own command line, which resumes the run (``python -m xlingo.train ...``)."""
-  return shlex.join(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
-
-
-def disk_full_error(workdir: str, need_bytes: int | None = None) -> CheckpointError:
-  """The one line for 'no space left on device' while a run writes to its workdir."""
-  wd = paths.resolve(workdir)
-  ck = paths.join(wd, layout.CHECKPOINTS)
-  steps = sorted(int(n) for n in paths.listdir(ck) if n.isdigit())
-  if steps:  # the state alone undercounts: the data state can be larger
-    need_bytes = max(need_bytes or 0, paths.tree_size(paths.join(ck, str(steps[-1]))))
-  free = paths.free_bytes(wd)
-  mib = lambda b: f"{b / 2**20:,.0f} MiB"
-  space = (f"a checkpoint of this run needs about {mib(need_bytes)}" if need_bytes
-           else "a checkpoint needs more than that")
-  free_txt = f"{mib(free)} free there" if free is not None else "the store is full"
-  kept = (f"the last complete checkpoint (step {steps[-1]}) is kept" if steps
-          else "no checkpoint had been saved yet")
-  return CheckpointError(
-      f"disk full while writing to --workdir {wd} ({free_txt}; {space}); {kept}. Free space "
-      "(or copy the workdir to a larger disk) and run the same command again to resume")
-
 
 
 # --- step directories outside the manager: reading, the best copy, params-only exports ------

@@ -24,7 +24,7 @@ from xlingo.errors import ConfigError, NonFiniteError, XlingoError
 from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
-from xlingo.training import hooks, layout, load, metrics, terms
+from xlingo.training import hooks, layout, load, metrics, storage_faults, terms
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
@@ -136,7 +136,7 @@ def run(config, workdir: str, recipe: step_lib.Recipe = step_lib.LM) -> dict:
     raise
   except Exception as e:
     if paths.is_disk_full(e):  # metrics, plots, best/: one line too, not a traceback
-      raise ckpt_lib.disk_full_error(workdir) from None
+      raise storage_faults.disk_full_error(workdir) from None
     raise
 
 
