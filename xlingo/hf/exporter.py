@@ -26,6 +26,7 @@ from xlingo import paths
 from xlingo.errors import ConfigError
 from xlingo.hf import layout
 from xlingo.model import peft as peft_lib
+from xlingo.training import load as load_lib
 
 # xlingo kernel (below a block) -> the Hugging Face module PEFT's LoRA targets.
 LORA_MODULES = {"attn/query": "self_attn.q_proj", "attn/key": "self_attn.k_proj",
@@ -75,7 +76,7 @@ def hf_tensors(params: dict, m, lang_row) -> tuple[dict, bool]:
   layers = int(m["num_layers"])
   for t in layout.tensors_for(m):
     for i in range(layers) if t.per_layer else [None]:
-      x = _get(params, layout.xlingo_path(t, m, i))
+      x = load_lib.get_path(params, layout.xlingo_path(t, m, i))
       if t.per_layer and m["scan_layers"]:
         x = x[i]
       out[t.hf.format(i=i)] = np.ascontiguousarray(layout.to_hf(t.kind, x), np.float32)
@@ -97,10 +98,10 @@ def lora_tensors(params: dict, spec, m) -> tuple[dict, list[str]]:
   for path, module in LORA_MODULES.items():
     for i in range(int(m["num_layers"])):
       base = (f"blocks/layers/{path}" if m["scan_layers"] else f"blocks/layers_{i}/{path}")
-      a = _get(params, base + peft_lib.LORA_A)
+      a = load_lib.get_path(params, base + peft_lib.LORA_A)
       if a is None:
         continue
-      b = _get(params, base + peft_lib.LORA_B)
+      b = load_lib.get_path(params, base + peft_lib.LORA_B)
       if m["scan_layers"]:
         a, b = a[i], b[i]
       r = a.shape[-1]
@@ -109,14 +110,6 @@ def lora_tensors(params: dict, spec, m) -> tuple[dict, list[str]]:
       out[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b.reshape(r, -1).T, np.float32)
       modules.add(module.split(".")[-1])
   return out, sorted(modules)
-
-
-def _get(tree, key: str):
-  for part in key.split("/"):
-    if not isinstance(tree, dict) or part not in tree:
-      return None
-    tree = tree[part]
-  return tree
 
 
 def _tokenizer_files(vocab_path: str) -> tuple[dict[str, bytes], dict]:
@@ -158,14 +151,13 @@ def export_model(workdir: str, output: str, *, lang: str | None = None, peft: bo
   from safetensors.numpy import save
 
   from xlingo import config as config_lib
-  from xlingo.training.load import load_model, newest_meta
 
   output = _check_output(output)
-  step_dir, meta = newest_meta(workdir, "--workdir")
+  step_dir, meta = load_lib.newest_meta(workdir, "--workdir")
   spec = _check_peft(meta, peft, step_dir)
   config = config_lib.base_config()
   config.model.dtype = "float32"
-  lm = load_model(config, workdir, what="--workdir")
+  lm = load_lib.load_model(config, workdir, what="--workdir")
   m = lm.config.model
   params = jax.tree.map(np.asarray, jax.device_get(lm.params))
   row = _language_row(params, lm.table, lang, step_dir)

@@ -353,7 +353,7 @@ def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, 
       if len(want) == len(have) and have[axis] + len(vocab_sources) == want[axis]:
         grow_vocab[name] = (axis, have)
   for key, have in saved.items():
-    want = _get_path(abstract_params, key)
+    want = get_path(abstract_params, key)
     if (want is not None and key not in grow and key not in grow_vocab
         and tuple(want.shape) != tuple(have)):
       raise CheckpointError(
@@ -413,7 +413,8 @@ def _with(tree: dict, key: str, value) -> dict:
   return out
 
 
-def _get_path(tree, key: str):
+def get_path(tree, key: str):
+  """The subtree of a nested dict at the ``a/b/c`` path ``key``; None where it has none."""
   for part in key.split("/"):
     if not isinstance(tree, dict) or part not in tree:
       return None
