@@ -30,6 +30,9 @@ import sys
 import tempfile
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import tpu_preflight  # noqa: E402 - the launcher's sibling, importable however it is started
+
 # The trainers print this as their last line when training completes; the watcher stops on it.
 FINISHED_MARKER = "xlingo: training finished"
 # Each worker's status check prints one line: STATUS_PREFIX, then finished|running|stopped, then
@@ -43,11 +46,6 @@ RUN_ENV = "XLINGO_LAUNCH_RUN"
 START_HEADER = "=== xlingo-launch start"
 
 MODULES = ("xlingo.train", "xlingo.adapt", "xlingo.distill")
-# Google's TPU software versions table ("PyTorch and JAX"): v6e, v5p and v5e have their own
-# images; v4 and older use the plain Ubuntu 22.04 base image.
-RUNTIME_VERSIONS = {"v6e": "v2-alpha-tpuv6e", "v5p": "v2-alpha-tpuv5",
-                    "v5litepod": "v2-alpha-tpuv5-lite", "v4": "tpu-ubuntu2204-base",
-                    "v3": "tpu-ubuntu2204-base", "v2": "tpu-ubuntu2204-base"}
 # setup.py requires Python >= 3.11; TPU images ship an older system Python, so the remote
 # environment is a uv-managed virtual environment with this interpreter.
 PYTHON_VERSION = "3.11"
@@ -68,7 +66,7 @@ PREEMPTED_STATES = {"direct": {"PREEMPTED", "TERMINATED"}, "queued": {"SUSPENDED
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NAME_RE = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
 _ZONE_RE = re.compile(r"^[a-z]+-[a-z]+\d+-[a-z0-9]+$")
-_ACCEL_RE = re.compile(r"^(v\d+[a-z]*)-\d+$")
+_ACCEL_RE = tpu_preflight.ACCEL_RE
 _CONFIG_RE = re.compile(r"^[\w./-]+\.py(:.*)?$")
 _RUN_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
@@ -80,15 +78,6 @@ class UsageError(Exception):
 
 class CommandFailed(Exception):
   """A gcloud (or git) command exited non-zero (exit 1)."""
-
-
-def runtime_version(accelerator_type):
-  """The TPU software version Google's table gives for this accelerator's family."""
-  family = _ACCEL_RE.match(accelerator_type).group(1)
-  if family not in RUNTIME_VERSIONS:
-    raise UsageError(f"no known runtime version for accelerator family {family!r}; pass "
-                     "--version (see Google's TPU software versions table)")
-  return RUNTIME_VERSIONS[family]
 
 
 def pip_install_script(repo=REMOTE_REPO):
@@ -593,6 +582,9 @@ def _add_create(p):
                  help="TPU software (runtime) version (default: Google's image for the "
                       "accelerator family)")
   p.add_argument("--spot", action="store_true", help="Spot capacity (preemptible)")
+  p.add_argument("--any-zone", action="store_true",
+                 help="skip the preflight's check of --zone against the zones that Google "
+                      "lists for the generation")
   _add_kind(p)
 
 
@@ -612,6 +604,13 @@ def _add_run(p):
   p.add_argument("--config", required=True, help="config file, e.g. configs/tpu_1b.py")
   p.add_argument("--run-name", default=None,
                  help="log name on the workers (default: last component of --workdir)")
+  p.add_argument("--fit", action="store_true",
+                 help="preflight: compile the train step for the slice's topology with "
+                      "bench/tpu_aot.py (needs libtpu here; minutes) and refuse if one chip's "
+                      "memory does not fit")
+  p.add_argument("--no-config-check", action="store_true",
+                 help="skip the preflight's local load of --config (when xlingo cannot be "
+                      "imported here)")
 
 
 def _add_grace(p):
@@ -637,6 +636,9 @@ def build_parser():
                      usage="tpu.py run [options] [-- --config.KEY=VALUE ...]")
   _add_common(p)
   _add_run(p)
+  p.add_argument("--accelerator-type", default=None,
+                 help="the slice's type, for the preflight's mesh check (and --fit)")
+  p.set_defaults(version=None, any_zone=True)
 
   p = sub.add_parser("stop", help="stop the trainers on every worker (TERM, wait, KILL)")
   _add_common(p)
@@ -688,8 +690,6 @@ def validate(args):
     if not _ACCEL_RE.match(accel):
       raise UsageError(f"invalid --accelerator-type {accel!r}: expected e.g. v5litepod-16, "
                        "v4-32")
-    if args.version is None:
-      args.version = runtime_version(accel)
   if getattr(args, "ref", None) and not getattr(args, "repo_url", None):
     raise UsageError("--ref needs --repo-url")
   if getattr(args, "commit", None) and getattr(args, "repo_url", None):
@@ -737,6 +737,8 @@ def parse(argv):
   return args
 
 
+# What checks before it spends: the accelerator, zone, gcloud identity and config (tpu_preflight).
+PREFLIGHT = ("create", "run", "watch")
 COMMANDS = {"create": do_create, "install": do_install, "run": do_run, "stop": do_stop,
             "logs": do_logs, "watch": do_watch, "status": do_status, "delete": do_delete}
 
@@ -749,6 +751,12 @@ def main(argv=None):
     print(f"tpu.py: error: {e}", file=sys.stderr)
     return 2
   runner = Runner(dry_run=args.dry_run)
+  if args.command in PREFLIGHT:
+    problems = tpu_preflight.run(args, runner.gcloud)
+    for p in problems:
+      print(f"tpu.py: error: {p}", file=sys.stderr)
+    if problems:
+      return 2
   try:
     runner.check_gcloud()
     rc = COMMANDS[args.command](runner, args)

@@ -39,6 +39,8 @@ def sim(monkeypatch):
   def run(tpu_vm=False, metadata=None, env=None):
     for k in TPU_VARS:
       monkeypatch.delenv(k, raising=False)
+    # The tests' JAX_PLATFORMS=cpu would mark a CPU-only process; a simulated TPU VM has none.
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
     monkeypatch.setattr(cloud_tpu_cluster, "running_in_cloud_tpu_vm", tpu_vm)
 
     def no_metadata_server(key):
@@ -48,7 +50,14 @@ def sim(monkeypatch):
     for k, v in (env or {}).items():
       monkeypatch.setenv(k, v)
     calls = []
-    got = cli.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw))
+
+    def slice_workers():  # the guard's own query, answered by the same simulated server
+      if metadata is None:
+        return None
+      return len([w for w in metadata("worker-network-endpoints")[0].split(",") if w]) or None
+
+    got = cli.maybe_initialize_distributed(initialize=lambda **kw: calls.append(kw),
+                                           slice_workers=slice_workers)
     return got, calls
 
   return run
@@ -100,6 +109,61 @@ def test_gke_multi_and_single_host(sim):
 
 def test_tpu_vm_that_skips_the_metadata_server(sim):
   assert sim(tpu_vm=True, env={"TPU_SKIP_MDS_QUERY": "1"}) == (False, [])
+
+
+@pytest.mark.parametrize("env, culprit", [
+  ({"TPU_SKIP_MDS_QUERY": "1"}, "TPU_SKIP_MDS_QUERY"),
+  # bench/tpu_aot.py's own setting, copied into a profile: JAX takes it for a 1-host GKE slice.
+  ({"TPU_WORKER_HOSTNAMES": "localhost"}, "TPU_WORKER_HOSTNAMES"),
+])
+def test_multi_worker_slice_refuses_a_silent_single_process_start(sim, capsys, env, culprit):
+  workers = [f"t1v-n-abc-w-{i}:{i}:10.130.0.{i + 2}" for i in range(4)]
+  md, _ = _gce_metadata(workers, worker=1)
+  with pytest.raises(SystemExit) as e:
+    sim(tpu_vm=True, metadata=md, env=env)
+  err = capsys.readouterr().err.strip().splitlines()
+  assert e.value.code == 2 and len(err) == 1
+  assert "has 4 workers" in err[0] and f"unset {culprit}" in err[0] and "1-process" in err[0]
+  # On purpose: one host alone.
+  assert sim(tpu_vm=True, metadata=md, env={**env, "XLINGO_DISTRIBUTED": "0"}) == (False, [])
+  # A CPU-only process on the VM uses no slice; a single-worker slice is what it says.
+  assert sim(tpu_vm=True, metadata=md, env={**env, "JAX_PLATFORMS": "cpu"}) == (False, [])
+  md1, _ = _gce_metadata(["t1v-n-abc-w-0"])
+  assert sim(tpu_vm=True, metadata=md1, env=env) == (False, [])
+
+
+def test_metadata_worker_count_reads_the_server_and_gives_up_fast(monkeypatch):
+  import http.server
+  import socket
+  import threading
+  import time
+
+  class Server(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+      ok = (self.path.endswith("/attributes/worker-network-endpoints")
+            and self.headers.get("Metadata-Flavor") == "Google")
+      body = b"w-0:0:10.0.0.2,w-1:1:10.0.0.3,w-2:2:10.0.0.4,w-3:3:10.0.0.5"
+      self.send_response(200 if ok else 404)
+      self.end_headers()
+      self.wfile.write(body if ok else b"")
+
+    def log_message(self, *a):
+      pass
+
+  server = http.server.HTTPServer(("127.0.0.1", 0), Server)
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  try:
+    monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{server.server_address[1]}")
+    assert cli.metadata_worker_count() == 4
+  finally:
+    server.shutdown()
+  with socket.socket() as s:  # a port nothing listens on: refused at once
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  monkeypatch.setenv("GCE_METADATA_IP", f"127.0.0.1:{port}")
+  start = time.monotonic()
+  assert cli.metadata_worker_count() is None
+  assert time.monotonic() - start < cli.METADATA_TIMEOUT_S + 1
 
 
 def test_explicit_coordinator_and_opt_in(sim):

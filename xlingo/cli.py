@@ -252,7 +252,7 @@ def run_body(body) -> None:
     fail(_one_line(e), e.exit_code)
 
 
-def maybe_initialize_distributed(initialize=None) -> bool:
+def maybe_initialize_distributed(initialize=None, slice_workers=None) -> bool:
   """Join a multi-process run (``jax.distributed.initialize``) when the environment is one.
 
   Must run before anything touches the devices. In order:
@@ -265,10 +265,17 @@ def maybe_initialize_distributed(initialize=None) -> bool:
     times MEGASCALE_NUM_SLICES for multislice), then initialised with that same detection.
   A single-host TPU VM and a plain CPU or GPU machine run as one process.
 
+  On a TPU VM, a process that would run alone although the metadata server lists several
+  workers (TPU_SKIP_MDS_QUERY or TPU_WORKER_HOSTNAMES set by hand: JAX then never asks the
+  server) stops with one line naming the variable, unless XLINGO_DISTRIBUTED=0 says so on
+  purpose.
+
   ``initialize`` (called as ``initialize(**kwargs)``; default ``jax.distributed.initialize``)
-  is injectable, and the environment is read where JAX reads it (os.environ, JAX's metadata
-  probe), so tests simulate each environment without starting anything. Returns True when this
-  process is (now) part of a multi-process run.
+  and ``slice_workers`` (called as ``slice_workers()``: the metadata server's worker count, or
+  None; default :func:`metadata_worker_count`) are injectable, and the environment is read
+  where JAX reads it (os.environ, JAX's metadata probe), so tests simulate each environment
+  without starting anything. Returns True when this process is (now) part of a multi-process
+  run.
   """
   import jax
 
@@ -289,12 +296,67 @@ def maybe_initialize_distributed(initialize=None) -> bool:
   if env.get("XLINGO_DISTRIBUTED") == "1":
     initialize()
     return True
+  if env.get("XLINGO_DISTRIBUTED") == "0":
+    return False
   cluster, count = _tpu_cluster()
   if cluster is not None and count > 1:
     # The same detection JAX would run, named so that no other cluster type (SLURM, MPI) wins.
     initialize(cluster_detection_method=cluster.name)
     return True
+  _refuse_silent_single_process(slice_workers or metadata_worker_count)
   return False
+
+
+# Set by hand on a GCE TPU VM, these make JAX's detection skip the metadata server's worker
+# list (TPU_SKIP_MDS_QUERY) or take the GKE list instead (TPU_PROCESS_ADDRESSES,
+# TPU_WORKER_HOSTNAMES): every host then trains alone. bench/tpu_aot.py sets two of them for
+# its own process; copied into a profile they would be inherited by every run.
+SINGLE_PROCESS_VARS = ("TPU_SKIP_MDS_QUERY", "TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+# The GCE metadata server by address (no DNS lookup to wait for), and how long to wait for it:
+# it answers a VM in milliseconds.
+METADATA_URL = "http://{host}/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+METADATA_TIMEOUT_S = 2.0
+
+
+def metadata_worker_count() -> int | None:
+  """How many workers the GCE metadata server lists for this TPU VM's slice; None when it does
+  not answer within METADATA_TIMEOUT_S (not a GCE TPU VM, or no such attribute)."""
+  import urllib.error
+  import urllib.request
+
+  host = os.environ.get("GCE_METADATA_IP", "169.254.169.254")
+  req = urllib.request.Request(METADATA_URL.format(host=host),
+                               headers={"Metadata-Flavor": "Google"})
+  try:
+    with urllib.request.urlopen(req, timeout=METADATA_TIMEOUT_S) as resp:
+      text = resp.read().decode("utf-8", "replace")
+  except (OSError, urllib.error.URLError, ValueError):
+    return None
+  return len([w for w in text.split(",") if w.strip()]) or None
+
+
+def _refuse_silent_single_process(slice_workers) -> None:
+  """Stop a TPU VM process that would run as a 1-process job while its slice has several
+  workers, naming the variable that caused it. Asks the metadata server only on a TPU VM (JAX
+  found libtpu and TPU chips) with one of SINGLE_PROCESS_VARS set, so other machines never
+  wait on it."""
+  from jax._src.clusters import cloud_tpu_cluster
+
+  if not cloud_tpu_cluster.running_in_cloud_tpu_vm:
+    return
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms and "tpu" not in platforms:
+    return  # a CPU-only process on a TPU VM (a compile, a tool) uses no slice
+  culprits = [k for k in SINGLE_PROCESS_VARS if k in os.environ]
+  if not culprits:
+    return
+  workers = slice_workers()
+  if workers is None or workers <= 1:
+    return
+  named = " and ".join(f"{k}={os.environ[k]!r}" for k in culprits)
+  fail(f"this TPU VM's slice has {workers} workers (GCE metadata server) but {named} is set, so "
+       f"this process would train alone as a 1-process job; unset {' and '.join(culprits)} on "
+       "every worker and start again (or set XLINGO_DISTRIBUTED=0 to run one host on purpose)")
 
 
 def _tpu_cluster():
