@@ -1,7 +1,9 @@
 """Tests for launch/tpu.py, the Cloud TPU VM launcher, against a fake `gcloud` on PATH."""
 
 import ast
+import functools
 import importlib.util
+import io
 import json
 import os
 import re
@@ -48,7 +50,10 @@ FAKE_GCLOUD = textwrap.dedent("""\
 
   command = next((a[len("--command="):] for a in argv if a.startswith("--command=")), None)
   worker = next((a[len("--worker="):] for a in argv if a.startswith("--worker=")), "0")
-  if "describe" in argv:
+  if argv[:2] == ["config", "list"]:
+    print(os.environ.get("FAKE_CONFIG", '{{"core": {{"account": "me@example.com", '
+                                        '"project": "proj"}}}}'))
+  elif "describe" in argv:
     n = bump("describe")
     if os.environ.get("FAKE_HOOK") and n == int(os.environ.get("FAKE_HOOK_AT", "0")):
       subprocess.run(["sh", "-c", os.environ["FAKE_HOOK"]], check=True)
@@ -68,12 +73,14 @@ FAKE_GCLOUD = textwrap.dedent("""\
 """)
 
 FAKE_VARS = ("FAKE_STATES", "FAKE_STATUS", "FAKE_EXEC_HOMES", "FAKE_SHELL", "FAKE_EXIT",
-             "FAKE_HOOK", "FAKE_HOOK_AT")
+             "FAKE_HOOK", "FAKE_HOOK_AT", "FAKE_CONFIG")
 
 
 @pytest.fixture
-def gcloud(tmp_path, monkeypatch):
-  """A fake gcloud first on PATH; returns a function giving the argv lists it was called with."""
+def fake_gcloud(tmp_path, monkeypatch):
+  """A fake gcloud first on PATH; returns a function giving the argv lists it was called with,
+  except `gcloud config list` (the preflight reading which project and account gcloud would
+  use: a local read, no cloud action). FAKE_CONFIG is what that read prints."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   fake = bin_dir / "gcloud"
@@ -89,9 +96,18 @@ def gcloud(tmp_path, monkeypatch):
   def calls():
     if not log.exists():
       return []
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    argvs = [json.loads(line) for line in log.read_text().splitlines()]
+    return [a for a in argvs if a[:2] != ["config", "list"]]
 
   return calls
+
+
+@pytest.fixture
+def gcloud(fake_gcloud, monkeypatch):
+  """fake_gcloud, with the preflight's local load of --config left out: these tests are about
+  the launcher's commands and remote scripts (the config check has its own tests below)."""
+  monkeypatch.setattr(tpu.tpu_preflight, "check_config", lambda *a: None)
+  return fake_gcloud
 
 
 BASE = ["--name", "my-tpu", "--zone", "us-west4-a"]
@@ -134,7 +150,8 @@ def _printed(out):
   ("v2-8", "tpu-ubuntu2204-base"),
 ])
 def test_runtime_version_follows_the_accelerator_family(gcloud, capsys, accel, version):
-  assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", accel]) == 0
+  # --any-zone: BASE's zone has v5e only; this is about the version.
+  assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", accel, "--any-zone"]) == 0
   assert _printed(capsys.readouterr().out) == [[
     "gcloud", "compute", "tpus", "queued-resources", "create", "my-tpu", "--zone=us-west4-a",
     f"--accelerator-type={accel}", f"--runtime-version={version}", "--node-id=my-tpu"]]
@@ -143,7 +160,7 @@ def test_runtime_version_follows_the_accelerator_family(gcloud, capsys, accel, v
 
 def test_version_flag_overrides_the_family_and_unknown_families_need_it(gcloud, capsys):
   assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", "v6e-16", "--direct",
-                   "--version", "v2-alpha-tpuv6e-custom"]) == 0
+                   "--version", "v2-alpha-tpuv6e-custom", "--any-zone"]) == 0
   assert "--version=v2-alpha-tpuv6e-custom" in _printed(capsys.readouterr().out)[0]
   assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", "v9-8"]) == 2
   err = capsys.readouterr().err
@@ -156,9 +173,9 @@ def test_version_flag_overrides_the_family_and_unknown_families_need_it(gcloud, 
 def test_create_queued_by_default_and_direct_on_request(gcloud):
   assert tpu.main(["create", *BASE, *CREATE, "--spot", "--project", "proj"]) == 0
   assert tpu.main(["create", *BASE, "--accelerator-type", "v4-32", "--direct", "--spot",
-                   "--internal-ips"]) == 0
+                   "--internal-ips", "--any-zone"]) == 0
   assert tpu.main(["create", *BASE, "--accelerator-type", "v6e-16", "--queued",
-                   "--internal-ips"]) == 0
+                   "--internal-ips", "--any-zone"]) == 0
   queued, direct, internal = gcloud()
   assert queued == ["compute", "tpus", "queued-resources", "create", "my-tpu",
                     "--zone=us-west4-a", "--project=proj", "--accelerator-type=v5litepod-16",
@@ -749,3 +766,130 @@ def test_readme_tpu_section_prints_what_it_shows(gcloud, capsys):
     families.update(re.findall(r"--accelerator-type=(v\d+[a-z]*)-", shown))
   assert families == {"v4", "v5litepod", "v5p", "v6e"}
   assert gcloud() == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The preflight (launch/tpu_preflight.py): every problem in one go, before any gcloud command.
+
+pf = tpu.tpu_preflight
+DATA = ["--config.data.tfds_data_dir=gs://bucket/tfds", "--config.data.vocab_path=gs://bucket/v.model"]
+
+
+def _errors(err):
+  return [line[len("tpu.py: error: "):] for line in err.splitlines()
+          if line.startswith("tpu.py: error: ")]
+
+
+def test_preflight_names_every_mistake_before_any_command(fake_gcloud, capfd):
+  """The issue's line: v5e-16 (Google's v5litepod-16) with tpu_8b (a 32-chip mesh, TFDS without
+  data.tfds_data_dir, a 32k model without its vocabulary)."""
+  rc = subprocess.run([TPU_SH, "--dry-run", "watch", "--name", "n", "--zone", "us-west4-a",
+                       "--accelerator-type", "v5e-16", "--spot", "--from-local", "--workdir",
+                       "gs://b/r", "--module", "xlingo.train", "--config", "configs/tpu_8b.py"],
+                      env=dict(os.environ, XLINGO_VENV=os.path.dirname(os.path.dirname(
+                          sys.executable)))).returncode
+  out, err = capfd.readouterr()
+  assert rc == 2 and out == ""  # nothing printed to paste, nothing run
+  assert "v5e-16 is Google's v5litepod-16" in err
+  assert "gcloud project proj, account me@example.com" in err
+  errors = _errors(err)
+  assert len(errors) == 3, err
+  assert "data.tfds_data_dir is empty; pass -- --config.data.tfds_data_dir=gs://" in errors[0]
+  assert "shipped 8192-piece vocabulary" in errors[1] and "model.vocab_size=32768" in errors[1]
+  assert "configs/tpu_8b.py's mesh does not fit v5litepod-16 (16 chips)" in errors[2]
+  assert "multiply to 32" in errors[2] and "v5litepod-32 (32 chips)" in errors[2]
+  assert fake_gcloud() == []
+
+
+def test_preflight_refuses_a_generation_outside_its_zones(fake_gcloud, capsys):
+  assert tpu.main(["create", *BASE, "--accelerator-type", "v5p-64"]) == 2
+  out, err = capsys.readouterr()
+  (error,) = _errors(err)
+  assert "v5p is not offered in zone us-west4-a; zones with v5p: us-central1-a, us-east5-a" in error
+  assert out == "" and fake_gcloud() == []
+  assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", "v5p-64",
+                   "--any-zone"]) == 0
+
+
+@pytest.mark.parametrize("accel, message", [
+  ("v5litepod-12", "v5litepod-12 is not a size Google offers: v5litepod-N with N in 1, 4, 8, 16"),
+  ("v5p-60", "multiples of 8 up to 12288 (N counts TensorCores, two per chip)"),
+  ("v7-8", "no known runtime version for accelerator family 'v7'; pass --version"),
+])
+def test_preflight_refuses_unknown_types_and_sizes(fake_gcloud, capsys, accel, message):
+  assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", accel]) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and message in _errors(err)[0]
+
+
+def test_v5e_spelling_becomes_googles_name(fake_gcloud, capsys):
+  assert tpu.main(["--dry-run", "create", *BASE, "--accelerator-type", "v5e-16"]) == 0
+  out, err = capsys.readouterr()
+  assert "--accelerator-type=v5litepod-16" in out and "--runtime-version=v2-alpha-tpuv5-lite" in out
+  assert "v5e-16 is Google's v5litepod-16; using v5litepod-16" in err
+
+
+def test_preflight_shows_or_refuses_the_gcloud_identity(fake_gcloud, monkeypatch, capsys):
+  monkeypatch.setenv("FAKE_CONFIG", '{"core": {"account": "a@b.c"}}')
+  assert tpu.main(["--dry-run", "create", *BASE, *CREATE]) == 2
+  assert "gcloud has no project: pass --project P" in _errors(capsys.readouterr().err)[0]
+  assert tpu.main(["--dry-run", "create", *BASE, *CREATE, "--project", "p2"]) == 0
+  assert "gcloud project p2 (--project), account a@b.c" in capsys.readouterr().err
+  monkeypatch.setenv("GCLOUD", "/nonexistent/gcloud")  # a dry run works without the SDK
+  assert tpu.main(["--dry-run", "create", *BASE, *CREATE]) == 0
+  assert "gcloud not found" in capsys.readouterr().err
+
+
+def test_preflight_loads_the_config_with_its_overrides(fake_gcloud, capsys):
+  def run(*extra, config="configs/tpu_8b.py", accel=("--accelerator-type", "v5p-64")):
+    rc = tpu.main(["--dry-run", "run", *BASE, *RUN[:-1], config, *accel, "--", *extra])
+    out, err = capsys.readouterr()
+    return rc, out, _errors(err), err
+
+  rc, out, errors, err = run(*DATA)
+  assert rc == 0 and errors == [] and "mesh data=1 fsdp=16 tensor=2 on v5p-64 (32 chips)" in err
+  assert "--config.data.tfds_data_dir=gs://bucket/tfds" in out
+  rc, out, errors, _ = run(*DATA, "--config.mesh.tensor=4")
+  assert rc == 2 and out == "" and "multiply to 64 but there are 32 devices" in errors[0]
+  rc, _, errors, _ = run(*DATA, "--config.train.batch_size=40")
+  assert rc == 2 and "rows do not split over data x fsdp = 16" in errors[0]
+  rc, _, errors, _ = run(*DATA, "--config.nope=1")
+  assert rc == 2 and "unknown config key 'nope'" in errors[0]
+  rc, _, errors, _ = run(config="configs/nope.py")
+  assert rc == 2 and "config file configs/nope.py does not exist" in errors[0]
+  assert "tpu_1b.py" in errors[0]
+  rc, _, errors, err = run(*DATA, accel=())  # run without the slice: the mesh is not checked
+  assert rc == 0 and "not checked against the slice (pass --accelerator-type)" in err
+  assert fake_gcloud() == []
+
+
+def test_fit_maps_the_slice_to_libtpu_and_refuses_what_does_not_fit(fake_gcloud, monkeypatch,
+                                                                    capsys):
+  slc = pf.check_accelerator(pf.Report(io.StringIO()), "v5e-16", None)
+  assert pf.libtpu_topology(slc) == "v5e:4x4"
+  topo = {a: pf.libtpu_topology(pf.check_accelerator(pf.Report(io.StringIO()), a, None))
+          for a in ("v5p-64", "v6e-8", "v4-32", "v5litepod-256")}
+  assert topo == {"v5p-64": "v5p:2x4x4", "v6e-8": "v6e:2x4", "v4-32": None,
+                  "v5litepod-256": "v5e:16x16"}
+  asked = []
+
+  def compiled(spare):
+    def fake(config, topology, overrides):
+      asked.append((config, topology, overrides))
+      return {"total_gib": 20.0, "hbm_gib": 14.9, "spare": spare, "device_kind": "TPU v5 lite"}
+    return fake
+
+  argv = ["--dry-run", "run", *BASE, *RUN, "--accelerator-type", "v5e-16", "--fit", "--", *DATA]
+  monkeypatch.setattr(pf, "check_fit", functools.partial(pf.check_fit, compile_fn=compiled(-0.34)))
+  assert tpu.main(argv) == 2
+  out, err = capsys.readouterr()
+  assert out == "" and asked == [("configs/tpu_1b.py", "v5e:4x4", DATA)]
+  assert "does not fit v5litepod-16: 20.0 GiB per chip of 14.9 GiB (v5e:4x4)" in _errors(err)[0]
+  check_fit = pf.check_fit.func
+  monkeypatch.setattr(pf, "check_fit", functools.partial(check_fit, compile_fn=compiled(0.3)))
+  assert tpu.main(argv) == 0
+  assert "--fit: 20.0 GiB per chip of 14.9 GiB on v5e:4x4 (30% spare)" in capsys.readouterr().err
+  report = pf.Report(io.StringIO())
+  check_fit(report, "configs/tpu_1b.py", [], pf.Slice("v4-32", "v4", 16))
+  assert "--fit cannot check v4-32: libtpu's v4 topologies have one device per TensorCore" \
+      in report.problems[0]
