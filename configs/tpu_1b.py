@@ -1,4 +1,4 @@
-"""A ~1B-parameter cross-lingual LM at sequence length 2048 on 16 chips (v5e-16 or v4-32).
+"""A ~1B-parameter cross-lingual LM at sequence length 2048 on 16 chips (v5litepod-16 or v4-32).
 
 Pure FSDP (fsdp=16): at this size every chip holds 1/16 of the params and optimizer state
 and no tensor parallelism is needed. Splash attention and the chunked loss keep one v5e chip
@@ -14,7 +14,7 @@ python -m xlingo.train --config configs/tpu_1b.py --workdir gs://BUCKET/xlingo/t
 
 from xlingo import config as xconfig
 
-NUM_DEVICES = 16  # v4-32 and v5e-16 both have 16 chips, one JAX device each
+NUM_DEVICES = 16  # v4-32 and v5litepod-16 (v5e) both have 16 chips, one JAX device each
 
 
 def get_config(arg=None):
