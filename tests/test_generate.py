@@ -183,3 +183,16 @@ def test_utf8_mask_on_a_byte_heavy_sampler():
   texts = [vocab.decode(gen.whole_characters(np.asarray(table), row)) for row in rows]
   assert not any("\ufffd" in t for t in texts)
   assert sum(any(ord(c) > 0x7ff for c in t) for t in texts) > 50  # 3- and 4-byte characters
+
+
+def test_lang_flag_names_several_languages_or_all():
+  from xlingo import generate as generate_cli
+  from xlingo.data.languages import LanguageTable
+  from xlingo.errors import ConfigError
+
+  table = LanguageTable(("en", "de", "ka"))
+  assert generate_cli.lang_codes("de,ka", table) == ["de", "ka"]
+  assert generate_cli.lang_codes("all", table) == ["en", "de", "ka"]
+  assert generate_cli.lang_codes("none,de,de", table) == ["none", "de"]
+  with pytest.raises(ConfigError, match="fr is not a language of the checkpoint"):
+    generate_cli.lang_codes("de,fr", table)

@@ -180,7 +180,8 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   writer = metrics.MetricWriter(workdir, start, storage=ckpts.storage)
   env = hooks.Env(recipe.name, config, workdir, codes, writer, {},
                   lambda state, step: ckpt_lib.save_best(workdir, config, state, step))
-  window = hooks.LogWindow(env, delivered, start, flops_tok, peak)
+  window = hooks.LogWindow(env, delivered, start, flops_tok, peak,
+                           peak_measured=peak_src.startswith(metrics.MEASURED))
   every = [window.hook(), hooks.validation(env, evaluate, window),
            *(make(env) for make in recipe.hooks), hooks.plot(env)]
   if start == 0 and has_val:
