@@ -295,6 +295,8 @@ class LogWindow:
     scalars["input_wait_s"] = self.wait_s / n
     scalars["input_wait_frac"] = self.wait_s / elapsed
     self.env.writer.write(tick.step, scalars)
+    # Each term's loss before its accuracy: "lid_loss 0.69 lid_acc 51.0%".
+    terms.sort(key=lambda k: (k.removesuffix("_acc").removesuffix("_loss"), k.endswith("_acc")))
     metrics.console(self.progress.line(tick.step, scalars, terms=terms))
     self.env.last.update(scalars)
     self.acc = None
