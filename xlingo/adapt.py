@@ -203,6 +203,8 @@ def trained_line(config) -> str:
   names = sorted({str(getattr(path[-1], "key", path[-1]))
                   for path, _ in jax.tree_util.tree_flatten_with_path(trained)[0]})
   n, total = state_lib.param_count(trained), state_lib.param_count(abstract)
+  if n == total:
+    return f"adapt.mode={config.adapt.mode}: trains every parameter ({total:,})"
   shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
   return (f"adapt.mode={config.adapt.mode}: trains {shown} ({n:,} of {total:,} parameters, "
           f"{100 * n / max(total, 1):.2f}%; train.trainable={config.train.trainable!r}); the "
