@@ -22,7 +22,7 @@ fitting continuation bytes remain; between characters a lone continuation byte a
 lead bytes are out. The masked ids are renormalised away, which is sampling from the model
 conditioned on well-formed text; greedy decoding is unchanged wherever its argmax was allowed.
 A row that reaches ``max_len`` inside a character drops that character's bytes. Without a
-vocabulary (token-level calls without ``utf8_table``) nothing is masked.
+vocabulary (``generate_ids`` without ``utf8``) nothing is masked.
 
 Batching rows of different prompt lengths: all rows share the cache index, so nothing is
 padded. The prefix every prompt has (the start id plus the shortest prompt) is prefilled in
