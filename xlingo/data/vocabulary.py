@@ -11,6 +11,7 @@
   encode(text)    ids of one text, no special token added; decode(ids) the text back
   encode_flat     ids of many texts at once: (all ids concatenated, length of each)
   piece_bytes()   UTF-8 bytes each id stands for (0 for special ids): bits per byte
+  piece_byte_strings()  those bytes themselves (sampling's UTF-8 mask, xlingo.decode)
 
 and never SentencePiece or the ``tokenizers`` library themselves. Both kinds are
 ``seqio.Vocabulary`` subclasses, so seqio tasks take them as they are.
