@@ -417,3 +417,32 @@ def test_adapt_tiny_from_an_lm_with_lid_head_and_contrastive_alignment(tmp_path)
   report = adapt.run(c, wd)
   assert report["target"] == "de" and os.path.isdir(os.path.join(wd, "checkpoints", "2"))
   assert load_model(tiny.get_config(), wd).config.model.lid_head
+
+
+def test_start_up_lines_state_every_structural_change(pretrained, el_vocab):
+  """The lines adapt prints at start-up: vocabulary rows old -> new and how they start, the
+  appended language and its id, what adapt.mode trains out of how many parameters."""
+  c = _greek_config(pretrained, el_vocab, mode="lora")
+  _, meta = load.newest_meta(pretrained, "checkpoint.init_from")
+  vocab_line, lang_line = restore_lib.structural_changes(meta, c)
+  assert vocab_line.startswith("vocabulary: 8,192 -> 8,224 pieces (+32, data.vocab_path=")
+  assert "mean of the checkpoint's rows for the old pieces" in vocab_line
+  assert lang_line.startswith(f"languages: {', '.join(OLD_LANGS)} + new el (id 8);")
+  same = restore_lib.structural_changes(meta, _plain(c))
+  assert same == [f"structure as in the checkpoint: 8,192 vocabulary pieces, languages "
+                  f"{', '.join(OLD_LANGS)}"]
+  adapt.resolve_config(c)
+  line = adapt.trained_line(c)
+  counts = adapt.parameter_counts(c)
+  assert line.startswith("adapt.mode=lora: trains ")
+  assert f"({counts['trained_params']:,} of {counts['params']:,} parameters" in line
+  names = line.split("trains ")[1].split(" (")[0].split(" and ")[0].split(", ")
+  assert names and all(n.endswith(("_lora_a", "_lora_b")) for n in names), names
+
+
+def _plain(c):
+  """``c`` with the checkpoint's own vocabulary and languages."""
+  c = _adapt_config(c.checkpoint.init_from)
+  c.data.languages = OLD_LANGS
+  c.model.num_languages = len(OLD_LANGS)
+  return c

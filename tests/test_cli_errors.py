@@ -126,3 +126,20 @@ def test_tensorflow_input_pipeline_starts_without_cuda_noise():
   assert p.returncode == 0, p.stderr[-2000:]
   assert p.stdout.split("\n")[:2] == ["[b'a', b'b']", "[]"], p.stdout
   assert "cuInit" not in p.stderr and not p.stderr.strip(), p.stderr[-2000:]
+
+
+def test_tensorflow_imported_by_a_module_at_import_time_stays_quiet():
+  """The entry points import the data layer (seqio, TensorFlow) at module import time, before
+  the CLI's start-up: its start-up lines, libtpu's and the first op's cuInit line still must not
+  reach stderr (xlingo.stdio.hide_tensorflow_start_up)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS") and not k.startswith("TPU_")}
+  env["PYTHONPATH"] = ROOT
+  code = ("import xlingo.data.iterator\nimport tensorflow as tf\nimport jax\n"
+          "print(jax.devices()[0].platform, tf.config.get_visible_devices('GPU'))\n"
+          "print(list(tf.data.Dataset.range(2).as_numpy_iterator()))")
+  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                     text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-2000:]
+  assert p.stdout.split("\n")[:2] == ["cpu []", "[np.int64(0), np.int64(1)]"], p.stdout
+  assert not p.stderr.strip(), p.stderr[-2000:]

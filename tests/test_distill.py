@@ -215,3 +215,16 @@ def test_distill_end_to_end_and_exact_resume(teacher_dir, tmp_path, monkeypatch)
   distill.run(c, resumed)
   again = checkpoint_params(resumed, 4)
   jax.tree.map(np.testing.assert_array_equal, params, again)
+
+
+def test_teacher_dtype_line_compares_with_its_training_dtypes():
+  from xlingo.training import restore as restore_lib
+
+  c = tiny.get_config()
+  c.model.dtype, c.model.param_dtype = "float32", "float32"
+  meta = restore_lib.checkpoint_meta(c, 1)
+  assert distill.teacher_dtype_line(meta, "bfloat16", "float32") == (
+      "teacher runs in bfloat16 with float32 parameters; it was trained in float32 with float32 "
+      "parameters")
+  assert distill.teacher_dtype_line(meta, "float32", "float32").endswith("(the same)")
+  assert "not recorded" in distill.teacher_dtype_line({}, "bfloat16", "float32")

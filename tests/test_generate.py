@@ -98,3 +98,101 @@ def test_sample_logits_top_p_keeps_nucleus():
     seen.add(int(gen.sample_logits(logits, jax.random.PRNGKey(s), temperature=1.0, top_k=0,
                                    top_p=0.7)[0]))
   assert seen == {0, 1}
+
+
+def test_utf8_table_follows_the_utf8_rules():
+  from xlingo.data import vocab_facts as v
+
+  pieces = [b"", b"a", b"\xe1", b"\x83", b"\x90", b"\xe1\x83", b"\xed", b"\xa0", b"\xc0",
+            "ქ".encode()]
+  t = v.utf8_transitions(pieces, size=12)
+  ready, reject = v.UTF8_READY, v.UTF8_REJECT
+  assert t[ready].tolist() == [ready, ready, v.UTF8_NEED2, reject, reject, v.UTF8_NEED1,
+                               v.UTF8_AFTER_ED, reject, reject, ready, ready, ready]
+  assert t[v.UTF8_NEED2, 3] == v.UTF8_NEED1 and t[v.UTF8_NEED1, 4] == ready
+  assert t[v.UTF8_NEED1, 0] == reject  # EOS inside a character
+  assert t[v.UTF8_NEED1, 1] == reject  # text inside a character
+  assert t[v.UTF8_AFTER_ED, 7] == reject  # ED A0: a UTF-16 surrogate
+
+
+def _georgian_rows(model, params, vocab, utf8, temperature, rows=96):
+  # The shipped vocabulary has no Georgian pieces: the prompt is all byte-fallback pieces.
+  prompt = list(vocab.encode("ქა"))
+  return gen.generate_ids(model, params, [prompt] * rows, 1, max_len=16,
+                          temperature=temperature, seed=5, utf8=utf8)
+
+
+def test_sampling_never_breaks_utf8_with_byte_fallback_pieces(model_params):
+  from xlingo.data import vocab_facts as v
+  from xlingo.data import vocabulary
+
+  model, params = model_params
+  vocab = vocabulary.load(v.embedded_path())
+  high = {i for i, b in enumerate(vocab.piece_byte_strings())
+          if vocab.tokenizer.is_byte(i) and b[0] >= 0x80}
+  assert len(high) == 128
+  table = gen.utf8_table(vocab, model.config.vocab_size)
+  masked = _georgian_rows(model, params, vocab, table, temperature=100.0)
+  free = _georgian_rows(model, params, vocab, None, temperature=100.0)
+  # Non-ASCII byte pieces were sampled (leads and the continuations the mask then forces).
+  assert sum(i in high for row in masked for i in row) > 0
+  assert not any("\ufffd" in vocab.decode(row) for row in masked)
+  # The same sampling without the mask does break (so the check above can fail).
+  assert any("\ufffd" in vocab.decode(row) for row in free)
+
+
+def test_utf8_mask_leaves_valid_greedy_output_alone(model_params):
+  from xlingo.data import vocab_facts as v
+  from xlingo.data import vocabulary
+
+  model, params = model_params
+  vocab = vocabulary.load(v.embedded_path())
+  table = gen.utf8_table(vocab, model.config.vocab_size)
+  prompts = PROMPTS + [list(vocab.encode("ქა"))]
+  plain = gen.generate_ids(model, params, prompts, 1, max_len=MAX_NEW)
+  masked = gen.generate_ids(model, params, prompts, 1, max_len=MAX_NEW, utf8=table)
+  valid = [r for r, row in enumerate(plain) if v.UTF8_REJECT not in gen._utf8_walk(table, row)
+           and "\ufffd" not in vocab.decode(row)]
+  assert valid
+  assert [masked[r] for r in valid] == [plain[r] for r in valid]
+
+
+def test_utf8_mask_on_a_byte_heavy_sampler():
+  """The mask and the state the loop carries, on logits that favour byte pieces 40:1 (a model
+  sampling a script its vocabulary lacks): 128 rows of 48 samples at temperature 1."""
+  from xlingo.data import vocab_facts as v
+  from xlingo.data import vocabulary
+
+  vocab = vocabulary.load(v.embedded_path())
+  table = jnp.asarray(gen.utf8_table(vocab, vocab.vocab_size))
+  is_byte = np.asarray([vocab.tokenizer.is_byte(i) for i in range(vocab.vocab_size)])
+  logits_v = jnp.asarray(np.where(is_byte, np.log(40.0 * vocab.vocab_size / 256), 0.0),
+                         jnp.float32)
+
+  def step(state_b, key):
+    logits_bv = gen.mask_broken_utf8(jnp.broadcast_to(logits_v, (128, logits_v.shape[0])),
+                                     table, state_b)
+    tok_b = gen.sample_logits(logits_bv, key, temperature=1.0, top_k=0, top_p=1.0)
+    return gen.next_utf8_state(table, state_b, tok_b), tok_b
+
+  state_b, toks_tb = jax.lax.scan(step, jnp.zeros((128,), jnp.int32),
+                                  jax.random.split(jax.random.PRNGKey(0), 48))
+  rows = np.asarray(toks_tb).T.tolist()
+  assert np.mean(is_byte[np.asarray(toks_tb)]) > 0.9
+  # A row cut inside a character keeps only its complete characters, as generate_ids does.
+  texts = [vocab.decode(gen.whole_characters(np.asarray(table), row)) for row in rows]
+  assert not any("\ufffd" in t for t in texts)
+  assert sum(any(ord(c) > 0x7ff for c in t) for t in texts) > 50  # 3- and 4-byte characters
+
+
+def test_lang_flag_names_several_languages_or_all():
+  from xlingo import generate as generate_cli
+  from xlingo.data.languages import LanguageTable
+  from xlingo.errors import ConfigError
+
+  table = LanguageTable(("en", "de", "ka"))
+  assert generate_cli.lang_codes("de,ka", table) == ["de", "ka"]
+  assert generate_cli.lang_codes("all", table) == ["en", "de", "ka"]
+  assert generate_cli.lang_codes("none,de,de", table) == ["none", "de"]
+  with pytest.raises(ConfigError, match="fr is not a language of the checkpoint"):
+    generate_cli.lang_codes("de,fr", table)

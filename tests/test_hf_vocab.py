@@ -189,3 +189,19 @@ def test_extend_keeps_old_ids_and_tokens(bpe, el_bpe):
     assert all(s < 512 for s in src) and len(src) >= 2
     assert b"".join(vocab_facts.piece_to_bytes(old.tokenizer.id_to_token(s)) for s in src) == \
         vocab_facts.piece_to_bytes(piece)
+
+
+def test_utf8_table_of_a_byte_level_vocabulary(bpe):
+  """Byte-level BPE: every byte is a piece and pieces may hold part of a character; the UTF-8
+  table follows the bytes, so the pieces of "語" chain from READY back to READY."""
+  from xlingo import decode
+  from xlingo.data import vocab_facts as v
+
+  vocab = vocab_lib.load_vocab(bpe)
+  table = decode.utf8_table(vocab, vocab.vocab_size)
+  strings = vocab.piece_byte_strings()
+  lone = [i for i, b in enumerate(strings) if len(b) == 1 and 0x80 <= b[0] <= 0xBF]
+  assert lone and all(table[v.UTF8_READY, i] == v.UTF8_REJECT for i in lone)
+  states = decode._utf8_walk(table, vocab.encode("語"))
+  assert states[-1] == v.UTF8_READY and v.UTF8_REJECT not in states
+  assert table[v.UTF8_NEED1, vocab.eos_id] == v.UTF8_REJECT

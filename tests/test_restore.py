@@ -121,9 +121,11 @@ def test_generate_and_evaluate_without_the_corpus(files_run, cache_dir, tmp_path
   gone = corpus.parent / "corpus.gone"
   corpus.rename(gone)
   try:
-    p = _cli("xlingo.generate", cache_dir, "--config", cfg, "--workdir", wd, "--lang", "de",
+    # Two languages from one model load.
+    p = _cli("xlingo.generate", cache_dir, "--config", cfg, "--workdir", wd, "--lang", "de,en",
              "--prompt", "Das Paket", "--max_len", 4)
     assert p.stdout.strip().startswith("[de] Das Paket\u2192"), p.stdout
+    assert p.stdout.strip().splitlines()[-1].startswith("[en] Das Paket\u2192"), p.stdout
     tsv = tmp_path / "en-de.tsv"
     tsv.write_text("The package\tDas Paket\nThe system\tDas System\n")
     report = evaluate.run(_load_config(cfg), {"run": str(wd)}, translate_pairs=["en-de"],

@@ -207,3 +207,17 @@ def test_missing_config_file_and_unwritable_workdir(tmp_path, capsys):
   assert e.value.code == 2
   assert "not writable" in capsys.readouterr().err.strip().splitlines()[-1]
   assert blocker.read_text() == "keep me"
+
+
+def test_console_line_shows_objective_terms_and_says_what_mfu_is_of():
+  from xlingo.training import metrics as metrics_lib
+
+  m = {"loss": 3.2, "contrastive_loss": 1.25, "contrastive_acc": 0.375, "kl": 0.5,
+       "tokens_per_s": 1000.0, "mfu": 0.8, "input_wait_frac": 0.0}
+  cpu = metrics_lib.Progress(10, 0, mfu_measured=True).line(
+      2, m, terms=["contrastive_acc", "contrastive_loss", "kl", "lid_loss"])
+  assert "contrastive_acc 37.5% contrastive_loss 1.25 kl 0.5 |" in cpu
+  assert "lid_loss" not in cpu  # not an active term
+  assert "MFU* 80% of measured matmul" in cpu and "MFU 80" not in cpu
+  tpu = metrics_lib.Progress(10, 0).line(2, m)
+  assert "MFU 80.0%" in tpu and "measured" not in tpu and "kl" not in tpu

@@ -244,3 +244,17 @@ def test_module_entry_point_and_gs_paths(tmp_path, gcs_emulator):
   ve.extend_vocab(OLD, {"el": [small]}, 32, str(tmp_path / "local"))
   assert (tmp_path / "gs.model").read_bytes() == (tmp_path / "local.model").read_bytes()
   assert not os.path.exists(os.path.join(ROOT, "gs:"))
+
+
+def test_same_vocabulary_with_another_model_size_names_the_size():
+  """init_from with the checkpoint's own vocabulary file but model.vocab_size left at another
+  value: the line names the size to set, not 'neither ... nor an extension'."""
+  from configs import tiny
+  from xlingo.data import vocab_facts
+  from xlingo.errors import CheckpointError
+
+  c = tiny.get_config()
+  path, sha = vocab_facts.configured(c.data)
+  meta = {"vocab_sha1": sha, "vocab_size": 320, "vocab_path": path}
+  with pytest.raises(CheckpointError, match=r"set --config.model.vocab_size=320$"):
+    ve.extension_sources(meta, c, "checkpoint.init_from W")

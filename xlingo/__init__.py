@@ -10,4 +10,10 @@ import os as _os
 _os.environ["EPATH_USE_TF"] = "false"
 del _os
 
+# TensorFlow (the input pipeline only) loads quietly, wherever it is first imported.
+from xlingo import stdio as _stdio  # noqa: E402
+
+_stdio.hide_tensorflow_start_up()
+del _stdio
+
 __version__ = "0.1.0"

@@ -182,13 +182,33 @@ def translation_report(config, models: dict) -> dict:
   return out
 
 
+def _abstract_params(config):
+  model = decoder_lib.Decoder(config.model, peft.spec_from_config(config))
+  return nn.unbox(sharding.abstract_params(model, config.model, 8))
+
+
 def parameter_counts(config) -> dict:
   """{'params', 'trained_params'} of the adapted model (from shapes alone)."""
-  model = decoder_lib.Decoder(config.model, peft.spec_from_config(config))
-  abstract = nn.unbox(sharding.abstract_params(model, config.model, 8))
+  abstract = _abstract_params(config)
   return {"params": state_lib.param_count(abstract),
           "trained_params": state_lib.param_count(
               state_lib.trained_params(abstract, config.train.trainable))}
+
+
+def trained_line(config) -> str:
+  """The start-up line saying what adapt.mode trains: the trained parameters' names (the last
+  part of their paths), how many of the model's, and the train.trainable regex behind them."""
+  abstract = _abstract_params(config)
+  trained = state_lib.trained_params(abstract, config.train.trainable)
+  names = sorted({str(getattr(path[-1], "key", path[-1]))
+                  for path, _ in jax.tree_util.tree_flatten_with_path(trained)[0]})
+  n, total = state_lib.param_count(trained), state_lib.param_count(abstract)
+  if n == total:
+    return f"adapt.mode={config.adapt.mode}: trains every parameter ({total:,})"
+  shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+  return (f"adapt.mode={config.adapt.mode}: trains {shown} ({n:,} of {total:,} parameters, "
+          f"{100 * n / max(total, 1):.2f}%; train.trainable={config.train.trainable!r}); the "
+          "rest is frozen")
 
 
 class Report:
@@ -252,6 +272,7 @@ def run(config, workdir: str) -> dict:
 
   loop.adopt_init_from_model(config)  # before the objective is built from the config
   resolve_config(config)
+  metrics.console(trained_line(config))
   recipe = make_recipe(config)
   last = loop.run(config, workdir, recipe)
   report = recipe.hooks[-1].result

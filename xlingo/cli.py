@@ -154,40 +154,17 @@ def leave_distributed() -> None:
     jax.distributed.shutdown()
 
 
-TF_TAKES_BACK = ("TPU_",)
-
-
 def import_tensorflow_quietly() -> None:
-  """Load seqio and TensorFlow once, before a command's own output.
+  """Start JAX's backends, then load seqio and TensorFlow once, before a command's own output.
 
-  tensorflow_text's native libraries log oneDNN and CUDA start-up lines through absl before any
-  log level applies, which buried every command's output under 6-10 lines of noise. Called
-  after the flags are parsed, so config errors still come before this heavy import.
+  JAX takes the accelerator before TensorFlow's import can look for one. The import itself is
+  quiet wherever it happens (xlingo.stdio.hide_tensorflow_start_up: no start-up lines, no
+  cuInit, GPUs hidden from TensorFlow, its TPU variables taken back). Called after the flags
+  are parsed, so config errors still come before this heavy import.
   """
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-  if "seqio" in sys.modules:
-    return
-
-  # JAX takes the accelerator before TensorFlow's import can look for one, and the TPU
-  # variables that import sets for its own runtime (TPU_SKIP_MDS_QUERY=1, TPU_LIBRARY_PATH,
-  # ...) are taken back: on a TPU VM they would stop libtpu from reading the slice's workers
-  # from the metadata server.
   _start_jax_backends()
-  before = {k: v for k, v in os.environ.items() if k.startswith(TF_TAKES_BACK)}
-  with native_stderr_silenced():
-    import seqio  # noqa: F401
-    import tensorflow  # noqa: F401
-
-    # TensorFlow only feeds the input pipeline: its first op would look for GPUs (and log
-    # "failed call to cuInit" on a machine without one, or take GPU memory JAX needs on one).
-    try:
-      tensorflow.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow's devices were already set up by the caller
-      pass
-  for k in [k for k in os.environ if k.startswith(TF_TAKES_BACK)]:
-    if k not in before:
-      del os.environ[k]
-  os.environ.update(before)
+  import seqio  # noqa: F401
 
 
 # Device files of TPU chips (/dev/accel* on v4 and older, VFIO on v5e and later), NVIDIA and

@@ -94,7 +94,8 @@ def _samples(workdir: str, config) -> None:
   prompt_ids = [list(vocab.encode(p)) for p in prompts]
   outs = decode.generate_ids(lm.model, lm.params, prompt_ids, ids, max_len=32,
                              temperature=0.7, top_k=40, seed=0, eos_id=vocab.eos_id,
-                             start_id=vocab.start_id)
+                             start_id=vocab.start_id,
+                             utf8=decode.utf8_table(vocab, lm.model.config.vocab_size))
   print("\nsamples (temperature 0.7, top-k 40), language chosen by the language embedding:")
   for lang, p_ids, out in zip(langs, prompt_ids, outs, strict=True):
     # Decoded with the prompt, so the first piece keeps its word boundary.

@@ -203,6 +203,18 @@ def distill_objective(config, model, teacher_model, teacher_params):
   return step.Objective("distill", model, terms.Hints.from_config(config), (kl, *more))
 
 
+def teacher_dtype_line(meta: dict, dtype: str, param_dtype: str) -> str:
+  """The start-up line comparing the teacher's dtypes here (distill.teacher_model.dtype and
+  param_dtype) with those it was trained in (its checkpoint's ``dtypes``)."""
+  here = f"teacher runs in {dtype} with {param_dtype} parameters"
+  trained = meta.get("dtypes") or {}
+  if not trained:
+    return f"{here}; its training dtypes are not recorded in its checkpoint (an older one)"
+  was = (trained.get("model.dtype"), trained.get("model.param_dtype"))
+  same = " (the same)" if was == (dtype, param_dtype) else ""
+  return f"{here}; it was trained in {was[0]} with {was[1]} parameters{same}"
+
+
 def build_objective(config, setup):
   """The teacher restored once (float32 when the student copies its layers), bound into the
   distillation term; the student's initial parameters from its layers when asked."""
@@ -218,6 +230,8 @@ def build_objective(config, setup):
   if layers and config.distill.teacher_model.param_dtype != "float32":
     teacher_params = jax.tree.map(
         lambda x: x.astype(config.distill.teacher_model.param_dtype), t.params)
+  metrics.console(teacher_dtype_line(t.meta, tm.dtype,
+                                     config.distill.teacher_model.param_dtype))
   objective = distill_objective(config, setup.model, t.model, teacher_params)
   if not layers:
     return objective

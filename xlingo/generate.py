@@ -4,6 +4,9 @@
       --prompt "Debian ist" [--prompts_file F] [--temperature 0.8 --top_k 40 --top_p 0.95] \
       [--max_len 64] [--seed 0] [--num_samples N] [--checkpoint STEP_DIR]
 
+``--lang de,fr,ja`` (or ``all``: every language of the checkpoint) samples each prompt in each
+language from one model load, the rows of all languages batched together.
+
 The decoding itself (KV cache, batching, sampling) is ``xlingo.decode``'s.
 """
 
@@ -19,8 +22,9 @@ from xlingo.model import decoder as decoder_lib
 def _define_flags(fl) -> None:
   from absl import flags
 
-  flags.DEFINE_string("lang", None, "Language code to generate in (from data.languages), or "
-                      f"'{NO_HINT}' for no language hint.", flag_values=fl)
+  flags.DEFINE_string("lang", None, "Language code(s) to generate in (from data.languages), "
+                      f"comma-separated, 'all' for every one, or '{NO_HINT}' for no language "
+                      "hint.", flag_values=fl)
   flags.DEFINE_string("prompt_lang", None, f"Language of the prompt (default --lang; '{NO_HINT}': "
                       "no hint).", flag_values=fl)
   flags.DEFINE_multi_string("prompt", None, "A prompt (repeatable).", flag_values=fl)
@@ -53,12 +57,26 @@ def _check_flags(fl) -> None:
   if not (fl.workdir or fl.checkpoint):
     cli.fail("give --workdir DIR (its latest checkpoint) or --checkpoint STEP_DIR")
   if not fl.lang:
-    cli.fail(f"--lang is required (one of {', '.join(fl.config.data.languages)}, or {NO_HINT} "
-             "for no language hint)")
+    cli.fail(f"--lang is required (one or more of {', '.join(fl.config.data.languages)} "
+             f"comma-separated, {ALL}, or {NO_HINT} for no language hint)")
   for name, (ok, must) in FLAG_RULES.items():
     value = getattr(fl, name)
     if not ok(value):
       cli.fail(f"--{name}={value} must be {must}")
+
+
+ALL = "all"  # --lang all: every language of the checkpoint
+
+
+def lang_codes(flag: str, table) -> list[str]:
+  """The languages a --lang value names, in its order (``all``: the checkpoint's table);
+  ConfigError for a code the checkpoint lacks."""
+  codes = list(table.codes) if flag == ALL else [c.strip() for c in flag.split(",") if c.strip()]
+  for code in codes:
+    if code != NO_HINT and code not in table.codes:
+      raise ConfigError(f"--lang={flag}: {code} is not a language of the checkpoint (it has "
+                        f"{', '.join(table.codes)}, {ALL}, or {NO_HINT} for no language hint)")
+  return list(dict.fromkeys(codes))
 
 
 def lang_id_of(table, code: str) -> int:
@@ -88,21 +106,21 @@ def main(argv=None):
     path, what = cli.tool_checkpoint(fl)
     lm = load_model(fl.config, path, what=what)
     # The checkpoint's language table (which may differ from the config's).
-    for flag in ("lang", "prompt_lang"):
-      code = getattr(fl, flag)
-      if code and code != NO_HINT and code not in lm.table.codes:
-        raise ConfigError(f"--{flag}={code} is not a language of {lm.step_dir} (it has "
-                          f"{', '.join(lm.table.codes)}, or {NO_HINT} for no language hint)")
-    lang = lang_id_of(lm.table, fl.lang)
-    prompt_lang = lang_id_of(lm.table, fl.prompt_lang) if fl.prompt_lang else lang
-    rows = [(p, k) for p in prompts for k in range(fl.num_samples)]
+    codes = lang_codes(fl.lang, lm.table)
+    if fl.prompt_lang and fl.prompt_lang != NO_HINT and fl.prompt_lang not in lm.table.codes:
+      raise ConfigError(f"--prompt_lang={fl.prompt_lang} is not a language of {lm.step_dir} (it "
+                        f"has {', '.join(lm.table.codes)}, or {NO_HINT} for no language hint)")
+    rows = [(code, p, k) for code in codes for p in prompts for k in range(fl.num_samples)]
     for start in range(0, len(rows), fl.batch_size):
       chunk = rows[start:start + fl.batch_size]
-      outs = generate(lm.model, lm.params, lm.vocab, [p for p, _ in chunk], lang,
+      langs = [lang_id_of(lm.table, code) for code, _, _ in chunk]
+      prompt_langs = ([lang_id_of(lm.table, fl.prompt_lang)] * len(chunk) if fl.prompt_lang
+                      else langs)
+      outs = generate(lm.model, lm.params, lm.vocab, [p for _, p, _ in chunk], langs,
                       max_len=fl.max_len, temperature=fl.temperature, top_k=fl.top_k,
-                      top_p=fl.top_p, seed=fl.seed + start, prompt_lang_ids=prompt_lang)
-      for (p, k), text in zip(chunk, outs):
-        tag = f"[{fl.lang} #{k}]" if fl.num_samples > 1 else f"[{fl.lang}]"
+                      top_p=fl.top_p, seed=fl.seed + start, prompt_lang_ids=prompt_langs)
+      for (code, p, k), text in zip(chunk, outs):
+        tag = f"[{code} #{k}]" if fl.num_samples > 1 else f"[{code}]"
         print(f"{tag} {p}\u2192{text}" if p else f"{tag} {text}", flush=True)
 
   cli.run_tool(argv, __doc__, _define_flags, body, check=_check_flags)

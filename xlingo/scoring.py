@@ -74,7 +74,8 @@ def translate_scores(lm, examples, src: str, tgt: str, *, max_examples: int,
     padded = chunk + [chunk[0]] * (BATCH_ROWS - len(chunk))
     out = decode.generate_ids(model, params, padded, tgt_id, max_len=max_new,
                               prompt_lang_ids=src_id, eos_id=vocab.eos_id,
-                              start_id=vocab.start_id)
+                              start_id=vocab.start_id,
+                              utf8=decode.utf8_table(vocab, model.config.vocab_size))
     hyps += [vocab.decode(o) if o else "" for o in out[:len(chunk)]]
   refs = [ref for _, ref, _ in rows]
   return {**score_translations(hyps, refs, tgt), "examples": len(rows),

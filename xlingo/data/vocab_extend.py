@@ -392,6 +392,10 @@ def extension_sources(meta: dict, config, where: str) -> dict[int, list[int]] | 
         f"{where}: the checkpoint was trained with a different vocabulary (vocabulary file "
         f"SHA-1 {have_sha[:12]} vs {want_sha[:12]} of data.vocab_path); set data.vocab_path to "
         "the checkpoint's vocabulary (or to an extension of it, with model.vocab_size its size)")
+  if have_sha and have_sha == want_sha and isinstance(old_size, int):
+    raise CheckpointError(
+        f"{where}: data.vocab_path={new_path} is the checkpoint's own vocabulary of {old_size} "
+        f"pieces, but model.vocab_size={new_size}; set --config.model.vocab_size={old_size}")
   old = meta.get("vocab_path")
   if not (have_sha and old and isinstance(old_size, int)):
     raise CheckpointError(

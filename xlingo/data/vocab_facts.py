@@ -111,6 +111,73 @@ def bytes_to_piece(data: bytes) -> str:
   return "".join(table[b] for b in data)
 
 
+def byte_counts(byte_strings) -> np.ndarray:
+  """The length of each id's bytes (``piece_bytes()`` of both kinds of vocabulary), read-only."""
+  out = np.fromiter(map(len, byte_strings), np.int32, count=len(byte_strings))
+  out.setflags(write=False)
+  return out
+
+
+# --- UTF-8 validity of sampled pieces -------------------------------------------------------
+
+# The states of a UTF-8 reader between pieces: what the bytes so far still need. A lead byte
+# fixes how many continuation bytes (0x80-0xBF) follow; after E0, ED, F0 and F4 the first one
+# has a narrower range, which rules out overlong forms (E0 80, F0 80), UTF-16 surrogates (ED A0)
+# and code points past U+10FFFF (F4 90). REJECT: no valid text has this prefix.
+UTF8_READY, UTF8_NEED1, UTF8_NEED2, UTF8_NEED3 = 0, 1, 2, 3
+UTF8_AFTER_E0, UTF8_AFTER_ED, UTF8_AFTER_F0, UTF8_AFTER_F4 = 4, 5, 6, 7
+UTF8_STATES = 8
+UTF8_REJECT = 8
+
+
+def _utf8_step(state: int, b: int) -> int:
+  if state == UTF8_READY:
+    if b < 0x80:
+      return UTF8_READY
+    if 0xC2 <= b <= 0xDF:
+      return UTF8_NEED1
+    if b == 0xE0:
+      return UTF8_AFTER_E0
+    if b == 0xED:
+      return UTF8_AFTER_ED
+    if 0xE1 <= b <= 0xEF:
+      return UTF8_NEED2
+    if b == 0xF0:
+      return UTF8_AFTER_F0
+    if b == 0xF4:
+      return UTF8_AFTER_F4
+    if 0xF1 <= b <= 0xF3:
+      return UTF8_NEED3
+    return UTF8_REJECT  # a lone continuation byte, C0/C1 (overlong) or F5-FF
+  lo, hi, then = {
+      UTF8_NEED1: (0x80, 0xBF, UTF8_READY), UTF8_NEED2: (0x80, 0xBF, UTF8_NEED1),
+      UTF8_NEED3: (0x80, 0xBF, UTF8_NEED2), UTF8_AFTER_E0: (0xA0, 0xBF, UTF8_NEED1),
+      UTF8_AFTER_ED: (0x80, 0x9F, UTF8_NEED1), UTF8_AFTER_F0: (0x90, 0xBF, UTF8_NEED2),
+      UTF8_AFTER_F4: (0x80, 0x8F, UTF8_NEED2)}[state]
+  return then if lo <= b <= hi else UTF8_REJECT
+
+
+def utf8_transitions(byte_strings, size: int | None = None) -> np.ndarray:
+  """``[UTF8_STATES, size]`` int8: the reader's state after each id's bytes, from each state
+  (UTF8_REJECT where they cannot follow). An id with no bytes (EOS, other special ids, and the
+  model's rows past the vocabulary) keeps a complete text complete and is rejected inside an
+  unfinished character, so a row cannot stop in the middle of one."""
+  size = max(size or 0, len(byte_strings))
+  out = np.full((UTF8_STATES, size), UTF8_REJECT, np.int8)
+  out[UTF8_READY] = UTF8_READY
+  step = [[_utf8_step(s, b) for b in range(256)] for s in range(UTF8_REJECT)] + [
+      [UTF8_REJECT] * 256]
+  for i, data in enumerate(byte_strings):
+    for start in range(UTF8_STATES):
+      state = start
+      for b in data:
+        state = step[state][b]
+        if state == UTF8_REJECT:
+          break
+      out[start, i] = state if data or start == UTF8_READY else UTF8_REJECT
+  return out
+
+
 def check_size(vocab, model_vocab_size: int) -> None:
   """VocabError unless the model has one row per id: ``vocab.vocab_size == model_vocab_size``,
   or for a Hugging Face tokenizer at least that many (models pad their tables: Qwen2's 151,936

@@ -11,6 +11,7 @@
   encode(text)    ids of one text, no special token added; decode(ids) the text back
   encode_flat     ids of many texts at once: (all ids concatenated, length of each)
   piece_bytes()   UTF-8 bytes each id stands for (0 for special ids): bits per byte
+  piece_byte_strings()  those bytes themselves (sampling's UTF-8 mask, xlingo.decode)
 
 and never SentencePiece or the ``tokenizers`` library themselves. Both kinds are
 ``seqio.Vocabulary`` subclasses, so seqio tasks take them as they are.
@@ -78,6 +79,7 @@ class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
     self.path = paths.resolve(path)
     super().__init__(v.local_model(path))
     self._piece_bytes = None
+    self._piece_strings = None
 
   @property
   def checksum(self) -> str:
@@ -109,16 +111,27 @@ class SentencePieceVocabulary(seqio.SentencePieceVocabulary):
     """UTF-8 bytes of the normalised text each piece stands for ("▁" as a space, a byte piece
     1, control and unknown pieces 0)."""
     if self._piece_bytes is None:
-      sp = self.tokenizer
-      out = np.zeros(sp.get_piece_size(), np.int32)
-      for i in range(sp.get_piece_size()):
-        if sp.is_control(i) or sp.is_unknown(i):
-          continue
-        out[i] = 1 if sp.is_byte(i) else len(sp.id_to_piece(i).replace("\u2581", " ").encode())
-      out.setflags(write=False)
-      self._piece_bytes = out
+      self._piece_bytes = v.byte_counts(self.piece_byte_strings())
     return self._piece_bytes
 
+  def piece_byte_strings(self) -> tuple[bytes, ...]:
+    """The bytes each id stands for: a ``<0xNN>`` byte piece its byte, another piece its text
+    with "▁" as a space, control and unknown pieces none."""
+    if self._piece_strings is None:
+      self._piece_strings = self._byte_strings()
+    return self._piece_strings
+
+  def _byte_strings(self) -> tuple[bytes, ...]:
+    sp = self.tokenizer
+    out = []
+    for i in range(sp.get_piece_size()):
+      if sp.is_control(i) or sp.is_unknown(i):
+        out.append(b"")
+      elif sp.is_byte(i):
+        out.append(bytes([int(sp.id_to_piece(i)[3:5], 16)]))
+      else:
+        out.append(sp.id_to_piece(i).replace("\u2581", " ").encode())
+    return tuple(out)
 
 
 # --- Hugging Face tokenizer.json ------------------------------------------------------------
@@ -175,6 +188,7 @@ class HFVocabulary(seqio.Vocabulary):
     self.byte_level = _has_type(self.spec.get("pre_tokenizer"), "ByteLevel") or _has_type(
         self.spec.get("decoder"), "ByteLevel")
     self._piece_bytes = None
+    self._piece_strings = None
 
   def _config(self) -> dict:
     where = paths.join(paths.dirname(self.path), v.HF_CONFIG)
@@ -279,23 +293,32 @@ class HFVocabulary(seqio.Vocabulary):
     a ``<0xNN>`` byte-fallback piece 1, another piece's text with "▁" as a space, an added
     token's content; special tokens and unused ids 0."""
     if self._piece_bytes is None:
-      out = np.zeros(self._size, np.int32)
-      added = {int(i): t for i, t in self.tokenizer.get_added_tokens_decoder().items()}
-      byte_fallback = bool(self.spec.get("model", {}).get("byte_fallback"))
-      for piece, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
-        if i in added or i == self._unk:
-          continue
-        if self.byte_level:
-          out[i] = len(v.piece_to_bytes(piece))
-        elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece[-1] == ">":
-          out[i] = 1
-        else:
-          out[i] = len(piece.replace("\u2581", " ").encode("utf-8"))
-      for i, t in added.items():
-        out[i] = 0 if t.special else len(t.content.encode("utf-8"))
-      out.setflags(write=False)
-      self._piece_bytes = out
+      self._piece_bytes = v.byte_counts(self.piece_byte_strings())
     return self._piece_bytes
+
+  def piece_byte_strings(self) -> tuple[bytes, ...]:
+    """The bytes each id stands for (``piece_bytes`` counts them); special and unused ids
+    none."""
+    if self._piece_strings is None:
+      self._piece_strings = self._byte_strings()
+    return self._piece_strings
+
+  def _byte_strings(self) -> tuple[bytes, ...]:
+    out = [b""] * self._size
+    added = {int(i): t for i, t in self.tokenizer.get_added_tokens_decoder().items()}
+    byte_fallback = bool(self.spec.get("model", {}).get("byte_fallback"))
+    for piece, i in self.tokenizer.get_vocab(with_added_tokens=False).items():
+      if i in added or i == self._unk:
+        continue
+      if self.byte_level:
+        out[i] = v.piece_to_bytes(piece)
+      elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece[-1] == ">":
+        out[i] = bytes([int(piece[3:5], 16)])
+      else:
+        out[i] = piece.replace("\u2581", " ").encode("utf-8")
+    for i, t in added.items():
+      out[i] = b"" if t.special else t.content.encode("utf-8")
+    return tuple(out)
 
   def __eq__(self, other):
     return isinstance(other, HFVocabulary) and other.checksum == self.checksum

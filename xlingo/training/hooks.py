@@ -226,14 +226,15 @@ class TokenCounter:
 class LogWindow:
   """The steps since the last log line: their summed metrics, the time they took and the time
   spent waiting for input; every ``train.log_every`` steps one line of means, throughput and
-  MFU (``flops_per_token`` against ``peak`` FLOP/s per device)."""
+  MFU (``flops_per_token`` against ``peak`` FLOP/s per device; ``peak_measured``: a matmul
+  rate measured at start-up, not the hardware's peak, and the line says so)."""
 
   def __init__(self, env: Env, delivered: TokenCounter, start: int, flops_per_token: float,
-               peak: float):
+               peak: float, peak_measured: bool = False):
     self.env, self.delivered = env, delivered
     t = env.config.train
     self.tokens_per_step = t.batch_size * env.config.data.seq_len
-    self.progress = metrics.Progress(t.steps, start)
+    self.progress = metrics.Progress(t.steps, start, mfu_measured=peak_measured)
     self.lr_fn = _lr_fn(t)
     self.flops_per_token, self.peak = flops_per_token, peak
     self.acc, self.flags = None, []
@@ -282,9 +283,11 @@ class LogWindow:
     scalars.update(self.delivered.add(host["tokens_lang"]))
     scalars["loss"] = float(host["loss"] / n)
     scalars["grad_norm"] = float(host["grad_norm"] / n)
+    terms = []  # the objective's own terms (lid_loss, contrastive_acc, kl, ce, l2_init, ...)
     for k, v in host.items():
       if k.endswith("_sum") and np.ndim(v) == 0:
         scalars[k[:-4]] = float(v / max(float(host["total_weight"]), 1.0))
+        terms.append(k[:-4])
     scalars["learning_rate"] = float(self.lr_fn(tick.step))
     scalars["step_time_s"] = elapsed / n
     scalars["tokens_per_s"] = tokens / elapsed
@@ -292,7 +295,9 @@ class LogWindow:
     scalars["input_wait_s"] = self.wait_s / n
     scalars["input_wait_frac"] = self.wait_s / elapsed
     self.env.writer.write(tick.step, scalars)
-    metrics.console(self.progress.line(tick.step, scalars))
+    # Each term's loss before its accuracy: "lid_loss 0.69 lid_acc 51.0%".
+    terms.sort(key=lambda k: (k.removesuffix("_acc").removesuffix("_loss"), k.endswith("_acc")))
+    metrics.console(self.progress.line(tick.step, scalars, terms=terms))
     self.env.last.update(scalars)
     self.acc = None
     self.restart()

@@ -25,6 +25,7 @@ from xlingo.model import decoder as decoder_lib
 from xlingo.model import peft
 from xlingo.training import checkpoints as ckpt_lib
 from xlingo.training import hooks, layout, load, metrics, storage_faults, terms
+from xlingo.training import restore as restore_lib
 from xlingo.training import state as state_lib
 from xlingo.training import step as step_lib
 from xlingo.training import workdir as workdir_lib
@@ -180,7 +181,8 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   writer = metrics.MetricWriter(workdir, start, storage=ckpts.storage)
   env = hooks.Env(recipe.name, config, workdir, codes, writer, {},
                   lambda state, step: ckpt_lib.save_best(workdir, config, state, step))
-  window = hooks.LogWindow(env, delivered, start, flops_tok, peak)
+  window = hooks.LogWindow(env, delivered, start, flops_tok, peak,
+                           peak_measured=peak_src.startswith(metrics.MEASURED))
   every = [window.hook(), hooks.validation(env, evaluate, window),
            *(make(env) for make in recipe.hooks), hooks.plot(env)]
   if start == 0 and has_val:
@@ -255,9 +257,12 @@ def _initial_state(config, workdir, s: Setup, objective, ckpts, train_it, delive
     metrics.truncate_jsonl_after(paths.join(workdir, layout.METRICS), start)
     return state, start
   if config.checkpoint.init_from:
-    params = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
-                             mesh=s.mesh, rules=s.rules, model_from="config").params
+    lm = load.load_model(config, config.checkpoint.init_from, what="checkpoint.init_from",
+                         mesh=s.mesh, rules=s.rules, model_from="config")
+    params = lm.params
     metrics.console(f"initialised parameters from {config.checkpoint.init_from}")
+    for line in restore_lib.structural_changes(lm.meta, config):
+      metrics.console(line)
     return s.factory.from_params(params), 0
   if objective.initial_params is not None:
     return s.factory.from_params(objective.initial_params(s.factory)), 0

@@ -79,6 +79,9 @@ def measure_matmul_flops(n: int = 1024, dtype=jnp.float32, repeats: int = 5) -> 
   return 2 * n**3 / best
 
 
+MEASURED = "measured matmul"  # peak_flops_per_device's source when no hardware peak is known
+
+
 def peak_flops_per_device(configured: float, compute_dtype: str) -> tuple[float, str]:
   """(FLOP/s, where the figure comes from): config, the device table, or a measured matmul."""
   if configured and configured > 0:
@@ -90,7 +93,7 @@ def peak_flops_per_device(configured: float, compute_dtype: str) -> tuple[float,
   # CPU or unknown: measure. With fake CPU devices all share the same cores, so the ceiling of
   # the whole host is divided among them.
   host = measure_matmul_flops(1024, jnp.dtype(compute_dtype))
-  return host / max(jax.local_device_count(), 1), f"measured matmul ({kind})"
+  return host / max(jax.local_device_count(), 1), f"{MEASURED} ({kind})"
 
 
 class MetricWriter:
@@ -248,21 +251,34 @@ def _start_history(path: str, start_step: int) -> None:
 
 
 class Progress:
-  """One console line per log step: step, loss, steps/s, tokens/s, MFU, ETA."""
+  """One console line per log step: step, loss, each active objective term, steps/s, tokens/s,
+  MFU, input wait, ETA.
 
-  def __init__(self, total_steps: int, start_step: int):
+  ``mfu_measured``: the peak is a matmul rate measured at start-up (CPU, unknown devices), not
+  a hardware peak. It is measured under the same load as the run, so a crawling machine still
+  shows a high share; the line says what the share is of ("MFU* 80% of measured matmul")
+  rather than pass it off as utilisation of the hardware."""
+
+  def __init__(self, total_steps: int, start_step: int, mfu_measured: bool = False):
     self.total = total_steps
     self.start_step = start_step
+    self.mfu_measured = mfu_measured
     self.t0 = time.perf_counter()
 
-  def line(self, step: int, m: Mapping[str, float]) -> str:
+  def line(self, step: int, m: Mapping[str, float], terms=()) -> str:
+    """``terms``: the names in ``m`` of the objective's own metrics (``lid_loss``,
+    ``contrastive_acc``, ``kl``, ...), shown after the loss; ``*_acc`` as a percentage."""
     elapsed = time.perf_counter() - self.t0
     done = step - self.start_step
     rate = done / elapsed if elapsed > 0 else 0.0
     eta = (self.total - step) / rate if rate > 0 else float("nan")
+    shown = " ".join(f"{k} {100 * m[k]:.1f}%" if k.endswith("_acc") else f"{k} {m[k]:.4g}"
+                     for k in terms if k in m)
+    mfu = 100 * m.get("mfu", 0)
+    mfu = f"MFU* {mfu:.0f}% of measured matmul" if self.mfu_measured else f"MFU {mfu:.1f}%"
     return (f"step {step:>6}/{self.total} | loss {m.get('loss', float('nan')):.4f} | "
-            f"{rate:.2f} steps/s | {m.get('tokens_per_s', 0):,.0f} tok/s | "
-            f"MFU {100 * m.get('mfu', 0):.1f}% | input wait "
+            + (f"{shown} | " if shown else "")
+            + f"{rate:.2f} steps/s | {m.get('tokens_per_s', 0):,.0f} tok/s | {mfu} | input wait "
             f"{100 * m.get('input_wait_frac', 0):.1f}% | ETA {_fmt_time(eta)}")
 
 

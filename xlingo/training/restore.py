@@ -148,10 +148,43 @@ def checkpoint_meta(config, step: int, restore_step: int | None = None) -> dict:
   meta = model_fingerprint(config) | {"step": int(step),
                                       "vocab_path": vocab_facts.configured(config.data)[0],
                                       "peft": spec.to_meta() if spec else None,
-                                      "settings": state_settings(config)}
+                                      "settings": state_settings(config),
+                                      "dtypes": trained_dtypes(config)}
   if restore_step:
     meta["restore_step"] = int(restore_step)
   return meta
+
+
+def trained_dtypes(config) -> dict:
+  """The dtypes a model was trained in (a checkpoint's ``dtypes``: what a teacher is compared
+  with; not part of the fingerprint, since any dtype restores)."""
+  return {"model.dtype": str(config.model.dtype), "model.param_dtype": str(config.model.param_dtype)}
+
+
+def structural_changes(meta: dict, config) -> list[str]:
+  """One line per way ``config``'s model grows the init_from checkpoint's (``meta``): the
+  vocabulary rows old -> new and how the new ones start, the languages appended and their ids
+  (``load_params`` does the growing); a line saying so when nothing grows."""
+  lines = []
+  old_v, new_v = meta.get("vocab_size"), int(config.model.vocab_size)
+  if isinstance(old_v, int) and old_v != new_v:
+    where = ("token embedding rows" if config.model.tie_embeddings
+             else "token embedding rows and output kernel columns")
+    lines.append(
+        f"vocabulary: {old_v:,} -> {new_v:,} pieces (+{new_v - old_v:,}, "
+        f"data.vocab_path={vocab_facts.configured(config.data)[0]}); the new {where} start at "
+        "the mean of the checkpoint's rows for the old pieces each new piece's text encodes to")
+  old_l, new_l = list(meta.get("languages") or ()), list(config.data.languages)
+  added = new_l[len(old_l):] if old_l and new_l[:len(old_l)] == old_l else []
+  if added:
+    ids = ", ".join(f"{c} (id {len(old_l) + i})" for i, c in enumerate(added))
+    lid = " and language-ID head rows" if config.model.lid_head else ""
+    lines.append(f"languages: {', '.join(old_l)} + new {ids}; their language-embedding{lid} rows "
+                 "start fresh from the model's initialiser")
+  if not lines:
+    lines.append(f"structure as in the checkpoint: {new_v:,} vocabulary pieces, languages "
+                 f"{', '.join(new_l)}")
+  return lines
 
 
 def export_meta(config, step: int | None) -> dict:
