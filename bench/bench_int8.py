@@ -67,6 +67,8 @@ def aot(argv) -> None:
 
 
 def curve(steps: int, seeds: list[int]) -> None:
+  # CPU only: an installed libtpu would otherwise look for a TPU (and wait on its lock file).
+  os.environ["JAX_PLATFORMS"] = "cpu"
   import numpy as np
 
   sys.path.insert(0, ROOT)

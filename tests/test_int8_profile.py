@@ -11,6 +11,7 @@ import pytest
 from helpers import metrics_rows
 
 from configs import tiny
+from xlingo.errors import ConfigError
 from xlingo.model.matmul import flat_matmul
 
 
@@ -43,6 +44,8 @@ def test_int8_dense_close_to_float():
   hlo = jax.jit(jax.grad(loss, (0, 1)), static_argnums=2).lower(x, w, "int8").as_text()
   dots = [ln for ln in hlo.splitlines() if "dot_general" in ln]
   assert len(dots) == 3 and all("xi8>, tensor<" in ln and "xi32>" in ln for ln in dots), dots
+  with pytest.raises(ConfigError, match="model.quantization='int4'; use one of none, int8"):
+    flat_matmul(x, w, quantization="int4")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +63,15 @@ def int8_run(tmp_path_factory):
   return wd
 
 
+@pytest.mark.slow
 def test_int8_tiny_model_trains(int8_run):
   losses = [r["loss"] for r in metrics_rows(int8_run) if "loss" in r]
   assert len(losses) == 4 and all(np.isfinite(losses)), losses
   assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.1, losses
 
 
-def test_profile_steps_leave_a_trace(int8_run, capsys):
+@pytest.mark.slow
+def test_profile_steps_leave_a_trace(int8_run):
   found = glob.glob(os.path.join(int8_run, "profile", "**", "*.xplane.pb"), recursive=True)
   assert found and all(os.path.getsize(f) > 0 for f in found), found
   assert glob.glob(os.path.join(int8_run, "profile", "**", "*.trace.json.gz"), recursive=True)
