@@ -75,3 +75,24 @@ def test_profile_steps_leave_a_trace(int8_run):
   found = glob.glob(os.path.join(int8_run, "profile", "**", "*.xplane.pb"), recursive=True)
   assert found and all(os.path.getsize(f) > 0 for f in found), found
   assert glob.glob(os.path.join(int8_run, "profile", "**", "*.trace.json.gz"), recursive=True)
+
+
+def test_profile_to_a_gs_workdir(gcs_emulator):
+  """jax.profiler writes local files only: with a gs:// workdir the hook traces into a local
+  temporary directory and copies the trace through the path layer."""
+  import ml_collections
+
+  from xlingo import paths
+  from xlingo.training import hooks
+
+  wd = f"gs://{gcs_emulator.bucket()}/run"
+  config = ml_collections.ConfigDict({"train": {"profile_steps": (1, 1)}})
+  env = hooks.Env("lm", config, wd, [], None, {}, lambda *_: None)
+  hook = hooks.profiler(env)
+  state = jnp.ones((64, 64))
+  for step in (1, 2, 3):
+    state = jax.jit(lambda s: s @ s / 64)(state)
+    if hook.due(step, step == 3):
+      hook.fn(hooks.Tick(step, state, is_last=step == 3))
+  found = paths.glob(f"{wd}/profile/plugins/profile/*/*.xplane.pb")
+  assert len(found) == 1 and paths.size(found[0]) > 0, found
