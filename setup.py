@@ -33,6 +33,9 @@ INSTALL_REQUIRES = [
     "tokenizers==0.23.3",
     "safetensors==0.8.0",
     "gguf==0.19.0",
+    # model.quantization='int8': Qwix's quantized-training dot (xlingo/model/matmul.py); pure
+    # Python over jax/flax, nothing else pulled in.
+    "qwix==0.1.8",
 ]
 
 EXTRAS = {

@@ -147,6 +147,11 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.param_dtype = "float32"
   model.remat_policy = "none"  # none | full | dots_saveable
   model.scan_layers = True
+  # none | int8: int8 matmuls (forward and both gradient matmuls) in the blocks' attention
+  # projections and MLP, through Qwix (xlingo/model/matmul.py); embeddings, the vocabulary
+  # projection, norms and attention itself stay in model.dtype. Not a shape key: a checkpoint
+  # trained one way restores the other.
+  model.quantization = "none"
   model.lid_head = False  # auxiliary language-identification head
   # Per example (packed segment), the rate at which training hides the language hint (the
   # "unknown language", a zero language vector): the model learns to work without one
@@ -293,6 +298,9 @@ def _train_defaults() -> ml_collections.ConfigDict:
   train.eval_batches = 4
   train.peak_flops_per_device = 0.0  # 0: look the device kind up
   train.trainable = ".*"  # regex over parameter paths; the rest is frozen
+  # (start, count): a jax.profiler trace of the `count` steps after step `start` (start >= 1;
+  # step 1 warms up) in WORKDIR/profile (hooks.profiler); count 0: no trace.
+  train.profile_steps = (0, 0)
   return train
 
 

@@ -335,14 +335,15 @@ class Attention(nn.Module):
     )
 
     x_btd = x_btd.astype(dtype)
+    mm = functools.partial(flat_matmul, quantization=cfg.quantization)
     lora = functools.partial(peft.add_lora, self, spec=self.peft, dtype=dtype,
                              param_dtype=param_dtype)
     q_btnh, k_btkh, v_btkh = lora(x_btd, [
-        ("query", flat_matmul(x_btd, w_q.astype(dtype)), w_q.shape,
+        ("query", mm(x_btd, w_q.astype(dtype)), w_q.shape,
          ("embed", "heads", "head_dim")),
-        ("key", flat_matmul(x_btd, w_k.astype(dtype)), w_k.shape,
+        ("key", mm(x_btd, w_k.astype(dtype)), w_k.shape,
          ("embed", "kv_heads", "head_dim")),
-        ("value", flat_matmul(x_btd, w_v.astype(dtype)), w_v.shape,
+        ("value", mm(x_btd, w_v.astype(dtype)), w_v.shape,
          ("embed", "kv_heads", "head_dim"))])
     if cfg.qkv_bias:
       q_btnh, k_btkh, v_btkh = (y + self.param(
@@ -366,7 +367,7 @@ class Attention(nn.Module):
       k_pkh, v_pkh = peft.prefix_params(self, self.peft, k, h, param_dtype)
       out_btnh = out_btnh + peft.prefix_attention(q_content_btnh, k_pkh, v_pkh)
     out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
-    (out_btd,) = lora(out_btnh, [("out", flat_matmul(out_btnh, w_o.astype(dtype), contract=2),
+    (out_btd,) = lora(out_btnh, [("out", mm(out_btnh, w_o.astype(dtype), contract=2),
                                   w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
     return nn.with_logical_constraint(out_btd, BTD)
 

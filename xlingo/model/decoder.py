@@ -84,13 +84,14 @@ class SwiGluMlp(nn.Module):
     w_down = self.param(
         "down", nn.with_logical_partitioning(_kernel_init(), ("mlp", "embed")), (f, d), param_dtype
     )
+    mm = functools.partial(flat_matmul, quantization=cfg.quantization)
     lora = functools.partial(peft_lib.add_lora, self, spec=self.peft, dtype=dtype,
                              param_dtype=param_dtype)
     gate_btf, up_btf = lora(x_btd, [
-        ("gate", flat_matmul(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
-        ("up", flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
+        ("gate", mm(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
+        ("up", mm(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
-    (out_btd,) = lora(h_btf, [("down", flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
+    (out_btd,) = lora(h_btf, [("down", mm(h_btf, w_down.astype(dtype)), (f, d),
                                ("mlp", "embed"))])
     return nn.with_logical_constraint(out_btd, BTD)
 

@@ -4,7 +4,7 @@ A :class:`Hook` runs ``fn(tick)`` after every ``every``-th step and after the la
 0: once, at the end of a run that finished). The loop's own are the log line (timing, MFU,
 tokens per language: :class:`LogWindow`), validation (per-language bits per byte plus every
 evaluator of the objective's terms: :func:`validator`, which ``xlingo.evaluate`` runs too) and
-the per-language plot at the end; an entry point adds its own through its recipe
+the per-language plot at the end, and the profiler's trace (:func:`profiler`); an entry point adds its own through its recipe
 (``step.Recipe.hooks``: factories ``(env) -> Hook``), e.g. adaptation's best copy and early
 stopping (:class:`EarlyStopping`) and its report at the end. A hook that returns True stops the
 run after this step (its state is saved first, as at any stop).
@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from xlingo import paths
 from xlingo.data import iterator
-from xlingo.training import metrics
+from xlingo.training import layout, metrics
 
 LN2 = math.log(2.0)
 
@@ -190,6 +193,36 @@ def plot(env: Env) -> Hook:
       metrics.console(f"per-language curves: {png}")
 
   return Hook(0, fn)
+
+
+def profiler(env: Env) -> Hook:
+  """``train.profile_steps=(start, count)``: a ``jax.profiler`` trace of steps start+1 ..
+  start+count (as the log numbers them) in WORKDIR/profile, for TensorBoard's profile plugin
+  (``*.xplane.pb``) or Perfetto (``*.trace.json.gz``). The trace starts after step ``start``'s
+  state is ready, so no earlier step's work shows in it, and stops once the last traced step's
+  state is; a run that ends inside the window stops it at its last step. jax.profiler writes
+  only local files: with a remote workdir the trace goes to a local temporary directory first
+  and is copied through the path layer."""
+  start, count = (int(v) for v in env.config.train.profile_steps)
+  out = paths.join(env.workdir, layout.PROFILE)
+  local = {}  # the directory being traced into, while a trace runs
+
+  def fn(tick: Tick):
+    if not local and tick.step == start:
+      jax.block_until_ready(tick.state)
+      local["dir"] = tempfile.mkdtemp(prefix="xlingo-profile-") if paths.is_remote(out) else out
+      jax.profiler.start_trace(local["dir"], create_perfetto_trace=True)
+    elif local and (tick.step == start + count or tick.is_last):
+      jax.block_until_ready(tick.state)
+      jax.profiler.stop_trace()
+      if local["dir"] != out:
+        paths.copy_tree(local["dir"], out)
+        shutil.rmtree(local["dir"], ignore_errors=True)
+      local.clear()
+      metrics.console(f"profile of steps {start + 1}-{tick.step}: {out} (tensorboard --logdir "
+                      f"{out}, or the .trace.json.gz in ui.perfetto.dev)")
+
+  return Hook(1 if count else 0, fn)
 
 
 # --- the log line ---------------------------------------------------------------------------

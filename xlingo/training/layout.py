@@ -5,6 +5,7 @@
   WORKDIR/lock/                 one trainer per workdir (workdir.py)
   WORKDIR/metrics.jsonl         one JSON row per logged or evaluated step (metrics.py)
   WORKDIR/tensorboard/          the same rows as TensorBoard events
+  WORKDIR/profile/              jax.profiler traces of train.profile_steps (hooks.profiler)
   WORKDIR/languages.png         validation bits per byte per language over the run
   WORKDIR/<objective>_report.json   the report at the end of a run (adapt_report.json)
 
@@ -20,6 +21,7 @@ LOCK = "lock"
 METRICS = "metrics.jsonl"
 TENSORBOARD = "tensorboard"
 LANGUAGES_PLOT = "languages.png"
+PROFILE = "profile"
 
 
 def report_name(objective: str) -> str:

@@ -83,6 +83,10 @@ def validate_config(config) -> None:
                       "failing or stalled storage call is retried)")
   if c.restore_step < 0:
     raise ConfigError(f"checkpoint.restore_step={c.restore_step} must be >= 0 (0: the latest)")
+  prof = tuple(t.profile_steps)
+  if len(prof) != 2 or (prof[1] and prof[0] < 1) or prof[1] < 0:
+    raise ConfigError(f"train.profile_steps={prof} is not (start >= 1, count >= 0); e.g. "
+                      "--config.train.profile_steps='(5, 3)' traces steps 6-8")
   if t.batch_size % t.microbatches:
     raise ConfigError(f"train.batch_size={t.batch_size} does not divide into "
                       f"train.microbatches={t.microbatches}; use a divisor")
@@ -183,7 +187,7 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
                   lambda state, step: ckpt_lib.save_best(workdir, config, state, step))
   window = hooks.LogWindow(env, delivered, start, flops_tok, peak,
                            peak_measured=peak_src.startswith(metrics.MEASURED))
-  every = [window.hook(), hooks.validation(env, evaluate, window),
+  every = [hooks.profiler(env), window.hook(), hooks.validation(env, evaluate, window),
            *(make(env) for make in recipe.hooks), hooks.plot(env)]
   if start == 0 and has_val:
     with sharding.mesh_context(s.mesh, s.rules):
