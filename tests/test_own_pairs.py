@@ -84,6 +84,31 @@ def test_pair_splits_registered_tabled_and_read(tmp_path, caplog):
   with pytest.raises(ConfigError, match=r"--translate en-fr: no validation pairs; set "
                      r"data\.file_pair_val_patterns\.en-fr \(a glob"):
     evaluate.translation_pairs(cfg, ["en-fr"], {})
+  scored = {"m": {"step": 1, "metrics": {"translate/en-de/bleu": 1.5,
+                                         "translate/en-de/chrf": 9.0}}}
+  head = evaluate.format_table({"results": scored, "translate_split": "test"}, ["en"])
+  assert head.startswith("validation bits per byte, translation BLEU/chrF (test pairs)\n")
+
+
+@pytest.mark.slow
+def test_a_short_run_reports_retrieval_on_own_pairs(tmp_path):
+  """Pretraining with contrastive alignment on the user's pairs reports val/retrieval for the
+  pair given validation files, with no other setting."""
+  import json
+
+  from xlingo import train
+
+  _corpus(tmp_path)
+  cfg = _config(tmp_path)
+  cfg.data.translation_pairs = ()
+  cfg.train.contrastive.weight = 0.1
+  cfg.train.steps = cfg.train.eval_every = cfg.checkpoint.every_steps = 2
+  train.run(cfg, str(tmp_path / "run"))
+  rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+  val = [r for r in rows if "val/bpb" in r][-1]
+  assert val["step"] == 2
+  assert {k for k in val if k.startswith("val/retrieval/")} == {
+      "val/retrieval/en-de", "val/retrieval/de-en"}
 
 
 def _refused(cfg, match):

@@ -140,7 +140,9 @@ def format_table(report: dict, codes) -> str:
   widths = [max(len(x) for x in col) for col in zip(head, *lines)]
   fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths)))
-  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else ""),
+  split = report.get("translate_split", "validation")
+  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else "")
+         + (f" ({split} pairs)" if pairs and split != "validation" else ""),
          fmt(head)] + [fmt(c) for c in lines]
   out += sorted({f"sacrebleu: BLEU {t['bleu_signature']}; chrF {t['chrf_signature']}"
                  for r in results.values() for t in r.get("translation", {}).values()})
@@ -202,6 +204,8 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   codes = list(dict.fromkeys([*config.data.languages,
                               *(c for r in results.values() for c in r["languages"])]))
   report = {"config_languages": codes, "results": results}
+  if translate:
+    report["translate_split"] = split
   if len(results) > 1:
     report["transfer"] = transfer_matrix(results, codes)
   if output and jax.process_index() == 0:
