@@ -46,7 +46,7 @@ def _config(tmp_path):
   return cfg
 
 
-def test_pair_splits_registered_tabled_and_read(tmp_path, caplog):
+def test_pair_splits_registered_tabled_and_read(tmp_path, caplog, capsys):
   lines = _corpus(tmp_path)
   cfg = _config(tmp_path)
   plan = inputs.plan_inputs(cfg)
@@ -84,6 +84,12 @@ def test_pair_splits_registered_tabled_and_read(tmp_path, caplog):
   with pytest.raises(ConfigError, match=r"--translate en-fr: no validation pairs; set "
                      r"data\.file_pair_val_patterns\.en-fr \(a glob"):
     evaluate.translation_pairs(cfg, ["en-fr"], {})
+  # Adaptation's report names the key that gives a pair BLEU/chrF.
+  from xlingo import adapt
+
+  assert adapt.translation_report(cfg, {}) == {"en-de": {}}  # no model to score; en-fr skipped
+  assert "en-fr: no validation pairs, so no BLEU/chrF (set data.file_pair_val_patterns.en-fr" \
+      in capsys.readouterr().out
   scored = {"m": {"step": 1, "metrics": {"translate/en-de/bleu": 1.5,
                                          "translate/en-de/chrf": 9.0}}}
   head = evaluate.format_table({"results": scored, "translate_split": "test"}, ["en"])
