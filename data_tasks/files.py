@@ -7,12 +7,14 @@ In the config:
 A file both trained and validated on is refused; a language without validation files is
 named in the start-of-run table (it gets no val/bpb).
   c.data.jsonl_field = "text"
-Parallel data: c.data.file_pair_patterns = {"en-sw": "/data/en-sw/train.tsv"} (source<TAB>target).
+Parallel data: c.data.file_pair_patterns = {"en-sw": "/data/en-sw/train.tsv"} (source<TAB>target),
+  c.data.file_pair_val_patterns = {"en-sw": "/data/en-sw/valid.tsv"}  # optional: its validation
+  c.data.file_pair_test_patterns = {"en-sw": "/data/en-sw/test.tsv"}  # and test splits
 """
 
 from data_tasks.registered import Registered
 from xlingo import paths as xpaths
-from xlingo.data import readers, tasks
+from xlingo.data import pairs, readers, tasks
 from xlingo.errors import DataError
 
 
@@ -26,16 +28,25 @@ def _split_files(lang, train_pat, val_pats, what):
   return files
 
 
-def _check_no_overlap(train: dict, validation: dict) -> None:
-  """A file that is both trained on and validated on would make validation meaningless
-  (e.g. the glob "/data/sw/*.jsonl" also matching "/data/sw/valid.jsonl"): refused."""
-  held = {xpaths.resolve(p): key for key, files in validation.items() for p in files}
+def _check_no_overlap(train: dict, held_out: dict) -> None:
+  """A file that is both trained on and held out would make validation meaningless
+  (e.g. the glob "/data/sw/*.jsonl" also matching "/data/sw/valid.jsonl"): refused, as is a
+  file in two held-out splits. ``held_out``: split -> {config key: files}."""
+  held = {}
+  for split, groups in held_out.items():
+    for key, files in groups.items():
+      for p in files:
+        other = held.setdefault(xpaths.resolve(p), (split, key))
+        if other[0] != split:
+          raise DataError(f"{key} matches {p}, which is also a {other[0]} file ({other[1]}); "
+                          "give each split its own files")
   for key, files in train.items():
     for p in files:
       if xpaths.resolve(p) in held:
-        raise DataError(f"{key} matches {p}, which is also a validation file "
-                        f"({held[xpaths.resolve(p)]}); narrow the train glob so that it leaves "
-                        "out the validation files (e.g. train-*.jsonl)")
+        split, other = held[xpaths.resolve(p)]
+        raise DataError(f"{key} matches {p}, which is also a {split} file ({other}); narrow the "
+                        "train glob so that it leaves out the held-out files (e.g. "
+                        "train-*.jsonl)")
 
 
 def _format(lang: str, files, field: str) -> str:
@@ -57,15 +68,16 @@ def register(data_cfg, vocab, prefix: str = "xlingo.files") -> Registered:
   field = data_cfg.get("jsonl_field", "text")
   split_files = {lang: _split_files(lang, pat, val_pats, "data.file_patterns")
                  for lang, pat in sorted(pats.items())}
-  pair_files = {}
-  for pair, pat in sorted(dict(data_cfg.get("file_pair_patterns", {}) or {}).items()):
-    pair_files[pair] = tasks.expand_pattern(pat, f"data.file_pair_patterns.{pair}")
-    tasks.check_utf8(pair_files[pair], f"data.file_pair_patterns.{pair}")
+  pair_files = pairs.configured_files(data_cfg)
+  key = lambda pair, split: f"data.{pairs.FILE_PAIR_KEYS[split]}.{pair}"
   _check_no_overlap(
       {**{f"data.file_patterns.{lang}": f["train"] for lang, f in split_files.items()},
-       **{f"data.file_pair_patterns.{pair}": f for pair, f in pair_files.items()}},
-      {f"data.file_val_patterns.{lang}": f["validation"] for lang, f in split_files.items()
-       if "validation" in f})
+       **{key(pair, "train"): f["train"] for pair, f in pair_files.items()}},
+      {"validation": {**{f"data.file_val_patterns.{lang}": f["validation"]
+                         for lang, f in split_files.items() if "validation" in f},
+                      **{key(pair, "validation"): f["validation"]
+                         for pair, f in pair_files.items() if "validation" in f}},
+       "test": {key(pair, "test"): f["test"] for pair, f in pair_files.items() if "test" in f}})
   lm = {}
   for lang, files in split_files.items():
     fmt = _format(lang, files["train"] + files.get("validation", []), field)
@@ -77,6 +89,6 @@ def register(data_cfg, vocab, prefix: str = "xlingo.files") -> Registered:
   for pair, files in pair_files.items():
     src, tgt = pair.split("-")
     name = tasks.mt_task_name(prefix, src, tgt)
-    tasks.register_translation_task(name, src, tgt, {"train": files}, vocab)
+    tasks.register_translation_task(name, src, tgt, files, vocab)
     mt[pair] = name
   return Registered(lm=lm, mt=mt)

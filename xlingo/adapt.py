@@ -172,8 +172,10 @@ def translation_report(config, models: dict) -> dict:
   for pair in config.data.translation_pairs or ():
     examples = scoring.validation_pairs(config, pair)
     if not examples:
-      metrics.console(f"{pair}: no validation pairs here (the embedded corpus has en-X and "
-                      "X-en), so no BLEU/chrF")
+      from xlingo.data import pairs
+
+      metrics.console(f"{pair}: no validation pairs, so no BLEU/chrF "
+                      f"({pairs.no_pairs_hint(config.data.source, pair)})")
       continue
     src, tgt = pair.split("-")
     out[pair] = {name: scoring.translate_scores(

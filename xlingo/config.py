@@ -240,6 +240,11 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
   data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
   data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
+  # "en-sw" -> glob (optional, for a pair of file_pair_patterns): its validation pairs
+  # (val/retrieval, BLEU/chrF in adaptation, evaluate --translate) and its test pairs
+  # (evaluate --translate --split test), never trained on.
+  data.file_pair_val_patterns = ml_collections.ConfigDict()
+  data.file_pair_test_patterns = ml_collections.ConfigDict()
   data.jsonl_field = "text"
   data.tfds_name = ""  # "wiki40b" or "c4/multilingual", for source=tfds
   data.tfds_data_dir = ""  # required for source=tfds: where the prepared datasets live

@@ -53,7 +53,7 @@ def validation_batches(lm) -> tuple[dict[str, list], object]:
       table=lm.table, vocab=lm.vocab, vocab_path=lm.vocab_path, lm_tasks={}, mt_tasks={},
       stats=[], rates={}, mixture="", seq_len=cfg.data.seq_len,
       eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm},
-      pair_tasks=pairs.pair_tasks(cfg, reg.mt, lm.table))
+      pair_tasks=pairs.pair_tasks(cfg, reg.mt, lm.table), source=cfg.data.source)
   return {lang: inputs.eval_batches(plan, cfg, lang, cfg.train.eval_batches)
           for lang in plan.eval_tasks}, plan
 
@@ -76,15 +76,19 @@ def validation_metrics(lm) -> dict:
     return hooks.validator(objective, eval_step, val_batches, codes, env, {})(lm.params)
 
 
-def translation_pairs(config, pairs: list[str], tsv: dict[str, str]) -> dict[str, list]:
-  """{"src-tgt": [(source, reference)]} from --translate_tsv files or the embedded corpus."""
+def translation_pairs(config, pairs: list[str], tsv: dict[str, str],
+                      split: str = "validation") -> dict[str, list]:
+  """{"src-tgt": [(source, reference)]} from --translate_tsv files, else ``split`` of the
+  config's pair files or of the embedded corpus."""
+  from xlingo.data import pairs as pairs_lib
+
   out = {}
   for pair in pairs:
-    out[pair] = scoring.validation_pairs(config, pair, tsv)
-    if out[pair] is None:
-      raise ConfigError(f"--translate {pair}: no validation pairs (the embedded corpus has en-X "
-                        f"and X-en); pass --translate_tsv {pair}=FILE.tsv with "
-                        "source<TAB>target lines")
+    out[pair] = scoring.validation_pairs(config, pair, tsv, split)
+    if not out[pair]:
+      raise ConfigError(f"--translate {pair}: no {split} pairs; "
+                        f"{pairs_lib.no_pairs_hint(config.data.source, pair, split)}, or pass "
+                        f"--translate_tsv {pair}=FILE.tsv (source<TAB>target lines)")
   return out
 
 
@@ -136,7 +140,9 @@ def format_table(report: dict, codes) -> str:
   widths = [max(len(x) for x in col) for col in zip(head, *lines)]
   fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths)))
-  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else ""),
+  split = report.get("translate_split", "validation")
+  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else "")
+         + (f" ({split} pairs)" if pairs and split != "validation" else ""),
          fmt(head)] + [fmt(c) for c in lines]
   out += sorted({f"sacrebleu: BLEU {t['bleu_signature']}; chrF {t['chrf_signature']}"
                  for r in results.values() for t in r.get("translation", {}).values()})
@@ -177,7 +183,8 @@ def write_report(output: str, report: dict) -> None:
 
 
 def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_tsv=None,
-        max_examples: int = 50, output: str | None = None, what: str = "--checkpoints") -> dict:
+        max_examples: int = 50, output: str | None = None, what: str = "--checkpoints",
+        split: str = "validation") -> dict:
   """Evaluate each labelled checkpoint; write JSON to ``output`` (process 0) and return it.
 
   ``output`` is checked before anything is evaluated. No training plan is built: each
@@ -188,7 +195,7 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   if output:
     check_output(output)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.logical_rules(config.mesh)
-  translate = translation_pairs(config, list(translate_pairs), translate_tsv or {}) \
+  translate = translation_pairs(config, list(translate_pairs), translate_tsv or {}, split) \
       if translate_pairs else None
   results = {label: evaluate_checkpoint(config, path, translate=translate,
                                         max_examples=max_examples, mesh=mesh, rules=rules,
@@ -197,6 +204,8 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   codes = list(dict.fromkeys([*config.data.languages,
                               *(c for r in results.values() for c in r["languages"])]))
   report = {"config_languages": codes, "results": results}
+  if translate:
+    report["translate_split"] = split
   if len(results) > 1:
     report["transfer"] = transfer_matrix(results, codes)
   if output and jax.process_index() == 0:
@@ -227,6 +236,9 @@ def _define_flags(fl) -> None:
   flags.DEFINE_string("translate_tsv", "", "PAIR=FILE.tsv,... (source<TAB>reference).",
                       flag_values=fl)
   flags.DEFINE_integer("max_examples", 50, "Translation pairs per direction.", flag_values=fl)
+  flags.DEFINE_enum("split", "validation", ["validation", "test"],
+                    "Which pairs --translate scores (data.file_pair_val_patterns or "
+                    "data.file_pair_test_patterns; --translate_tsv overrides).", flag_values=fl)
 
 
 def main(argv=None):
@@ -250,7 +262,7 @@ def main(argv=None):
     pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
     report = run(fl.config, ckpts, translate_pairs=pairs,
                  translate_tsv=_parse_map(fl.translate_tsv, "--translate_tsv"),
-                 max_examples=fl.max_examples, what=what)
+                 max_examples=fl.max_examples, what=what, split=fl.split)
     if jax.process_index() == 0:
       print(format_table(report, report["config_languages"]), flush=True)
       if fl.output:

@@ -18,14 +18,20 @@ from xlingo.errors import ConfigError
 BATCH_ROWS = 16  # translation rows decoded together (padded, so one compiled loop serves all)
 
 
-def validation_pairs(config, pair: str, tsv: dict[str, str] | None = None) -> list | None:
-  """[(source, reference)] of ``pair`` ("src-tgt") from a TSV file in ``tsv`` or the embedded
-  corpus's validation split; None when there are none."""
+def validation_pairs(config, pair: str, tsv: dict[str, str] | None = None,
+                     split: str = "validation") -> list | None:
+  """[(source, reference)] of ``pair`` ("src-tgt") from a TSV file in ``tsv``, else ``split``
+  of the user's pair files (``data.file_pair_val_patterns``/``file_pair_test_patterns``) or of
+  the embedded corpus; None when there are none."""
   if pair.count("-") != 1:
     raise ConfigError(f"translation pair {pair!r}: give pairs as SRC-TGT, e.g. en-de")
   if tsv and pair in tsv:
     return xvocab.read_parallel(tsv[pair])
-  embedded = xvocab.embedded_parallel("validation") if config.data.source == "embedded" else {}
+  if config.data.source == "files":
+    from xlingo.data import pairs  # the data layer (TensorFlow) only when it is needed
+
+    return pairs.file_split_pairs(config.data, pair, split)
+  embedded = xvocab.embedded_parallel(split) if config.data.source == "embedded" else {}
   src, tgt = pair.split("-")
   if src == "en" and tgt in embedded:
     return embedded[tgt]

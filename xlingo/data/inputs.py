@@ -45,12 +45,15 @@ class InputPlan:
   pair_tasks: dict = dataclasses.field(default_factory=dict)
   mix: mixing.Plan | None = None  # the rates over the run
   no_validation: tuple = ()  # languages evaluated on nothing
+  no_validation_pairs: tuple = ()  # pairs (trained or contrastive) without validation pairs
+  source: str = ""  # data.source, for messages
 
   def table_text(self, run_tokens: float | None = None) -> str:
     mix = self.mix
     if run_tokens is not None and run_tokens != mix.run_tokens:
       mix = dataclasses.replace(mix, run_tokens=float(run_tokens))
-    return mixing.format_table(mix, self.seq_len, self.no_validation)
+    return mixing.format_table(mix, self.seq_len, self.no_validation,
+                               self.no_validation_pairs)
 
   def planned_shares(self, tokens: float | None = None) -> dict[str, dict[str, float]]:
     """Planned example and token shares by language over the run's first ``tokens`` tokens
@@ -137,6 +140,7 @@ def plan_inputs(config) -> InputPlan:
     for lang in pair.split("-"):
       table.id(lang)
     mt_tasks[pair] = reg.mt[pair]
+  pair_tasks = pairs.pair_tasks(config, reg.mt, table)
   replay_ratio = float(config.adapt.replay_ratio) if "adapt" in config else 0.0
   replay = {}
   if replay_ratio > 0:
@@ -168,12 +172,16 @@ def plan_inputs(config) -> InputPlan:
                           for s in stats)
   no_validation = tuple(lang for lang, name in eval_tasks.items()
                         if "validation" not in seqio.get_mixture_or_task(name).splits)
+  no_validation_pairs = tuple(sorted(
+      pair for pair, name in {**mt_tasks, **pair_tasks}.items()
+      if "validation" not in seqio.get_mixture_or_task(name).splits))
   return InputPlan(table=table, vocab=vocab, vocab_path=vocab_path,
                    lm_tasks={**lm_tasks, **replay}, mt_tasks=mt_tasks, stats=stats, rates=rates,
                    mixture=mixture, seq_len=d.seq_len, eval_tasks=eval_tasks,
                    train_streams=train_streams, group_size=group_size,
                    examples_per_read=d.examples_per_read, mix=mix, no_validation=no_validation,
-                   pair_tasks=pairs.pair_tasks(config, reg.mt, table))
+                   pair_tasks=pair_tasks, no_validation_pairs=no_validation_pairs,
+                   source=d.source)
 
 
 def _task_stats(name: str, lang: str, src_lang: str, vocab, seq_len: int,
@@ -184,7 +192,8 @@ def _task_stats(name: str, lang: str, src_lang: str, vocab, seq_len: int,
   if not c.examples:
     raise DataError(f"task {name}: its train split yields no examples; check its files")
   lines = int(task.num_input_examples("train") or 0) or c.examples + c.dropped
-  evaluated = eval_tasks.get(lang)
+  # A pair's own validation pairs (BLEU/chrF, retrieval); a language's text (val/bpb).
+  evaluated = name if src_lang else eval_tasks.get(lang)
   has_val = evaluated is not None and "validation" in seqio.get_mixture_or_task(evaluated).splits
   return mixing.TaskStats(
       name=name, lang=lang, examples=lines, tokens=c.tokens, src_lang=src_lang,

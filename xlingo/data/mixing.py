@@ -52,7 +52,7 @@ class TaskStats:
   dropped: int = 0  # lines that train nothing (a pair whose source fills a row, a JSON record
   # without text)
   exact: bool = True  # False: scaled from a sample (counts.py)
-  validation: bool = True  # the language has validation data
+  validation: bool = True  # validation data: the language's text, or a pair's own pairs
 
   @property
   def kept(self) -> int:
@@ -290,28 +290,35 @@ def epochs_over_run(stats: Sequence[TaskStats], rates: Mapping[str, float],
 # --- the start-of-run table ------------------------------------------------------------------
 
 
-def format_table(plan: Plan, seq_len: int = 0, no_validation: Sequence[str] = ()) -> str:
+def format_table(plan: Plan, seq_len: int = 0, no_validation: Sequence[str] = (),
+                 no_validation_pairs: Sequence[str] = ()) -> str:
   """The start-of-run table (columns explained under it), then what was cut to fit a row, the
-  languages without validation data, the schedule and the replay share."""
+  languages and pairs without validation data, the schedule and the replay share."""
   task_tok = plan.task_tokens()
   tok_share = normalised(task_tok)
   ex_share = normalised({s.name: task_tok[s.name] / max(s.tokens_per_example, 1e-9)
                          for s in plan.stats})
   epochs = {s.name: task_tok[s.name] / max(s.tokens, 1) for s in plan.stats}
-  header = (f"{'task':<24} {'lang':<6} {'examples':>9} {'tokens':>11} {'ex.share':>8} "
+  langs = {s.name: f"{s.src_lang}>{s.lang}" if s.src_lang else s.lang for s in plan.stats}
+  # Columns as wide as their longest entry: user task names and pairs can be long.
+  nw = max([24, *map(len, langs)])
+  lw = max([6, *map(len, langs.values())])
+  header = (f"{'task':<{nw}} {'lang':<{lw}} {'examples':>9} {'tokens':>11} {'ex.share':>8} "
             f"{'tok.share':>9} {'epochs':>7} {'valid.':>6}")
   lines = [header, "-" * len(header)]
   for s in sorted(plan.stats, key=lambda s: (-ex_share[s.name], s.name)):
-    lang = f"{s.src_lang}>{s.lang}" if s.src_lang else s.lang
     mark = "" if s.exact else "~"
-    lines.append(f"{s.name:<24} {lang:<6} {s.examples:>9,d} {mark + f'{s.tokens:,d}':>11} "
-                 f"{ex_share[s.name]:>8.3f} {tok_share[s.name]:>9.3f} {epochs[s.name]:>7.2f} "
+    lines.append(f"{s.name:<{nw}} {langs[s.name]:<{lw}} {s.examples:>9,d} "
+                 f"{mark + f'{s.tokens:,d}':>11} {ex_share[s.name]:>8.3f} "
+                 f"{tok_share[s.name]:>9.3f} {epochs[s.name]:>7.2f} "
                  f"{'yes' if s.validation else 'NONE':>6}")
   lines.append("examples, tokens: the train split as training reads it (every example "
                "tokenized, EOS included; ~ scaled from a sample)")
   lines.append("ex.share, tok.share: shares of the examples, tokens drawn over the run (a "
                "pair's source counts for its task)")
   lines.append(f"epochs: passes over the split in the run's {plan.run_tokens:,.0f} tokens")
+  lines.append("valid.: a language's validation text (val/bpb), a pair's own validation pairs "
+               "(BLEU/chrF, val/retrieval)")
   cut = [s for s in plan.stats if s.truncated or s.dropped]
   if cut:
     lines.append(f"pairs cut to fit data.seq_len={seq_len} (the source kept whole, the target "
@@ -322,12 +329,15 @@ def format_table(plan: Plan, seq_len: int = 0, no_validation: Sequence[str] = ()
   if no_validation:
     lines.append(f"no validation data for {', '.join(no_validation)}: no val/bpb for "
                  f"{'it' if len(no_validation) == 1 else 'them'} (data.file_val_patterns)")
+  if no_validation_pairs:
+    lines.append(f"no validation pairs for {', '.join(no_validation_pairs)}: no val/retrieval "
+                 "and no BLEU/chrF on them (data.file_pair_val_patterns)")
   if plan.schedule:
     pts = ", ".join(f"{f:g}: T={t:g}" for f, t in plan.schedule)
     lines.append(f"temperature schedule ({pts}); ex.share at 0% / 50% / 100% of the run:")
     at = [plan.rates_at(x) for x in (0.0, 0.5, 1.0)]
     for s in sorted(plan.stats, key=lambda s: (-ex_share[s.name], s.name)):
-      lines.append(f"  {s.name:<24} " + " / ".join(f"{r[s.name]:.3f}" for r in at))
+      lines.append(f"  {s.name:<{nw}} " + " / ".join(f"{r[s.name]:.3f}" for r in at))
   if plan.rule.replay:
     langs = sorted({s.lang for s in plan.stats if s.name in plan.rule.replay})
     lines.append(f"replay (adapt.replay_ratio): {plan.rule.replay_ratio:g} of the examples "

@@ -35,18 +35,80 @@ def text_key(text: str) -> int:
   return zlib.crc32(text.encode("utf-8")) & 0x7FFFFFFF
 
 
-def read_pairs(task_name: str, split: str, limit: int | None = None) -> list[tuple[str, str]]:
-  """(source, target) texts of a parallel task's split, in file order; pairs with an empty
-  side are skipped."""
-  spec = tasks.task_spec(task_name)
+# A user's parallel files (data.source="files"), by split: the config key of each split's globs.
+FILE_PAIR_KEYS = {"train": "file_pair_patterns", "validation": "file_pair_val_patterns",
+                  "test": "file_pair_test_patterns"}
+
+
+def _read_files(files, fmt: str, limit: int | None) -> list[tuple[str, str]]:
   out: list[tuple[str, str]] = []
-  for path in spec.files.get(split, ()):
-    for text, source in readers.file_examples(path, spec.fmt):
+  for path in files:
+    for text, source in readers.file_examples(path, fmt):
       if source and not readers.is_blank(source) and not readers.is_blank(text):
         out.append((source, text))
         if limit and len(out) >= limit:
           return out
   return out
+
+
+def read_pairs(task_name: str, split: str, limit: int | None = None) -> list[tuple[str, str]]:
+  """(source, target) texts of a parallel task's split, in file order; pairs with an empty
+  side are skipped."""
+  spec = tasks.task_spec(task_name)
+  return _read_files(spec.files.get(split, ()), spec.fmt, limit)
+
+
+def split_files(data_cfg, pair: str, split: str) -> list[str] | None:
+  """The checked files (globbed, non-empty, UTF-8, source<TAB>target lines) of ``pair``'s
+  ``split`` in ``data.file_pair_*patterns``; None when that split has no pattern."""
+  key = FILE_PAIR_KEYS[split]
+  pattern = dict(data_cfg.get(key, {}) or {}).get(pair)
+  if pattern is None:
+    return None
+  what = f"data.{key}.{pair}"
+  files = tasks.expand_pattern(pattern, what)
+  tasks.check_utf8(files, what)
+  tasks.check_pair_lines(files, what)
+  return files
+
+
+def configured_files(data_cfg) -> dict[str, dict[str, list[str]]]:
+  """pair -> split -> checked files of the ``data.file_pair_*patterns``. A pair is SRC-TGT
+  and has train files; its validation and test files are optional."""
+  pats = {split: dict(data_cfg.get(key, {}) or {}) for split, key in FILE_PAIR_KEYS.items()}
+  for split, key in FILE_PAIR_KEYS.items():
+    for pair in pats[split]:
+      if pair.count("-") != 1 or not all(pair.split("-")):
+        raise DataError(f"data.{key}: {pair!r} is not a pair of language codes; name it "
+                        "SRC-TGT, e.g. en-pl")
+      if split != "train" and pair not in pats["train"]:
+        raise DataError(f"data.{key}.{pair}: no data.file_pair_patterns.{pair} (its train "
+                        f"pairs; given: {sorted(pats['train'])}); add it or fix the pair's name")
+  return {pair: {split: split_files(data_cfg, pair, split) for split in FILE_PAIR_KEYS
+                 if pair in pats[split]} for pair in sorted(pats["train"])}
+
+
+def no_pairs_hint(source: str, pair: str, split: str = "validation") -> str:
+  """Why ``pair`` has no ``split`` pairs, and what gives it some, for messages."""
+  if source == "files":
+    return f"set data.{FILE_PAIR_KEYS[split]}.{pair} (a glob of source<TAB>target files)"
+  if source == "embedded":
+    return ("the embedded corpus has en-X and X-en validation pairs only; use data.source="
+            f"'files' with data.{FILE_PAIR_KEYS[split]}")
+  return f"data.source={source!r} has no parallel data; use data.source='files'"
+
+
+def file_split_pairs(data_cfg, pair: str, split: str) -> list[tuple[str, str]] | None:
+  """(source, target) texts of ``pair``'s ``split`` in the user's pair files, either way round
+  (``pl-en`` from the ``en-pl`` files, sides swapped); None when neither has that split."""
+  src, tgt = pair.split("-")
+  files = split_files(data_cfg, pair, split)
+  if files is not None:
+    return _read_files(files, readers.FORMAT_TSV, None)
+  files = split_files(data_cfg, f"{tgt}-{src}", split)
+  if files is not None:
+    return [(t, s) for s, t in _read_files(files, readers.FORMAT_TSV, None)]
+  return None
 
 
 def encode_pairs(pairs, vocab, max_len: int) -> dict[str, np.ndarray]:
@@ -220,9 +282,14 @@ def validation_sets(plan, settings) -> dict:
   out = {}
   for pair, name in plan.pair_tasks.items():
     src, tgt = pair.split("-")
+    if "validation" not in tasks.task_spec(name).files:
+      logging.warning("%s: no validation pairs, so no val/retrieval (%s)", pair,
+                      no_pairs_hint(plan.source, pair))
+      continue
     got = read_pairs(name, "validation", int(c.eval_pairs) or None)
     if len(got) < 2:
-      logging.warning("%s: fewer than 2 validation pairs; no retrieval reported", pair)
+      logging.warning("%s: %d usable validation pair(s), fewer than the 2 retrieval needs; no "
+                      "val/retrieval reported", pair, len(got))
       continue
     rows = [(s, t, table.id(src), table.id(tgt)) for s, t in got]
     rows += [rows[-1]] * (-len(rows) % p)  # padding rows, dropped after embedding

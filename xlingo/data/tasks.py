@@ -89,6 +89,23 @@ def check_utf8(files: Sequence[str], what: str, max_bytes: int = 64 << 20) -> No
       raise DataError(f"{what}: {e}") from None
 
 
+def check_pair_lines(files: Sequence[str], what: str, max_bytes: int = 64 << 20) -> None:
+  """Fail early, naming the file and line, on a line of a pair file that is not
+  source<TAB>target: no tab (a sentence without its other side, e.g. two columns pasted out of
+  step) or several (another layout, e.g. id<TAB>source<TAB>target)."""
+  for p in files:
+    seen = 0
+    for n, line in enumerate(readers.file_lines(p), 1):
+      seen += len(line) + 1
+      if seen > max_bytes:
+        break
+      tabs = line.count(b"\t")
+      if tabs != 1 and not readers.is_blank(line):
+        raise DataError(f"{what}: {p} line {n} has {tabs} tabs; each line of a pair file must "
+                        "be source<TAB>target with exactly one tab (fix that line or the file's "
+                        "layout)")
+
+
 # --- per-example preprocessors: raw lines, blank ones dropped --------------------------------
 
 # Lines pass through tf.data this many at a time on their way to the task's examples: a few
