@@ -375,6 +375,11 @@ class _Reader:
   def state(self) -> dict:
     return {}
 
+  def check_state(self, state: dict, directory: str) -> None:
+    """Refuse (DataError) a saved :meth:`state` this reader cannot continue, before anything
+    is restored."""
+    del state, directory
+
   def load_state(self, state: dict) -> None:
     del state
 
@@ -463,8 +468,13 @@ class GroupReader(_Reader):
     super().__init__(table, vocab, locate, max_len)
     self.kind = f"groups:{group_size}/{examples_per_read}"
     self._codes = [tuple(x.encode() for x in c) for c in codes]
-    self.iterator = [iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
+    # A host stream (lineindex.PermutedLines: line files) hands out groups itself and saves
+    # its position in state(); a tf.data stream (TFDS) is iterated here and checkpointed.
+    self._streams = [ds if hasattr(ds, "group") else
+                     iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
                           .prefetch(2)) for ds in datasets]
+    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "group")]
+    self.iterator = [it for t, it in enumerate(self._streams) if t not in self._host]
     self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
     self._groups = max(1, -(-examples_per_read // group_size))
     self._rates_at = rates_at
@@ -478,9 +488,11 @@ class GroupReader(_Reader):
 
   def _group(self, t: int) -> np.ndarray | None:
     """The next group (lines) of task ``t``; None at the end of a finite stream."""
+    if t in self._host:
+      return self._streams[t].group()
     waiting = self._waiting[t]
     if not waiting:
-      rb = next(self.iterator[t], None)
+      rb = next(self._streams[t], None)
       if rb is None:
         return None
       values, splits = rb.values.numpy(), rb.row_splits.numpy()
@@ -526,9 +538,21 @@ class GroupReader(_Reader):
                           np.repeat(b["format"], sizes)[order])
 
   def state(self) -> dict:
-    return {"reads": self.reads, "progress": self.progress, "owed": self.owed.tolist()}
+    return {"reads": self.reads, "progress": self.progress, "owed": self.owed.tolist(),
+            "line_streams": {str(t): self._streams[t].state() for t in self._host}}
+
+  def check_state(self, state: dict, directory: str) -> None:
+    saved = set(state.get("line_streams", {}))
+    if saved != {str(t) for t in self._host}:
+      raise DataError(
+          f"data state in {directory} was saved by an input pipeline that read "
+          f"{len(saved)} of the {len(self._streams)} tasks as permuted line files, this run "
+          f"reads {len(self._host)} (another data config, or an xlingo version that shuffled "
+          "line files within blocks); resume with the config and version that wrote it")
 
   def load_state(self, state: dict) -> None:
+    for t in self._host:
+      self._streams[t].load_state(state["line_streams"][str(t)])
     self.reads = int(state["reads"])
     self.progress = float(state["progress"])
     self.owed = np.asarray(state["owed"], float)

@@ -1,0 +1,336 @@
+"""Line files read in a seeded global permutation: the line index and the permuted stream.
+
+Training on line files (``data.source`` ``files`` or ``embedded``, ``data.group_size`` > 0)
+reads each task's lines in a pseudo-random order over the whole of its files, a new order each
+epoch, so that the first N examples of any run are a uniform sample of every file (a short run
+used to read the start of each file: docs/SCIENCE.md (a)).
+
+**The index.** A file's non-blank lines (readers.is_blank) as byte offsets: where each starts
+and where its "\\n" is (or the end of the file), two int64 per line. Built in one streamed pass
+over the file (a few MB at a time), with the SHA-1 of its content, and kept as a sidecar in the
+local cache (``paths.cache_dir()/line-index``, named by the file's path) that records the file's
+size, modification time and content hash. A later run whose file has the same size and
+modification time reuses it; a file whose size or modification time differs is re-indexed
+with a one-line warning (saying whether its content changed), never read with stale offsets.
+While a stream reads, each line read must end where the index says its "\\n" is, and the
+files' size and modification time are checked again every ``RECHECK_S`` seconds; a mismatch
+re-indexes the file (the same warning) and the read is done again on the new index.
+
+Sixteen bytes per line are held in memory, against the ~50-200 bytes of text per line of a
+typical corpus (the text itself is never read into memory whole: lines are sliced from a
+memory map, i.e. the page cache). ``gs://`` files are copied once to a local mirror
+(``paths.local_mirror``, streamed, named by path, size and modification time) and read by
+offset there: a range request per line would cost a round trip per example.
+
+**The permutation.** Line i of epoch e of a stream is its files' line ``permute(i)``, a
+4-round Feistel network over the smallest even power of two >= the line count, keyed by
+(seed, stream salt, epoch), with cycle walking to stay below the count. It is computed on the
+fly, ``CHUNK`` positions at a time: nothing of size N is made per epoch (a NumPy permutation
+would be 8 bytes per line, rebuilt at every epoch boundary), and the position alone says what
+comes next. A stream's state is (epoch, position): it resumes exactly, and every process or
+host that builds the same stream over the same files reads the same order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from xlingo import paths
+from xlingo.errors import DataError
+
+INDEX_VERSION = 1
+_SCAN_BYTES = 4 << 20
+_WHITESPACE = np.zeros(256, bool)
+_WHITESPACE[list(b" \t\n\r\x0b\x0c")] = True  # what bytes.strip removes (readers.is_blank)
+
+
+@dataclasses.dataclass(frozen=True)
+class LineIndex:
+  """Where the non-blank lines of ``path`` are in ``local`` (``path`` or its local mirror)."""
+
+  path: str
+  local: str
+  size: int
+  mtime: float
+  sha1: str
+  starts: np.ndarray  # int64: first byte of each non-blank line
+  ends: np.ndarray  # int64: its "\n" (or the file's size for a last line without one)
+  crlf: bool  # some line ends "\r\n" (its "\r" is dropped)
+
+  def __len__(self) -> int:
+    return int(self.starts.shape[0])
+
+
+def _scan(local: str) -> tuple[np.ndarray, np.ndarray, bool, str]:
+  """(starts, ends, crlf, SHA-1) of the non-blank lines of a local file, in one streamed
+  pass."""
+  digest = hashlib.sha1()
+  starts, ends = [], []
+  base, carry, crlf = 0, b"", False
+  with paths.open(local, "rb") as f:
+    while True:
+      data = f.read(_SCAN_BYTES)
+      digest.update(data)
+      buf = carry + data
+      if not buf:
+        break
+      arr = np.frombuffer(buf, np.uint8)
+      nl = np.flatnonzero(arr == 10)
+      if not data:  # the file's last line, without a "\n"
+        nl = np.append(nl, len(buf))
+      if nl.size:
+        s = np.concatenate([[0], nl[:-1] + 1])
+        text = np.zeros(len(buf) + 1, np.int64)
+        np.cumsum(~_WHITESPACE[arr], out=text[1:])
+        keep = text[nl] > text[s]
+        crlf = crlf or bool((arr[np.maximum(nl[keep] - 1, 0)] == 13).any())
+        starts.append(s[keep] + base)
+        ends.append(nl[keep] + base)
+        cut = int(nl[-1]) + 1
+        base, carry = base + cut, buf[cut:]
+      else:
+        carry = buf
+      if not data:
+        break
+  cat = (lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, np.int64))
+  return cat(starts), cat(ends), crlf, digest.hexdigest()
+
+
+def _sidecar(path: str) -> str:
+  name = hashlib.sha1(path.encode()).hexdigest()[:24] + ".npz"
+  return paths.join(paths.cache_dir(), "line-index", name)
+
+
+def _load_sidecar(path: str) -> LineIndex | None:
+  side = _sidecar(path)
+  try:
+    with np.load(io.BytesIO(paths.read_bytes(side))) as z:
+      meta = json.loads(bytes(z["meta"]).decode())
+      if meta.get("version") != INDEX_VERSION or meta.get("path") != path:
+        return None
+      return LineIndex(path, "", int(meta["size"]), float(meta["mtime"]), meta["sha1"],
+                       z["starts"], z["ends"], bool(meta["crlf"]))
+  except (OSError, ValueError, KeyError, EOFError):  # absent or unreadable: built again
+    return None
+
+
+def _save_sidecar(ix: LineIndex) -> None:
+  meta = {"version": INDEX_VERSION, "path": ix.path, "size": ix.size, "mtime": ix.mtime,
+          "sha1": ix.sha1, "crlf": ix.crlf}
+  buf = io.BytesIO()
+  np.savez(buf, starts=ix.starts, ends=ix.ends,
+           meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
+  try:
+    paths.write_bytes(_sidecar(ix.path), buf.getvalue())
+  except OSError as e:  # a read-only cache costs a re-index per process, nothing else
+    logging.info("line index of %s not cached (%s)", ix.path, e)
+
+
+_MEMO: dict[str, LineIndex] = {}
+_LOCK = threading.Lock()
+
+
+def line_index(path: str, stale: str | None = None) -> LineIndex:
+  """The index of ``path`` (module docstring): this process's, the cached sidecar, or built
+  now. ``stale``: why the caller found the index it holds wrong (rebuilt, with a warning)."""
+  path = paths.resolve(path)
+  size, mtime = paths.size(path), paths.mtime(path)
+  with _LOCK:
+    old = _MEMO.get(path) or _load_sidecar(path)
+    if old is not None and stale is None and (old.size, old.mtime) == (size, mtime):
+      if not old.local:
+        old = dataclasses.replace(old, local=paths.local_mirror(path))
+      _MEMO[path] = old
+      return old
+    local = paths.local_mirror(path)
+    starts, ends, crlf, sha1 = _scan(local)
+    new = LineIndex(path, local, size, mtime, sha1, starts, ends, crlf)
+    if old is not None:
+      why = stale or f"size {old.size} -> {size} bytes, modified {old.mtime:.0f} -> {mtime:.0f}"
+      same = "content unchanged" if sha1 == old.sha1 else f"{len(old)} -> {len(new)} lines"
+      logging.warning("%s changed since its line index was built (%s; %s): re-indexed", path,
+                      why, same)
+    _MEMO[path] = new
+    _save_sidecar(new)
+    return new
+
+
+# --- the permutation --------------------------------------------------------------------------
+
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+  """A 64-bit integer hash (splitmix64's finaliser): every output bit depends on every input
+  bit, which is what a Feistel round function needs."""
+  x = x ^ (x >> np.uint64(30))
+  x = x * _M1
+  x = x ^ (x >> np.uint64(27))
+  x = x * _M2
+  return x ^ (x >> np.uint64(31))
+
+
+def permute(i: np.ndarray, n: int, key: Sequence[int]) -> np.ndarray:
+  """Positions ``i`` (< n) -> their images under a keyed permutation of [0, n) (module
+  docstring): a Feistel network of ``len(key)`` rounds over the 2^b values of b = n's bit
+  length (halves of ceil(b/2) and floor(b/2) bits, which trade places each round), walking
+  the cycle until the value is below n (fewer than 2 steps on average: 2^b < 2n)."""
+  b = max(2, (n - 1).bit_length())
+  widths = (b - b // 2, b // 2)  # (high, low) bits
+  keys = [np.uint64(k) for k in key]
+  with np.errstate(over="ignore"):
+
+    def encrypt(x):
+      hi_w, lo_w = widths
+      for k in keys:
+        hi, lo = x >> np.uint64(lo_w), x & np.uint64((1 << lo_w) - 1)
+        # (hi, lo) -> (lo, hi ^ F(lo)): a bijection whatever the two widths
+        x = (lo << np.uint64(hi_w)) | (hi ^ (_mix(lo ^ k) & np.uint64((1 << hi_w) - 1)))
+        hi_w, lo_w = lo_w, hi_w
+      return x
+
+    x = encrypt(np.asarray(i, np.uint64))
+    out = np.flatnonzero(x >= np.uint64(n))
+    while out.size:
+      x[out] = encrypt(x[out])
+      out = out[x[out] >= np.uint64(n)]
+  return x.astype(np.int64)
+
+
+def salt(*parts: str) -> int:
+  """A stream's salt from names that identify it (its language, its files' kind): stable
+  across processes and runs, unlike Python's ``hash``."""
+  return zlib.crc32("\0".join(parts).encode())
+
+
+class PermutedLines:
+  """The non-blank lines of ``files`` (one task's, this process's share) as groups of
+  ``group_size`` raw lines (bytes, "\\n" and one "\\r" before it dropped) in a permutation of
+  all of them per epoch (module docstring). Groups run on across an epoch's end, so every
+  group is full. A host stream for readers.GroupReader: :meth:`group`, :meth:`state`,
+  :meth:`load_state`."""
+
+  CHUNK = 16384  # positions permuted at a time
+  READ_AHEAD = 512  # lines read at a time (the per-call NumPy cost is paid per read)
+  RECHECK_S = 1.0  # how often the files' size and modification time are checked again
+
+  def __init__(self, files: Sequence[str], group_size: int, seed: int, stream_salt: int):
+    if not files:
+      raise DataError("a line stream needs at least one file")
+    self._files = [paths.resolve(p) for p in files]
+    self._k = int(group_size)
+    self._seed, self._salt = int(seed), int(stream_salt)
+    self.epoch, self.pos = 0, 0  # the next line handed out
+    self._index = [line_index(p) for p in self._files]
+    self._open()
+
+  def _open(self) -> None:
+    self._maps = [paths.mapped(ix.local) for ix in self._index]
+    self._bounds = np.cumsum([0] + [len(ix) for ix in self._index])
+    self.n = int(self._bounds[-1])
+    if not self.n:
+      raise DataError(f"{', '.join(self._files)}: no non-blank line to train on; remove the "
+                      "file(s) or point the pattern elsewhere")
+    self.pos = min(self.pos, self.n - 1)
+    self._chunk: tuple = (None, None, None)  # (epoch, first position, permuted lines)
+    # Lines read ahead: those of the positions from (epoch, pos) on, up to _ahead.
+    self._buf: list[bytes] = []
+    self._ahead = (self.epoch, self.pos)
+    self._checked = time.monotonic()
+
+  def _reindex(self, f: int, why: str | None) -> None:
+    self._index[f] = line_index(self._files[f], stale=why)
+    self._open()
+
+  def _recheck(self) -> None:
+    for f, ix in enumerate(self._index):
+      if (paths.size(ix.path), paths.mtime(ix.path)) != (ix.size, ix.mtime):
+        self._reindex(f, None)
+    self._checked = time.monotonic()
+
+  def _permuted(self, epoch: int, pos: int, m: int) -> np.ndarray:
+    """Line numbers (over all files) of positions pos .. pos+m-1 of ``epoch`` (m up to the
+    end of the epoch)."""
+    first = pos - pos % self.CHUNK
+    if self._chunk[:2] != (epoch, first):
+      key = np.random.SeedSequence([self._seed, self._salt, epoch]).generate_state(4)
+      ids = np.arange(first, min(first + self.CHUNK, self.n))
+      self._chunk = (epoch, first, permute(ids, self.n, key.tolist()))
+    return self._chunk[2][pos - first:pos - first + m]
+
+  def _fill(self) -> bool:
+    """Read up to READ_AHEAD more lines into the buffer; False (after re-indexing the file,
+    the buffer emptied) when a line is not where its index says."""
+    epoch, pos = self._ahead
+    lines = self._permuted(epoch, pos, self.READ_AHEAD)
+    pos += len(lines)
+    self._ahead = (epoch + 1, 0) if pos == self.n else (epoch, pos)
+    if len(self._index) == 1:
+      fid = np.zeros(len(lines), np.int64)
+      files = [0]
+    else:
+      fid = np.searchsorted(self._bounds, lines, side="right") - 1
+      files = np.unique(fid).tolist()
+    got: list = [None] * len(lines)
+    for f in files:
+      sel = np.flatnonzero(fid == f) if len(files) > 1 else None
+      ix, mm = self._index[f], self._maps[f]
+      local = lines if sel is None else lines[sel] - self._bounds[f]
+      starts, ends = ix.starts[local].tolist(), ix.ends[local].tolist()
+      raw = [mm[a:b + 1] for a, b in zip(starts, ends, strict=True)]
+      last = ix.ends[local] == ix.size  # the file's last line, without its "\n"
+      for j in np.flatnonzero(last).tolist():
+        raw[j] += b"\n"
+      # Each piece must be one whole line and its "\n", as the index records them: anything
+      # else means the file changed under its index. (Split in one call: no per-line strip.)
+      joined = b"".join(raw)
+      raw = joined.split(b"\n")
+      if len(raw) != len(starts) + 1 or len(joined) != int((ix.ends[local] - ix.starts[local]
+                                                             + 1).sum()):
+        self._reindex(f, "a line is no longer where its index says")
+        return False
+      del raw[-1]
+      if ix.crlf:
+        raw = [x[:-1] if x[-1:] == b"\r" else x for x in raw]
+      if sel is None:
+        got = raw
+      else:
+        for i, x in zip(sel.tolist(), raw, strict=True):
+          got[i] = x
+    self._buf.extend(got)
+    return True
+
+  def group(self) -> np.ndarray:
+    """The next ``group_size`` lines (an object array of bytes)."""
+    if time.monotonic() - self._checked > self.RECHECK_S:
+      self._recheck()
+    while len(self._buf) < self._k:
+      self._fill()
+    arr = np.empty(self._k, object)
+    arr[:] = self._buf[:self._k]
+    del self._buf[:self._k]
+    self.pos += self._k
+    self.epoch += self.pos // self.n
+    self.pos %= self.n
+    return arr
+
+  def state(self) -> dict:
+    return {"epoch": self.epoch, "pos": self.pos, "lines": self.n}
+
+  def load_state(self, state: dict) -> None:
+    if int(state["lines"]) != self.n:
+      logging.warning("%s: %d non-blank lines now, %d when the data state was saved; the "
+                      "stream goes on from the same epoch and position over the new lines",
+                      ", ".join(self._files), self.n, int(state["lines"]))
+    self.epoch, self.pos = int(state["epoch"]), min(int(state["pos"]), self.n - 1)
+    self._buf, self._ahead = [], (self.epoch, self.pos)
