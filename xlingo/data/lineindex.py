@@ -286,20 +286,22 @@ class PermutedLines:
       sel = np.flatnonzero(fid == f) if len(files) > 1 else None
       ix, mm = self._index[f], self._maps[f]
       local = lines if sel is None else lines[sel] - self._bounds[f]
-      starts, ends = ix.starts[local].tolist(), ix.ends[local].tolist()
-      raw = [mm[a:b + 1] for a, b in zip(starts, ends, strict=True)]
-      last = ix.ends[local] == ix.size  # the file's last line, without its "\n"
-      for j in np.flatnonzero(last).tolist():
+      starts, ends = ix.starts[local], ix.ends[local]
+      # Each line with the "\n" before and after it: a whole line exactly where the index
+      # says (the check below), or the file changed under its index. One split, no per-line
+      # strip.
+      raw = [mm[a:b] for a, b in zip(np.maximum(starts - 1, 0).tolist(), (ends + 1).tolist(),
+                                     strict=True)]
+      for j in np.flatnonzero(starts == 0).tolist():
+        raw[j] = b"\n" + raw[j]
+      for j in np.flatnonzero(ends == ix.size).tolist():  # no "\n" at the end
         raw[j] += b"\n"
-      # Each piece must be one whole line and its "\n", as the index records them: anything
-      # else means the file changed under its index. (Split in one call: no per-line strip.)
-      joined = b"".join(raw)
-      raw = joined.split(b"\n")
-      if len(raw) != len(starts) + 1 or len(joined) != int((ix.ends[local] - ix.starts[local]
-                                                             + 1).sum()):
+      parts = b"".join(raw).split(b"\n")
+      raw = parts[1::2]
+      if (len(parts) != 2 * len(starts) + 1 or any(parts[0::2])
+          or not np.array_equal(np.fromiter(map(len, raw), np.int64, len(raw)), ends - starts)):
         self._reindex(f, "a line is no longer where its index says")
         return False
-      del raw[-1]
       if ix.crlf:
         raw = [x[:-1] if x[-1:] == b"\r" else x for x in raw]
       if sel is None:

@@ -29,7 +29,9 @@ of the token stream that packing.py packs:
                    read, in stream order
   GroupReader      groups of k examples (training, ``data.group_size`` = k > 0) taken on the
                    host from each task's stream at the (possibly scheduled) rates, about
-                   ``data.examples_per_read`` examples per read, shuffled together (seeded)
+                   ``data.examples_per_read`` examples per read, shuffled together (seeded);
+                   a line-file task's stream is a host stream in a global permutation
+                   (lineindex.PermutedLines), a TFDS task's a tf.data stream
 """
 
 from __future__ import annotations
@@ -433,8 +435,12 @@ class ExampleReader(_Reader):
 
 
 class GroupReader(_Reader):
-  """Groups of raw lines drawn on the host from each task's own grouped stream
-  (tasks.register_grouped), tokenized here: training with ``data.group_size`` = k > 0.
+  """Groups of raw lines drawn on the host from each task's own grouped stream, tokenized
+  here: training with ``data.group_size`` = k > 0. A stream is either a host stream (an object
+  with ``group()``, ``state()`` and ``load_state()``: lineindex.PermutedLines, a line-file
+  task's lines in a global permutation, whose position is saved in :meth:`state`) or a
+  tf.data dataset of groups (tasks.register_grouped: TFDS), iterated here and checkpointed
+  with the iterator (``iterator`` lists only these).
 
   Every task keeps one stream for the whole run. A read takes ``ceil(examples_per_read / k)``
   groups: each goes to the task the rates owe most (``owed`` grows by each task's group rate
