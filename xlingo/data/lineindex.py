@@ -12,9 +12,12 @@ local cache (``paths.cache_dir()/line-index``, named by the file's path) that re
 size, modification time and content hash. A later run whose file has the same size and
 modification time reuses it; a file whose size or modification time differs is re-indexed
 with a one-line warning (saying whether its content changed), never read with stale offsets.
-While a stream reads, each line read must end where the index says its "\\n" is, and the
-files' size and modification time are checked again every ``RECHECK_S`` seconds; a mismatch
-re-indexes the file (the same warning) and the read is done again on the new index.
+While a stream reads, each line read must lie between the two "\\n" its index records (or the
+file's start and end), with none inside, and the files' size and modification time are checked
+again every ``RECHECK_S`` seconds; a mismatch re-indexes the file (the same warning) and the
+read is done again on the new index. (A file cut shorter in place while it is being read can
+still end the process: the memory map's pages past the new end are gone. Replace files rather
+than rewrite them in place during a run.)
 
 Sixteen bytes per line are held in memory, against the ~50-200 bytes of text per line of a
 typical corpus (the text itself is never read into memory whole: lines are sliced from a
