@@ -48,8 +48,8 @@ def test_first_lines_read_are_a_sample_of_the_whole_file(tmp_path):
   rest = _take(s, (N - len(head)) // 8)
   assert sorted(head + rest) == list(range(N))  # one epoch: every line once
   assert s.epoch == 1 and s.pos == 0
-  raw = s._index[0]
-  assert raw.crlf and len(raw) == N
+  ix = lineindex.line_index(str(tmp_path / "a.txt"))
+  assert ix.crlf and len(ix) == N
 
 
 def test_epochs_differ_seeds_differ_and_resume_mid_epoch_is_exact(tmp_path):

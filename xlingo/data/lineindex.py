@@ -217,14 +217,16 @@ def salt(*parts: str) -> int:
 
 
 class PermutedLines:
-  """The non-blank lines of ``files`` (one task's, this process's share) as groups of
-  ``group_size`` raw lines (bytes, "\\n" and one "\\r" before it dropped) in a permutation of
-  all of them per epoch (module docstring). Groups run on across an epoch's end, so every
-  group is full. A host stream for readers.GroupReader: :meth:`group`, :meth:`state`,
+  """The non-blank lines of ``files`` (one task's, this process's share) in a permutation of
+  all of them per epoch (module docstring), ``group_size`` at a time. Groups run on across an
+  epoch's end, so every group is full.
+
+  A host stream for readers.GroupReader: :meth:`take` (in order: the next group's line
+  numbers, advancing the state), :meth:`read` (those lines' bytes, "\\n" and one "\\r" before
+  it dropped; any thread, any order, so that reading overlaps tokenizing), :meth:`state`,
   :meth:`load_state`."""
 
   CHUNK = 16384  # positions permuted at a time
-  READ_AHEAD = 512  # lines read at a time (the per-call NumPy cost is paid per read)
   RECHECK_S = 1.0  # how often the files' size and modification time are checked again
 
   def __init__(self, files: Sequence[str], group_size: int, seed: int, stream_salt: int):
@@ -233,62 +235,76 @@ class PermutedLines:
     self._files = [paths.resolve(p) for p in files]
     self._k = int(group_size)
     self._seed, self._salt = int(seed), int(stream_salt)
-    self.epoch, self.pos = 0, 0  # the next line handed out
-    self._index = [line_index(p) for p in self._files]
-    self._open()
+    self.epoch, self.pos = 0, 0  # the next position taken
+    self._lock = threading.Lock()  # re-indexing, while other threads read
+    self._open([line_index(p) for p in self._files])
 
-  def _open(self) -> None:
-    self._maps = [paths.mapped(ix.local) for ix in self._index]
-    self._bounds = np.cumsum([0] + [len(ix) for ix in self._index])
-    self.n = int(self._bounds[-1])
-    if not self.n:
+  def _open(self, index: list[LineIndex]) -> None:
+    bounds = np.cumsum([0] + [len(ix) for ix in index])
+    if not bounds[-1]:
       raise DataError(f"{', '.join(self._files)}: no non-blank line to train on; remove the "
                       "file(s) or point the pattern elsewhere")
+    # One tuple, replaced whole: a reader in another thread sees the old files or the new.
+    self._view = (index, [paths.mapped(ix.local) for ix in index], bounds)
+    self.n = int(bounds[-1])
     self.pos = min(self.pos, self.n - 1)
     self._chunk: tuple = (None, None, None)  # (epoch, first position, permuted lines)
-    # Lines read ahead: those of the positions from (epoch, pos) on, up to _ahead.
-    self._buf: list[bytes] = []
-    self._ahead = (self.epoch, self.pos)
     self._checked = time.monotonic()
 
-  def _reindex(self, f: int, why: str | None) -> None:
-    self._index[f] = line_index(self._files[f], stale=why)
-    self._open()
+  def _reindex(self, f: int, why: str | None, seen: tuple) -> None:
+    with self._lock:
+      if self._view is seen:  # (not already done by another thread)
+        index = list(seen[0])
+        index[f] = line_index(self._files[f], stale=why)
+        self._open(index)
 
   def _recheck(self) -> None:
-    for f, ix in enumerate(self._index):
+    for f, ix in enumerate(self._view[0]):
       if (paths.size(ix.path), paths.mtime(ix.path)) != (ix.size, ix.mtime):
-        self._reindex(f, None)
+        self._reindex(f, None, self._view)
     self._checked = time.monotonic()
 
-  def _permuted(self, epoch: int, pos: int, m: int) -> np.ndarray:
-    """Line numbers (over all files) of positions pos .. pos+m-1 of ``epoch`` (m up to the
-    end of the epoch)."""
-    first = pos - pos % self.CHUNK
-    if self._chunk[:2] != (epoch, first):
-      key = np.random.SeedSequence([self._seed, self._salt, epoch]).generate_state(4)
-      ids = np.arange(first, min(first + self.CHUNK, self.n))
-      self._chunk = (epoch, first, permute(ids, self.n, key.tolist()))
-    return self._chunk[2][pos - first:pos - first + m]
+  def take(self) -> np.ndarray:
+    """The next group's line numbers (over all files); advances the state."""
+    if time.monotonic() - self._checked > self.RECHECK_S:
+      self._recheck()
+    out, m = [], self._k
+    while m:
+      first = self.pos - self.pos % self.CHUNK
+      if self._chunk[:2] != (self.epoch, first):
+        key = np.random.SeedSequence([self._seed, self._salt, self.epoch]).generate_state(4)
+        ids = np.arange(first, min(first + self.CHUNK, self.n))
+        self._chunk = (self.epoch, first, permute(ids, self.n, key.tolist()))
+      lines = self._chunk[2][self.pos - first:self.pos - first + m]
+      out.append(lines)
+      m -= len(lines)
+      self.pos += len(lines)
+      if self.pos == self.n:
+        self.epoch, self.pos = self.epoch + 1, 0
+    return out[0] if len(out) == 1 else np.concatenate(out)
 
-  def _fill(self) -> bool:
-    """Read up to READ_AHEAD more lines into the buffer; False (after re-indexing the file,
-    the buffer emptied) when a line is not where its index says."""
-    epoch, pos = self._ahead
-    lines = self._permuted(epoch, pos, self.READ_AHEAD)
-    pos += len(lines)
-    self._ahead = (epoch + 1, 0) if pos == self.n else (epoch, pos)
-    if len(self._index) == 1:
-      fid = np.zeros(len(lines), np.int64)
-      files = [0]
+  def read(self, lines: np.ndarray) -> list[bytes]:
+    """The lines numbered ``lines`` (from :meth:`take`). A file found changed under its index
+    is re-indexed and the read done again (over the new lines: numbers past their count wrap
+    around)."""
+    while True:
+      view = self._view
+      got = self._read(view, lines % int(view[2][-1]))
+      if got is not None:
+        return got
+
+  def _read(self, view: tuple, lines: np.ndarray) -> list[bytes] | None:
+    index, maps, bounds = view
+    if len(index) == 1:
+      fid, files = None, [0]
     else:
-      fid = np.searchsorted(self._bounds, lines, side="right") - 1
+      fid = np.searchsorted(bounds, lines, side="right") - 1
       files = np.unique(fid).tolist()
     got: list = [None] * len(lines)
     for f in files:
-      sel = np.flatnonzero(fid == f) if len(files) > 1 else None
-      ix, mm = self._index[f], self._maps[f]
-      local = lines if sel is None else lines[sel] - self._bounds[f]
+      sel = None if fid is None else np.flatnonzero(fid == f)
+      ix, mm = index[f], maps[f]
+      local = lines if sel is None else lines[sel] - bounds[f]
       starts, ends = ix.starts[local], ix.ends[local]
       # Each line with the "\n" before and after it: a whole line exactly where the index
       # says (the check below), or the file changed under its index. One split, no per-line
@@ -303,31 +319,19 @@ class PermutedLines:
       raw = parts[1::2]
       if (len(parts) != 2 * len(starts) + 1 or any(parts[0::2])
           or not np.array_equal(np.fromiter(map(len, raw), np.int64, len(raw)), ends - starts)):
-        self._reindex(f, "a line is no longer where its index says")
-        return False
+        self._reindex(f, "a line is no longer where its index says", view)
+        return None
       if ix.crlf:
         raw = [x[:-1] if x[-1:] == b"\r" else x for x in raw]
       if sel is None:
-        got = raw
-      else:
-        for i, x in zip(sel.tolist(), raw, strict=True):
-          got[i] = x
-    self._buf.extend(got)
-    return True
+        return raw
+      for i, x in zip(sel.tolist(), raw, strict=True):
+        got[i] = x
+    return got
 
-  def group(self) -> np.ndarray:
-    """The next ``group_size`` lines (an object array of bytes)."""
-    if time.monotonic() - self._checked > self.RECHECK_S:
-      self._recheck()
-    while len(self._buf) < self._k:
-      self._fill()
-    arr = np.empty(self._k, object)
-    arr[:] = self._buf[:self._k]
-    del self._buf[:self._k]
-    self.pos += self._k
-    self.epoch += self.pos // self.n
-    self.pos %= self.n
-    return arr
+  def group(self) -> list[bytes]:
+    """The next ``group_size`` lines (:meth:`take` then :meth:`read`)."""
+    return self.read(self.take())
 
   def state(self) -> dict:
     return {"epoch": self.epoch, "pos": self.pos, "lines": self.n}
@@ -338,4 +342,3 @@ class PermutedLines:
                       "stream goes on from the same epoch and position over the new lines",
                       ", ".join(self._files), self.n, int(state["lines"]))
     self.epoch, self.pos = int(state["epoch"]), min(int(state["pos"]), self.n - 1)
-    self._buf, self._ahead = [], (self.epoch, self.pos)

@@ -495,7 +495,7 @@ class GroupReader(_Reader):
   def _group(self, t: int) -> np.ndarray | None:
     """The next group (lines) of task ``t``; None at the end of a finite stream."""
     if t in self._host:
-      return self._streams[t].group()
+      return self._streams[t].take()  # line numbers: read in examples(), in a worker
     waiting = self._waiting[t]
     if not waiting:
       rb = next(self._streams[t], None)
@@ -528,18 +528,35 @@ class GroupReader(_Reader):
       return None
     self.progress += float(self._group_tokens[taken].sum())
     sizes = np.array([len(g) for g in groups], np.int64)
-    b = {"values": np.concatenate(groups), "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
+    b = {"groups": groups, "tasks": taken, "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
          "read": self.reads}
     for i, k in enumerate(("lang", "src_lang", "format")):
       b[k] = np.array([self._codes[t][i] for t in taken], object)
     self.reads += 1
     return b
 
+  def _values(self, b: dict) -> np.ndarray:
+    """A fetched read's lines, in group order: a host stream's groups are read here (one read
+    per task), so that reading runs in the workers, not in the in-order fetch."""
+    splits = b["row_splits"]
+    out = np.empty(int(splits[-1]), object)
+    host: dict[int, list[int]] = collections.defaultdict(list)
+    for i, (t, g) in enumerate(zip(b["tasks"], b["groups"], strict=True)):
+      if t in self._host:
+        host[t].append(i)
+      else:
+        out[splits[i]:splits[i + 1]] = g
+    for t, idx in host.items():
+      at = np.concatenate([np.arange(splits[i], splits[i + 1]) for i in idx])
+      out[at] = self._streams[t].read(np.concatenate([b["groups"][i] for i in idx]))
+    return out
+
   def examples(self, b: dict) -> dict:
     sizes = np.diff(b["row_splits"])
+    values = self._values(b)
     rng = np.random.default_rng([self._seed, b["read"]])
-    order = rng.permutation(b["values"].shape[0])
-    return self._tokenize(b["values"][order], np.repeat(self._ids(b["lang"]), sizes)[order],
+    order = rng.permutation(values.shape[0])
+    return self._tokenize(values[order], np.repeat(self._ids(b["lang"]), sizes)[order],
                           np.repeat(self._ids(b["src_lang"]), sizes)[order],
                           np.repeat(b["format"], sizes)[order])
 
