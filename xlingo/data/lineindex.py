@@ -245,7 +245,8 @@ class PermutedLines:
       raise DataError(f"{', '.join(self._files)}: no non-blank line to train on; remove the "
                       "file(s) or point the pattern elsewhere")
     # One tuple, replaced whole: a reader in another thread sees the old files or the new.
-    self._view = (index, [paths.mapped(ix.local) for ix in index], bounds)
+    self._view = (index, [np.frombuffer(paths.mapped(ix.local), np.uint8) for ix in index],
+                  bounds)
     self.n = int(bounds[-1])
     self.pos = min(self.pos, self.n - 1)
     self._chunk: tuple = (None, None, None)  # (epoch, first position, permuted lines)
@@ -294,7 +295,7 @@ class PermutedLines:
         return got
 
   def _read(self, view: tuple, lines: np.ndarray) -> list[bytes] | None:
-    index, maps, bounds = view
+    index, arrays, bounds = view
     if len(index) == 1:
       fid, files = None, [0]
     else:
@@ -303,24 +304,25 @@ class PermutedLines:
     got: list = [None] * len(lines)
     for f in files:
       sel = None if fid is None else np.flatnonzero(fid == f)
-      ix, mm = index[f], maps[f]
+      ix, data = index[f], arrays[f]
       local = lines if sel is None else lines[sel] - bounds[f]
       starts, ends = ix.starts[local], ix.ends[local]
-      # Each line with the "\n" before and after it: a whole line exactly where the index
-      # says (the check below), or the file changed under its index. One split, no per-line
-      # strip.
-      raw = [mm[a:b] for a, b in zip(np.maximum(starts - 1, 0).tolist(), (ends + 1).tolist(),
-                                     strict=True)]
-      for j in np.flatnonzero(starts == 0).tolist():
-        raw[j] = b"\n" + raw[j]
-      for j in np.flatnonzero(ends == ix.size).tolist():  # no "\n" at the end
-        raw[j] += b"\n"
-      parts = b"".join(raw).split(b"\n")
-      raw = parts[1::2]
-      if (len(parts) != 2 * len(starts) + 1 or any(parts[0::2])
-          or not np.array_equal(np.fromiter(map(len, raw), np.int64, len(raw)), ends - starts)):
+      size = data.shape[0]
+      # Every line, each followed by a "\n", gathered in NumPy and split in one call: no
+      # Python step per line. It must be a whole line exactly where the index says ("\n" or
+      # the file's edge on both sides, none inside), or the file changed under its index.
+      lens = ends - starts + 1
+      seps = np.cumsum(lens) - 1
+      idx = np.arange(int(seps[-1]) + 1) + np.repeat(starts - (seps + 1 - lens), lens)
+      buf = data[np.minimum(idx, size - 1)] if size else np.zeros(len(idx), np.uint8)
+      whole = ((ends >= size) | (data[np.minimum(ends, size - 1)] == 10)).all() and (
+          (starts == 0) | (data[np.maximum(starts - 1, 0)] == 10)).all()
+      buf[seps] = 10
+      if ends.max() > size or not whole or np.count_nonzero(buf == 10) != len(lens):
         self._reindex(f, "a line is no longer where its index says", view)
         return None
+      raw = buf.tobytes().split(b"\n")
+      del raw[-1]
       if ix.crlf:
         raw = [x[:-1] if x[-1:] == b"\r" else x for x in raw]
       if sel is None:
