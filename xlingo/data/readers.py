@@ -437,8 +437,9 @@ class ExampleReader(_Reader):
 class GroupReader(_Reader):
   """Groups of raw lines drawn on the host from each task's own grouped stream, tokenized
   here: training with ``data.group_size`` = k > 0. A stream is either a host stream (an object
-  with ``group()``, ``state()`` and ``load_state()``: lineindex.PermutedLines, a line-file
-  task's lines in a global permutation, whose position is saved in :meth:`state`) or a
+  with ``take()``, ``read(lines)``, ``state()`` and ``load_state()``: lineindex.PermutedLines,
+  a line-file task's lines in a global permutation, whose position is saved in :meth:`state`;
+  a fetch takes its groups' line numbers, the workers read them) or a
   tf.data dataset of groups (tasks.register_grouped: TFDS), iterated here and checkpointed
   with the iterator (``iterator`` lists only these).
 
@@ -476,10 +477,10 @@ class GroupReader(_Reader):
     self._codes = [tuple(x.encode() for x in c) for c in codes]
     # A host stream (lineindex.PermutedLines: line files) hands out groups itself and saves
     # its position in state(); a tf.data stream (TFDS) is iterated here and checkpointed.
-    self._streams = [ds if hasattr(ds, "group") else
+    self._streams = [ds if hasattr(ds, "take") else
                      iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
                           .prefetch(2)) for ds in datasets]
-    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "group")]
+    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "take")]
     self.iterator = [it for t, it in enumerate(self._streams) if t not in self._host]
     self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
     self._groups = max(1, -(-examples_per_read // group_size))
