@@ -60,8 +60,11 @@ def test_epochs_differ_seeds_differ_and_resume_mid_epoch_is_exact(tmp_path):
   other = lineindex.PermutedLines([path], 8, seed=1, stream_salt=1)
   assert _take(other, 10) != first[:80]
 
-  lineindex._MEMO.clear()  # another process: the index comes from the cached sidecar
-  b = lineindex.PermutedLines([path], 8, seed=0, stream_salt=1)
+  kept = str(tmp_path / "indexes")  # data.line_index_dir
+  lineindex.PermutedLines([path], 8, seed=0, stream_salt=1, index_dir=kept)
+  lineindex._MEMO.clear()  # another process: the index comes from the sidecar
+  b = lineindex.PermutedLines([path], 8, seed=0, stream_salt=1, index_dir=kept)
+  assert len(os.listdir(kept)) == 1
   assert _take(b, 37) == first[:37 * 8]
   state = json.loads(json.dumps(b.state()))  # mid-epoch, through JSON as saved
   want = _take(b, 300)  # runs into the next epoch

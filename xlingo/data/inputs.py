@@ -307,7 +307,8 @@ def train_iterator(plan: InputPlan, config):
       if shard is not None:
         files = files[shard.index::shard.num_shards]
       return lineindex.PermutedLines(files, k, seed, lineindex.salt(sp.kind, sp.lang,
-                                                                     sp.src_lang))
+                                                                     sp.src_lang),
+                                     index_dir=d.line_index_dir)
 
     def make_reader(shard):
       # Each process reading its own share counts its progress against its share of the run.

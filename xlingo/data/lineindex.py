@@ -7,11 +7,14 @@ used to read the start of each file: docs/SCIENCE.md (a)).
 
 **The index.** A file's non-blank lines (readers.is_blank) as byte offsets: where each starts
 and where its "\\n" is (or the end of the file), two int64 per line. Built in one streamed pass
-over the file (a few MB at a time), with the SHA-1 of its content, and kept as a sidecar in the
-local cache (``paths.cache_dir()/line-index``, named by the file's path) that records the file's
-size, modification time and content hash. A later run whose file has the same size and
-modification time reuses it; a file whose size or modification time differs is re-indexed
-with a one-line warning (saying whether its content changed), never read with stale offsets.
+over the file (a few MB at a time), with the SHA-1 of its content, and kept for the process;
+with ``data.line_index_dir`` set (local or ``gs://``, e.g. one bucket folder for every host)
+also as a sidecar there, named by the file's path, that records the file's size, modification
+time and content hash. (Not by default: a run on a ``gs://`` workdir leaves nothing on its
+machine, and the token counts, counts.py, read every file at every start anyway.) A
+later run whose file has the same size and modification time reuses the sidecar; a file
+whose size or modification time differs is re-indexed with a one-line warning (saying whether
+its content changed), never read with stale offsets.
 While a stream reads, each line read must lie between the two "\\n" its index records (or the
 file's start and end), with none inside, and the files' size and modification time are checked
 again every ``RECHECK_S`` seconds; a mismatch re-indexes the file (the same warning) and the
@@ -20,7 +23,7 @@ still end the process: the memory map's pages past the new end are gone. Replace
 than rewrite them in place during a run.)
 
 Sixteen bytes per line are held in memory, against the ~50-200 bytes of text per line of a
-typical corpus (the text itself is never read into memory whole: lines are sliced from a
+typical corpus (the text itself is never read into memory whole: lines are gathered from a
 memory map, i.e. the page cache). ``gs://`` files are copied once to a local mirror
 (``paths.local_mirror``, streamed, named by path, size and modification time) and read by
 offset there: a range request per line would cost a round trip per example.
@@ -109,13 +112,14 @@ def _scan(local: str) -> tuple[np.ndarray, np.ndarray, bool, str]:
   return cat(starts), cat(ends), crlf, digest.hexdigest()
 
 
-def _sidecar(path: str) -> str:
-  name = hashlib.sha1(path.encode()).hexdigest()[:24] + ".npz"
-  return paths.join(paths.cache_dir(), "line-index", name)
+def _sidecar(path: str, index_dir: str) -> str:
+  return paths.join(index_dir, hashlib.sha1(path.encode()).hexdigest()[:24] + ".npz")
 
 
-def _load_sidecar(path: str) -> LineIndex | None:
-  side = _sidecar(path)
+def _load_sidecar(path: str, index_dir: str) -> LineIndex | None:
+  if not index_dir:
+    return None
+  side = _sidecar(path, index_dir)
   try:
     with np.load(io.BytesIO(paths.read_bytes(side))) as z:
       meta = json.loads(bytes(z["meta"]).decode())
@@ -127,14 +131,16 @@ def _load_sidecar(path: str) -> LineIndex | None:
     return None
 
 
-def _save_sidecar(ix: LineIndex) -> None:
+def _save_sidecar(ix: LineIndex, index_dir: str) -> None:
+  if not index_dir:
+    return
   meta = {"version": INDEX_VERSION, "path": ix.path, "size": ix.size, "mtime": ix.mtime,
           "sha1": ix.sha1, "crlf": ix.crlf}
   buf = io.BytesIO()
   np.savez(buf, starts=ix.starts, ends=ix.ends,
            meta=np.frombuffer(json.dumps(meta).encode(), np.uint8))
   try:
-    paths.write_bytes(_sidecar(ix.path), buf.getvalue())
+    paths.write_bytes(_sidecar(ix.path, index_dir), buf.getvalue())
   except OSError as e:  # a read-only cache costs a re-index per process, nothing else
     logging.info("line index of %s not cached (%s)", ix.path, e)
 
@@ -143,13 +149,14 @@ _MEMO: dict[str, LineIndex] = {}
 _LOCK = threading.Lock()
 
 
-def line_index(path: str, stale: str | None = None) -> LineIndex:
-  """The index of ``path`` (module docstring): this process's, the cached sidecar, or built
-  now. ``stale``: why the caller found the index it holds wrong (rebuilt, with a warning)."""
+def line_index(path: str, stale: str | None = None, index_dir: str = "") -> LineIndex:
+  """The index of ``path`` (module docstring): this process's, the sidecar in ``index_dir``
+  (when given), or built now. ``stale``: why the caller found the index it holds wrong
+  (rebuilt, with a warning)."""
   path = paths.resolve(path)
   size, mtime = paths.size(path), paths.mtime(path)
   with _LOCK:
-    old = _MEMO.get(path) or _load_sidecar(path)
+    old = _MEMO.get(path) or _load_sidecar(path, index_dir)
     if old is not None and stale is None and (old.size, old.mtime) == (size, mtime):
       if not old.local:
         old = dataclasses.replace(old, local=paths.local_mirror(path))
@@ -164,7 +171,7 @@ def line_index(path: str, stale: str | None = None) -> LineIndex:
       logging.warning("%s changed since its line index was built (%s; %s): re-indexed", path,
                       why, same)
     _MEMO[path] = new
-    _save_sidecar(new)
+    _save_sidecar(new, index_dir)
     return new
 
 
@@ -229,7 +236,8 @@ class PermutedLines:
   CHUNK = 16384  # positions permuted at a time
   RECHECK_S = 1.0  # how often the files' size and modification time are checked again
 
-  def __init__(self, files: Sequence[str], group_size: int, seed: int, stream_salt: int):
+  def __init__(self, files: Sequence[str], group_size: int, seed: int, stream_salt: int,
+               index_dir: str = ""):
     if not files:
       raise DataError("a line stream needs at least one file")
     self._files = [paths.resolve(p) for p in files]
@@ -237,7 +245,8 @@ class PermutedLines:
     self._seed, self._salt = int(seed), int(stream_salt)
     self.epoch, self.pos = 0, 0  # the next position taken
     self._lock = threading.Lock()  # re-indexing, while other threads read
-    self._open([line_index(p) for p in self._files])
+    self._index_dir = index_dir
+    self._open([line_index(p, index_dir=index_dir) for p in self._files])
 
   def _open(self, index: list[LineIndex]) -> None:
     bounds = np.cumsum([0] + [len(ix) for ix in index])
@@ -256,7 +265,7 @@ class PermutedLines:
     with self._lock:
       if self._view is seen:  # (not already done by another thread)
         index = list(seen[0])
-        index[f] = line_index(self._files[f], stale=why)
+        index[f] = line_index(self._files[f], stale=why, index_dir=self._index_dir)
         self._open(index)
 
   def _recheck(self) -> None:
