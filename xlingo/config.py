@@ -236,7 +236,13 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.examples_per_read = 4096
   data.vocab_path = ""  # empty: the shipped shared vocabulary
   data.seed = 0
-  data.shuffle_buffer = 1024  # examples held per task by seqio's shuffle (grouped: in groups)
+  # Examples held per task by seqio's shuffle (grouped: in groups): TFDS tasks, and every task
+  # with data.group_size=0. Grouped line files are read in a global permutation instead
+  # (xlingo/data/lineindex.py).
+  data.shuffle_buffer = 1024
+  # Where the line files' offset indexes are kept across runs (local or gs://; one folder can
+  # serve every host); "": built in each process (one pass per file). xlingo/data/lineindex.py
+  data.line_index_dir = ""
   data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
   data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
   data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files

@@ -16,6 +16,7 @@ Functions take and return ``str`` paths (``Path`` where a caller wants epath's m
 
 from __future__ import annotations
 
+import builtins
 import errno
 import fnmatch
 import logging
@@ -458,19 +459,68 @@ def match_any(name: str, patterns: Iterable[str]) -> bool:
   return any(fnmatch.fnmatch(name, p) for p in patterns)
 
 
+def cache_dir() -> str:
+  """The local directory of files derived from others (copies of remote files, line indexes):
+  ``<tmp>/xlingo-cache``. Anything in it can be rebuilt."""
+  import tempfile
+
+  return os.path.join(tempfile.gettempdir(), "xlingo-cache")
+
+
+_default_cache_dir = cache_dir  # what local_copy's parameter of that name shadows
+
+
+def local_mirror(path, chunk: int = 16 << 20) -> str:
+  """A local file with the content of ``path``, for random access by offset: ``path`` itself
+  (resolved) when it is local; else a copy in :func:`cache_dir` named by the path, size and
+  modification time (so a changed object is copied again), streamed ``chunk`` bytes at a
+  time: never a whole large object in memory, and one pass over the object instead of a range
+  request per line."""
+  import hashlib
+
+  if not is_remote(path):
+    return resolve(path)
+  key = f"{resolve(path)}\0{size(path)}\0{mtime(path)}".encode()
+  local = os.path.join(cache_dir(), "mirror",
+                       hashlib.sha1(key).hexdigest()[:24] + posixpath.splitext(basename(path))[1])
+  if os.path.exists(local):
+    return local
+  os.makedirs(os.path.dirname(local), exist_ok=True)
+  tmp = f"{local}.tmp.{os.getpid()}"
+  try:
+    with as_path(path).open("rb") as src, builtins.open(tmp, "wb") as dst:
+      for block in iter(lambda: src.read(chunk), b""):
+        dst.write(block)
+    os.replace(tmp, local)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return local
+
+
+def mapped(path):
+  """A read-only memory map of a local file (bytes-like; slicing reads the page cache, no copy
+  of the file in memory); an empty file maps to ``b""``."""
+  import mmap
+
+  with builtins.open(resolve(path), "rb") as f:
+    if os.fstat(f.fileno()).st_size == 0:
+      return b""
+    return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+
 def local_copy(path, cache_dir: str | None = None) -> str:
   """A local file with the content of ``path``: ``path`` itself (resolved) when it is local,
   else a copy in a local cache named by the content's SHA-1, so it is never stale. For
   libraries that read only local files or go through tf.io.gfile (SentencePiece, seqio's
   vocabulary), which cannot reach every store the path layer can."""
   import hashlib
-  import tempfile
 
   if not is_remote(path):
     return resolve(path)
   data = read_bytes(path)
   name = hashlib.sha1(data).hexdigest() + posixpath.splitext(basename(path))[1]
-  local = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "xlingo-cache"), name)
+  local = os.path.join(cache_dir or _default_cache_dir(), name)
   if not exists(local):
     write_bytes(local, data)
   return local

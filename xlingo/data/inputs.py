@@ -11,7 +11,17 @@ import numpy as np
 import seqio
 
 from xlingo import paths
-from xlingo.data import counts, iterator, mixing, packing, pairs, readers, tasks, vocabulary
+from xlingo.data import (
+  counts,
+  iterator,
+  lineindex,
+  mixing,
+  packing,
+  pairs,
+  readers,
+  tasks,
+  vocabulary,
+)
 from xlingo.data.languages import LanguageTable
 from xlingo.errors import ConfigError, DataError
 
@@ -283,22 +293,37 @@ def train_iterator(plan: InputPlan, config):
       return readers.ExampleReader(stream(plan.mixture, shard), plan.table, plan.vocab, **common)
   else:
     stats = plan.mix.stats
-    # examples trained per group: a group rate is an example rate over this
-    mean = [tasks.mean_group_size(s.name, k) / s.lines_per_example for s in stats]
+    specs = [tasks.task_spec(s.name) for s in stats]
+    # examples trained per group: a group rate is an example rate over this (a line file's
+    # groups run on across epochs, so all are full)
+    mean = [(k if sp.kind != "tfds" else tasks.mean_group_size(s.name, k)) / s.lines_per_example
+            for s, sp in zip(stats, specs, strict=True)]
     group_tokens = [m * s.tokens_per_example for m, s in zip(mean, stats, strict=True)]
 
     def rates_at(x):
       rates = plan.mix.rates_at(x)
       return [rates[s.name] for s in stats]
 
-    specs = [tasks.task_spec(s.name) for s in stats]
     codes = [(sp.lang, sp.src_lang, sp.fmt) for sp in specs]
+
+    def task_stream(t, shard):
+      """Line files: this process's files in a global permutation per epoch (lineindex.py);
+      TFDS: the grouped twin's tf.data stream (file-level shuffle and a buffer)."""
+      sp = specs[t]
+      if sp.kind == "tfds":
+        return stream(plan.train_streams[t], shard)
+      files = list(sp.files["train"])
+      if shard is not None:
+        files = files[shard.index::shard.num_shards]
+      return lineindex.PermutedLines(files, k, seed, lineindex.salt(sp.kind, sp.lang,
+                                                                     sp.src_lang),
+                                     index_dir=d.line_index_dir)
 
     def make_reader(shard):
       # Each process reading its own share counts its progress against its share of the run.
       run = plan.mix.run_tokens / (shard.num_shards if shard else 1)
-      return readers.GroupReader([stream(g, shard) for g in plan.train_streams], rates_at, mean,
-                                 group_tokens, run, codes, plan.table, plan.vocab, k, seed,
+      return readers.GroupReader([task_stream(t, shard) for t in range(len(stats))], rates_at,
+                                 mean, group_tokens, run, codes, plan.table, plan.vocab, k, seed,
                                  plan.examples_per_read, **common)
 
   lm = _packed(plan, list(plan.train_streams), "train", config.train.batch_size, d.packing,

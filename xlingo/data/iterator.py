@@ -273,6 +273,7 @@ class PackedIterator:
       raise DataError(
           f"data state in {directory} was saved by another input pipeline ({saved_kind}) than "
           f"this run's ({self.reader.kind}); resume with {_flags(saved_kind)}")
+    self.reader.check_state(state, directory)
     if self._bg is not None:
       self._bg.halt()
     _read_tf_iterator(self.reader.iterator, directory)

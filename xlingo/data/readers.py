@@ -29,7 +29,9 @@ of the token stream that packing.py packs:
                    read, in stream order
   GroupReader      groups of k examples (training, ``data.group_size`` = k > 0) taken on the
                    host from each task's stream at the (possibly scheduled) rates, about
-                   ``data.examples_per_read`` examples per read, shuffled together (seeded)
+                   ``data.examples_per_read`` examples per read, shuffled together (seeded);
+                   a line-file task's stream is a host stream in a global permutation
+                   (lineindex.PermutedLines), a TFDS task's a tf.data stream
 """
 
 from __future__ import annotations
@@ -375,6 +377,11 @@ class _Reader:
   def state(self) -> dict:
     return {}
 
+  def check_state(self, state: dict, directory: str) -> None:
+    """Refuse (DataError) a saved :meth:`state` this reader cannot continue, before anything
+    is restored."""
+    del state, directory
+
   def load_state(self, state: dict) -> None:
     del state
 
@@ -428,8 +435,13 @@ class ExampleReader(_Reader):
 
 
 class GroupReader(_Reader):
-  """Groups of raw lines drawn on the host from each task's own grouped stream
-  (tasks.register_grouped), tokenized here: training with ``data.group_size`` = k > 0.
+  """Groups of raw lines drawn on the host from each task's own grouped stream, tokenized
+  here: training with ``data.group_size`` = k > 0. A stream is either a host stream (an object
+  with ``take()``, ``read(lines)``, ``state()`` and ``load_state()``: lineindex.PermutedLines,
+  a line-file task's lines in a global permutation, whose position is saved in :meth:`state`;
+  a fetch takes its groups' line numbers, the workers read them) or a
+  tf.data dataset of groups (tasks.register_grouped: TFDS), iterated here and checkpointed
+  with the iterator (``iterator`` lists only these).
 
   Every task keeps one stream for the whole run. A read takes ``ceil(examples_per_read / k)``
   groups: each goes to the task the rates owe most (``owed`` grows by each task's group rate
@@ -463,8 +475,13 @@ class GroupReader(_Reader):
     super().__init__(table, vocab, locate, max_len)
     self.kind = f"groups:{group_size}/{examples_per_read}"
     self._codes = [tuple(x.encode() for x in c) for c in codes]
-    self.iterator = [iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
+    # A host stream (lineindex.PermutedLines: line files) hands out groups itself and saves
+    # its position in state(); a tf.data stream (TFDS) is iterated here and checkpointed.
+    self._streams = [ds if hasattr(ds, "take") else
+                     iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
                           .prefetch(2)) for ds in datasets]
+    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "take")]
+    self.iterator = [it for t, it in enumerate(self._streams) if t not in self._host]
     self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
     self._groups = max(1, -(-examples_per_read // group_size))
     self._rates_at = rates_at
@@ -478,9 +495,11 @@ class GroupReader(_Reader):
 
   def _group(self, t: int) -> np.ndarray | None:
     """The next group (lines) of task ``t``; None at the end of a finite stream."""
+    if t in self._host:
+      return self._streams[t].take()  # line numbers: read in examples(), in a worker
     waiting = self._waiting[t]
     if not waiting:
-      rb = next(self.iterator[t], None)
+      rb = next(self._streams[t], None)
       if rb is None:
         return None
       values, splits = rb.values.numpy(), rb.row_splits.numpy()
@@ -510,25 +529,54 @@ class GroupReader(_Reader):
       return None
     self.progress += float(self._group_tokens[taken].sum())
     sizes = np.array([len(g) for g in groups], np.int64)
-    b = {"values": np.concatenate(groups), "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
+    b = {"groups": groups, "tasks": taken, "row_splits": np.concatenate([[0], np.cumsum(sizes)]),
          "read": self.reads}
     for i, k in enumerate(("lang", "src_lang", "format")):
       b[k] = np.array([self._codes[t][i] for t in taken], object)
     self.reads += 1
     return b
 
+  def _values(self, b: dict) -> np.ndarray:
+    """A fetched read's lines, in group order: a host stream's groups are read here (one read
+    per task), so that reading runs in the workers, not in the in-order fetch."""
+    splits = b["row_splits"]
+    out = np.empty(int(splits[-1]), object)
+    host: dict[int, list[int]] = collections.defaultdict(list)
+    for i, (t, g) in enumerate(zip(b["tasks"], b["groups"], strict=True)):
+      if t in self._host:
+        host[t].append(i)
+      else:
+        out[splits[i]:splits[i + 1]] = g
+    for t, idx in host.items():
+      at = np.concatenate([np.arange(splits[i], splits[i + 1]) for i in idx])
+      out[at] = self._streams[t].read(np.concatenate([b["groups"][i] for i in idx]))
+    return out
+
   def examples(self, b: dict) -> dict:
     sizes = np.diff(b["row_splits"])
+    values = self._values(b)
     rng = np.random.default_rng([self._seed, b["read"]])
-    order = rng.permutation(b["values"].shape[0])
-    return self._tokenize(b["values"][order], np.repeat(self._ids(b["lang"]), sizes)[order],
+    order = rng.permutation(values.shape[0])
+    return self._tokenize(values[order], np.repeat(self._ids(b["lang"]), sizes)[order],
                           np.repeat(self._ids(b["src_lang"]), sizes)[order],
                           np.repeat(b["format"], sizes)[order])
 
   def state(self) -> dict:
-    return {"reads": self.reads, "progress": self.progress, "owed": self.owed.tolist()}
+    return {"reads": self.reads, "progress": self.progress, "owed": self.owed.tolist(),
+            "line_streams": {str(t): self._streams[t].state() for t in self._host}}
+
+  def check_state(self, state: dict, directory: str) -> None:
+    saved = set(state.get("line_streams", {}))
+    if saved != {str(t) for t in self._host}:
+      raise DataError(
+          f"data state in {directory} was saved by an input pipeline that read "
+          f"{len(saved)} of the {len(self._streams)} tasks as permuted line files, this run "
+          f"reads {len(self._host)} (another data config, or an xlingo version that shuffled "
+          "line files within blocks); resume with the config and version that wrote it")
 
   def load_state(self, state: dict) -> None:
+    for t in self._host:
+      self._streams[t].load_state(state["line_streams"][str(t)])
     self.reads = int(state["reads"])
     self.progress = float(state["progress"])
     self.owed = np.asarray(state["owed"], float)

@@ -11,8 +11,11 @@ one place for training and evaluation alike (readers.py). Every task emits, per 
   format       how the line is an example: "" (text), "tsv", or "json:<field>" (readers.py)
 Blank lines are dropped here (cheap tf.data ops on batches of lines).
 
-Each task also has a *grouped* twin (:func:`register_grouped`, read by training when
-``data.group_size`` = k > 0) over the same files or TFDS dataset, whose elements are groups of
+Training with ``data.group_size`` = k > 0 reads a line task's files in a global permutation
+on the host (lineindex.PermutedLines, built by inputs.train_iterator) and a TFDS task through
+its *grouped* twin. Each task also has a grouped twin (:func:`register_grouped`; for a line
+task only its file list is used in training, to decide the hosts' shares) over the same files
+or TFDS dataset, whose elements are groups of
 up to k examples of that task (for line files, k lines of one block of 16k lines, shuffled
 within the block when the dataset is), with the same features (``targets`` a vector of lines).
 The host takes groups from the tasks' twins at the rates, and parses and tokenizes
