@@ -145,7 +145,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.tie_embeddings = True
   model.dtype = "bfloat16"  # compute dtype
   model.param_dtype = "float32"
-  model.remat_policy = "none"  # none | full | dots_saveable
+  # none | full | save_qkv_proj | save_attn_proj | save_mlp_input | save_attn_proj_mlp_input |
+  # offload_attn_proj | offload_attn_proj_mlp_input | dots_saveable (xlingo/model/decoder.py)
+  model.remat_policy = "none"
   model.scan_layers = True
   model.lid_head = False  # auxiliary language-identification head
   # Per example (packed segment), the rate at which training hides the language hint (the

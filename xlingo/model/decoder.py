@@ -22,11 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from xlingo.errors import ConfigError
 from xlingo.model import peft as peft_lib
-from xlingo.model.attention import BTD, Attention, flat_matmul
+from xlingo.model.attention import BTD, Attention, compile_platform, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
@@ -34,10 +36,59 @@ BTV = ("activation_batch", "activation_length", "activation_vocab")
 # A language id that gives no language hint: no language-embedding row is added there.
 UNKNOWN_LANG = -1
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# Rematerialisation (``model.remat_policy``): what a block keeps from its forward pass for the
+# backward pass; the rest is recomputed there. Names are ``checkpoint_name`` tags in the block
+# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input). From most
+# memory to least recompute, per token and layer in bf16 (d model width, n/k query/kv heads of
+# width h): save_attn_proj_mlp_input keeps (n + 2k) h + 2d values and recomputes the attention
+# kernel and the MLP's gate/up; save_attn_proj (n + 2k) h + d; save_qkv_proj (n + 2k) h, which
+# spares the three input projections; save_mlp_input d, which spares the out projection;
+# offload_* keep the same names in host memory (pinned_host) instead of HBM, paid for in
+# host<->device copies that XLA overlaps with compute. ``full`` keeps only the block inputs
+# (the scan carry); ``dots_saveable`` keeps every matmul output (the MLP's 2 x mlp_dim wide
+# gate/up included), which is the most memory.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+REMAT_SAVED = {
+    "full": (),
+    "save_qkv_proj": QKV_NAMES,
+    "save_attn_proj": (*QKV_NAMES, "out_proj"),
+    "save_mlp_input": ("mlp_input",),
+    "save_attn_proj_mlp_input": (*QKV_NAMES, "out_proj", "mlp_input"),
 }
+REMAT_OFFLOADED = {
+    "offload_attn_proj": (*QKV_NAMES, "out_proj"),
+    "offload_attn_proj_mlp_input": (*QKV_NAMES, "out_proj", "mlp_input"),
+}
+REMAT_POLICIES = ("none", *REMAT_SAVED, *REMAT_OFFLOADED, "dots_saveable")
+# Platforms whose devices have a host memory space apart from their own to offload to.
+OFFLOAD_PLATFORMS = ("tpu", "gpu")
+
+
+def check_remat_policy(name: str) -> None:
+  if name not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy={name!r}; use one of {', '.join(REMAT_POLICIES)} "
+                      "(xlingo/model/decoder.py describes each)")
+
+
+def remat_policy(name: str, platform: str):
+  """The ``jax.checkpoint`` policy of ``model.remat_policy`` (not 'none') for ``platform``.
+
+  Offloading needs a host memory space apart from the device's; a CPU's device memory is host
+  memory, so there the offloaded names are kept in place instead (same values, same program
+  shape), and one line says so.
+  """
+  check_remat_policy(name)
+  if name == "dots_saveable":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name in REMAT_OFFLOADED:
+    if platform in OFFLOAD_PLATFORMS:
+      return jax.checkpoint_policies.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=list(REMAT_OFFLOADED[name]),
+          offload_src="device", offload_dst="pinned_host")
+    logging.warning("model.remat_policy=%s: %s has no host memory apart from the device's; "
+                    "keeping the offloaded activations on the device", name, platform)
+    return jax.checkpoint_policies.save_only_these_names(*REMAT_OFFLOADED[name])
+  return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED[name])
 
 
 def _kernel_init(in_axis=0, out_axis=-1):
@@ -113,6 +164,7 @@ class DecoderBlock(nn.Module):
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
     h_btd = RMSNorm(dtype, param_dtype, cfg.norm_eps, name="mlp_norm")(x_btd)
+    h_btd = checkpoint_name(h_btd, "mlp_input")  # a remat policy may keep it (REMAT_SAVED)
     h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
     if self.peft is not None and self.peft.adapter_bottleneck:
       h_btd = h_btd + peft_lib.Adapter(
@@ -158,17 +210,12 @@ class DecoderStack(nn.Module):
     cfg = self.config
     block_cls = DecoderBlock if upto is None or not cfg.scan_layers else _BlockWithOutput
     # Decoding computes no gradients, so remat would only cost time there.
+    check_remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none" and not decode:
-      if cfg.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(
-            f"model.remat_policy={cfg.remat_policy!r}; use one of none, "
-            + ", ".join(REMAT_POLICIES)
-        )
       # prevent_cse is only needed outside scan (scan already stops XLA from merging the
       # recomputation with the forward pass).
-      block_cls = nn.remat(
-          block_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
-      )
+      block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat_policy, compile_platform()),
+                           prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(
           block_cls,
