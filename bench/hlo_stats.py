@@ -17,7 +17,7 @@ shape counts once and is reported in ``unknown_loops``.
   all-gather, reduce-scatter, all-to-all, collective-permute), times the multiplier. Async
   ones are the ``-start`` halves of ``-start``/``-done`` pairs (XLA overlaps them with
   compute); a synchronous one stalls the chip. Bytes are the operand's (all-gather: the
-  result's, the gathered buffer).
+  gathered result; all-reduce: the reduced result).
 - ``host_transfer_bytes``: bytes copied between HBM and host memory (memory space S(5)), the
   traffic of offloaded activations, times the multiplier.
 - ``hbm_bytes``: an estimate of HBM traffic: what each top-level instruction (a fusion, a
@@ -318,6 +318,8 @@ def collective_kind(opcode: str) -> tuple[str, bool] | None:
 
 def _collective_bytes(module: Module, instr: Instr, kind: str) -> float:
   operand_bytes = sum(shape_bytes(module.instrs[o].shape) for o in instr.operands)
+  if kind == "all-reduce":  # the reduced buffer (XLA may fold a f32 -> bf16 convert into it)
+    return shape_bytes(instr.shape)
   if kind != "all-gather":
     return operand_bytes
   result = shape_bytes(instr.shape)
