@@ -128,6 +128,10 @@ def compile_for_devices(config, devices):
   }, compiled
 
 
+def _tflop(flops: float) -> float:
+  return float(f"{flops / 1e12:.5g}")  # 5 significant digits: a tiny test model's too
+
+
 def roofline(config, kind: str, hlo: str, model_flops: float) -> dict:
   """Per-step figures of one chip's compiled program (``hlo_stats``) and its roofline MFU.
 
@@ -162,9 +166,9 @@ def roofline(config, kind: str, hlo: str, model_flops: float) -> dict:
     mfu = round(model_flops / peak / max(compute_s, s["hbm_bytes"] / bandwidth), 3)
     compute_mfu = round(model_flops / peak / compute_s, 3)
   return {
-      "hlo_matmul_tflop": round(s["matmul_flops"] / 1e12, 2),
-      "kernel_tflop": round(kernel_flops / 1e12, 2),
-      "model_tflop": round(model_flops / 1e12, 2),
+      "hlo_matmul_tflop": _tflop(s["matmul_flops"]),
+      "kernel_tflop": _tflop(kernel_flops),
+      "model_tflop": _tflop(model_flops),
       "hbm_traffic_gib": round(s["hbm_bytes"] / GIB, 1),
       "sync_collective_gib": {k: round(v / GIB, 3) for k, v in s["sync_collective_bytes"].items()},
       "async_collective_gib": {k: round(v / GIB, 3)
