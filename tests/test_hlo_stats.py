@@ -6,6 +6,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import linen as nn
 
 from configs import tiny
@@ -33,8 +34,9 @@ def _compiled_grad_hlo(remat_policy: str) -> tuple[str, object]:
   return compiled.as_text(), cfg
 
 
-def test_matmul_flops_with_trip_counts_match_the_hand_count():
-  hlo, cfg = _compiled_grad_hlo("full")
+@pytest.mark.parametrize("remat_policy", ["full", "save_qkv_proj_mlp_input"])
+def test_matmul_flops_with_trip_counts_match_the_hand_count(remat_policy):
+  hlo, cfg = _compiled_grad_hlo(remat_policy)
   assert hlo.count(" while(") >= 2  # forward and backward scans: counted once without trips
   stats = hlo_stats.stats(hlo)
   assert stats["unknown_loops"] == 0
@@ -45,8 +47,12 @@ def test_matmul_flops_with_trip_counts_match_the_hand_count():
   want = B * T * (6 * (cfg.num_layers * per_layer + d * cfg.vocab_size)
                   + cfg.num_layers * 12 * n * h * T)
   # Full remat: the backward pass replays each block's forward but the down projection, whose
-  # output only feeds the residual stream.
-  want += cfg.num_layers * B * T * (2 * (per_layer - d * f) + 4 * n * h * T)
+  # output only feeds the residual stream; keeping q/k/v and the MLP's input spares the replay
+  # of the q/k/v and out projections.
+  replayed = per_layer - d * f
+  if remat_policy == "save_qkv_proj_mlp_input":
+    replayed -= d * n * h + 2 * d * k * h + n * h * d
+  want += cfg.num_layers * B * T * (2 * replayed + 4 * n * h * T)
   assert stats["matmul_flops"] == want
 
 

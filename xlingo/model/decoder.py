@@ -38,26 +38,27 @@ UNKNOWN_LANG = -1
 
 # Rematerialisation (``model.remat_policy``): what a block keeps from its forward pass for the
 # backward pass; the rest is recomputed there. Names are ``checkpoint_name`` tags in the block
-# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input). From most
-# memory to least recompute, per token and layer in bf16 (d model width, n/k query/kv heads of
-# width h): save_attn_proj_mlp_input keeps (n + 2k) h + 2d values and recomputes the attention
-# kernel and the MLP's gate/up; save_attn_proj (n + 2k) h + d; save_qkv_proj (n + 2k) h, which
-# spares the three input projections; save_mlp_input d, which spares the out projection;
-# offload_* keep the same names in host memory (pinned_host) instead of HBM, paid for in
+# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input, the residual
+# stream after attention). Per token and layer in bf16 (d model width, n/k query/kv heads of
+# width h): save_qkv_proj keeps (n + 2k) h values and spares the replay of the three input
+# projections; save_mlp_input keeps d and spares the out projection's; save_qkv_proj_mlp_input
+# both; save_attn_proj keeps q/k/v and the out projection's output, (n + 2k) h + d, and spares
+# the same as save_qkv_proj_mlp_input. The attention kernel and the MLP are replayed by all of
+# them. offload_* keep the same names in host memory (pinned_host) instead of HBM, paid for in
 # host<->device copies that XLA overlaps with compute. ``full`` keeps only the block inputs
 # (the scan carry); ``dots_saveable`` keeps every matmul output (the MLP's 2 x mlp_dim wide
-# gate/up included), which is the most memory.
+# gate/up included), the most memory and the least replay.
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 REMAT_SAVED = {
     "full": (),
     "save_qkv_proj": QKV_NAMES,
-    "save_attn_proj": (*QKV_NAMES, "out_proj"),
     "save_mlp_input": ("mlp_input",),
-    "save_attn_proj_mlp_input": (*QKV_NAMES, "out_proj", "mlp_input"),
+    "save_qkv_proj_mlp_input": (*QKV_NAMES, "mlp_input"),
+    "save_attn_proj": (*QKV_NAMES, "out_proj"),
 }
 REMAT_OFFLOADED = {
     "offload_attn_proj": (*QKV_NAMES, "out_proj"),
-    "offload_attn_proj_mlp_input": (*QKV_NAMES, "out_proj", "mlp_input"),
+    "offload_qkv_proj_mlp_input": (*QKV_NAMES, "mlp_input"),
 }
 REMAT_POLICIES = ("none", *REMAT_SAVED, *REMAT_OFFLOADED, "dots_saveable")
 # Platforms whose devices have a host memory space apart from their own to offload to.
@@ -163,8 +164,11 @@ class DecoderBlock(nn.Module):
         h_btd, segment_ids_bt, positions_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
+    # The MLP sub-block's input, the residual stream after attention, for the remat policies
+    # that keep it (REMAT_SAVED): the norm's backward needs it, so keeping the norm's output
+    # instead would still replay the attention's out projection.
+    x_btd = checkpoint_name(x_btd, "mlp_input")
     h_btd = RMSNorm(dtype, param_dtype, cfg.norm_eps, name="mlp_norm")(x_btd)
-    h_btd = checkpoint_name(h_btd, "mlp_input")  # a remat policy may keep it (REMAT_SAVED)
     h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
     if self.peft is not None and self.peft.adapter_bottleneck:
       h_btd = h_btd + peft_lib.Adapter(
