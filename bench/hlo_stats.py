@@ -18,8 +18,8 @@ shape counts once and is reported in ``unknown_loops``.
   ones are the ``-start`` halves of ``-start``/``-done`` pairs (XLA overlaps them with
   compute); a synchronous one stalls the chip. Bytes are the operand's (all-gather: the
   gathered result; all-reduce: the reduced result).
-- ``host_transfer_bytes``: bytes copied between HBM and host memory (memory space S(5)), the
-  traffic of offloaded activations, times the multiplier.
+- ``host_transfer_bytes``: bytes copied between HBM and host memory (memory space S(5)): the
+  copies and (async) dynamic slices / updates of offloaded activations, times the multiplier.
 - ``hbm_bytes``: an estimate of HBM traffic: what each top-level instruction (a fusion, a
   convolution, a copy, a collective...) reads and writes, times the multiplier. A fusion that
   only slices a parameter (a scan body reading layer i of stacked weights) counts the slice;
@@ -41,7 +41,8 @@ DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1,
 NO_TRAFFIC = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
               "conditional", "after-all", "partition-id", "replica-id", "iota", "opt-barrier",
               "add-dependency", "domain", "copy-done", "call-done", "async-done", "send-done",
-              "recv-done", *(f"{c}-done" for c in COLLECTIVES)}
+              "recv-done", "dynamic-slice-done", "dynamic-update-slice-done",
+              *(f"{c}-done" for c in COLLECTIVES)}
 
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _HEADER = re.compile(r"^(ENTRY )?%(\S+) .*\{$")
@@ -295,15 +296,34 @@ def _fusion_traffic(module: Module, fusion: Instr, body: str) -> float:
   return total
 
 
+_SLICE_OPS = ("dynamic-slice", "dynamic-update-slice", "dynamic-slice-start",
+              "dynamic-update-slice-start")
+
+
+def _touches_host(module: Module, instr: Instr) -> bool:
+  return instr.opcode in ("copy-start", "copy", *_SLICE_OPS) and (
+      _HOST in instr.shape or any(_HOST in module.instrs[o].shape for o in instr.operands))
+
+
+def _moved_bytes(module: Module, instr: Instr) -> float:
+  """What a copy or a (possibly async) dynamic slice / update moves: the slice, not the buffer."""
+  operands = sum(shape_bytes(module.instrs[o].shape) for o in instr.operands)
+  if instr.opcode.startswith("dynamic-update-slice"):
+    return shape_bytes(module.instrs[instr.operands[1]].shape)
+  if instr.opcode == "dynamic-slice-start":  # ((operands), slice, u32 context)
+    return shape_bytes(instr.shape) - operands - 4
+  if instr.opcode == "dynamic-slice":
+    return shape_bytes(instr.shape)
+  return shape_bytes(module.instrs[instr.operands[0]].shape)
+
+
 def _traffic(module: Module, instr: Instr) -> float:
+  if instr.opcode in _SLICE_OPS:  # read and write the slice (one side may be host memory)
+    return 2 * _moved_bytes(module, instr)
   if instr.opcode == "fusion":
     body = re.search(r"calls=%([\w.\-]+)", instr.attrs).group(1)
     return _fusion_traffic(module, instr, body)
   operands = [module.instrs[o] for o in instr.operands if o in module.instrs]
-  if instr.opcode == "dynamic-slice":
-    return 2 * shape_bytes(instr.shape)
-  if instr.opcode == "dynamic-update-slice":
-    return 2 * shape_bytes(operands[1].shape)
   return shape_bytes(instr.shape) + sum(shape_bytes(o.shape) for o in operands)
 
 
@@ -347,11 +367,8 @@ def stats(text: str) -> dict:
       (async_ if is_async else sync)[kind] += mult * size
       if kind == "all-reduce" and not is_async and size > largest_sync_all_reduce[0]:
         largest_sync_all_reduce = (size, re.sub(r"\{[^{}]*\}", "", instr.shape))
-    if instr.opcode in ("copy-start", "copy", "dynamic-update-slice", "dynamic-slice") and (
-        _HOST in instr.shape or any(_HOST in module.instrs[o].shape for o in instr.operands)):
-      moved = instr.operands[1] if instr.opcode == "dynamic-update-slice" else instr.operands[0]
-      host += mult * (shape_bytes(instr.shape) if instr.opcode == "dynamic-slice"
-                      else shape_bytes(module.instrs[moved].shape))
+    if _touches_host(module, instr):
+      host += mult * _moved_bytes(module, instr)
     if comp not in module.on_chip and instr.opcode not in NO_TRAFFIC:
       hbm += mult * _traffic(module, instr)
   return {"matmul_flops": flops, "hbm_bytes": hbm, "sync_collective_bytes": sync,
