@@ -97,6 +97,9 @@ ENTRY %main (a: bf16[8,1024], b: bf16[256,1024], c: f32[1,4,8], k: f32[3,8,16]) 
   %init = (s32[], bf16[8,1024]{1,0}, bf16[256,1024]{1,0}) tuple(%zero, %a, %b)
   %loop = (s32[], bf16[8,1024]{1,0}, bf16[256,1024]{1,0}) while(%init), condition=%cond, body=%body
   %out = bf16[8,1024]{1,0} get-tuple-element(%loop), index=1
+  %host = bf16[4,8,1024]{2,1,0:S(5)} parameter(4)
+  %row = bf16[1,8,1024]{2,1,0} reshape(%out)
+  %offloaded = bf16[4,8,1024]{2,1,0:S(5)} dynamic-update-slice(%host, %row, %zero, %zero, %zero)
   ROOT %rs = bf16[1,1024]{1,0} reduce-scatter(%out), dimensions={0}, to_apply=%sum
 }
 """
@@ -114,6 +117,7 @@ def test_collectives_by_kind_and_loop_trips_on_handwritten_hlo():
       "all-reduce": 0, "all-gather": trips * 1024 * 1024 * 2, "reduce-scatter": 0,
       "all-to-all": 0, "collective-permute": trips * act}
   assert stats["largest_sync_all_reduce"] == (act, "bf16[8,1024]")
+  assert stats["host_transfer_bytes"] == act  # the row written to host memory, not the buffer
   # The dot, 3 times; the convolution once: 4 outputs x 16 features x 8 inputs, over 10 of the
   # 12 (output, tap) pairs of a 3-tap window padded by 1 on each side.
   assert stats["matmul_flops"] == trips * 2 * 8 * 1024 * 1024 + 2 * 16 * 8 * 10
