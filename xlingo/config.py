@@ -146,7 +146,8 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.dtype = "bfloat16"  # compute dtype
   model.param_dtype = "float32"
   # none | full | save_qkv_proj | save_mlp_input | save_qkv_proj_mlp_input | save_attn_proj |
-  # offload_attn_proj | offload_qkv_proj_mlp_input | dots_saveable (xlingo/model/decoder.py)
+  # save_qkv_proj_mlp_input_mlp_up | offload_attn_proj | offload_qkv_proj_mlp_input |
+  # dots_saveable (xlingo/model/decoder.py)
   model.remat_policy = "none"
   model.scan_layers = True
   model.lid_head = False  # auxiliary language-identification head

@@ -38,16 +38,18 @@ UNKNOWN_LANG = -1
 
 # Rematerialisation (``model.remat_policy``): what a block keeps from its forward pass for the
 # backward pass; the rest is recomputed there. Names are ``checkpoint_name`` tags in the block
-# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input, the residual
-# stream after attention). Per token and layer in bf16 (d model width, n/k query/kv heads of
-# width h): save_qkv_proj keeps (n + 2k) h values and spares the replay of the three input
-# projections; save_mlp_input keeps d and spares the out projection's; save_qkv_proj_mlp_input
-# both; save_attn_proj keeps q/k/v and the out projection's output, (n + 2k) h + d, and spares
-# the same as save_qkv_proj_mlp_input. The attention kernel and the MLP are replayed by all of
-# them. offload_* keep the same names in host memory (pinned_host) instead of HBM, paid for in
+# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input, the
+# residual stream after attention; SwiGluMlp: mlp_up). Per token and layer in bf16 (d model
+# width, n/k query/kv heads of width h, f mlp_dim): save_qkv_proj keeps (n + 2k) h values and
+# spares the replay of the three input projections; save_mlp_input keeps d and spares the out
+# projection's; save_qkv_proj_mlp_input both; save_attn_proj keeps q/k/v and the out
+# projection's output, (n + 2k) h + d, and spares the same as save_qkv_proj_mlp_input;
+# save_qkv_proj_mlp_input_mlp_up adds the MLP's up projection (f values) and spares its replay
+# too. The attention kernel and the MLP's gate projection are replayed by all of them.
+# offload_* keep their names in host memory (pinned_host) instead of HBM, paid for in
 # host<->device copies that XLA overlaps with compute. ``full`` keeps only the block inputs
-# (the scan carry); ``dots_saveable`` keeps every matmul output (the MLP's 2 x mlp_dim wide
-# gate/up included), the most memory and the least replay.
+# (the scan carry); ``dots_saveable`` keeps every matmul output (the MLP's gate and up
+# included), the most memory and the least replay.
 QKV_NAMES = ("query_proj", "key_proj", "value_proj")
 REMAT_SAVED = {
     "full": (),
@@ -55,6 +57,7 @@ REMAT_SAVED = {
     "save_mlp_input": ("mlp_input",),
     "save_qkv_proj_mlp_input": (*QKV_NAMES, "mlp_input"),
     "save_attn_proj": (*QKV_NAMES, "out_proj"),
+    "save_qkv_proj_mlp_input_mlp_up": (*QKV_NAMES, "mlp_input", "mlp_up"),
 }
 REMAT_OFFLOADED = {
     "offload_attn_proj": (*QKV_NAMES, "out_proj"),
@@ -141,6 +144,7 @@ class SwiGluMlp(nn.Module):
     gate_btf, up_btf = lora(x_btd, [
         ("gate", flat_matmul(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
         ("up", flat_matmul(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
+    up_btf = checkpoint_name(up_btf, "mlp_up")  # for the remat policies that keep it
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
     (out_btd,) = lora(h_btf, [("down", flat_matmul(h_btf, w_down.astype(dtype)), (f, d),
                                ("mlp", "embed"))])
