@@ -12,10 +12,18 @@ runs and nothing is allocated. ``compiled.memory_analysis()`` gives what one chi
 
 against ``hbm_gib`` (Google's per-chip figure, ``metrics.TPU_HBM_BYTES``). ``attention`` is what
 ``model.attention_impl`` resolved to for these devices, and ``splash_kernels`` counts the
-Mosaic kernel calls in the compiled program (the proof that splash attention is in it).
-``flops`` is XLA's cost analysis of one chip's program (it does not see inside Mosaic kernels,
-so splash attention's FLOPs are missing from it); ``model_flops`` is one chip's share of
-``decoder.flops_per_token`` x tokens per step. Prints one JSON line.
+Mosaic kernel calls in the compiled program (the proof that splash attention is in it; each
+call site counts once, however often a loop runs it).
+``flops`` is XLA's cost analysis of one chip's program (it counts each while loop's body once
+and does not see inside Mosaic kernels, so it is far below a step's work); ``model_flops`` is one chip's share of
+``decoder.flops_per_token`` x tokens per step (``model_tflop`` the same in TFLOP).
+
+From the compiled program's HLO text (``bench/hlo_stats.py``, loop trip counts applied):
+``hlo_matmul_tflop`` (dot/convolution FLOPs per chip per step; recomputation shows as the
+excess over ``model_tflop``), ``sync_collective_gib`` and ``async_collective_gib`` (bytes per
+chip per step by collective kind), ``largest_sync_all_reduce`` (its shape and size), ``hbm_traffic_gib`` (an
+estimate), ``host_transfer_gib`` (offloaded activations' HBM<->host copies, which the roofline
+leaves out) and ``roofline_mfu`` (``roofline``). Prints one JSON line.
 
 Topology names are libtpu's: v4:2x2x4, v5e:4x4, v5p:2x4x4, v6e:2x4, ... (chips per dimension).
 """
@@ -99,12 +107,13 @@ def compile_for_devices(config, devices):
   if impl == "splash" and not attention.splash_supported(config.data.seq_len):
     impl = "xla"
   hlo = compiled.as_text()
+  hlo_figures = roofline(config, kind, hlo, model_flops)
   return {
       "devices": n, "device_kind": kind, "mesh": dict(mesh.shape),
       "params_b": round(state_lib.param_count(factory.params_abstract) / 1e9, 3),
       "batch": t.batch_size, "seq_len": config.data.seq_len, "microbatches": t.microbatches,
       "loss_chunk_size": config.train.loss_chunk_size, "remat": config.model.remat_policy,
-      "attention": impl, "splash_kernels": hlo.count('custom_call_target="tpu_custom_call"'),
+      "attention": impl,
       "args_gib": round(ma.argument_size_in_bytes / GIB, 3),
       "out_gib": round(ma.output_size_in_bytes / GIB, 3),
       "alias_gib": round(ma.alias_size_in_bytes / GIB, 3),
@@ -114,8 +123,62 @@ def compile_for_devices(config, devices):
       "spare": round(1 - total / hbm, 3) if hbm else None,
       "flops": float(cost.get("flops", float("nan"))) if cost else None,
       "model_flops": model_flops,
+      **hlo_figures,
       "lower_s": round(lower_s, 1), "compile_s": round(compile_s, 1),
   }, compiled
+
+
+def _tflop(flops: float) -> float:
+  return float(f"{flops / 1e12:.5g}")  # 5 significant digits: a tiny test model's too
+
+
+def roofline(config, kind: str, hlo: str, model_flops: float) -> dict:
+  """Per-step figures of one chip's compiled program (``hlo_stats``) and its roofline MFU.
+
+  roofline_mfu = model FLOPs / peak / max(compute time, HBM time): compute time is the HLO's
+  matmul FLOPs (loop trip counts applied, rematerialisation included) plus the attention
+  kernels' (``kernel_tflop``: the model's attention FLOPs, which Mosaic kernels hide from the
+  HLO, with the forward kernel run again under remat) at the data-sheet peak; HBM time is
+  ``hbm_traffic_gib`` at the data-sheet bandwidth (an estimate that counts each top-level
+  fusion's inputs and outputs in full; ``compute_mfu`` is the bound without it). Collectives
+  are assumed overlapped: the synchronous ones (``sync_collective_gib``) are what that
+  assumption costs.
+  """
+  import hlo_stats
+
+  from xlingo.model import decoder as decoder_lib
+  from xlingo.training import metrics
+
+  s = hlo_stats.stats(hlo)
+  m = config.model
+  seq = config.data.seq_len
+  # The attention term of flops_per_token (halved for causality: the kernels skip the masked
+  # half): the model's FLOPs per token minus those of its weights (at length 0).
+  per_token = decoder_lib.flops_per_token(m, seq)
+  attention = per_token - decoder_lib.flops_per_token(m, 0)
+  tokens = model_flops / per_token  # one chip's share of the step's tokens
+  kernel_flops = attention * tokens * (4 / 3 if m.remat_policy != "none" else 1)
+  peak = metrics.lookup_device_kind(metrics.PEAK_FLOPS, kind)
+  bandwidth = metrics.lookup_device_kind(metrics.TPU_HBM_BANDWIDTH, kind)
+  mfu = compute_mfu = None
+  if peak and bandwidth:
+    compute_s = (s["matmul_flops"] + kernel_flops) / peak
+    mfu = round(model_flops / peak / max(compute_s, s["hbm_bytes"] / bandwidth), 3)
+    compute_mfu = round(model_flops / peak / compute_s, 3)
+  return {
+      "hlo_matmul_tflop": _tflop(s["matmul_flops"]),
+      "kernel_tflop": _tflop(kernel_flops),
+      "model_tflop": _tflop(model_flops),
+      "hbm_traffic_gib": round(s["hbm_bytes"] / GIB, 1),
+      "sync_collective_gib": {k: round(v / GIB, 3) for k, v in s["sync_collective_bytes"].items()},
+      "async_collective_gib": {k: round(v / GIB, 3)
+                               for k, v in s["async_collective_bytes"].items()},
+      "host_transfer_gib": round(s["host_transfer_bytes"] / GIB, 2),
+      "largest_sync_all_reduce": "{1} {0:.0f} MiB".format(s["largest_sync_all_reduce"][0] / 2**20,
+                                                          s["largest_sync_all_reduce"][1]),
+      "splash_kernels": s["splash_kernels"], "unknown_loops": s["unknown_loops"],
+      "compute_mfu": compute_mfu, "roofline_mfu": mfu,
+  }
 
 
 def main(argv=None) -> dict:

@@ -41,6 +41,11 @@ def test_train_step_compiles_for_v5e_2x2_with_splash_and_chunked_loss():
   # never the whole 128-position row of logits.
   assert "f32[4,32,4096]" in hlo and "f32[4,128,4096]" not in hlo
   assert 0 < figures["total_gib"] < figures["hbm_gib"]
+  # The scanned layers' and the loss chunks' loops read (bench/hlo_stats.py), and the step's
+  # matmuls (forward, remat replay, backward) exceed the model's own FLOPs.
+  assert figures["unknown_loops"] == 0
+  assert figures["hlo_matmul_tflop"] > figures["model_tflop"] - figures["kernel_tflop"] > 0
+  assert 0 < figures["roofline_mfu"] <= figures["compute_mfu"] < 1
 
 
 def test_topology_name_errors_are_one_line():
@@ -51,17 +56,18 @@ def test_topology_name_errors_are_one_line():
     tpu_aot.topology_devices("v5e:3x7x9")
 
 
-@pytest.mark.parametrize("kind,flops,hbm", [
-    ("TPU v4", 275e12, 32 * 2**30),
-    ("TPU v5 lite", 197e12, 16e9),  # v5e, as JAX names it
-    ("TPU v5e", 197e12, 16e9),
-    ("TPU v5", 459e12, 95e9),  # v5p, as libtpu's topology names it
-    ("TPU v5p", 459e12, 95e9),
-    ("TPU v6 lite", 918e12, 32e9),  # v6e
+@pytest.mark.parametrize("kind,flops,hbm,bandwidth", [
+    ("TPU v4", 275e12, 32 * 2**30, 1200e9),
+    ("TPU v5 lite", 197e12, 16e9, 819e9),  # v5e, as JAX names it
+    ("TPU v5e", 197e12, 16e9, 819e9),
+    ("TPU v5", 459e12, 95e9, 2765e9),  # v5p, as libtpu's topology names it
+    ("TPU v5p", 459e12, 95e9, 2765e9),
+    ("TPU v6 lite", 918e12, 32e9, 1640e9),  # v6e
 ])
-def test_tpu_peak_and_hbm_lookup(kind, flops, hbm):
+def test_tpu_peak_and_hbm_lookup(kind, flops, hbm, bandwidth):
   assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, kind) == flops
   assert metrics.lookup_device_kind(metrics.TPU_HBM_BYTES, kind) == hbm
+  assert metrics.lookup_device_kind(metrics.TPU_HBM_BANDWIDTH, kind) == bandwidth
 
 
 def test_device_kind_lookup_by_prefix_and_unknown():

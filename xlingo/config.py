@@ -145,7 +145,10 @@ def _model_defaults() -> ml_collections.ConfigDict:
   model.tie_embeddings = True
   model.dtype = "bfloat16"  # compute dtype
   model.param_dtype = "float32"
-  model.remat_policy = "none"  # none | full | dots_saveable
+  # none | full | save_qkv_proj | save_mlp_input | save_qkv_proj_mlp_input | save_attn_proj |
+  # save_qkv_proj_mlp_input_mlp_up | offload_attn_proj | offload_qkv_proj_mlp_input |
+  # dots_saveable (xlingo/model/decoder.py)
+  model.remat_policy = "none"
   model.scan_layers = True
   # none | int8: int8 matmuls (forward and both gradient matmuls) in the blocks' attention
   # projections and MLP, through Qwix (xlingo/model/matmul.py); embeddings, the vocabulary

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from xlingo.errors import ConfigError
 from xlingo.model import peft
@@ -351,6 +352,9 @@ class Attention(nn.Module):
           y.shape[2:], param_dtype).astype(dtype) for name, y, axes in (
               ("query", q_btnh, ("heads", "head_dim")), ("key", k_btkh, ("kv_heads", "head_dim")),
               ("value", v_btkh, ("kv_heads", "head_dim"))))
+    # Tags for the remat policies that keep the projections (decoder.REMAT_SAVED).
+    q_btnh, k_btkh, v_btkh = (checkpoint_name(y, name) for y, name in (
+        (q_btnh, "query_proj"), (k_btkh, "key_proj"), (v_btkh, "value_proj")))
     q_btnh = nn.with_logical_constraint(q_btnh, BTNH)
 
     batch, length = x_btd.shape[:2]
@@ -369,6 +373,7 @@ class Attention(nn.Module):
     out_btnh = nn.with_logical_constraint(out_btnh, BTNH)
     (out_btd,) = lora(out_btnh, [("out", mm(out_btnh, w_o.astype(dtype), contract=2),
                                   w_o.shape, ("heads", "head_dim", "embed"))], contract=2)
+    out_btd = checkpoint_name(out_btd, "out_proj")
     return nn.with_logical_constraint(out_btd, BTD)
 
   def _attend(self, q_btnh, k_btkh, v_btkh, segment_ids_bt, cache) -> jax.Array:

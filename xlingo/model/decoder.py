@@ -22,11 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from xlingo.errors import ConfigError
 from xlingo.model import peft as peft_lib
-from xlingo.model.attention import BTD, Attention, flat_matmul
+from xlingo.model.attention import BTD, Attention, compile_platform, flat_matmul
 
 BTF = ("activation_batch", "activation_length", "activation_mlp")
 BTV = ("activation_batch", "activation_length", "activation_vocab")
@@ -34,10 +36,63 @@ BTV = ("activation_batch", "activation_length", "activation_vocab")
 # A language id that gives no language hint: no language-embedding row is added there.
 UNKNOWN_LANG = -1
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+# Rematerialisation (``model.remat_policy``): what a block keeps from its forward pass for the
+# backward pass; the rest is recomputed there. Names are ``checkpoint_name`` tags in the block
+# (Attention: query_proj, key_proj, value_proj, out_proj; DecoderBlock: mlp_input, the
+# residual stream after attention; SwiGluMlp: mlp_up). Per token and layer in bf16 (d model
+# width, n/k query/kv heads of width h, f mlp_dim): save_qkv_proj keeps (n + 2k) h values and
+# spares the replay of the three input projections; save_mlp_input keeps d and spares the out
+# projection's; save_qkv_proj_mlp_input both; save_attn_proj keeps q/k/v and the out
+# projection's output, (n + 2k) h + d, and spares the same as save_qkv_proj_mlp_input;
+# save_qkv_proj_mlp_input_mlp_up adds the MLP's up projection (f values) and spares its replay
+# too. The attention kernel and the MLP's gate projection are replayed by all of them.
+# offload_* keep their names in host memory (pinned_host) instead of HBM, paid for in
+# host<->device copies that XLA overlaps with compute. ``full`` keeps only the block inputs
+# (the scan carry); ``dots_saveable`` keeps every matmul output (the MLP's gate and up
+# included), the most memory and the least replay.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+REMAT_SAVED = {
+    "full": (),
+    "save_qkv_proj": QKV_NAMES,
+    "save_mlp_input": ("mlp_input",),
+    "save_qkv_proj_mlp_input": (*QKV_NAMES, "mlp_input"),
+    "save_attn_proj": (*QKV_NAMES, "out_proj"),
+    "save_qkv_proj_mlp_input_mlp_up": (*QKV_NAMES, "mlp_input", "mlp_up"),
 }
+REMAT_OFFLOADED = {
+    "offload_attn_proj": (*QKV_NAMES, "out_proj"),
+    "offload_qkv_proj_mlp_input": (*QKV_NAMES, "mlp_input"),
+}
+REMAT_POLICIES = ("none", *REMAT_SAVED, *REMAT_OFFLOADED, "dots_saveable")
+# Platforms whose devices have a host memory space apart from their own to offload to.
+OFFLOAD_PLATFORMS = ("tpu", "gpu")
+
+
+def check_remat_policy(name: str) -> None:
+  if name not in REMAT_POLICIES:
+    raise ConfigError(f"model.remat_policy={name!r}; use one of {', '.join(REMAT_POLICIES)} "
+                      "(xlingo/model/decoder.py describes each)")
+
+
+def remat_policy(name: str, platform: str):
+  """The ``jax.checkpoint`` policy of ``model.remat_policy`` (not 'none') for ``platform``.
+
+  Offloading needs a host memory space apart from the device's; a CPU's device memory is host
+  memory, so there the offloaded names are kept in place instead (same values, same program
+  shape), and one line says so.
+  """
+  check_remat_policy(name)
+  if name == "dots_saveable":
+    return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+  if name in REMAT_OFFLOADED:
+    if platform in OFFLOAD_PLATFORMS:
+      return jax.checkpoint_policies.save_and_offload_only_these_names(
+          names_which_can_be_saved=[], names_which_can_be_offloaded=list(REMAT_OFFLOADED[name]),
+          offload_src="device", offload_dst="pinned_host")
+    logging.warning("model.remat_policy=%s: %s has no host memory apart from the device's; "
+                    "keeping the offloaded activations on the device", name, platform)
+    return jax.checkpoint_policies.save_only_these_names(*REMAT_OFFLOADED[name])
+  return jax.checkpoint_policies.save_only_these_names(*REMAT_SAVED[name])
 
 
 def _kernel_init(in_axis=0, out_axis=-1):
@@ -90,6 +145,7 @@ class SwiGluMlp(nn.Module):
     gate_btf, up_btf = lora(x_btd, [
         ("gate", mm(x_btd, w_gate.astype(dtype)), (d, f), ("embed", "mlp")),
         ("up", mm(x_btd, w_up.astype(dtype)), (d, f), ("embed", "mlp"))])
+    up_btf = checkpoint_name(up_btf, "mlp_up")  # for the remat policies that keep it
     h_btf = nn.with_logical_constraint(nn.silu(gate_btf) * up_btf, BTF)
     (out_btd,) = lora(h_btf, [("down", mm(h_btf, w_down.astype(dtype)), (f, d),
                                ("mlp", "embed"))])
@@ -113,6 +169,10 @@ class DecoderBlock(nn.Module):
         h_btd, segment_ids_bt, positions_bt)
     h_btd = nn.Dropout(cfg.dropout_rate)(h_btd, deterministic=self.deterministic)
     x_btd = nn.with_logical_constraint(x_btd + h_btd, BTD)
+    # The MLP sub-block's input, the residual stream after attention, for the remat policies
+    # that keep it (REMAT_SAVED): the norm's backward needs it, so keeping the norm's output
+    # instead would still replay the attention's out projection.
+    x_btd = checkpoint_name(x_btd, "mlp_input")
     h_btd = RMSNorm(dtype, param_dtype, cfg.norm_eps, name="mlp_norm")(x_btd)
     h_btd = SwiGluMlp(cfg, peft=self.peft, name="mlp")(h_btd)
     if self.peft is not None and self.peft.adapter_bottleneck:
@@ -159,17 +219,12 @@ class DecoderStack(nn.Module):
     cfg = self.config
     block_cls = DecoderBlock if upto is None or not cfg.scan_layers else _BlockWithOutput
     # Decoding computes no gradients, so remat would only cost time there.
+    check_remat_policy(cfg.remat_policy)
     if cfg.remat_policy != "none" and not decode:
-      if cfg.remat_policy not in REMAT_POLICIES:
-        raise ConfigError(
-            f"model.remat_policy={cfg.remat_policy!r}; use one of none, "
-            + ", ".join(REMAT_POLICIES)
-        )
       # prevent_cse is only needed outside scan (scan already stops XLA from merging the
       # recomputation with the forward pass).
-      block_cls = nn.remat(
-          block_cls, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers
-      )
+      block_cls = nn.remat(block_cls, policy=remat_policy(cfg.remat_policy, compile_platform()),
+                           prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
       stack = nn.scan(
           block_cls,

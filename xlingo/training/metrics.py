@@ -54,6 +54,18 @@ TPU_HBM_BYTES = {
     "TPU v6e": 32e9,
 }
 
+# HBM bandwidth per chip, bytes/s, from the same pages: v4 "1200 GBps", v5e "819 GBps", v5p
+# "2765 GBps", v6e "1640 GBps" (bench/tpu_aot.py's roofline: the time a step's HBM traffic needs).
+TPU_HBM_BANDWIDTH = {
+    "TPU v4": 1200e9,
+    "TPU v5 lite": 819e9,
+    "TPU v5e": 819e9,
+    "TPU v5": 2765e9,
+    "TPU v5p": 2765e9,
+    "TPU v6 lite": 1640e9,
+    "TPU v6e": 1640e9,
+}
+
 
 def lookup_device_kind(table: Mapping[str, float], kind: str) -> float | None:
   """``table[kind]``, else the entry whose name is the longest prefix of ``kind``, else None.
