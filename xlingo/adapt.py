@@ -286,4 +286,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.exit_when_done(main)

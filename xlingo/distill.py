@@ -262,4 +262,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  cli.exit_when_done(main)

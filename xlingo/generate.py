@@ -127,4 +127,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  main()
+  from xlingo import cli
+
+  cli.exit_when_done(main)

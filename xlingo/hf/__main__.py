@@ -76,4 +76,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-  main()
+  from xlingo import cli
+
+  cli.exit_when_done(main)
