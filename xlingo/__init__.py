@@ -14,6 +14,8 @@ del _os
 from xlingo import stdio as _stdio  # noqa: E402
 
 _stdio.hide_tensorflow_start_up()
+# No libtpu warnings on a machine without TPU chips (the test extra installs libtpu).
+_stdio.skip_absent_tpu()
 del _stdio
 
 __version__ = "0.1.0"

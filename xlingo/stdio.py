@@ -5,8 +5,11 @@ tools, which may not import the CLI."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib.abc
+import importlib.util
 import os
+import pkgutil
 import sys
 
 
@@ -35,6 +38,43 @@ QUIET_IMPORTS = ("tensorflow", "tensorflow_text")
 # TPU_LIBRARY_PATH, ...): on a TPU VM they would stop JAX's libtpu from reading the slice's
 # workers from the metadata server, so they are taken back.
 TF_TAKES_BACK = ("TPU_",)
+
+
+# PCI vendor id of Google's TPU chips (what JAX's own hardware check reads in /sys).
+_GOOGLE_PCI_VENDOR = "0x1ae0"
+
+
+def _tpu_chip_present() -> bool:
+  if glob.glob("/dev/accel*"):
+    return True
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == _GOOGLE_PCI_VENDOR:
+          return True
+    except OSError:
+      continue
+  return False
+
+
+def skip_absent_tpu() -> None:
+  """With libtpu installed on a machine that has no TPU chip and no GPU plugin, run JAX on CPU.
+
+  libtpu comes with the test extra (TPU compiles without a TPU) and so with every
+  ``./launch/local.sh`` environment. On a CPU machine JAX then still initialises its TPU
+  backend at the first device query, and libtpu prints half a dozen warnings (no accelerator
+  type, no worker hostnames, "Logging before InitGoogle()") that read as a crash. There is no
+  chip to find, so JAX_PLATFORMS=cpu changes nothing but the noise; deviceless TPU compiles
+  (bench/tpu_aot.py) work under it too. Left alone: a JAX_PLATFORMS the user set, a TPU VM,
+  and an installed CUDA/ROCm plugin. Must run before jax is imported (it reads the variable
+  then)."""
+  if "JAX_PLATFORMS" in os.environ or "jax" in sys.modules:
+    return
+  if importlib.util.find_spec("libtpu") is None or _tpu_chip_present():
+    return
+  if any(m.name.startswith(("jax_cuda", "jax_rocm")) for m in pkgutil.iter_modules()):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
 
 
 def hide_tensorflow_start_up() -> None:
