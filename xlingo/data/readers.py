@@ -477,10 +477,11 @@ class GroupReader(_Reader):
     self._codes = [tuple(x.encode() for x in c) for c in codes]
     # A host stream (lineindex.PermutedLines: line files) hands out groups itself and saves
     # its position in state(); a tf.data stream (TFDS) is iterated here and checkpointed.
-    self._streams = [ds if hasattr(ds, "take") else
+    # (tf.data datasets have a take() of their own: load_state() is the host stream's alone.)
+    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "load_state")]
+    self._streams = [ds if t in self._host else
                      iter(ds.map(lambda ex: ex["targets"]).ragged_batch(self.GROUPS_PER_FETCH)
-                          .prefetch(2)) for ds in datasets]
-    self._host = [t for t, ds in enumerate(datasets) if hasattr(ds, "take")]
+                          .prefetch(2)) for t, ds in enumerate(datasets)]
     self.iterator = [it for t, it in enumerate(self._streams) if t not in self._host]
     self._waiting: list[collections.deque] = [collections.deque() for _ in datasets]
     self._groups = max(1, -(-examples_per_read // group_size))
