@@ -74,3 +74,43 @@ def test_device_kind_lookup_by_prefix_and_unknown():
   assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "NVIDIA H100 80GB HBM3") == 989e12
   assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "cpu") is None
   assert metrics.lookup_device_kind(metrics.PEAK_FLOPS, "TPU v7x") is None
+
+
+def _sync_activation_all_reduces(hlo: str, seq: int, d_model: int) -> list[str]:
+  """Synchronous all-reduces of activation-shaped buffers ([..., seq, d_model], or those rows
+  flattened): what tensor parallelism with the batch replicated over the tensor axis emits
+  after every attention output and MLP down projection."""
+  import hlo_stats
+
+  module = hlo_stats.Module(hlo)
+  found = []
+  for instr, _, _ in module.instructions():
+    if hlo_stats.collective_kind(instr.opcode) != ("all-reduce", False):
+      continue
+    for _, dims in hlo_stats.arrays(instr.shape):
+      if len(dims) >= 2 and dims[-1] == d_model and (
+          (len(dims) >= 3 and dims[-2] == seq) or dims[-2] % seq == 0 and dims[-2] < 64 * seq):
+        found.append(instr.shape)
+  return found
+
+
+@pytest.mark.slow
+def test_tpu_8b_mesh_has_no_synchronous_activation_all_reduce():
+  """configs/tpu_8b.py's mesh on its slice (v5p-64, 32 chips): at the 8B's width, with two
+  blocks and 256 positions so that it compiles in about a minute, the step has no synchronous
+  all-reduce of activations, while fsdp 16 x tensor 2 (its former mesh) has them."""
+  from configs import tpu_8b
+
+  tpu_aot = _tpu_aot()
+  devices = tpu_aot.topology_devices("v5p:2x4x4")
+  c = tpu_8b.get_config()
+  c.model.num_layers = 2
+  c.model.max_len = c.data.seq_len = 256
+  c.train.batch_size = 32
+  seq, d = c.data.seq_len, c.model.d_model
+  _, compiled = tpu_aot.compile_for_devices(c, devices)
+  assert (c.mesh.fsdp, c.mesh.tensor) == (32, 1)
+  assert _sync_activation_all_reduces(compiled.as_text(), seq, d) == []
+  c.mesh.fsdp, c.mesh.tensor = 16, 2
+  _, compiled = tpu_aot.compile_for_devices(c, devices)
+  assert _sync_activation_all_reduces(compiled.as_text(), seq, d)
