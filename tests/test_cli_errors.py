@@ -114,17 +114,25 @@ def test_tensorflow_input_pipeline_starts_without_cuda_noise():
   """evaluate, adapt and distill printed "failed call to cuInit" on a CPU machine: TensorFlow's
   first op looked for GPUs after its quiet import. It only feeds the input pipeline, so the
   CLI hides GPUs from it."""
-  env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS")}
-  env["PYTHONPATH"] = ROOT
   # As the tools start: JAX first (maybe_initialize_distributed), then TensorFlow.
-  code = ("from xlingo import cli\ncli.maybe_initialize_distributed()\n"
-          "cli.import_tensorflow_quietly()\nimport tensorflow as tf\n"
-          "print(list(tf.data.Dataset.from_tensor_slices(['a', 'b']).as_numpy_iterator()))\n"
-          "print(tf.config.get_visible_devices('GPU'))")
+  _runs_quietly("from xlingo import cli\ncli.maybe_initialize_distributed()\n"
+                "cli.import_tensorflow_quietly()\nimport tensorflow as tf\n"
+                "print(list(tf.data.Dataset.from_tensor_slices(['a', 'b']).as_numpy_iterator()))\n"
+                "print(tf.config.get_visible_devices('GPU'))",
+                ["[b'a', b'b']", "[]"], drop_tpu_env=False)
+
+
+def _runs_quietly(code: str, first_lines: list[str], drop_tpu_env: bool) -> None:
+  """Runs ``code`` in a fresh interpreter without the suite's quieting variables: it prints
+  ``first_lines`` and nothing at all reaches stderr."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS")
+         and not (drop_tpu_env and k.startswith("TPU_"))}
+  env["PYTHONPATH"] = ROOT
   p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                      text=True, timeout=300)
   assert p.returncode == 0, p.stderr[-2000:]
-  assert p.stdout.split("\n")[:2] == ["[b'a', b'b']", "[]"], p.stdout
+  assert p.stdout.split("\n")[:len(first_lines)] == first_lines, p.stdout
   assert "cuInit" not in p.stderr and not p.stderr.strip(), p.stderr[-2000:]
 
 
@@ -132,14 +140,7 @@ def test_tensorflow_imported_by_a_module_at_import_time_stays_quiet():
   """The entry points import the data layer (seqio, TensorFlow) at module import time, before
   the CLI's start-up: its start-up lines, libtpu's and the first op's cuInit line still must not
   reach stderr (xlingo.stdio.hide_tensorflow_start_up)."""
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("TF_CPP_MIN_LOG_LEVEL", "JAX_PLATFORMS") and not k.startswith("TPU_")}
-  env["PYTHONPATH"] = ROOT
-  code = ("import xlingo.data.iterator\nimport tensorflow as tf\nimport jax\n"
-          "print(jax.devices()[0].platform, tf.config.get_visible_devices('GPU'))\n"
-          "print(list(tf.data.Dataset.range(2).as_numpy_iterator()))")
-  p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
-                     text=True, timeout=300)
-  assert p.returncode == 0, p.stderr[-2000:]
-  assert p.stdout.split("\n")[:2] == ["cpu []", "[np.int64(0), np.int64(1)]"], p.stdout
-  assert not p.stderr.strip(), p.stderr[-2000:]
+  _runs_quietly("import xlingo.data.iterator\nimport tensorflow as tf\nimport jax\n"
+                "print(jax.devices()[0].platform, tf.config.get_visible_devices('GPU'))\n"
+                "print(list(tf.data.Dataset.range(2).as_numpy_iterator()))",
+                ["cpu []", "[np.int64(0), np.int64(1)]"], drop_tpu_env=True)
