@@ -673,3 +673,26 @@ def test_restore_into_another_pipeline_is_one_line(tmp_path):
   with pytest.raises(tf.errors.OpError):
     iterator._read_tf_iterator(iter(tf.data.Dataset.range(100).batch(4).prefetch(2)),
                                str(tmp_path))
+
+
+def test_validation_set_scores_first_bytes_of_whole_lines(plan):
+  """train.eval_max_bytes: the split's first N bytes of whole lines, whatever the batching (or
+  the tokenizer: the cut is made on the text); every token of them scored once."""
+  path = os.path.join(os.path.dirname(tasks.__file__), "corpus", "mono", "de.validation.txt")
+  lines = open(path, encoding="utf-8").read().splitlines()
+  cfg = tiny.get_config()
+  cfg.train.eval_max_bytes = 3000
+  sizes = np.cumsum([len(x.encode()) for x in lines])
+  want = int(sizes[sizes <= 3000][-1])
+  for batch_size in (cfg.train.batch_size, 2):
+    cfg.train.batch_size = batch_size
+    got = inputs.validation_set(plan, cfg, "de")
+    scored = sum(float((b["raw_bytes"] * b["loss_weights"]).sum()) for b in got)
+    assert scored == want
+  cfg.train.eval_max_bytes = 0  # the whole split
+  whole = sum(float((b["raw_bytes"] * b["loss_weights"]).sum())
+              for b in inputs.validation_set(plan, cfg, "de"))
+  assert whole == int(sizes[-1])
+  cfg.train.eval_max_bytes = -2
+  with pytest.raises(ConfigError, match="eval_max_bytes"):
+    inputs.validation_set(plan, cfg, "de")

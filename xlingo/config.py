@@ -310,6 +310,12 @@ def _train_defaults() -> ml_collections.ConfigDict:
   train.log_every = 10
   train.eval_every = 50
   train.eval_batches = 4
+  # What validation (and xlingo.evaluate) scores per language. -1: the first
+  # train.eval_batches packed batches (how many lines that is depends on the tokenizer);
+  # 0: the whole validation split; N > 0: the split's first N bytes of whole lines (the same
+  # text whatever the tokenizer; train.eval_batches is then not used). val/bytes/<lang>
+  # reports the bytes scored.
+  train.eval_max_bytes = -1
   train.peak_flops_per_device = 0.0  # 0: look the device kind up
   train.trainable = ".*"  # regex over parameter paths; the rest is frozen
   # (start, count): a jax.profiler trace of the `count` steps after step `start` (start >= 1;

@@ -6,7 +6,8 @@ and a zero-shot transfer matrix over several checkpoints.
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
 
 Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
-``inputs.eval_batches`` with ``train.eval_batches`` batches per language, then the evaluators of
+``inputs.validation_set``: ``train.eval_max_bytes`` bytes of whole lines per language, or with
+-1 the first ``train.eval_batches`` batches; ``val/bytes/<lang>`` the bytes scored; then the evaluators of
 the LM objective's terms, e.g. retrieval), so the numbers equal what training logged as val/* at
 the same step. Translation greedily continues each source
 sentence of the validation pairs in the target language (the source tokens carry the source
@@ -54,8 +55,7 @@ def validation_batches(lm) -> tuple[dict[str, list], object]:
       stats=[], rates={}, mixture="", seq_len=cfg.data.seq_len,
       eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm},
       pair_tasks=pairs.pair_tasks(cfg, reg.mt, lm.table), source=cfg.data.source)
-  return {lang: inputs.eval_batches(plan, cfg, lang, cfg.train.eval_batches)
-          for lang in plan.eval_tasks}, plan
+  return {lang: inputs.validation_set(plan, cfg, lang) for lang in plan.eval_tasks}, plan
 
 
 def validation_metrics(lm) -> dict:
@@ -144,6 +144,9 @@ def format_table(report: dict, codes) -> str:
   out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else "")
          + (f" ({split} pairs)" if pairs and split != "validation" else ""),
          fmt(head)] + [fmt(c) for c in lines]
+  scored = sorted({" ".join(f"{c} {r['metrics'][f'val/bytes/{c}']:,}" for c in langs
+                            if f"val/bytes/{c}" in r["metrics"]) for r in results.values()})
+  out += [f"bytes scored: {s}" for s in scored if s]
   out += sorted({f"sacrebleu: BLEU {t['bleu_signature']}; chrF {t['chrf_signature']}"
                  for r in results.values() for t in r.get("translation", {}).values()})
   if "transfer" in report:

@@ -331,8 +331,25 @@ def train_iterator(plan: InputPlan, config):
   return pairs.attach(lm, plan, config)
 
 
-def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[dict]:
-  """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled).
+def validation_set(plan: InputPlan, config, lang: str) -> list[dict]:
+  """One language's validation batches as the loop and ``xlingo.evaluate`` score them:
+  ``train.eval_max_bytes`` bytes of whole lines (0: the whole split), or with -1 the first
+  ``train.eval_batches`` batches."""
+  t = config.train
+  if t.eval_max_bytes < -1:
+    raise ConfigError(f"train.eval_max_bytes={t.eval_max_bytes}: use -1 (the first "
+                      "train.eval_batches batches), 0 (the whole validation split) or a number "
+                      "of bytes")
+  if t.eval_max_bytes == -1:
+    return eval_batches(plan, config, lang, t.eval_batches)
+  return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes)
+
+
+def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
+                 max_bytes: int = 0) -> list[dict]:
+  """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled;
+  0: as many as the lines take), over the split's first ``max_bytes`` bytes of whole lines
+  (0: all; each of several processes reading its own files takes its share of the bytes).
 
   Always first-fit packed, whatever ``data.packing``: every example is scored whole.
   """
@@ -343,6 +360,8 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   def make_reader(shard):
     ds = iterator.mixture_dataset(name, split="validation", shard=shard, seed=0, shuffle=False,
                                   repeat=False)
+    if max_bytes > 0:
+      ds = iterator.first_bytes(ds, max_bytes // (shard.num_shards if shard else 1))
     return readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line,
                                  max_len=plan.seq_len)
 
@@ -351,16 +370,27 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int) -> list[d
   out = []
   for batch in it:
     out.append(batch)
-    if len(out) >= num_batches:
+    if len(out) == num_batches:
       break
   if not out:
     logging.warning("language %s: empty validation split", lang)
   # Every process evaluates the same number of batches (the step is collective); a process
   # whose shard ran short gets batches that carry no weight.
-  while out and len(out) < num_batches:
+  wanted = num_batches or _most_over_processes(len(out))
+  while out and len(out) < wanted:
     out.append({k: np.zeros_like(v) for k, v in out[0].items()})
   return out
 
 
-__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "task_examples",
+def _most_over_processes(n: int) -> int:
+  import jax
+
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int32(n))))
+
+
+__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "validation_set", "task_examples",
            "load_vocab_for", "DataError", "tasks"]

@@ -402,6 +402,18 @@ def mixture_dataset(mixture_or_task: str, *, split: str, seed: int, shuffle: boo
   return ds.with_options(opts).prefetch(tf.data.AUTOTUNE)
 
 
+def first_bytes(ds: tf.data.Dataset, limit: int) -> tf.data.Dataset:
+  """The leading elements of ``ds`` whose ``targets`` (one line each) add up to at most
+  ``limit`` bytes: whole lines only, so the text is the same whatever the tokenizer."""
+
+  def count(total, ex):
+    total += tf.cast(tf.strings.length(ex["targets"], unit="BYTE"), tf.int64)
+    return total, (ex, total <= limit)
+
+  return (ds.scan(tf.constant(0, tf.int64), count).take_while(lambda ex, keep: keep)
+          .map(lambda ex, keep: ex))
+
+
 def reads_its_share(provider, split: str, n: int) -> bool:
   """Whether each of ``n`` processes can read only its share of every task of ``provider``:
   line files when a task has at least ``n`` of them (each process reads whole files), TFDS

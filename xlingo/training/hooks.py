@@ -111,10 +111,11 @@ def language_scalars(sums: dict, codes, prefix: str = "") -> dict:
 
 
 def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extra) -> dict:
-  """val/loss[/<lang>] and val/bpb[/<lang>] over fixed per-language validation batches.
+  """val/loss[/<lang>], val/bpb[/<lang>] and val/bytes/<lang> (the bytes scored) over fixed
+  per-language validation batches.
 
   ``eval_step`` is the jitted ``step.make_eval_step``; ``val_batches`` maps a language to its
-  host batches (``inputs.eval_batches``). Each language's sums count only its own tokens (a
+  host batches (``inputs.validation_set``). Each language's sums count only its own tokens (a
   batch of one language may hold a translation task's source tokens of another).
   """
   num_langs = len(codes)
@@ -131,7 +132,14 @@ def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extr
     mask[codes.index(lang)] = True
     masked = {k: np.where(mask, v, 0) for k, v in lang_tot.items()}
     totals = masked if totals is None else {k: totals[k] + masked[k] for k in totals}
-  return {} if totals is None else language_scalars(totals, codes, prefix="val/")
+  if totals is None:
+    return {}
+  out = language_scalars(totals, codes, prefix="val/")
+  # the text the numbers stand for: equal across tokenizers with train.eval_max_bytes >= 0
+  for i, code in enumerate(codes):
+    if totals["weight_lang"][i] > 0:
+      out[f"val/bytes/{code}"] = int(round(float(totals["bytes_lang"][i])))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,31 +237,44 @@ def profiler(env: Env) -> Hook:
 
 
 class TokenCounter:
-  """Cumulative tokens per language of the batches trained on (``tokens/<lang>``: padding
-  excluded, a pair's source counted for the source's language), kept in the training
-  iterator's saved state (``counters``)."""
+  """Cumulative tokens and bytes per language of the batches trained on (``tokens/<lang>``:
+  padding excluded, a pair's source counted for the source's language; ``bytes/<lang>``: the
+  raw text bytes of the tokens the loss scored, the ``bytes_lang`` that bits per byte divide
+  by), kept in the training iterator's saved state (``counters``). Runs with different
+  tokenizers compare at equal text by ``bytes/<lang>``, not at equal steps or tokens."""
 
-  KEY = "tokens_per_language"
+  KEYS = {"tokens": ("tokens_per_language", "tokens_lang"),
+          "bytes": ("bytes_per_language", "bytes_lang")}
 
   def __init__(self, codes, train_it):
     self.codes, self.it = list(codes), train_it
-    self.total = np.zeros(len(self.codes), np.int64)
+    self.total = {name: np.zeros(len(self.codes), np.int64) for name in self.KEYS}
 
   def restored(self) -> None:
-    """Take up the counts of a restored iterator state."""
-    saved = self.it.counters.get(self.KEY, {})
-    self.total = np.array([int(saved.get(c, 0)) for c in self.codes], np.int64)
+    """Take up the counts of a restored iterator state (a state saved before bytes were
+    counted counts its bytes from 0)."""
+    for name, (key, _) in self.KEYS.items():
+      saved = self.it.counters.get(key, {})
+      self.total[name] = np.array([int(saved.get(c, 0)) for c in self.codes], np.int64)
 
-  def add(self, window) -> dict:
-    """Add a log window's per-language tokens; returns the metrics."""
-    self.total += np.asarray(window, np.int64)
-    return {f"tokens/{c}": int(n) for c, n in zip(self.codes, self.total, strict=True)}
+  def add(self, sums) -> dict:
+    """Add a log window's per-language sums (``tokens_lang``, ``bytes_lang``); returns the
+    metrics."""
+    out = {}
+    for name, (_, field) in self.KEYS.items():
+      self.total[name] += np.rint(np.asarray(sums[field], np.float64)).astype(np.int64)
+      out.update({f"{name}/{c}": int(n) for c, n in zip(self.codes, self.total[name],
+                                                         strict=True)})
+    return out
 
   def keep(self, pending) -> None:
     """Put the counts (plus ``pending``, the unlogged steps' device sums) in the iterator's
     state before it is saved."""
-    total = self.total + (0 if pending is None else np.asarray(jax.device_get(pending), np.int64))
-    self.it.counters[self.KEY] = {c: int(n) for c, n in zip(self.codes, total, strict=True)}
+    pending = None if pending is None else jax.device_get(pending)
+    for name, (key, field) in self.KEYS.items():
+      total = self.total[name] + (0 if pending is None else
+                                  np.rint(np.asarray(pending[field], np.float64)).astype(np.int64))
+      self.it.counters[key] = {c: int(n) for c, n in zip(self.codes, total, strict=True)}
 
 
 class LogWindow:
@@ -302,8 +323,9 @@ class LogWindow:
     return None
 
   def pending_tokens(self):
-    """The unlogged steps' tokens per language (device sums), for the saved counters."""
-    return None if self.acc is None else self.acc["tokens_lang"]
+    """The unlogged steps' tokens and bytes per language (device sums), for the saved
+    counters."""
+    return None if self.acc is None else {k: self.acc[k] for k in ("tokens_lang", "bytes_lang")}
 
   def hook(self) -> Hook:
     return Hook(int(self.env.config.train.log_every), self.log)
@@ -313,7 +335,7 @@ class LogWindow:
     elapsed, n = time.perf_counter() - self.t0, self.steps
     tokens = self.tokens_per_step * n
     scalars = language_scalars(host, self.env.codes)
-    scalars.update(self.delivered.add(host["tokens_lang"]))
+    scalars.update(self.delivered.add(host))
     scalars["loss"] = float(host["loss"] / n)
     scalars["grad_norm"] = float(host["grad_norm"] / n)
     terms = []  # the objective's own terms (lid_loss, contrastive_acc, kl, ce, l2_init, ...)

@@ -167,7 +167,7 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   objective = recipe.build(config, s)
   extra = objective.extra()
   codes = s.plan.table.codes
-  # Cumulative training tokens per language (metrics tokens/<lang>), carried in the data
+  # Cumulative training tokens and bytes per language (tokens/<lang>, bytes/<lang>), in the data
   # iterator's state so that a resumed run counts on from its checkpoint.
   delivered = hooks.TokenCounter(codes, train_it)
   state, start = _initial_state(config, workdir, s, objective, ckpts, train_it, delivered)
@@ -282,8 +282,7 @@ def _compile(config, s: Setup, objective, extra):
       objective, step_fn, s.factory, s.mesh, s.rules, config)
   metrics.console(f"train step compiled in {compile_s + lower_s:.1f} s{_memory_line(train_step)}")
   eval_step = jax.jit(step_lib.make_eval_step(objective, s.byte_table, num_langs))
-  val_batches = {lang: inputs.eval_batches(s.plan, config, lang, config.train.eval_batches)
-                 for lang in s.plan.eval_tasks}
+  val_batches = {lang: inputs.validation_set(s.plan, config, lang) for lang in s.plan.eval_tasks}
   env = hooks.EvalEnv(s.plan, s.mesh, sharding.batch_sharding(s.mesh))
   evaluate = hooks.validator(objective, eval_step, val_batches, s.plan.table.codes, env, extra)
   return train_step, evaluate, bool(val_batches)
