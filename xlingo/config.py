@@ -316,6 +316,10 @@ def _train_defaults() -> ml_collections.ConfigDict:
   # text whatever the tokenizer; train.eval_batches is then not used). val/bytes/<lang>
   # reports the bytes scored.
   train.eval_max_bytes = -1
+  # Validation lines longer than a row (data.seq_len tokens) are scored in sliding windows:
+  # each later window re-reads this many tokens before the ones it scores (every token scored
+  # once). 0: cut into rows that restart without context. Must be < data.seq_len.
+  train.eval_context = 0
   train.peak_flops_per_device = 0.0  # 0: look the device kind up
   train.trainable = ".*"  # regex over parameter paths; the rest is frozen
   # (start, count): a jax.profiler trace of the `count` steps after step `start` (start >= 1;

@@ -340,16 +340,21 @@ def validation_set(plan: InputPlan, config, lang: str) -> list[dict]:
     raise ConfigError(f"train.eval_max_bytes={t.eval_max_bytes}: use -1 (the first "
                       "train.eval_batches batches), 0 (the whole validation split) or a number "
                       "of bytes")
+  if not 0 <= t.eval_context < plan.seq_len:
+    raise ConfigError(f"train.eval_context={t.eval_context}: the tokens of context a window "
+                      f"keeps must be in [0, data.seq_len={plan.seq_len})")
   if t.eval_max_bytes == -1:
-    return eval_batches(plan, config, lang, t.eval_batches)
-  return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes)
+    return eval_batches(plan, config, lang, t.eval_batches, context=t.eval_context)
+  return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes, context=t.eval_context)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
-                 max_bytes: int = 0) -> list[dict]:
+                 max_bytes: int = 0, context: int = 0) -> list[dict]:
   """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled;
   0: as many as the lines take), over the split's first ``max_bytes`` bytes of whole lines
   (0: all; each of several processes reading its own files takes its share of the bytes).
+  A line longer than a row is scored in sliding windows keeping ``context`` tokens of context
+  (packing.sliding_windows; 0: cut into rows that restart without context).
 
   Always first-fit packed, whatever ``data.packing``: every example is scored whole.
   """
@@ -363,7 +368,7 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
     if max_bytes > 0:
       ds = iterator.first_bytes(ds, max_bytes // (shard.num_shards if shard else 1))
     return readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line,
-                                 max_len=plan.seq_len)
+                                 max_len=plan.seq_len, context=context)
 
   it = _packed(plan, [name], "validation", config.train.batch_size, "first_fit", make_reader,
                repeat=False)

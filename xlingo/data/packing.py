@@ -145,6 +145,45 @@ class TokenStream:
     return out
 
 
+def sliding_windows(piece: tuple, seq_len: int, context: int) -> tuple:
+  """Cut each example longer than ``seq_len`` (flat arrays of :class:`TokenStream`, in its
+  field order) into windows of at most ``seq_len`` tokens that each start a segment: the
+  first scores its ``seq_len`` tokens, every later one re-reads the ``context`` tokens before
+  the ones it scores (loss weight 0 and no raw bytes there) and scores the next
+  ``seq_len - context``. Every token is scored once, with at least ``context`` tokens before
+  it in its row (a plain cut every ``seq_len`` tokens, context 0, restarts each chunk with
+  none). Conditional examples (with a source) are left as they are: a window would lose the
+  source."""
+  tokens, lang, weights, starts, raw, sourced = piece
+  n = tokens.shape[0]
+  st = np.flatnonzero(starts)
+  if not st.size or st[0] != 0:
+    st = np.concatenate([[0], st])
+  ends = np.append(st[1:], n)
+  step = seq_len - context
+  idx, scored, first = [], [], []
+  for a, e in zip(st.tolist(), ends.tolist(), strict=True):
+    if e - a <= seq_len or sourced[a]:
+      idx.append(np.arange(a, e))
+      scored.append(np.ones(e - a, bool))
+      first.append(np.arange(e - a) == 0)
+      continue
+    lo, s = a, a + seq_len
+    while True:
+      hi = min(s, e)
+      idx.append(np.arange(lo, hi))
+      scored.append(np.arange(lo, hi) >= lo + (0 if lo == a else context))
+      first.append(np.arange(hi - lo) == 0)
+      if hi == e:
+        break
+      lo, s = s - context, s + step
+  if len(idx) == len(st):
+    return piece
+  idx, keep = np.concatenate(idx), np.concatenate(scored)
+  return (tokens[idx], lang[idx], np.where(keep, weights[idx], np.float32(0)),
+          np.concatenate(first), np.where(keep, raw[idx], 0), sourced[idx])
+
+
 def _finish(start_id, targets, segs, pos, langs, weights, raw_bytes) -> dict[str, np.ndarray]:
   """Add the shifted inputs (``start_id`` at every segment start, 0 on padding)."""
   inputs = np.zeros_like(targets)

@@ -425,9 +425,19 @@ class ExampleReader(_Reader):
   kind = "examples"
 
   def __init__(self, ds: tf.data.Dataset, table: LanguageTable, vocab,
-               locate: Callable[[bytes], str | None] | None = None, max_len: int = 0):
+               locate: Callable[[bytes], str | None] | None = None, max_len: int = 0,
+               context: int = 0):
     super().__init__(table, vocab, locate, max_len)
     self.iterator = iter(ds.batch(EXAMPLES_PER_TRANSFER).prefetch(2))
+    # > 0 (validation, train.eval_context): an example longer than a row is scored in
+    # sliding windows that keep this many tokens of context (packing.sliding_windows)
+    self._context = int(context)
+
+  def process(self, b: dict) -> tuple:
+    piece = super().process(b)
+    if self._context and self._max_len:
+      piece = packing.sliding_windows(piece, self._max_len, self._context)
+    return piece
 
   def examples(self, b: dict) -> dict:
     return self._tokenize(b["targets"], self._ids(b["lang"]), self._ids(b["src_lang"]),
