@@ -13,6 +13,7 @@ from configs import tiny
 from xlingo import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_TEXT = ("--config.train.eval_max_bytes=2000", "--config.train.eval_context=16")
 
 
 def test_transfer_matrix_and_table_from_results():
@@ -46,10 +47,12 @@ def test_evaluate_matches_training_log(tmp_path):
              JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-m", "xlingo.train", "--config", "configs/tiny.py",
                   "--workdir", workdir, "--config.train.steps=2", "--config.train.eval_every=2",
-                  "--config.checkpoint.every_steps=2"], cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+                  "--config.checkpoint.every_steps=2", *EVAL_TEXT], cwd=ROOT, env=env,
+                 check=True, capture_output=True)
   logged = [r for r in metrics_rows(workdir) if r["step"] == 2 and "val/bpb" in r][-1]
   cfg = tiny.get_config()
+  # the same text scored: 2,000 bytes of whole lines per language, long lines in windows
+  cfg.train.eval_max_bytes, cfg.train.eval_context = 2000, 16
   out = str(tmp_path / "results.json")
   report = evaluate.run(cfg, {"de": workdir, "ja": workdir}, translate_pairs=["en-de"],
                         max_examples=4, output=out)
@@ -59,6 +62,7 @@ def test_evaluate_matches_training_log(tmp_path):
     assert saved["results"][label]["step"] == 2
     for lang in cfg.data.languages:
       assert m[f"val/bpb/{lang}"] == pytest.approx(logged[f"val/bpb/{lang}"], rel=1e-5)
+      assert m[f"val/bytes/{lang}"] == logged[f"val/bytes/{lang}"] <= 2000
     assert {"translate/en-de/bleu", "translate/en-de/chrf"} <= set(m)
     tr = saved["results"][label]["translation"]["en-de"]
     assert tr["examples"] + tr["skipped_too_long"] == 4 and tr["examples"] > 0
