@@ -696,3 +696,6 @@ def test_validation_set_scores_first_bytes_of_whole_lines(plan):
   cfg.train.eval_max_bytes = -2
   with pytest.raises(ConfigError, match="eval_max_bytes"):
     inputs.validation_set(plan, cfg, "de")
+  cfg.train.eval_max_bytes, cfg.train.eval_context = 0, cfg.data.seq_len
+  with pytest.raises(ConfigError, match="eval_context"):
+    inputs.validation_set(plan, cfg, "de")

@@ -33,10 +33,10 @@ def _assert_same_run(a, b):
   la = {r["step"]: r["loss"] for r in metrics_rows(a) if "loss" in r}
   lb = {r["step"]: r["loss"] for r in metrics_rows(b) if "loss" in r}
   assert la[STEPS] == lb[STEPS]
-  # the cumulative tokens per language count on exactly from the checkpoint
+  # the cumulative tokens and bytes per language count on exactly from the checkpoint
   ta, tb = ({k: v for k, v in [r for r in metrics_rows(w) if "loss" in r][-1].items()
-             if k.startswith("tokens/")} for w in (a, b))
-  assert ta and ta == tb
+             if k.startswith(("tokens/", "bytes/"))} for w in (a, b))
+  assert ta and ta == tb and any(k.startswith("bytes/") for k in ta)
 
 
 @pytest.fixture(scope="module")

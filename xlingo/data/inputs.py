@@ -331,18 +331,24 @@ def train_iterator(plan: InputPlan, config):
   return pairs.attach(lm, plan, config)
 
 
-def validation_set(plan: InputPlan, config, lang: str) -> list[dict]:
-  """One language's validation batches as the loop and ``xlingo.evaluate`` score them:
-  ``train.eval_max_bytes`` bytes of whole lines (0: the whole split), or with -1 the first
-  ``train.eval_batches`` batches."""
+def check_validation(config) -> None:
+  """ConfigError for validation settings that cannot be used (the loop checks them at start)."""
   t = config.train
   if t.eval_max_bytes < -1:
     raise ConfigError(f"train.eval_max_bytes={t.eval_max_bytes}: use -1 (the first "
                       "train.eval_batches batches), 0 (the whole validation split) or a number "
                       "of bytes")
-  if not 0 <= t.eval_context < plan.seq_len:
+  if not 0 <= t.eval_context < config.data.seq_len:
     raise ConfigError(f"train.eval_context={t.eval_context}: the tokens of context a window "
-                      f"keeps must be in [0, data.seq_len={plan.seq_len})")
+                      f"keeps must be in [0, data.seq_len={config.data.seq_len})")
+
+
+def validation_set(plan: InputPlan, config, lang: str) -> list[dict]:
+  """One language's validation batches as the loop and ``xlingo.evaluate`` score them:
+  ``train.eval_max_bytes`` bytes of whole lines (0: the whole split), or with -1 the first
+  ``train.eval_batches`` batches."""
+  check_validation(config)
+  t = config.train
   if t.eval_max_bytes == -1:
     return eval_batches(plan, config, lang, t.eval_batches, context=t.eval_context)
   return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes, context=t.eval_context)
@@ -397,5 +403,5 @@ def _most_over_processes(n: int) -> int:
   return int(np.max(multihost_utils.process_allgather(np.int32(n))))
 
 
-__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "validation_set", "task_examples",
-           "load_vocab_for", "DataError", "tasks"]
+__all__ = ["InputPlan", "plan_inputs", "train_iterator", "eval_batches", "validation_set",
+           "check_validation", "task_examples", "load_vocab_for", "DataError", "tasks"]

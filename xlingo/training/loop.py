@@ -93,6 +93,7 @@ def validate_config(config) -> None:
   if config.data.seq_len > config.model.max_len:
     raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_len="
                       f"{config.model.max_len}; raise model.max_len or shorten data.seq_len")
+  inputs.check_validation(config)
   step_lib.check_objective_config(config)
 
 
