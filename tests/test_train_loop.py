@@ -182,6 +182,7 @@ def test_nan_stops_run_and_keeps_last_good_checkpoint(tmp_path, cache_dir):
     (["--config.train.no_such_key=1"], "no_such_key"),
     (["--config.mesh.data=3"], "mesh"),
     (["--config.train.batch_size=6"], "train.batch_size=6"),
+    (["--config.train.eval_context=64"], "train.eval_context=64"),
 ])
 def test_bad_input_one_line_error(tmp_path, capsys, args, needle):
   with pytest.raises(SystemExit) as e:
