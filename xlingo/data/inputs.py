@@ -388,6 +388,10 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
   # Every process evaluates the same number of batches (the step is collective); a process
   # whose shard ran short gets batches that carry no weight.
   wanted = num_batches or _most_over_processes(len(out))
+  if not out and not num_batches and wanted:  # only other processes have lines: take part
+    shape = (local_batch_size(config.train.batch_size), plan.seq_len)
+    out.append({k: np.zeros(shape, np.float32 if k == "loss_weights" else np.int32)
+                for k in packing.FEATURES})
   while out and len(out) < wanted:
     out.append({k: np.zeros_like(v) for k, v in out[0].items()})
   return out
