@@ -318,10 +318,12 @@ def teacher_top_k(model, params, batch, k: int):
   return ids.astype(jnp.int32), logp
 
 
-def dump(config, out_dir: str, steps_per_shard: int = 64) -> dict:
+def dump(config, out_dir: str, steps_per_shard: int | None = None) -> dict:
   """Runs the teacher once over the student's first ``train.steps`` training batches and
   writes their top-``distill.top_k`` ids and log-probabilities (xlingo.training.teacher_logits);
-  returns the manifest. The manifest is written last: a dump without one is unfinished."""
+  returns the manifest. The manifest is written last: a dump without one is unfinished.
+  A shard holds ``steps_per_shard`` steps (default: as many as fit in
+  ``teacher_logits.SHARD_BYTES``), which is what the reader holds in memory at a time."""
   from xlingo import sharding
   from xlingo.data import inputs
   from xlingo.training import loop, metrics, teacher_logits
@@ -350,6 +352,7 @@ def dump(config, out_dir: str, steps_per_shard: int = 64) -> dict:
   batch_sh = sharding.batch_sharding(s.mesh)
   paths.makedirs(out_dir)
   steps = int(config.train.steps)
+  steps_per_shard = steps_per_shard or teacher_logits.steps_per_shard(config, k)
   with sharding.mesh_context(s.mesh, s.rules):
     _dump_shards(config, out_dir, steps_per_shard, it, lambda b: top_k(t.params, b), batch_sh)
   man = teacher_logits.manifest(config, k, steps_per_shard, {

@@ -8,6 +8,8 @@ temperature 1) into
   TEACHER_OUT/manifest.json             teacher, tokenizer, data plan, k, steps per shard
   TEACHER_OUT/shard_<first step>.npz    inputs [S, B, T], ids [S, B, T, k], logp [S, B, T, k]
 
+(S steps per shard, about SHARD_BYTES each; 4 + 8k bytes per token, uncompressed).
+
 Log-probabilities at temperature 1 serve every temperature: ``log_softmax`` over the k of
 ``logp / tau`` equals that of ``logits / tau`` (the normaliser is a constant shift), so the
 loss is the online top-k KL (``losses.kl_divergence``). float32 rather than float16 keeps that
@@ -33,10 +35,22 @@ from xlingo.training.terms import StoredDistillation
 MANIFEST = "manifest.json"
 IDS, LOGP = StoredDistillation.IDS, StoredDistillation.LOGP  # the batch features the loss reads
 FORMAT = 1
+# The reader holds one shard in memory at a time: about this many bytes.
+SHARD_BYTES = 256 << 20
 
 
 def shard_name(first_step: int) -> str:
   return f"shard_{first_step:08d}.npz"
+
+
+def bytes_per_token(k: int) -> int:
+  """Disk per trained token: the input token, k int32 ids and k float32 log-probabilities."""
+  return 4 + 8 * k
+
+
+def steps_per_shard(config, k: int) -> int:
+  step = config.train.batch_size * config.data.seq_len * bytes_per_token(k)
+  return max(1, SHARD_BYTES // step)
 
 
 def data_plan(config) -> dict:
