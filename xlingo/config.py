@@ -426,5 +426,8 @@ def distill_section(teacher_model: ml_collections.ConfigDict) -> ml_collections.
   d.alpha_end = 0.5
   d.temperature_end = 2.0
   d.top_k = 0  # > 0: KL over the teacher's top-k logits only (see losses.kl_divergence)
+  # a `python -m xlingo.distill dump` output directory: read the teacher's stored top-k logits
+  # instead of running the teacher (needs distill.top_k = its k, or 0)
+  d.teacher_logits = ""
   d.init_from_teacher_layers = ()  # e.g. (0, 2): student blocks copied from these teacher layers
   return d

@@ -13,6 +13,14 @@ passed into the step as ``extra`` under ``stop_gradient``, has no optimizer stat
 ``distill.teacher_model.dtype`` (bf16 by default) and is never saved with the student.
 Everything else (resume, SIGTERM, metrics, evaluation) is the shared loop's.
 
+Offline teacher logits: run the teacher once over the student's training stream and keep its
+top-k (xlingo/training/teacher_logits.py), then train students from them without a teacher:
+
+  python -m xlingo.distill dump --config configs/distill_tiny.py --workdir TEACHER_OUT \
+      --config.distill.teacher_workdir=workdirs/teacher --config.distill.top_k=16
+  python -m xlingo.distill --config configs/distill_tiny.py --workdir workdirs/distill \
+      --config.distill.teacher_logits=TEACHER_OUT --config.distill.top_k=16
+
 The teacher's shape comes from its checkpoint's metadata (``distill.teacher_model_source =
 'checkpoint'``) or from ``distill.teacher_model`` ('config', which must then agree with the
 metadata); the remaining keys of ``distill.teacher_model`` (dtype, max_len, attention_impl, ...)
@@ -23,13 +31,15 @@ language table.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
-from xlingo import cli
+from xlingo import cli, paths
 from xlingo.errors import ConfigError
 
 # Keys of the model section that fix parameter shapes of a single block.
@@ -167,12 +177,21 @@ def check_distill_config(config) -> None:
   if not 0 <= d.top_k <= config.model.vocab_size:
     raise ConfigError(f"distill.top_k={d.top_k} must be in [0, vocab_size]; 0 = full KL")
   t = config.train
+  if d.teacher_logits:
+    from xlingo.training import teacher_logits
+
+    if d.init_from_teacher_layers:
+      raise ConfigError("distill.init_from_teacher_layers needs the teacher's parameters; with "
+                        "distill.teacher_logits leave it empty")
+    teacher_logits.check_matches(config, teacher_logits.read_manifest(d.teacher_logits),
+                                 d.teacher_logits)
   if t.loss_weights or t.main_language or t.contrastive.weight:
     raise ConfigError("distillation's loss takes no train.loss_weights, train.main_language or "
                       "train.contrastive.weight (they belong to the LM loss of xlingo.train and "
                       "xlingo.adapt); leave them unset")
-  tm = teacher_model_config(config)
   layers = tuple(d.init_from_teacher_layers)
+  if not d.teacher_logits:
+    tm = teacher_model_config(config)
   if layers:
     if len(layers) != config.model.num_layers:
       raise ConfigError(f"distill.init_from_teacher_layers={layers} names {len(layers)} layers "
@@ -203,6 +222,21 @@ def distill_objective(config, model, teacher_model, teacher_params):
   return step.Objective("distill", model, terms.Hints.from_config(config), (kl, *more))
 
 
+def stored_objective(config, model, k: int):
+  """:func:`distill_objective` with the teacher's top-k read from the batch
+  (``distill.teacher_logits``) instead of a bound teacher."""
+  from xlingo.training import step, terms
+
+  d, t = config.distill, config.train
+  kl = terms.StoredDistillation(
+      k=int(k), batch_size=int(t.batch_size), seq_len=int(config.data.seq_len),
+      alpha=(float(d.alpha), float(d.alpha_end)),
+      temperature=(float(d.temperature), float(d.temperature_end)), schedule=str(d.schedule),
+      steps=int(t.steps), z_loss=float(t.z_loss), chunk_size=terms.loss_chunk_size(config))
+  more = (terms.LanguageId(float(t.lid_loss_weight)),) if config.model.lid_head else ()
+  return step.Objective("distill", model, terms.Hints.from_config(config), (kl, *more))
+
+
 def teacher_dtype_line(meta: dict, dtype: str, param_dtype: str) -> str:
   """The start-up line comparing the teacher's dtypes here (distill.teacher_model.dtype and
   param_dtype) with those it was trained in (its checkpoint's ``dtypes``)."""
@@ -220,6 +254,13 @@ def build_objective(config, setup):
   distillation term; the student's initial parameters from its layers when asked."""
   from xlingo.training import metrics
 
+  if config.distill.teacher_logits:
+    from xlingo.training import teacher_logits
+
+    man = teacher_logits.read_manifest(config.distill.teacher_logits)
+    metrics.console(f"teacher logits: {config.distill.teacher_logits} (top-{man['k']} of "
+                    f"{man['teacher'].get('step_dir')}), no teacher restored")
+    return stored_objective(config, setup.model, man["k"])
   layers = tuple(config.distill.init_from_teacher_layers)
   t = restore_teacher(config, setup.mesh, setup.rules,
                       param_dtype="float32" if layers else None)
@@ -245,10 +286,98 @@ def build_objective(config, setup):
   return dataclasses.replace(objective, initial_params=initial_params)
 
 
+def with_teacher_logits(config, train_it):
+  from xlingo.training import teacher_logits
+
+  out = config.distill.teacher_logits
+  if not out:
+    return train_it
+  return teacher_logits.WithTeacherLogits(train_it, out, teacher_logits.read_manifest(out))
+
+
 def make_recipe():
   from xlingo.training import step
 
-  return step.Recipe("distill", build_objective, check_distill_config)
+  return step.Recipe("distill", build_objective, check_distill_config,
+                     wrap_train_iterator=with_teacher_logits)
+
+
+# --- dumping the teacher's top-k ------------------------------------------------------------
+
+
+def teacher_top_k(model, params, batch, k: int):
+  """The teacher's k most likely next tokens at each position: ``(ids [B, T, k] int32,
+  log-probabilities [B, T, k] float32)``, log-softmax over the whole vocabulary."""
+  from xlingo.training.terms import output_logits_fn
+
+  hidden, _ = model.apply({"params": params}, batch["inputs"], batch["segment_ids"],
+                          batch["positions"], batch["lang_ids"], deterministic=True,
+                          return_hidden=True)
+  logp = jax.nn.log_softmax(output_logits_fn(model, params)(hidden).astype(jnp.float32), -1)
+  logp, ids = jax.lax.top_k(logp, k)
+  return ids.astype(jnp.int32), logp
+
+
+def dump(config, out_dir: str, steps_per_shard: int | None = None) -> dict:
+  """Runs the teacher once over the student's first ``train.steps`` training batches and
+  writes their top-``distill.top_k`` ids and log-probabilities (xlingo.training.teacher_logits);
+  returns the manifest. The manifest is written last: a dump without one is unfinished.
+  A shard holds ``steps_per_shard`` steps (default: as many as fit in
+  ``teacher_logits.SHARD_BYTES``), which is what the reader holds in memory at a time."""
+  from xlingo import sharding
+  from xlingo.data import inputs
+  from xlingo.training import loop, metrics, teacher_logits
+
+  d = config.distill
+  k = int(d.top_k)
+  if not 0 < k < config.model.vocab_size:
+    raise ConfigError(f"distill.top_k={k}: a dump stores the teacher's top-k; set "
+                      f"--config.distill.top_k=K with 0 < K < {config.model.vocab_size}")
+  if d.teacher_logits:
+    raise ConfigError("distill.teacher_logits is set: a dump needs the teacher itself "
+                      "(distill.teacher_workdir); leave distill.teacher_logits empty")
+  if jax.process_count() > 1:
+    raise ConfigError("python -m xlingo.distill dump runs in one process; run it without "
+                      "jax.distributed")
+  if paths.exists(paths.join(out_dir, teacher_logits.MANIFEST)):
+    raise ConfigError(f"{out_dir} already holds a dump ({teacher_logits.MANIFEST}); pick another "
+                      "--workdir or delete it")
+  teacher_model_config(config)  # one line for a teacher that does not fit, before the work
+  s = loop.build(config)
+  t = restore_teacher(config, s.mesh, s.rules)
+  model = t.model
+
+  top_k = jax.jit(lambda params, batch: teacher_top_k(model, params, batch, k))
+  it = inputs.train_iterator(s.plan, config)
+  batch_sh = sharding.batch_sharding(s.mesh)
+  paths.makedirs(out_dir)
+  steps = int(config.train.steps)
+  steps_per_shard = steps_per_shard or teacher_logits.steps_per_shard(config, k)
+  with sharding.mesh_context(s.mesh, s.rules):
+    _dump_shards(config, out_dir, steps_per_shard, it, lambda b: top_k(t.params, b), batch_sh)
+  man = teacher_logits.manifest(config, k, steps_per_shard, {
+      "workdir": d.teacher_workdir, "step_dir": t.step_dir,
+      "vocab_sha1": t.meta.get("vocab_sha1"), "step": t.meta.get("step")})
+  paths.write_text(paths.join(out_dir, teacher_logits.MANIFEST), json.dumps(man, indent=1))
+  metrics.console(f"teacher logits: {steps} steps of top-{k} in {out_dir}")
+  return man
+
+
+def _dump_shards(config, out_dir, steps_per_shard, it, top_k, batch_sh) -> None:
+  from xlingo.data import iterator
+  from xlingo.training import metrics, teacher_logits
+
+  steps = int(config.train.steps)
+  for first in range(0, steps, steps_per_shard):
+    rows = {"inputs": [], teacher_logits.IDS: [], teacher_logits.LOGP: []}
+    for _ in range(first, min(first + steps_per_shard, steps)):
+      batch = next(it)
+      ids, logp = top_k(iterator.to_global(batch, batch_sh))
+      rows["inputs"].append(np.asarray(batch["inputs"]))
+      rows[teacher_logits.IDS].append(np.asarray(ids))
+      rows[teacher_logits.LOGP].append(np.asarray(logp))
+    teacher_logits.write_shard(out_dir, first, {n: np.stack(v) for n, v in rows.items()})
+    metrics.console(f"teacher logits: steps {first}..{first + len(rows['inputs']) - 1} written")
 
 
 def run(config, workdir: str) -> dict:
@@ -258,7 +387,12 @@ def run(config, workdir: str) -> dict:
 
 
 def main(argv=None):
-  cli.run_main(argv or sys.argv, __doc__, run)
+  argv = list(argv or sys.argv)
+  # `dump` is a positional subcommand; absl flags would take it as an unknown argument.
+  if len(argv) > 1 and argv[1] == "dump":
+    cli.run_main(argv[:1] + argv[2:], __doc__, dump)
+  else:
+    cli.run_main(argv, __doc__, run)
 
 
 if __name__ == "__main__":

@@ -163,6 +163,8 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   ckpts = ckpt_lib.Checkpoints(workdir, config)
   lock.storage = ckpts.storage
   train_it = inputs.train_iterator(s.plan, config)
+  if recipe.wrap_train_iterator is not None:
+    train_it = recipe.wrap_train_iterator(config, train_it)
   if getattr(train_it, "summary", ""):
     metrics.console(train_it.summary)
   objective = recipe.build(config, s)

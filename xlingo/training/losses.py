@@ -100,17 +100,36 @@ def kl_divergence(
   Returns:
     ``(kl_sum, per_token_bt)``: ``per_token_bt`` is the KL times the weight (0 on padding).
   """
-  weights = weights_bt.astype(jnp.float32)
-  t = jax.lax.stop_gradient(teacher_logits_btv.astype(jnp.float32)) / temperature
-  s = student_logits_btv.astype(jnp.float32) / temperature
-  log_q_btv = jax.nn.log_softmax(s, axis=-1)
+  t = jax.lax.stop_gradient(teacher_logits_btv.astype(jnp.float32))
   if top_k is not None and 0 < top_k < t.shape[-1]:
     t_btk, idx_btk = jax.lax.top_k(t, top_k)
-    log_p_btk = jax.nn.log_softmax(t_btk, axis=-1)
-    log_q_btk = jnp.take_along_axis(log_q_btv, idx_btk, axis=-1)
-  else:
-    log_p_btk = jax.nn.log_softmax(t, axis=-1)
-    log_q_btk = log_q_btv
+    return kl_divergence_top_k(t_btk, idx_btk, student_logits_btv, weights_bt, temperature)
+  weights = weights_bt.astype(jnp.float32)
+  t = t / temperature
+  log_q_btv = jax.nn.log_softmax(student_logits_btv.astype(jnp.float32) / temperature, axis=-1)
+  log_p_btk = jax.nn.log_softmax(t, axis=-1)
+  log_q_btk = log_q_btv
+  return _kl_sums(log_p_btk, log_q_btk, weights)
+
+
+def kl_divergence_top_k(
+    teacher_btk: jax.Array,
+    idx_btk: jax.Array,
+    student_logits_btv: jax.Array,
+    weights_bt: jax.Array,
+    temperature: float | jax.Array = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+  """:func:`kl_divergence`'s top-k form from the teacher's k values (logits, or log-probs: a
+  shift per token changes nothing) at token ids ``idx_btk``: what stored teacher logits give."""
+  weights = weights_bt.astype(jnp.float32)
+  t_btk = jax.lax.stop_gradient(teacher_btk.astype(jnp.float32)) / temperature
+  log_p_btk = jax.nn.log_softmax(t_btk, axis=-1)
+  log_q_btv = jax.nn.log_softmax(student_logits_btv.astype(jnp.float32) / temperature, axis=-1)
+  log_q_btk = jnp.take_along_axis(log_q_btv, idx_btk, axis=-1)
+  return _kl_sums(log_p_btk, log_q_btk, weights)
+
+
+def _kl_sums(log_p_btk, log_q_btk, weights):
   # Finite logits give finite log-probs, so a teacher probability that underflows adds 0.
   kl_bt = jnp.sum(jnp.exp(log_p_btk) * (log_p_btk - log_q_btk), axis=-1)
   per_token_bt = kl_bt * weights
@@ -215,6 +234,33 @@ def chunked_distillation(
 
   (ce_sum, kl_sum), (ce_pt, kl_pt) = chunked_over_length(
       chunk, chunk_size, student_hidden_btd, teacher_hidden_btd, targets_bt, weights_bt)
+  return ce_sum, ce_pt, kl_sum, kl_pt
+
+
+def chunked_stored_distillation(
+    student_logits_fn: LogitsFn,
+    student_hidden_btd: jax.Array,
+    teacher_logp_btk: jax.Array,
+    teacher_ids_btk: jax.Array,
+    targets_bt: jax.Array,
+    weights_bt: jax.Array,
+    *,
+    z_loss: float = 0.0,
+    temperature: float | jax.Array = 1.0,
+    chunk_size: int = 0,
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """:func:`chunked_distillation` with the teacher's top-k read from storage (ids and
+  log-probabilities per token) instead of computed. Same returns."""
+
+  def chunk(s_h, t_logp, t_ids, tgt, w):
+    s_logits = student_logits_fn(s_h)
+    ce_sum, _, ce_pt = cross_entropy_loss(s_logits, tgt, w, z_loss=z_loss)
+    kl_sum, kl_pt = kl_divergence_top_k(t_logp, t_ids, s_logits, w, temperature)
+    return (ce_sum, kl_sum), (ce_pt, kl_pt)
+
+  (ce_sum, kl_sum), (ce_pt, kl_pt) = chunked_over_length(
+      chunk, chunk_size, student_hidden_btd, teacher_logp_btk, teacher_ids_btk, targets_bt,
+      weights_bt)
   return ce_sum, ce_pt, kl_sum, kl_pt
 
 

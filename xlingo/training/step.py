@@ -92,6 +92,8 @@ class Recipe:
   check: Callable[..., None] | None = None
   # what the loop runs besides its own hooks (xlingo.training.hooks), e.g. early stopping
   hooks: tuple = ()
+  # (config, train iterator) -> the iterator the loop reads, e.g. with stored teacher logits
+  wrap_train_iterator: Callable[..., Any] | None = None
 
 
 def lm_terms(config, model) -> tuple:

@@ -388,6 +388,46 @@ class Distillation(Term):
     return dataclasses.replace(self, teacher_params=frozen)
 
 
+@dataclasses.dataclass(frozen=True)
+class StoredDistillation(Term):
+  """:class:`Distillation`'s top-k loss with the teacher's top-k ids and log-probabilities read
+  from the batch (``distill.teacher_logits``: xlingo.training.teacher_logits adds them) instead
+  of computed by a teacher. Validation batches carry none: there the term is the student's
+  cross-entropy alone (no ``kl``)."""
+
+  k: int = 1
+  batch_size: int = 1
+  seq_len: int = 1
+  alpha: tuple[float, float] = (0.5, 0.5)
+  temperature: tuple[float, float] = (1.0, 1.0)
+  schedule: str = "constant"
+  steps: int = 1
+  z_loss: float = 0.0
+  chunk_size: int = 0
+
+  IDS = "teacher_topk_ids"
+  LOGP = "teacher_topk_logp"
+
+  def loss(self, params, batch, rng, run):
+    if self.IDS not in batch:
+      ce_sum, _, ce_pt = losses.chunked_cross_entropy(
+          run.logits_fn(), run.lm().hidden, batch["targets"], batch["loss_weights"],
+          z_loss=self.z_loss, chunk_size=self.chunk_size)
+      return ce_sum, {"per_token": {"loss": ce_pt}, "ce_sum": ce_sum}
+    alpha = scheduled(*self.alpha, self.schedule, run.step, self.steps)
+    tau = scheduled(*self.temperature, self.schedule, run.step, self.steps)
+    ce_sum, ce_pt, kl_sum, kl_pt = losses.chunked_stored_distillation(
+        run.logits_fn(), run.lm().hidden, batch[self.LOGP], batch[self.IDS], batch["targets"],
+        batch["loss_weights"], z_loss=self.z_loss, temperature=tau, chunk_size=self.chunk_size)
+    total = alpha * tau**2 * kl_sum + (1.0 - alpha) * ce_sum
+    return total, {"per_token": {"loss": ce_pt, "kl": kl_pt}, "kl_sum": kl_sum, "ce_sum": ce_sum}
+
+  def features(self, batch_sharding) -> dict:
+    shape = (self.batch_size, self.seq_len, self.k)
+    return {self.IDS: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch_sharding),
+            self.LOGP: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=batch_sharding)}
+
+
 # --- config checks of the LM terms ----------------------------------------------------------
 
 
