@@ -470,32 +470,51 @@ def cache_dir() -> str:
 _default_cache_dir = cache_dir  # what local_copy's parameter of that name shadows
 
 
-def local_mirror(path, chunk: int = 16 << 20) -> str:
+def _streamed_copy(path, directory: str, chunk: int = 16 << 20) -> tuple[str, str]:
+  """Copies remote ``path`` into a temporary file in local ``directory``, ``chunk`` bytes at a
+  time (never a whole large object in memory): (the temporary file, the content's SHA-1)."""
+  import hashlib
+
+  os.makedirs(directory, exist_ok=True)
+  tmp = os.path.join(directory, f".{basename(path)}.tmp.{os.getpid()}")
+  digest = hashlib.sha1()
+  try:
+    with as_path(path).open("rb") as src, builtins.open(tmp, "wb") as dst:
+      for block in iter(lambda: src.read(chunk), b""):
+        digest.update(block)
+        dst.write(block)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return tmp, digest.hexdigest()
+
+
+def _settle(tmp: str, local: str) -> str:
+  """Moves a finished copy to ``local`` (a copy already there is the same: the name says so)."""
+  if os.path.exists(local):
+    os.remove(tmp)
+  else:
+    os.replace(tmp, local)
+  return local
+
+
+def local_mirror(path) -> str:
   """A local file with the content of ``path``, for random access by offset: ``path`` itself
   (resolved) when it is local; else a copy in :func:`cache_dir` named by the path, size and
-  modification time (so a changed object is copied again), streamed ``chunk`` bytes at a
-  time: never a whole large object in memory, and one pass over the object instead of a range
-  request per line."""
+  modification time (so a changed object is copied again, and an unchanged one is not read
+  again): one streamed pass over the object instead of a range request per line."""
   import hashlib
 
   if not is_remote(path):
     return resolve(path)
   key = f"{resolve(path)}\0{size(path)}\0{mtime(path)}".encode()
-  local = os.path.join(cache_dir(), "mirror",
+  directory = os.path.join(cache_dir(), "mirror")
+  local = os.path.join(directory,
                        hashlib.sha1(key).hexdigest()[:24] + posixpath.splitext(basename(path))[1])
   if os.path.exists(local):
     return local
-  os.makedirs(os.path.dirname(local), exist_ok=True)
-  tmp = f"{local}.tmp.{os.getpid()}"
-  try:
-    with as_path(path).open("rb") as src, builtins.open(tmp, "wb") as dst:
-      for block in iter(lambda: src.read(chunk), b""):
-        dst.write(block)
-    os.replace(tmp, local)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return local
+  return _settle(_streamed_copy(path, directory)[0], local)
 
 
 def mapped(path):
@@ -513,17 +532,13 @@ def local_copy(path, cache_dir: str | None = None) -> str:
   """A local file with the content of ``path``: ``path`` itself (resolved) when it is local,
   else a copy in a local cache named by the content's SHA-1, so it is never stale. For
   libraries that read only local files or go through tf.io.gfile (SentencePiece, seqio's
-  vocabulary), which cannot reach every store the path layer can."""
-  import hashlib
-
+  vocabulary, safetensors, GGUF), which cannot reach every store the path layer can. The copy
+  is streamed, so a multi-GB shard is never held in memory."""
   if not is_remote(path):
     return resolve(path)
-  data = read_bytes(path)
-  name = hashlib.sha1(data).hexdigest() + posixpath.splitext(basename(path))[1]
-  local = os.path.join(cache_dir or _default_cache_dir(), name)
-  if not exists(local):
-    write_bytes(local, data)
-  return local
+  directory = cache_dir or _default_cache_dir()
+  tmp, digest = _streamed_copy(path, directory)
+  return _settle(tmp, os.path.join(directory, digest + posixpath.splitext(basename(path))[1]))
 
 
 def tree_size(path) -> int:
