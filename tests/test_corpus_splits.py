@@ -89,3 +89,26 @@ def test_embedded_tasks_register_the_test_split():
     assert [os.path.basename(p) for p in files["test"]] == [f"{lang}.test.txt"]
   files = tasks.task_spec(embedded.DEFAULT.mt["en-ja"]).files
   assert [os.path.basename(p) for p in files["test"]] == ["en-ja.test.tsv"]
+
+
+def test_own_files_test_split(tmp_path):
+  from configs import tiny
+  from data_tasks import files
+  from xlingo.data import tasks
+  from xlingo.data import vocab as xvocab
+
+  for name in ("sw.train.txt", "sw.test.txt"):
+    (tmp_path / name).write_text("Habari ya asubuhi, rafiki yangu mpendwa.\n", encoding="utf-8")
+  d = tiny.get_config().data
+  d.source = "files"
+  d.file_patterns = {"sw": str(tmp_path / "sw.train.txt")}
+  d.file_test_patterns = {"sw": str(tmp_path / "sw.test.txt")}
+  vocab = xvocab.load_vocab(xvocab.embedded_vocab_path())
+  reg = files.register(d, vocab, prefix="xlingo.test_splits")
+  assert tasks.task_spec(reg.lm["sw"]).files["test"] == [str(tmp_path / "sw.test.txt")]
+  d.file_test_patterns = {"sw": str(tmp_path / "sw.*.txt")}  # also matches the train file
+  with pytest.raises(DataError, match="also a test file"):
+    files.register(d, vocab, prefix="xlingo.test_splits2")
+  d.file_test_patterns = {"yo": str(tmp_path / "sw.test.txt")}
+  with pytest.raises(DataError, match="no data.file_patterns.yo"):
+    files.register(d, vocab, prefix="xlingo.test_splits3")

@@ -284,13 +284,15 @@ def validation_sets(plan, settings, split: str = "validation") -> dict:
   for pair, name in plan.pair_tasks.items():
     src, tgt = pair.split("-")
     if split not in tasks.task_spec(name).files:
-      logging.warning("%s: no %s pairs, so no retrieval score (%s)", pair, split,
+      logging.warning("%s: no %s pairs, so no %s/retrieval (%s)", pair, split,
+                      "val" if split == "validation" else split,
                       no_pairs_hint(plan.source, pair, split))
       continue
     got = read_pairs(name, split, int(c.eval_pairs) or None)
     if len(got) < 2:
       logging.warning("%s: %d usable %s pair(s), fewer than the 2 retrieval needs; no "
-                      "retrieval score reported", pair, len(got), split)
+                      "%s/retrieval reported", pair, len(got), split,
+                      "val" if split == "validation" else split)
       continue
     rows = [(s, t, table.id(src), table.id(tgt)) for s, t in got]
     rows += [rows[-1]] * (-len(rows) % p)  # padding rows, dropped after embedding
