@@ -245,7 +245,8 @@ def task_transfer(config, checkpoints: dict[str, str], task: str = "",
                         "finetune settings); give the workdir of a python -m xlingo.finetune run")
     data = task_batches.load_task(task or settings["task"], settings["train_languages"],
                                   order=tuple(lm.table.codes), splits=(split,))
-    r = task_lib.evaluate_loaded(lm, data, split, settings, int(config.train.batch_size))
+    r = task_lib.evaluate_loaded(lm, data, (split,), settings,
+                                 int(config.train.batch_size))[split]
     name = "+".join(data.train_languages)
     name = label if len(checkpoints) > 1 and label != paths.basename(path) else name
     if name in rows:

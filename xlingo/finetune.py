@@ -92,6 +92,7 @@ def resolve_config(config, data: task_batches.TaskData) -> None:
   classes (``model.task_classes``) and what trains (``train.trainable``)."""
   f = config.finetune
   config.model.task_classes = len(data.labels.labels) if f.head == "classifier" else 0
+  config.data.seq_len = int(f.max_len)  # the rows of the task's batches
   mode = config.adapt.mode if "adapt" in config else "full"
   if mode == "full":
     config.train.trainable = ".*"
@@ -186,8 +187,8 @@ class Report:
     lm = load.load_model(config, path, what="the best checkpoint")
     settings = config.finetune.to_dict()
     b = int(config.train.batch_size)
-    test = task.evaluate_loaded(lm, data, "test", settings, b)
-    val = task.evaluate_loaded(lm, data, "validation", settings, b)
+    scored = task.evaluate_loaded(lm, data, ("validation", "test"), settings, b)
+    val, test = scored["validation"], scored["test"]
     scalars = {f"test/acc/{k}": v for k, v in test["acc"].items()}
     env.writer.write(step, scalars)
     env.last.update(scalars)

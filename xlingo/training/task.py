@@ -189,24 +189,28 @@ def validation_metrics(scorer: Scorer, params, sets: dict, train_languages) -> d
 # --- a loaded model's accuracy, and the transfer table ---------------------------------------
 
 
-def evaluate_loaded(lm, data: task_batches.TaskData, split: str, settings: dict,
+def evaluate_loaded(lm, data: task_batches.TaskData, splits, settings: dict,
                     batch_size: int) -> dict:
-  """{'acc': {lang: accuracy}, 'examples': {lang: n}} of a loaded model (``load.LoadedModel``)
-  on ``data``'s ``split`` (validation | test), read as ``settings`` (a ``finetune`` section)
-  says."""
+  """{split: {'acc': {lang: accuracy}, 'examples': {lang: n}}} of a loaded model
+  (``load.LoadedModel``) on ``data``'s ``splits`` (validation, test), read as ``settings`` (a
+  ``finetune`` section) says."""
   from xlingo import sharding
 
-  sets = data.test if split == "test" else data.validation
-  encoder = task_batches.Encoder.build(lm.vocab, lm.table.codes, data.labels, settings,
-                                       list(sets))
+  sets = {split: data.test if split == "test" else data.validation for split in splits}
+  langs = tuple(dict.fromkeys(lang for s in sets.values() for lang in s))
+  encoder = task_batches.Encoder.build(lm.vocab, lm.table.codes, data.labels, settings, langs)
   scorer = Scorer(lm.model, Settings.from_dict(settings, encoder, batch_size), lm.mesh,
                   sharding.batch_sharding(lm.mesh))
-  acc, n = {}, {}
+  out = {}
   with sharding.mesh_context(lm.mesh, lm.rules):
-    for lang, examples in sets.items():
-      batches = task_batches.eval_batches(encoder.encode(lm.vocab, examples, lang), batch_size)
-      acc[lang], n[lang] = scorer.accuracy(lm.params, batches)
-  return {"acc": acc, "examples": n}
+    for split, by_lang in sets.items():
+      acc, n = {}, {}
+      for lang, examples in by_lang.items():
+        batches = task_batches.eval_batches(encoder.encode(lm.vocab, examples, lang),
+                                            batch_size)
+        acc[lang], n[lang] = scorer.accuracy(lm.params, batches)
+      out[split] = {"acc": acc, "examples": n}
+  return out
 
 
 def transfer_row(train_languages, acc: dict) -> dict:
