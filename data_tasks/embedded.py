@@ -7,7 +7,7 @@ from xlingo import paths
 from xlingo.data import tasks
 from xlingo.data import vocab as xvocab
 
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 def _manifest() -> dict:

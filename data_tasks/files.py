@@ -4,6 +4,7 @@ In the config:
   c.data.source = "files"
   c.data.file_patterns = {"de": "/data/de/train-*.txt", "sw": "/data/sw/train-*.jsonl"}
   c.data.file_val_patterns = {"de": "/data/de/valid.txt"}   # optional, per language
+  c.data.file_test_patterns = {"de": "/data/de/test.txt"}   # optional: evaluate --split test
 A file both trained and validated on is refused; a language without validation files is
 named in the start-of-run table (it gets no val/bpb).
   c.data.jsonl_field = "text"
@@ -18,11 +19,14 @@ from xlingo.data import pairs, readers, tasks
 from xlingo.errors import DataError
 
 
-def _split_files(lang, train_pat, val_pats, what):
+def _split_files(lang, train_pat, val_pats, what, test_pats=None):
   files = {"train": tasks.expand_pattern(train_pat, f"{what}.{lang}")}
   if lang in val_pats:
     files["validation"] = tasks.expand_pattern(
         val_pats[lang], f"{what.replace('patterns', 'val_patterns')}.{lang}")
+  if lang in (test_pats or {}):
+    files["test"] = tasks.expand_pattern(
+        test_pats[lang], f"{what.replace('patterns', 'test_patterns')}.{lang}")
   for paths in files.values():
     tasks.check_utf8(paths, f"{what}.{lang}")
   return files
@@ -65,8 +69,14 @@ def register(data_cfg, vocab, prefix: str = "xlingo.files") -> Registered:
         "data.source='files' but data.file_patterns is empty; set e.g. "
         "--config.data.file_patterns='{\"de\": \"/path/de/*.txt\"}'")
   val_pats = dict(data_cfg.get("file_val_patterns", {}) or {})
+  test_pats = dict(data_cfg.get("file_test_patterns", {}) or {})
+  orphans = sorted(set(test_pats) - set(pats))
+  if orphans:
+    raise DataError(f"data.file_test_patterns.{orphans[0]}: no data.file_patterns.{orphans[0]} "
+                    f"(given: {sorted(pats)}); add the language's train files or remove its "
+                    "test glob")
   field = data_cfg.get("jsonl_field", "text")
-  split_files = {lang: _split_files(lang, pat, val_pats, "data.file_patterns")
+  split_files = {lang: _split_files(lang, pat, val_pats, "data.file_patterns", test_pats)
                  for lang, pat in sorted(pats.items())}
   pair_files = pairs.configured_files(data_cfg)
   key = lambda pair, split: f"data.{pairs.FILE_PAIR_KEYS[split]}.{pair}"
@@ -77,10 +87,13 @@ def register(data_cfg, vocab, prefix: str = "xlingo.files") -> Registered:
                          for lang, f in split_files.items() if "validation" in f},
                       **{key(pair, "validation"): f["validation"]
                          for pair, f in pair_files.items() if "validation" in f}},
-       "test": {key(pair, "test"): f["test"] for pair, f in pair_files.items() if "test" in f}})
+       "test": {**{f"data.file_test_patterns.{lang}": f["test"]
+                   for lang, f in split_files.items() if "test" in f},
+                **{key(pair, "test"): f["test"] for pair, f in pair_files.items()
+                   if "test" in f}}})
   lm = {}
   for lang, files in split_files.items():
-    fmt = _format(lang, files["train"] + files.get("validation", []), field)
+    fmt = _format(lang, [p for ps in files.values() for p in ps], field)
     name = tasks.lm_task_name(prefix, lang)
     tasks.register_lm_task(name, lang, files, vocab,
                            jsonl_field=field if fmt != readers.FORMAT_TEXT else None)

@@ -32,6 +32,15 @@ def test_transfer_matrix_and_table_from_results():
   assert "zero-shot transfer" in text and "1.5/9.0" in text
 
 
+def test_test_split_table():
+  results = {"m": {"step": 4, "metrics": {"test/bpb": 3.0, "test/bpb/en": 3.1,
+                                          "test/bytes/en": 900}}}
+  text = evaluate.format_table({"results": results, "split": "test"}, ("en", "de"))
+  assert text.splitlines()[0] == "test bits per byte" and "3.100" in text
+  assert "bytes scored: en 900" in text and " de" not in text.splitlines()[1]
+  assert evaluate.metric_prefix("test") == "test/" and evaluate.metric_prefix("validation") == "val/"
+
+
 def test_translation_pairs_both_directions_and_unknown():
   cfg = tiny.get_config()
   pairs = evaluate.translation_pairs(cfg, ["en-de", "de-en"], {})
@@ -68,3 +77,11 @@ def test_evaluate_matches_training_log(tmp_path):
     assert tr["examples"] + tr["skipped_too_long"] == 4 and tr["examples"] > 0
   t = report["transfer"]
   assert (len(t["values"]), len(t["values"][0])) == (2, len(cfg.data.languages))
+  # --split test: the same scoring over each language's test lines, named test/*
+  test = evaluate.run(cfg, {"m": workdir}, split="test")
+  m, v = test["results"]["m"]["metrics"], saved["results"]["de"]["metrics"]
+  assert not any(k.startswith("val/") for k in m)
+  for lang in cfg.data.languages:
+    assert 0 < m[f"test/bytes/{lang}"] <= 2000 and math.isfinite(m[f"test/bpb/{lang}"])
+    assert m[f"test/bpb/{lang}"] != v[f"val/bpb/{lang}"]
+  assert evaluate.format_table(test, cfg.data.languages).startswith("test bits per byte")

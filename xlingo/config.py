@@ -251,6 +251,8 @@ def _data_defaults() -> ml_collections.ConfigDict:
   data.line_index_dir = ""
   data.file_patterns = ml_collections.ConfigDict()  # lang -> glob, for source=files
   data.file_val_patterns = ml_collections.ConfigDict()  # lang -> glob (optional)
+  # lang -> glob (optional): the language's test split, scored only by evaluate --split test
+  data.file_test_patterns = ml_collections.ConfigDict()
   data.file_pair_patterns = ml_collections.ConfigDict()  # "en-sw" -> glob of TSV files
   # "en-sw" -> glob (optional, for a pair of file_pair_patterns): its validation pairs
   # (val/retrieval, BLEU/chrF in adaptation, evaluate --translate) and its test pairs

@@ -5,7 +5,7 @@ and a zero-shot transfer matrix over several checkpoints.
       [--checkpoint STEP_DIR] [--output results.json] [--translate en-de,en-fr] \
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
   python -m xlingo.evaluate --config configs/finetune_tiny.py --workdir FINETUNED \
-      --task chapter [--task_split test] [--checkpoints en=DIR1,en_lora=DIR2]
+      --task chapter [--split test] [--checkpoints en=DIR1,en_lora=DIR2]
 
 Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
 ``inputs.validation_set``: ``train.eval_max_bytes`` bytes of whole lines per language, or with
@@ -21,9 +21,19 @@ checkpoint is unreadable falls back to the previous one. ``--output`` is checked
 evaluation and the table is printed before it is written (and the JSON, if writing fails).
 With ``--checkpoints LABEL=PATH,...`` every checkpoint is evaluated, and ``transfer`` holds the
 matrix of val/bpb: one row per checkpoint (the language it was trained or adapted on), one
-column per evaluated language. With ``--task`` (workdirs of ``python -m xlingo.finetune``), the
-zero-shot transfer table of task accuracy instead: one row per workdir, its best checkpoint read
-as its metadata's ``finetune`` settings say, the numbers its run reported (``task_transfer``).
+column per evaluated language.
+
+``--split test`` scores the test split instead, which no training or model selection reads:
+the same per-language bpb over each language's test lines (``test/loss``, ``test/bpb/<lang>``,
+``test/bytes/<lang>``, and ``test/retrieval/*`` on the test pairs), and translation on the test
+pairs. The embedded corpus has a test split for every language and pair
+(``xlingo/data/corpus/SOURCES.md``); a user's files get one from ``data.file_test_patterns``
+and ``data.file_pair_test_patterns``.
+
+With ``--task`` (workdirs of ``python -m xlingo.finetune``), the zero-shot transfer table of
+task accuracy on ``--split`` instead: one row per workdir, its best checkpoint read as its
+metadata's ``finetune`` settings say; with ``--split test`` the numbers its run reported
+(``task_transfer``).
 """
 
 from __future__ import annotations
@@ -39,9 +49,9 @@ from xlingo.errors import ConfigError
 # --- pieces ---------------------------------------------------------------------------------
 
 
-def validation_batches(lm) -> tuple[dict[str, list], object]:
-  """Each language's fixed validation batches, as the training loop evaluates them, for the
-  languages of the loaded model's table, and the input plan they come from. Only the validation data is read (no training plan);
+def validation_batches(lm, split: str = "validation") -> tuple[dict[str, list], object]:
+  """Each language's fixed validation (or ``split``) batches, as the training loop evaluates
+  them, for the languages of the loaded model's table, and the input plan they come from. Only the validation data is read (no training plan);
   when the config's data source cannot be registered here (its files are not on this machine),
   validation is skipped with a note."""
   from xlingo.data import inputs, pairs
@@ -59,25 +69,39 @@ def validation_batches(lm) -> tuple[dict[str, list], object]:
       stats=[], rates={}, mixture="", seq_len=cfg.data.seq_len,
       eval_tasks={lang: reg.lm[lang] for lang in lm.table.codes if lang in reg.lm},
       pair_tasks=pairs.pair_tasks(cfg, reg.mt, lm.table), source=cfg.data.source)
-  return {lang: inputs.validation_set(plan, cfg, lang) for lang in plan.eval_tasks}, plan
+  batches = {lang: inputs.validation_set(plan, cfg, lang, split) for lang in plan.eval_tasks}
+  missing = [lang for lang, b in batches.items() if not b]
+  if split != "validation" and missing:
+    print(f"xlingo: no {split} text for {', '.join(missing)}, so no {split}/bpb for "
+          f"{'it' if len(missing) == 1 else 'them'}"
+          + (" (data.file_test_patterns)" if cfg.data.source == "files" else ""), flush=True)
+  return {lang: b for lang, b in batches.items() if b}, plan
 
 
-def validation_metrics(lm) -> dict:
+def validation_metrics(lm, split: str = "validation") -> dict:
   """val/loss[/<lang>] and val/bpb[/<lang>] as the training loop computes them, and
-  val/retrieval/* for the config's train.contrastive.pairs."""
+  val/retrieval/* for the config's train.contrastive.pairs; with ``split="test"`` the same
+  over the test split, named test/*."""
   from xlingo import sharding
   from xlingo.training import hooks, step
 
-  val_batches, plan = validation_batches(lm)
+  val_batches, plan = validation_batches(lm, split)
   if not val_batches:
     return {}
   codes = lm.table.codes
   objective = step.lm_objective(lm.config, lm.model)
   eval_step = jax.jit(step.make_eval_step(objective, lm.byte_table, len(codes)))
-  env = hooks.EvalEnv(plan, lm.mesh, sharding.batch_sharding(lm.mesh))
+  env = hooks.EvalEnv(plan, lm.mesh, sharding.batch_sharding(lm.mesh), split)
   step.check_objective_mesh(lm.config, lm.mesh)
   with sharding.mesh_context(lm.mesh, lm.rules):
-    return hooks.validator(objective, eval_step, val_batches, codes, env, {})(lm.params)
+    metrics = hooks.validator(objective, eval_step, val_batches, codes, env, {})(lm.params)
+  prefix = metric_prefix(split)
+  return {prefix + k[len("val/"):] if k.startswith("val/") else k: v for k, v in metrics.items()}
+
+
+def metric_prefix(split: str) -> str:
+  """"val/" for the validation split, "test/" for the test split."""
+  return "val/" if split == "validation" else f"{split}/"
 
 
 def translation_pairs(config, pairs: list[str], tsv: dict[str, str],
@@ -98,13 +122,13 @@ def translation_pairs(config, pairs: list[str], tsv: dict[str, str],
 
 def evaluate_checkpoint(config, path: str, *, translate: dict | None = None,
                         max_examples: int = 50, mesh=None, rules=None,
-                        what: str = "--workdir") -> dict:
+                        what: str = "--workdir", split: str = "validation") -> dict:
   """Everything for one checkpoint: {"path", "step", "languages", "metrics", "translation"}."""
   from xlingo.training.load import load_model
 
   lm = load_model(config, path, what=what, mesh=mesh, rules=rules)
   result = {"path": lm.step_dir, "step": lm.step, "languages": list(lm.table.codes),
-            "metrics": validation_metrics(lm)}
+            "metrics": validation_metrics(lm, split)}
   if translate:
     result["translation"] = {}
     for pair, examples in translate.items():
@@ -128,7 +152,9 @@ def transfer_matrix(results: dict, codes, metric: str = "val/bpb") -> dict:
 def format_table(report: dict, codes) -> str:
   """Plain-text table: one row per checkpoint, val bpb per language, then translation scores."""
   results = report["results"]
-  langs = [c for c in codes if any(f"val/bpb/{c}" in r["metrics"] for r in results.values())]
+  held = report.get("split", "validation")
+  v = metric_prefix(held)
+  langs = [c for c in codes if any(f"{v}bpb/{c}" in r["metrics"] for r in results.values())]
   pairs = sorted({k.split("/")[1] for r in results.values() for k in r["metrics"]
                   if k.startswith("translate/")})
   head = ["checkpoint", "step", "bpb"] + langs + [f"{p} BLEU/chrF" for p in pairs]
@@ -136,8 +162,7 @@ def format_table(report: dict, codes) -> str:
   for label, r in results.items():
     m = r["metrics"]
     step = "-" if r["step"] is None else str(r["step"])
-    cells = [label, step, _f(m.get("val/bpb"))] + [_f(m.get(f"val/bpb/{c}"))
-                                                            for c in langs]
+    cells = [label, step, _f(m.get(f"{v}bpb"))] + [_f(m.get(f"{v}bpb/{c}")) for c in langs]
     cells += [f"{m[f'translate/{p}/bleu']:.1f}/{m[f'translate/{p}/chrf']:.1f}"
               if f"translate/{p}/bleu" in m else "-" for p in pairs]
     lines.append(cells)
@@ -145,11 +170,11 @@ def format_table(report: dict, codes) -> str:
   fmt = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w)
                                 for i, (c, w) in enumerate(zip(cells, widths)))
   split = report.get("translate_split", "validation")
-  out = ["validation bits per byte" + (", translation BLEU/chrF" if pairs else "")
-         + (f" ({split} pairs)" if pairs and split != "validation" else ""),
+  out = [f"{held} bits per byte" + (", translation BLEU/chrF" if pairs else "")
+         + (f" ({split} pairs)" if pairs and split != held else ""),
          fmt(head)] + [fmt(c) for c in lines]
-  scored = sorted({" ".join(f"{c} {r['metrics'][f'val/bytes/{c}']:,}" for c in langs
-                            if f"val/bytes/{c}" in r["metrics"]) for r in results.values()})
+  scored = sorted({" ".join(f"{c} {r['metrics'][f'{v}bytes/{c}']:,}" for c in langs
+                            if f"{v}bytes/{c}" in r["metrics"]) for r in results.values()})
   out += [f"bytes scored: {s}" for s in scored if s]
   out += sorted({f"sacrebleu: BLEU {t['bleu_signature']}; chrF {t['chrf_signature']}"
                  for r in results.values() for t in r.get("translation", {}).values()})
@@ -206,15 +231,15 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
       if translate_pairs else None
   results = {label: evaluate_checkpoint(config, path, translate=translate,
                                         max_examples=max_examples, mesh=mesh, rules=rules,
-                                        what=what)
+                                        what=what, split=split)
              for label, path in checkpoints.items()}
   codes = list(dict.fromkeys([*config.data.languages,
                               *(c for r in results.values() for c in r["languages"])]))
-  report = {"config_languages": codes, "results": results}
+  report = {"config_languages": codes, "results": results, "split": split}
   if translate:
     report["translate_split"] = split
   if len(results) > 1:
-    report["transfer"] = transfer_matrix(results, codes)
+    report["transfer"] = transfer_matrix(results, codes, f"{metric_prefix(split)}bpb")
   if output and jax.process_index() == 0:
     write_report(output, report)
   return report
@@ -293,13 +318,13 @@ def _define_flags(fl) -> None:
   flags.DEFINE_integer("max_examples", 50, "Translation pairs per direction.", flag_values=fl)
   flags.DEFINE_string("task", None, "With fine-tuned workdirs (python -m xlingo.finetune): "
                       "the zero-shot transfer table of accuracy on this labelled task ('' or "
-                      "'auto': the one each was fine-tuned on), on --task_split.",
-                      flag_values=fl)
-  flags.DEFINE_enum("task_split", "test", ["validation", "test"],
-                    "The split --task scores.", flag_values=fl)
+                      "'auto': the one each was fine-tuned on), on --split (--split test: "
+                      "the table the run reported).", flag_values=fl)
   flags.DEFINE_enum("split", "validation", ["validation", "test"],
-                    "Which pairs --translate scores (data.file_pair_val_patterns or "
-                    "data.file_pair_test_patterns; --translate_tsv overrides).", flag_values=fl)
+                    "Which held-out split is scored: the per-language bpb (test: the embedded "
+                    "corpus's test split, or data.file_test_patterns) and the pairs --translate "
+                    "scores (data.file_pair_val_patterns or data.file_pair_test_patterns; "
+                    "--translate_tsv overrides).", flag_values=fl)
 
 
 def main(argv=None):
@@ -346,7 +371,7 @@ def _task_main(fl, ckpts: dict[str, str]) -> None:
   task = "" if fl.task in ("", "auto") else fl.task
   if fl.output:
     check_output(fl.output)
-  report = task_transfer(fl.config, ckpts, task, fl.task_split)
+  report = task_transfer(fl.config, ckpts, task, fl.split)
   if jax.process_index() == 0:
     print(format_task_transfer(report), flush=True)
     if fl.output:

@@ -343,19 +343,21 @@ def check_validation(config) -> None:
                       f"keeps must be in [0, data.seq_len={config.data.seq_len})")
 
 
-def validation_set(plan: InputPlan, config, lang: str) -> list[dict]:
+def validation_set(plan: InputPlan, config, lang: str, split: str = "validation") -> list[dict]:
   """One language's validation batches as the loop and ``xlingo.evaluate`` score them:
   ``train.eval_max_bytes`` bytes of whole lines (0: the whole split), or with -1 the first
-  ``train.eval_batches`` batches."""
+  ``train.eval_batches`` batches; ``split="test"`` the same over the test split
+  (``evaluate --split test``)."""
   check_validation(config)
   t = config.train
   if t.eval_max_bytes == -1:
-    return eval_batches(plan, config, lang, t.eval_batches, context=t.eval_context)
-  return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes, context=t.eval_context)
+    return eval_batches(plan, config, lang, t.eval_batches, context=t.eval_context, split=split)
+  return eval_batches(plan, config, lang, 0, max_bytes=t.eval_max_bytes, context=t.eval_context,
+                      split=split)
 
 
 def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
-                 max_bytes: int = 0, context: int = 0) -> list[dict]:
+                 max_bytes: int = 0, context: int = 0, split: str = "validation") -> list[dict]:
   """The first ``num_batches`` packed validation batches of one language (fixed, unshuffled;
   0: as many as the lines take), over the split's first ``max_bytes`` bytes of whole lines
   (0: all; each of several processes reading its own files takes its share of the bytes).
@@ -365,18 +367,18 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
   Always first-fit packed, whatever ``data.packing``: every example is scored whole.
   """
   name = (plan.eval_tasks or plan.lm_tasks)[lang]
-  if "validation" not in seqio.get_mixture_or_task(name).splits:
+  if split not in seqio.get_mixture_or_task(name).splits:
     return []
 
   def make_reader(shard):
-    ds = iterator.mixture_dataset(name, split="validation", shard=shard, seed=0, shuffle=False,
+    ds = iterator.mixture_dataset(name, split=split, shard=shard, seed=0, shuffle=False,
                                   repeat=False)
     if max_bytes > 0:
       ds = iterator.first_bytes(ds, max_bytes // (shard.num_shards if shard else 1))
     return readers.ExampleReader(ds, plan.table, plan.vocab, locate=tasks.find_line,
                                  max_len=plan.seq_len, context=context)
 
-  it = _packed(plan, [name], "validation", config.train.batch_size, "first_fit", make_reader,
+  it = _packed(plan, [name], split, config.train.batch_size, "first_fit", make_reader,
                repeat=False)
   out = []
   for batch in it:
@@ -384,7 +386,7 @@ def eval_batches(plan: InputPlan, config, lang: str, num_batches: int,
     if len(out) == num_batches:
       break
   if not out:
-    logging.warning("language %s: empty validation split", lang)
+    logging.warning("language %s: empty %s split", lang, split)
   # Every process evaluates the same number of batches (the step is collective); a process
   # whose shard ran short gets batches that carry no weight.
   wanted = num_batches or _most_over_processes(len(out))

@@ -93,7 +93,7 @@ def no_pairs_hint(source: str, pair: str, split: str = "validation") -> str:
   if source == "files":
     return f"set data.{FILE_PAIR_KEYS[split]}.{pair} (a glob of source<TAB>target files)"
   if source == "embedded":
-    return ("the embedded corpus has en-X and X-en validation pairs only; use data.source="
+    return (f"the embedded corpus has en-X and X-en {split} pairs only; use data.source="
             f"'files' with data.{FILE_PAIR_KEYS[split]}")
   return f"data.source={source!r} has no parallel data; use data.source='files'"
 
@@ -271,10 +271,11 @@ def attach(lm_iterator, plan, config):
   return WithPairs(lm_iterator, stream, summary)
 
 
-def validation_sets(plan, settings) -> dict:
+def validation_sets(plan, settings, split: str = "validation") -> dict:
   """pair -> (this process's rows of each global validation batch, text hashes [N, 2]) for
   retrieval (``contrastive.retrieval_metrics``): the first ``settings.eval_pairs`` validation
-  pairs of each task (0: all), padded to whole batches of ``settings.batch_size`` pairs.
+  pairs of each task (0: all), padded to whole batches of ``settings.batch_size`` pairs
+  (``split="test"``: its test pairs, for ``evaluate --split test``).
   ``settings``: the contrastive term's (``xlingo.training.contrastive.Settings``)."""
   c, p = settings, settings.batch_size
   lo, hi = _rows(p)
@@ -282,14 +283,14 @@ def validation_sets(plan, settings) -> dict:
   out = {}
   for pair, name in plan.pair_tasks.items():
     src, tgt = pair.split("-")
-    if "validation" not in tasks.task_spec(name).files:
-      logging.warning("%s: no validation pairs, so no val/retrieval (%s)", pair,
-                      no_pairs_hint(plan.source, pair))
+    if split not in tasks.task_spec(name).files:
+      logging.warning("%s: no %s pairs, so no retrieval score (%s)", pair, split,
+                      no_pairs_hint(plan.source, pair, split))
       continue
-    got = read_pairs(name, "validation", int(c.eval_pairs) or None)
+    got = read_pairs(name, split, int(c.eval_pairs) or None)
     if len(got) < 2:
-      logging.warning("%s: %d usable validation pair(s), fewer than the 2 retrieval needs; no "
-                      "val/retrieval reported", pair, len(got))
+      logging.warning("%s: %d usable %s pair(s), fewer than the 2 retrieval needs; no "
+                      "retrieval score reported", pair, len(got), split)
       continue
     rows = [(s, t, table.id(src), table.id(tgt)) for s, t in got]
     rows += [rows[-1]] * (-len(rows) % p)  # padding rows, dropped after embedding

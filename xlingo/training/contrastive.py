@@ -221,7 +221,7 @@ class Retrieval:
 
     from xlingo.data import iterator, pairs
 
-    sets = pairs.validation_sets(env.plan, self.term.settings)
+    sets = pairs.validation_sets(env.plan, self.term.settings, env.split)
     # Replicated: every process reads the whole [P, 2, D] to rank all pairs.
     embed = jax.jit(self.term.embed, out_shardings=NamedSharding(env.mesh, PartitionSpec()))
     to_global = lambda b: iterator.to_global(b, env.batch_sharding)

@@ -144,11 +144,13 @@ def evaluate_batches(eval_step, params, val_batches: dict, codes, batch_sh, extr
 
 @dataclasses.dataclass(frozen=True)
 class EvalEnv:
-  """Where evaluators run: the input plan (validation data), the mesh, the batch sharding."""
+  """Where evaluators run: the input plan (validation data), the mesh, the batch sharding, and
+  the held-out split they score (``evaluate --split test``: "test")."""
 
   plan: Any
   mesh: Any
   batch_sharding: Any
+  split: str = "validation"
 
 
 def validator(objective, eval_step, val_batches: dict, codes, env: EvalEnv, extra):
