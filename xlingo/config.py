@@ -176,6 +176,9 @@ def _model_defaults() -> ml_collections.ConfigDict:
   # languages' rows); 0 starts them at zero, so an imported model is unchanged until trained.
   model.lang_emb_init_std = 0.1
   model.attention_impl = "auto"  # auto | plain | xla | cudnn | splash (auto: splash on TPU)
+  # Classes of a linear task head on pooled hidden states (python -m xlingo.finetune sets it
+  # from the task's labels with finetune.head='classifier'); 0: no head.
+  model.task_classes = 0
   return model
 
 
@@ -407,6 +410,23 @@ def adapt_section() -> ml_collections.ConfigDict:
   a.prefix = ml_collections.ConfigDict()
   a.prefix.length = 16  # learned key/value positions per layer
   return a
+
+
+def finetune_section() -> ml_collections.ConfigDict:
+  """The ``finetune`` section (``python -m xlingo.finetune``; configs/finetune_*.py attach it,
+  with an ``adapt`` section for ``adapt.mode``)."""
+  f = ml_collections.ConfigDict()
+  f.task = "chapter"  # an embedded task (xlingo/data/corpus/tasks/) or a task directory
+  f.train_languages = ("en",)  # labelled training data; model selection on their validation
+  f.eval_languages = ()  # val/acc and test/acc languages; empty: every language of the task
+  f.head = "classifier"  # classifier (linear head on pooled states) | verbalizer (label names)
+  f.pool = "mean"  # classifier: mean (over the text's tokens) | last (the last token's state)
+  f.max_len = 64  # tokens per example (BOS, text, prompt and label name); the text is cut
+  f.prompt = " ::"  # verbalizer: between the text and the label name
+  f.verbalizer_names = "same"  # verbalizer: label names in the example's language | en
+  f.verbalizer_norm = "mean"  # verbalizer: a name's score is the mean | sum of its token log-probs
+  f.patience = 0  # evaluations without a better training-language accuracy; 0: never stop
+  return f
 
 
 def distill_section(teacher_model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

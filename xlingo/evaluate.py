@@ -4,6 +4,8 @@ and a zero-shot transfer matrix over several checkpoints.
   python -m xlingo.evaluate --config configs/tiny.py --workdir /tmp/xlingo_tiny \
       [--checkpoint STEP_DIR] [--output results.json] [--translate en-de,en-fr] \
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
+  python -m xlingo.evaluate --config configs/finetune_tiny.py --workdir FINETUNED \
+      --task chapter [--split test] [--checkpoints en=DIR1,en_lora=DIR2]
 
 Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
 ``inputs.validation_set``: ``train.eval_max_bytes`` bytes of whole lines per language, or with
@@ -27,6 +29,11 @@ the same per-language bpb over each language's test lines (``test/loss``, ``test
 pairs. The embedded corpus has a test split for every language and pair
 (``xlingo/data/corpus/SOURCES.md``); a user's files get one from ``data.file_test_patterns``
 and ``data.file_pair_test_patterns``.
+
+With ``--task`` (workdirs of ``python -m xlingo.finetune``), the zero-shot transfer table of
+task accuracy on ``--split`` instead: one row per workdir, its best checkpoint read as its
+metadata's ``finetune`` settings say; with ``--split test`` the numbers its run reported
+(``task_transfer``).
 """
 
 from __future__ import annotations
@@ -238,6 +245,54 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   return report
 
 
+# --- task transfer (python -m xlingo.finetune workdirs) --------------------------------------
+
+
+def task_transfer(config, checkpoints: dict[str, str], task: str = "",
+                  split: str = "test") -> dict:
+  """The zero-shot transfer table of fine-tuned workdirs: one row per workdir (its training
+  languages; the label given when several share them), the accuracy of its best checkpoint
+  (WORKDIR/best, as ``python -m xlingo.finetune`` reports it) on ``split`` of every language of
+  ``task`` (empty: the task it was fine-tuned on), read as its checkpoint's metadata says (head,
+  prompt, max_len)."""
+  from xlingo import paths
+  from xlingo.data import task_batches
+  from xlingo.training import layout, load
+  from xlingo.training import task as task_lib
+
+  rows, codes = {}, []
+  for label, path in checkpoints.items():
+    best = paths.join(path, layout.BEST)
+    lm = load.load_model(config, best if paths.isdir(best) else path, what="--workdir")
+    settings = lm.meta.get("finetune")
+    if not settings:
+      raise ConfigError(f"{lm.step_dir} is not a fine-tuned checkpoint (its metadata has no "
+                        "finetune settings); give the workdir of a python -m xlingo.finetune run")
+    data = task_batches.load_task(task or settings["task"], settings["train_languages"],
+                                  order=tuple(lm.table.codes), splits=(split,))
+    r = task_lib.evaluate_loaded(lm, data, (split,), settings,
+                                 int(config.train.batch_size))[split]
+    name = "+".join(data.train_languages)
+    name = label if len(checkpoints) > 1 and label != paths.basename(path) else name
+    if name in rows:
+      name = f"{name} ({label})"
+    rows[name] = task_lib.transfer_row(data.train_languages, r["acc"]) | {
+        "examples": r["examples"], "checkpoint": lm.step_dir, "step": lm.step,
+        "head": settings["head"], "task": data.task}
+    codes += [c for c in data.eval_languages if c not in codes]
+  return {"task": task or None, "split": split, "languages": codes, "rows": rows}
+
+
+def format_task_transfer(report: dict) -> str:
+  from xlingo.training import task as task_lib
+
+  tasks = sorted({r["task"] for r in report["rows"].values()})
+  return task_lib.format_transfer(
+      report["rows"], report["languages"],
+      f"{report['split']} accuracy (%), task {', '.join(tasks)}; rows: training languages; "
+      "gap: minus the training language(s)")
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -261,6 +316,10 @@ def _define_flags(fl) -> None:
   flags.DEFINE_string("translate_tsv", "", "PAIR=FILE.tsv,... (source<TAB>reference).",
                       flag_values=fl)
   flags.DEFINE_integer("max_examples", 50, "Translation pairs per direction.", flag_values=fl)
+  flags.DEFINE_string("task", None, "With fine-tuned workdirs (python -m xlingo.finetune): "
+                      "the zero-shot transfer table of accuracy on this labelled task ('' or "
+                      "'auto': the one each was fine-tuned on), on --split (--split test: "
+                      "the table the run reported).", flag_values=fl)
   flags.DEFINE_enum("split", "validation", ["validation", "test"],
                     "Which held-out split is scored: the per-language bpb (test: the embedded "
                     "corpus's test split, or data.file_test_patterns) and the pairs --translate "
@@ -284,6 +343,9 @@ def main(argv=None):
       if not path:
         raise ConfigError("give --workdir DIR, --checkpoint STEP_DIR or --checkpoints L=DIR,...")
       ckpts = {paths.basename(path) or "model": path}
+    if fl.task is not None:
+      _task_main(fl, ckpts)
+      return
     if fl.output:
       check_output(fl.output)
     pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
@@ -302,6 +364,19 @@ def main(argv=None):
         print(f"results: {fl.output}", flush=True)
 
   cli.run_tool(argv, __doc__, _define_flags, body)
+
+
+def _task_main(fl, ckpts: dict[str, str]) -> None:
+  """``--task``: the transfer table of fine-tuned workdirs."""
+  task = "" if fl.task in ("", "auto") else fl.task
+  if fl.output:
+    check_output(fl.output)
+  report = task_transfer(fl.config, ckpts, task, fl.split)
+  if jax.process_index() == 0:
+    print(format_task_transfer(report), flush=True)
+    if fl.output:
+      write_report(fl.output, report)
+      print(f"results: {fl.output}", flush=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ axis, which keeps compile time flat in depth.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import jax
@@ -258,6 +259,10 @@ class DecodePosition(nn.Module):
     return positions
 
 
+# The task head's parameters (``model.task_classes``): fresh when a checkpoint lacks them.
+TASK_HEAD_PARAM = re.compile(r"^task_(kernel|bias)$")
+
+
 class Decoder(nn.Module):
   """Decoder-only LM. ``config`` is ``config.model`` (see ``xlingo.config.base_config``);
   ``peft`` adds LoRA, adapters or prefixes beside the parameters (``xlingo.model.peft``)."""
@@ -309,6 +314,14 @@ class Decoder(nn.Module):
           (cfg.num_languages,),
           param_dtype,
       )
+    if cfg.get("task_classes", 0):
+      # A linear task head on pooled hidden states (xlingo.finetune's classifier head).
+      self.task_kernel = self.param(
+          "task_kernel", nn.with_logical_partitioning(_kernel_init(), ("embed", None)),
+          (d, cfg.task_classes), param_dtype)
+      self.task_bias = self.param(
+          "task_bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), (None,)),
+          (cfg.task_classes,), param_dtype)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.blocks = DecoderStack(cfg, self.peft)
     self.final_norm = RMSNorm(jnp.dtype(cfg.dtype), param_dtype, cfg.norm_eps)
@@ -404,6 +417,12 @@ class Decoder(nn.Module):
     elif positions is None:
       positions = jnp.arange(inputs.shape[1], dtype=jnp.int32)[None, :]
     return jnp.where(positions == 0, jnp.int32(self.config.bos_id), inputs)
+
+  def classify(self, pooled_bd: jax.Array) -> jax.Array:
+    """The task head (``model.task_classes``): pooled hidden [..., D] -> float32 logits [..., C]."""
+    return (jnp.einsum("...d,dc->...c", pooled_bd.astype(jnp.float32),
+                       self.task_kernel.astype(jnp.float32))
+            + self.task_bias.astype(jnp.float32))
 
   def logits_from_hidden(self, hidden_btd: jax.Array) -> jax.Array:
     """The output projection: hidden [..., D] → float32 logits [..., V].

@@ -171,6 +171,9 @@ def validator(objective, eval_step, val_batches: dict, codes, env: EvalEnv, extr
 def val_summary(val: dict, codes) -> str:
   parts = [f"{c} {val[f'val/bpb/{c}']:.3f}" for c in codes if f"val/bpb/{c}" in val]
   head = f"val bpb {val['val/bpb']:.3f} | " if "val/bpb" in val else ""
+  acc = [f"{c} {100 * val[f'val/acc/{c}']:.1f}%" for c in codes if f"val/acc/{c}" in val]
+  if acc:  # a task's accuracy (xlingo.finetune)
+    parts.append(("| " if parts else "") + "val acc " + " ".join(acc))
   return head + " ".join(parts)
 
 

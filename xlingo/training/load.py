@@ -360,7 +360,8 @@ def _restore_params_at(step_dir: str, abstract_params, saved: dict, meta: dict, 
           f"{where}: parameter {key} has shape {tuple(have)} in the checkpoint but "
           f"{tuple(want.shape)} in this model; set model.* (or adapt.*) to match the checkpoint")
   missing = [k for k in restore_lib.tree_shapes(abstract_params) if k not in saved]
-  fresh = [k for k in missing if peft.PEFT_PARAM.search(k)]
+  fresh = [k for k in missing
+           if peft.PEFT_PARAM.search(k) or decoder_lib.TASK_HEAD_PARAM.search(k)]
   missing = [k for k in missing if k not in fresh]
   if missing:
     raise CheckpointError(f"{where}: the checkpoint has no {', '.join(missing[:3])}; check that "

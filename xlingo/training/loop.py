@@ -159,10 +159,12 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   if recipe.check:
     recipe.check(config)
   s = build(config)
-  flops_tok = _start_lines(config, s, recipe.name)
+  flops_tok = _start_lines(config, s, recipe.name, recipe.train_iterator is None)
   ckpts = ckpt_lib.Checkpoints(workdir, config)
   lock.storage = ckpts.storage
-  train_it = inputs.train_iterator(s.plan, config)
+  lm_data = recipe.train_iterator is None
+  train_it = (inputs.train_iterator(s.plan, config) if lm_data
+              else recipe.train_iterator(config, s))
   if recipe.wrap_train_iterator is not None:
     train_it = recipe.wrap_train_iterator(config, train_it)
   if getattr(train_it, "summary", ""):
@@ -174,7 +176,7 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
   # iterator's state so that a resumed run counts on from its checkpoint.
   delivered = hooks.TokenCounter(codes, train_it)
   state, start = _initial_state(config, workdir, s, objective, ckpts, train_it, delivered)
-  train_step, evaluate, has_val = _compile(config, s, objective, extra)
+  train_step, evaluate, has_val = _compile(config, s, objective, extra, lm_data)
   peak, peak_src = metrics.peak_flops_per_device(config.train.peak_flops_per_device,
                                                  config.model.dtype)
   metrics.console(f"peak {peak / 1e9:,.1f} GFLOP/s per device ({peak_src})")
@@ -221,24 +223,27 @@ def _run_locked(config, workdir, recipe, lock, preempt) -> dict:
       if (signalled or stop) and not tick.is_last:
         break
   ckpts.close()
-  writer.close()
   if signalled and step < config.train.steps:
+    writer.close()
     how = "preempted" if preempt.label == "SIGTERM" else "interrupted"
     metrics.console(f"xlingo: {how} ({preempt.label}) at step {step}; checkpoint saved. Run the "
                     "same command again to resume.")
     return env.last
+  writer.flush()  # the end hooks read metrics.jsonl (plots) and may add rows (a test score)
   hooks.run_at_end(every, hooks.Tick(step, state, is_last=True))
+  writer.close()
   metrics.console(FINISHED_MARKER)
   return env.last
 
 
-def _start_lines(config, s: Setup, name: str) -> float:
+def _start_lines(config, s: Setup, name: str, lm_data: bool = True) -> float:
   """The start-of-run lines (mesh, mixture table, loss weights, model size); returns the
   model's FLOPs per trained token."""
   t = config.train
   metrics.console(f"xlingo {name}: mesh {dict(s.mesh.shape)} on {jax.device_count()} "
                   f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
-  metrics.console(s.plan.table_text(t.steps * t.batch_size * config.data.seq_len))
+  if lm_data:
+    metrics.console(s.plan.table_text(t.steps * t.batch_size * config.data.seq_len))
   if terms.loss_weights_line(config):
     metrics.console(terms.loss_weights_line(config))
   n_params = state_lib.param_count(s.factory.params_abstract)
@@ -276,7 +281,7 @@ def _initial_state(config, workdir, s: Setup, objective, ckpts, train_it, delive
   return s.factory.init(jax.random.PRNGKey(config.train.seed)), 0
 
 
-def _compile(config, s: Setup, objective, extra):
+def _compile(config, s: Setup, objective, extra, lm_data: bool = True):
   """The compiled train step, ``evaluate(params) -> val metrics`` (per-language bpb and the
   terms' evaluators, ``hooks.validator``), and whether there is validation data."""
   num_langs = len(s.plan.table.codes)
@@ -285,10 +290,11 @@ def _compile(config, s: Setup, objective, extra):
       objective, step_fn, s.factory, s.mesh, s.rules, config)
   metrics.console(f"train step compiled in {compile_s + lower_s:.1f} s{_memory_line(train_step)}")
   eval_step = jax.jit(step_lib.make_eval_step(objective, s.byte_table, num_langs))
-  val_batches = {lang: inputs.validation_set(s.plan, config, lang) for lang in s.plan.eval_tasks}
+  val_batches = {lang: inputs.validation_set(s.plan, config, lang)
+                 for lang in (s.plan.eval_tasks if lm_data else ())}
   env = hooks.EvalEnv(s.plan, s.mesh, sharding.batch_sharding(s.mesh))
   evaluate = hooks.validator(objective, eval_step, val_batches, s.plan.table.codes, env, extra)
-  return train_step, evaluate, bool(val_batches)
+  return train_step, evaluate, bool(val_batches) or not lm_data
 
 
 def _stop_if_nonfinite(window, ckpts, config, state) -> None:

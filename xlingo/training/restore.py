@@ -38,7 +38,7 @@ from xlingo.training import state as state_lib
 MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
               "mlp_dim", "num_languages", "use_lang_emb", "tie_embeddings", "lid_head",
               "scan_layers", "rope_theta", "rope_scaling", "norm_eps", "qkv_bias",
-              "tied_output_scale", "bos_id")
+              "tied_output_scale", "bos_id", "task_classes")
 
 
 def model_fingerprint(config) -> dict:
@@ -64,7 +64,8 @@ LANGUAGE_AXES = {"lang_embedding": 0, "lid_kernel": 1, "lid_bias": 0}
 VOCAB_AXES = {"token_embedding": 0, "output_kernel": 1}
 # Fingerprint keys that may differ for init_from: languages may be appended, the vocabulary
 # extended (checked piece by piece: ``vocab_extend.extension_sources``).
-GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1")
+# A task head (model.task_classes, xlingo.finetune) may be added: its parameters start fresh.
+GROWABLE = ("languages", "num_languages", "vocab_size", "vocab_sha1", "task_classes")
 
 
 # --- restoring ------------------------------------------------------------------------------
@@ -152,6 +153,8 @@ def checkpoint_meta(config, step: int, restore_step: int | None = None) -> dict:
                                       "dtypes": trained_dtypes(config)}
   if restore_step:
     meta["restore_step"] = int(restore_step)
+  if "finetune" in config:  # how the task was read (xlingo.finetune, evaluate --task)
+    meta["finetune"] = config.finetune.to_dict()
   return meta
 
 

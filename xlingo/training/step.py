@@ -94,6 +94,10 @@ class Recipe:
   hooks: tuple = ()
   # (config, train iterator) -> the iterator the loop reads, e.g. with stored teacher logits
   wrap_train_iterator: Callable[..., Any] | None = None
+  # (config, setup) -> the training batches instead of the LM data plan's (a labelled task,
+  # xlingo.finetune): then no LM mixture table and no per-language LM validation either; the
+  # objective's evaluators are the validation
+  train_iterator: Callable[..., Any] | None = None
 
 
 def lm_terms(config, model) -> tuple:
