@@ -4,6 +4,8 @@ and a zero-shot transfer matrix over several checkpoints.
   python -m xlingo.evaluate --config configs/tiny.py --workdir /tmp/xlingo_tiny \
       [--checkpoint STEP_DIR] [--output results.json] [--translate en-de,en-fr] \
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
+  python -m xlingo.evaluate --config configs/tiny.py --workdir /tmp/xlingo_tiny \
+      --multiple_choice chapter|translation [--lang de,fr] [--split test] [--limit N]
 
 Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
 ``inputs.validation_set``: ``train.eval_max_bytes`` bytes of whole lines per language, or with
@@ -20,6 +22,12 @@ evaluation and the table is printed before it is written (and the JSON, if writi
 With ``--checkpoints LABEL=PATH,...`` every checkpoint is evaluated, and ``transfer`` holds the
 matrix of val/bpb: one row per checkpoint (the language it was trained or adapted on), one
 column per evaluated language.
+
+``--multiple_choice chapter|translation`` scores the multiple-choice items of the embedded data
+(``xlingo.multiple_choice``: the chapter of a paragraph, the right translation among 4) by
+continuation log-likelihood and prints acc / acc_norm per language: the same items, prompt and
+scorer as the lm-evaluation-harness tasks ``xlingo_chapter_<lang>`` and
+``xlingo_translation_en-<x>`` (``python -m xlingo.lm_eval``), so the numbers are equal.
 """
 
 from __future__ import annotations
@@ -216,6 +224,19 @@ def run(config, checkpoints: dict[str, str], *, translate_pairs=(), translate_ts
   return report
 
 
+def multiple_choice_report(config, path: str, name: str, langs, *, split: str, limit: int,
+                           what: str = "--workdir") -> dict:
+  """``--multiple_choice``: per-language acc / acc_norm and per-item log-likelihoods."""
+  from xlingo import multiple_choice
+  from xlingo.training.load import load_model
+
+  multiple_choice.check_name(name)
+  lm = load_model(config, path, what=what)
+  results = multiple_choice.evaluate(lm, name, langs, split, limit=limit)
+  return {"path": lm.step_dir, "step": lm.step, "multiple_choice": name, "split": split,
+          "results": results}
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -242,6 +263,13 @@ def _define_flags(fl) -> None:
   flags.DEFINE_enum("split", "validation", ["validation", "test"],
                     "Which pairs --translate scores (data.file_pair_val_patterns or "
                     "data.file_pair_test_patterns; --translate_tsv overrides).", flag_values=fl)
+  flags.DEFINE_string("multiple_choice", None, "chapter | translation: multiple-choice accuracy "
+                      "per language (xlingo.multiple_choice; the lm-eval tasks' items).",
+                      flag_values=fl)
+  flags.DEFINE_string("lang", "", "--multiple_choice: languages (comma-separated; default: all "
+                      "with items).", flag_values=fl)
+  flags.DEFINE_integer("limit", 0, "--multiple_choice: the first N items per language (0: all; "
+                       "lm-eval's --limit).", flag_values=fl)
 
 
 def main(argv=None):
@@ -262,6 +290,25 @@ def main(argv=None):
       ckpts = {paths.basename(path) or "model": path}
     if fl.output:
       check_output(fl.output)
+    if fl.multiple_choice:
+      from xlingo import multiple_choice
+
+      multiple_choice.check_name(fl.multiple_choice)
+      if fl.limit < 0:
+        raise ConfigError(f"--limit={fl.limit} must be >= 0 (0: every item)")
+      path, what = cli.tool_checkpoint(fl)
+      if not path:
+        raise ConfigError("--multiple_choice needs --workdir DIR or --checkpoint STEP_DIR")
+      langs = [x.strip() for x in fl.lang.split(",") if x.strip()]
+      report = multiple_choice_report(fl.config, path, fl.multiple_choice, langs,
+                                      split=fl.split, limit=fl.limit, what=what)
+      if jax.process_index() == 0:
+        print(multiple_choice.format_table(fl.multiple_choice, report["results"], fl.split),
+              flush=True)
+        if fl.output:
+          write_report(fl.output, report)
+          print(f"results: {fl.output}", flush=True)
+      return
     pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
     report = run(fl.config, ckpts, translate_pairs=pairs,
                  translate_tsv=_parse_map(fl.translate_tsv, "--translate_tsv"),
