@@ -8,7 +8,7 @@ import pytest
 from xlingo.config import EMBEDDED_LANGUAGES
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "xlingo", "data", "corpus")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "test")
 
 
 def _manifest():
@@ -39,8 +39,8 @@ def test_manifest_matches_files():
     assert entry["source_package"] and entry["source_version"] and entry["licence"]
   on_disk = {
       f"{d}/{name}"
-      for d in ("mono", "parallel")
-      for name in os.listdir(os.path.join(CORPUS, d))
+      for d in ("mono", "parallel", "tasks/chapter")
+      for name in os.listdir(os.path.join(CORPUS, d)) if name.endswith((".txt", ".tsv"))
   }
   assert on_disk == set(files)
 
@@ -95,8 +95,9 @@ def test_at_least_three_scripts():
 def test_mono_lines_clean_and_splits_disjoint(lang):
   train = _lines(_mono(lang, "train"))
   val = _lines(_mono(lang, "validation"))
-  assert not set(train) & set(val)
-  for line in train[:500] + val:
+  test = _lines(_mono(lang, "test"))
+  assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+  for line in train[:500] + val + test:
     assert line == line.strip() and "\t" not in line and len(line) >= 20
 
 
@@ -112,3 +113,4 @@ def test_parallel_files():
       assert all(len(r) == 2 and r[0] and r[1] and r[0] != r[1] for r in rows), pair
       splits[split] = {r[0] for r in rows}
     assert not splits["train"] & splits["validation"], pair
+    assert not splits["train"] & splits["test"] and not splits["validation"] & splits["test"]
