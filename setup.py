@@ -51,6 +51,11 @@ EXTRAS = {
     # pulls libtpu from PyPI) and what a gs:// workdir needs (also in INSTALL_REQUIRES; named here
     # so that the TPU install states it).
     "tpu": ["jax[tpu]==0.10.2", "gcsfs==2025.3.2", "fsspec==2025.3.2"],
+    # EleutherAI's lm-evaluation-harness for `python -m xlingo.lm_eval` (xlingo/lm_eval_adapter.py,
+    # the only module that imports it). Its core needs no torch: on top of the project's
+    # dependencies it adds 29 packages (datasets, evaluate, pandas, scikit-learn, ...), ~280 MB
+    # installed, ~40 s to install.
+    "eval": ["lm-eval==0.4.13"],
 }
 
 setuptools.setup(
@@ -63,7 +68,7 @@ setuptools.setup(
     # setuptools, and listing them keeps its build free of "absent from packages" warnings.
     packages=setuptools.find_namespace_packages(
         include=["xlingo", "xlingo.*", "data_tasks", "configs", "configs.*"]),
-    package_data={"xlingo": ["data/corpus/**/*", "data/corpus/*"]},
+    package_data={"xlingo": ["data/corpus/**/*", "data/corpus/*", "lm_eval_tasks/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -20,10 +20,13 @@ LAYERS = {
     # what loops and tools share: decoding, scoring, the training library (state, losses,
     # steps, metrics, checkpoints, loading a model)
     "xlingo.decode": 2, "xlingo.scoring": 2, "xlingo.training": 2,
+    "xlingo.likelihood": 2, "xlingo.multiple_choice": 2,
     "xlingo.hf": 2,  # Hugging Face checkpoints <-> xlingo's, beside the training library
     "xlingo.training.loop": 3,  # the one loop
     # the command line and the tools that read a checkpoint
     "xlingo.cli": 4, "xlingo.evaluate": 4, "xlingo.generate": 4, "xlingo.hf.__main__": 4,
+    # lm-evaluation-harness (the eval extra): the model class, its command, its tasks' docs
+    "xlingo.lm_eval_adapter": 4, "xlingo.lm_eval": 4, "xlingo.lm_eval_tasks": 4,
     # entry points that train
     "xlingo.train": 5, "xlingo.adapt": 5, "xlingo.distill": 5, "xlingo.demo": 5,
 }

@@ -6,6 +6,8 @@ and a zero-shot transfer matrix over several checkpoints.
       [--max_examples 50] [--checkpoints de=DIR1,ja=DIR2]
   python -m xlingo.evaluate --config configs/finetune_tiny.py --workdir FINETUNED \
       --task chapter [--split test] [--checkpoints en=DIR1,en_lora=DIR2]
+  python -m xlingo.evaluate --config configs/tiny.py --workdir /tmp/xlingo_tiny \
+      --multiple_choice chapter|translation [--lang de,fr] [--split test] [--limit N]
 
 Validation uses exactly the loop's evaluation (``hooks.validator``: per-language bpb over
 ``inputs.validation_set``: ``train.eval_max_bytes`` bytes of whole lines per language, or with
@@ -34,6 +36,11 @@ With ``--task`` (workdirs of ``python -m xlingo.finetune``), the zero-shot trans
 task accuracy on ``--split`` instead: one row per workdir, its best checkpoint read as its
 metadata's ``finetune`` settings say; with ``--split test`` the numbers its run reported
 (``task_transfer``).
+``--multiple_choice chapter|translation`` scores the multiple-choice items of the embedded data
+(``xlingo.multiple_choice``: the chapter of a paragraph, the right translation among 4) by
+continuation log-likelihood and prints acc / acc_norm per language: the same items, prompt and
+scorer as the lm-evaluation-harness tasks ``xlingo_chapter_<lang>`` and
+``xlingo_translation_en-<x>`` (``python -m xlingo.lm_eval``), so the numbers are equal.
 """
 
 from __future__ import annotations
@@ -293,6 +300,19 @@ def format_task_transfer(report: dict) -> str:
       "gap: minus the training language(s)")
 
 
+def multiple_choice_report(config, path: str, name: str, langs, *, split: str, limit: int,
+                           what: str = "--workdir") -> dict:
+  """``--multiple_choice``: per-language acc / acc_norm and per-item log-likelihoods."""
+  from xlingo import multiple_choice
+  from xlingo.training.load import load_model
+
+  multiple_choice.check_name(name)
+  lm = load_model(config, path, what=what)
+  results = multiple_choice.evaluate(lm, name, langs, split, limit=limit)
+  return {"path": lm.step_dir, "step": lm.step, "multiple_choice": name, "split": split,
+          "results": results}
+
+
 # --- command line ---------------------------------------------------------------------------
 
 
@@ -325,6 +345,13 @@ def _define_flags(fl) -> None:
                     "corpus's test split, or data.file_test_patterns) and the pairs --translate "
                     "scores (data.file_pair_val_patterns or data.file_pair_test_patterns; "
                     "--translate_tsv overrides).", flag_values=fl)
+  flags.DEFINE_string("multiple_choice", None, "chapter | translation: multiple-choice accuracy "
+                      "per language (xlingo.multiple_choice; the lm-eval tasks' items).",
+                      flag_values=fl)
+  flags.DEFINE_string("lang", "", "--multiple_choice: languages (comma-separated; default: all "
+                      "with items).", flag_values=fl)
+  flags.DEFINE_integer("limit", 0, "--multiple_choice: the first N items per language (0: all; "
+                       "lm-eval's --limit).", flag_values=fl)
 
 
 def main(argv=None):
@@ -348,6 +375,25 @@ def main(argv=None):
       return
     if fl.output:
       check_output(fl.output)
+    if fl.multiple_choice:
+      from xlingo import multiple_choice
+
+      multiple_choice.check_name(fl.multiple_choice)
+      if fl.limit < 0:
+        raise ConfigError(f"--limit={fl.limit} must be >= 0 (0: every item)")
+      path, what = cli.tool_checkpoint(fl)
+      if not path:
+        raise ConfigError("--multiple_choice needs --workdir DIR or --checkpoint STEP_DIR")
+      langs = [x.strip() for x in fl.lang.split(",") if x.strip()]
+      report = multiple_choice_report(fl.config, path, fl.multiple_choice, langs,
+                                      split=fl.split, limit=fl.limit, what=what)
+      if jax.process_index() == 0:
+        print(multiple_choice.format_table(fl.multiple_choice, report["results"], fl.split),
+              flush=True)
+        if fl.output:
+          write_report(fl.output, report)
+          print(f"results: {fl.output}", flush=True)
+      return
     pairs = [p.strip() for p in fl.translate.split(",") if p.strip()]
     report = run(fl.config, ckpts, translate_pairs=pairs,
                  translate_tsv=_parse_map(fl.translate_tsv, "--translate_tsv"),
