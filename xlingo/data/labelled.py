@@ -14,8 +14,8 @@ own is any local or gs:// directory of the same layout)::
 scores); a language without its own names falls back to ``names["en"]``. Examples of different
 languages that share an ``uid`` are translations of each other (the embedded task keeps aligned
 translations in the same split, so no paragraph or its translation is in two splits); the uid (in
-the embedded task ``<chapter>-<k>``, the chapter's k-th paragraph) is an optional third column ``<label>\\t<text>
-\\t<uid>``.
+the embedded task ``<chapter>-<k>``, the chapter's k-th paragraph) is an optional third column
+``<label>\\t<text>\\t<uid>``.
 """
 
 from __future__ import annotations
