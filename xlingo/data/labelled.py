@@ -13,9 +13,9 @@ own is any local or gs:// directory of the same layout)::
 ``names[lang][i]`` is the human name of ``labels[i]`` in ``lang`` (what a verbalizer head
 scores); a language without its own names falls back to ``names["en"]``. Examples of different
 languages that share an ``uid`` are translations of each other (the embedded task keeps aligned
-translations in the same split, so no paragraph or its translation is in two splits); the uid is
-the line's position in the English file, written as an optional third column ``<label>\\t<text>
-\\t<uid>``.
+translations in the same split, so no paragraph or its translation is in two splits); the uid (in
+the embedded task ``<chapter>-<k>``, the chapter's k-th paragraph) is an optional third column
+``<label>\\t<text>\\t<uid>``.
 """
 
 from __future__ import annotations
