@@ -71,6 +71,7 @@ def _config(init_from, task, steps=4, **ft):
   c.checkpoint.init_from = init_from
   c.finetune.task = task
   c.train.steps = steps
+  c.train.batch_size = 8
   c.train.eval_every = 2
   c.train.log_every = 2
   c.checkpoint.every_steps = 2

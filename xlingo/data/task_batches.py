@@ -240,10 +240,10 @@ def load_task(task: str, train_languages, eval_languages=(), *, order=(),
     the head predicts the unseen class.
   """
   label_set = labelled.load_labels(task)
-  train_languages = tuple(train_languages)
-  if isinstance(train_languages, str) or not train_languages:
+  if isinstance(train_languages, str) or not tuple(train_languages):
     raise ConfigError(f"finetune.train_languages={train_languages!r} must be a non-empty tuple "
                       "of language codes, e.g. ('en',)")
+  train_languages = tuple(train_languages)
   eval_languages = tuple(eval_languages) or task_eval_languages(task, order)
   for lang in train_languages:
     for split in ("train", "validation"):
