@@ -303,6 +303,25 @@ def test_early_stopping_tracks_target():
   assert s.best_step == 1
 
 
+def test_early_stopping_resumes_its_best_from_the_history(tmp_path):
+  """A resumed run keeps the best so far: a worse first evaluation after the resume must not
+  replace WORKDIR/best, and the count towards patience carries on."""
+  rows = [{"step": 0, "val/bpb/de": 1.0}, {"step": 10, "train/loss": 2.0},
+          {"step": 10, "val/bpb/de": 3.0}, {"step": 20, "val/bpb/de": 2.5},
+          {"step": 30, "val/bpb/de": 2.7}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+  s = hooks.EarlyStopping("val/bpb/de", patience=2)
+  saved = []
+  env = hooks.Env("adapt", adapt_tiny.get_config(), str(tmp_path), ["de"], None, {},
+                  lambda state, step: saved.append(step))
+  hook = s(env)
+  assert (s.best, s.best_step, s.bad) == (2.5, 20, 1)  # step 0 is no candidate
+  tick = hooks.Tick(step=40, state=None, is_last=False, val={"val/bpb/de": 2.6})
+  assert hook.fn(tick) is True and saved == []  # worse than 2.5: no new best, patience spent
+  s(env)  # a second factory call starts over from the file, not on top of itself
+  assert (s.best_step, s.bad) == (20, 1)
+
+
 # --- bad input ----------------------------------------------------------------------------------
 
 

@@ -397,7 +397,21 @@ class EarlyStopping:
   def should_stop(self) -> bool:
     return self.patience > 0 and self.bad >= self.patience
 
+  def replay(self, workdir: str) -> None:
+    """A resumed run's best so far and its evaluations since: the validation rows of
+    WORKDIR/metrics.jsonl, which the loop has cut back to the resumed checkpoint's step (a fresh
+    start keeps no row past step 0, and step 0's validation is not a candidate)."""
+    self.best, self.best_step, self.bad = float("inf"), None, 0
+    for row in metrics.read_jsonl(paths.join(workdir, layout.METRICS)):
+      if isinstance(row.get("step"), int) and row["step"] > 0:
+        self.on_eval(row["step"], row)
+
   def __call__(self, env: Env) -> Hook:
+    self.replay(env.workdir)
+    if self.best_step is not None:
+      metrics.console(f"xlingo: best so far {self.key}={self.best:.4f} at step "
+                      f"{self.best_step} ({self.bad} evaluation(s) since)")
+
     def fn(tick: Tick) -> bool:
       if tick.val is None:
         return False
