@@ -58,19 +58,21 @@ def _check_equal(lm_eval_tasks: dict, ours: dict) -> None:
     got = ours[(name, lang)]
     assert len(got["items"]) == len(want["items"]), task
     for g, w in zip(got["items"], want["items"]):
-      assert g["gold"] == w["gold"], task
+      assert (g["doc_id"], g["gold"]) == (w["doc_id"], w["gold"]), task
       np.testing.assert_allclose(g["logprobs"], w["logprobs"], rtol=1e-6, atol=1e-4,
                                  err_msg=f"{task} doc {w['doc_id']}")
     assert got["acc"] == want["acc"], task
     assert got["acc_norm"] == want["acc_norm"], task
 
 
-def _ours(lm, tasks, limit, split="test") -> dict:
+def _ours(lm, tasks: dict) -> dict:
+  """evaluate's multiple-choice results for the items (doc ids) of lm-eval's ``tasks``."""
   out = {}
   for name in ("chapter", "translation"):
-    langs = [lang for (n, lang) in map(_task_of, tasks) if n == name]
-    if langs:
-      res = multiple_choice.evaluate(lm, name, langs, split, limit=limit)
+    idx = {lang: [i["doc_id"] for i in r["items"]] for t, r in tasks.items()
+           for n, lang in [_task_of(t)] if n == name}
+    if idx:
+      res = multiple_choice.evaluate(lm, name, list(idx), "test", indices=idx)
       out |= {(name, lang): r for lang, r in res.items()}
   return out
 
@@ -82,7 +84,9 @@ def test_evaluate_equals_lm_eval_fixture(tiny):
   tasks = fixture["tasks"]
   assert any(t.startswith("xlingo_chapter_") for t in tasks)
   assert any(t.startswith("xlingo_translation_") for t in tasks)
-  _check_equal(tasks, _ours(tiny[1], tasks, fixture["limit"]))
+  golds = {t: {i["gold"] for i in r["items"]} for t, r in tasks.items()}
+  assert all(len(g) > 1 for g in golds.values()), golds  # items of several classes/positions
+  _check_equal(tasks, _ours(tiny[1], tasks))
 
 
 def test_lm_eval_live(tiny):
@@ -91,7 +95,7 @@ def test_lm_eval_live(tiny):
   tasks = ["xlingo_chapter_de", "xlingo_translation_en-ja"]
   live = RECIPE.lm_eval_results(tiny[0], 3, tasks=tasks)
   assert sorted(live) == sorted(tasks)
-  _check_equal(live, _ours(tiny[1], tasks, 3))
+  _check_equal(live, _ours(tiny[1], live))
 
 
 def test_evaluate_command_one_line_errors(tiny, capsys):
