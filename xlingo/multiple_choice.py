@@ -12,7 +12,10 @@ this module writes, with ``target_delimiter: " "``)::
 - ``chapter`` (one task per language, ``xlingo_chapter_<lang>``): the text is a paragraph of
   the labelled task ``chapter`` (``xlingo/data/labelled.py``) in ``lang``; the choices are the
   chapter names ``names[lang]`` of its labels.json, in label order; the gold is its label.
-  Context and choices carry the language id of ``lang``.
+  Context and choices carry the language id of ``lang``. The items are ordered by
+  ``sha1(uid)`` (the text's where there is no uid), not in the file's chapter order, so that
+  the first N (``--limit N``) hold every chapter in proportion, and the same paragraphs in
+  every language.
 - ``translation`` (``xlingo_translation_en-<x>``): the text is the English side of a pair of
   the embedded parallel corpus (``parallel/en-<x>.<split>.tsv``); the four choices are its
   translation and three translations of other pairs of the same file. Which three, and the
@@ -92,8 +95,9 @@ def _chapter_items(task: str, lang: str, split: str) -> list[Item]:
 
   label_set = labelled.load_labels(task)
   names = label_set.names_for(lang)
-  return [Item(ex.text, names, ex.label, lang, lang, ex.uid)
-          for ex in labelled.load_examples(task, lang, split, label_set)]
+  examples = sorted(labelled.load_examples(task, lang, split, label_set),
+                    key=lambda ex: hashlib.sha1((ex.uid or ex.text).encode()).hexdigest())
+  return [Item(ex.text, names, ex.label, lang, lang, ex.uid) for ex in examples]
 
 
 def _key(english: str, translation: str) -> str:
