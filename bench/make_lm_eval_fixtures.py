@@ -8,9 +8,11 @@ Needs the ``eval`` extra (lm-eval). Builds the tiny deterministic checkpoint of
 :func:`build_checkpoint` (configs/tiny.py's model at ``MAX_LEN`` tokens, float32, initialised
 from ``SEED``; no training, so it is the same bit for bit on every machine that initialises the
 same way), runs lm-eval's own evaluator (``lm_eval.simple_evaluate``, ``log_samples``) with the
-``xlingo`` model on the shipped tasks ``xlingo_chapter`` and ``xlingo_translation`` (the first
-``--limit`` items of each language's test split), and writes, per task, lm-eval's per-item
-log-likelihoods (in choice order), its predictions' gold, and its acc / acc_norm.
+``xlingo`` model on the shipped tasks ``xlingo_chapter`` and ``xlingo_translation`` (``--limit``
+items of each language's test split, spread evenly over it with lm-eval's ``samples``: the
+chapter files are in chapter order, so the first items would all be one class), and writes,
+per task, lm-eval's per-item log-likelihoods (in choice order), gold and doc ids, and its
+acc / acc_norm.
 tests/test_lm_eval_adapter.py rebuilds the checkpoint and checks that ``evaluate
 --multiple_choice`` gives the same numbers without lm-eval.
 """
@@ -54,18 +56,46 @@ def build_checkpoint(out_dir: str) -> str:
   return checkpoints.export_params(out_dir, params, cfg, 0)
 
 
-def lm_eval_results(step_dir: str, limit: int, tasks=TASKS, metadata=None) -> dict:
+def task_names(tasks=TASKS) -> list[str]:
+  """The lm-eval tasks of ``tasks`` (the groups expanded)."""
+  from xlingo import multiple_choice
+
+  out = []
+  for t in tasks:
+    if t == "xlingo_chapter":
+      out += [f"xlingo_chapter_{x}" for x in multiple_choice.languages("chapter", "test")]
+    elif t == "xlingo_translation":
+      out += [f"xlingo_translation_en-{x}"
+              for x in multiple_choice.languages("translation", "test")]
+    else:
+      out.append(t)
+  return out
+
+
+def spread(task: str, k: int) -> list[int]:
+  """``k`` item indices spread evenly over the test items of an xlingo task."""
+  from xlingo import multiple_choice
+
+  name, lang = task[len("xlingo_"):].split("_", 1)
+  n = len(multiple_choice.items(name, lang.removeprefix("en-"), "test"))
+  return sorted({(i * n) // k for i in range(min(k, n))})
+
+
+def lm_eval_results(step_dir: str, per_task: int, tasks=TASKS, metadata=None) -> dict:
   """lm-eval's own numbers: {task: {"acc", "acc_norm", "items": [{"doc_id", "logprobs",
-  "gold"}]}} for the xlingo model on ``tasks`` (groups expanded)."""
+  "gold"}]}} for the xlingo model on ``per_task`` items (:func:`spread`) of ``tasks``."""
   import lm_eval
   from lm_eval.tasks import TaskManager
 
   from xlingo import lm_eval_adapter
 
+  names = task_names(tasks)
+
   config_path = os.path.join(ROOT, "configs", "tiny.py")
   out = lm_eval.simple_evaluate(
       model="xlingo", model_args=f"checkpoint={step_dir},config={config_path},"
-      f"max_length={MAX_LEN}", tasks=list(tasks), limit=limit, log_samples=True,
+      f"max_length={MAX_LEN}", tasks=names, samples={t: spread(t, per_task) for t in names},
+      log_samples=True,
       batch_size=16, task_manager=TaskManager(include_path=lm_eval_adapter.TASKS_DIR,
                                               metadata=metadata or {}),
       metadata=metadata)
@@ -84,7 +114,7 @@ def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures", "lm_eval",
                                                 "tiny_random.json"))
-  ap.add_argument("--limit", type=int, default=LIMIT)
+  ap.add_argument("--limit", type=int, default=LIMIT, help="items per task")
   ap.add_argument("--workdir", default="/tmp/xlingo_lm_eval_fixture")
   args = ap.parse_args()
   import lm_eval

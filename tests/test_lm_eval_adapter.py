@@ -58,19 +58,21 @@ def _check_equal(lm_eval_tasks: dict, ours: dict) -> None:
     got = ours[(name, lang)]
     assert len(got["items"]) == len(want["items"]), task
     for g, w in zip(got["items"], want["items"]):
-      assert g["gold"] == w["gold"], task
+      assert (g["doc_id"], g["gold"]) == (w["doc_id"], w["gold"]), task
       np.testing.assert_allclose(g["logprobs"], w["logprobs"], rtol=1e-6, atol=1e-4,
                                  err_msg=f"{task} doc {w['doc_id']}")
     assert got["acc"] == want["acc"], task
     assert got["acc_norm"] == want["acc_norm"], task
 
 
-def _ours(lm, tasks, limit, split="test") -> dict:
+def _ours(lm, tasks: dict) -> dict:
+  """evaluate's multiple-choice results for the items (doc ids) of lm-eval's ``tasks``."""
   out = {}
   for name in ("chapter", "translation"):
-    langs = [lang for (n, lang) in map(_task_of, tasks) if n == name]
-    if langs:
-      res = multiple_choice.evaluate(lm, name, langs, split, limit=limit)
+    idx = {lang: [i["doc_id"] for i in r["items"]] for t, r in tasks.items()
+           for n, lang in [_task_of(t)] if n == name}
+    if idx:
+      res = multiple_choice.evaluate(lm, name, list(idx), "test", indices=idx)
       out |= {(name, lang): r for lang, r in res.items()}
   return out
 
@@ -82,7 +84,9 @@ def test_evaluate_equals_lm_eval_fixture(tiny):
   tasks = fixture["tasks"]
   assert any(t.startswith("xlingo_chapter_") for t in tasks)
   assert any(t.startswith("xlingo_translation_") for t in tasks)
-  _check_equal(tasks, _ours(tiny[1], tasks, fixture["limit"]))
+  golds = {t: {i["gold"] for i in r["items"]} for t, r in tasks.items()}
+  assert all(len(g) > 1 for g in golds.values()), golds  # items of several classes/positions
+  _check_equal(tasks, _ours(tiny[1], tasks))
 
 
 def test_lm_eval_live(tiny):
@@ -91,7 +95,36 @@ def test_lm_eval_live(tiny):
   tasks = ["xlingo_chapter_de", "xlingo_translation_en-ja"]
   live = RECIPE.lm_eval_results(tiny[0], 3, tasks=tasks)
   assert sorted(live) == sorted(tasks)
-  _check_equal(live, _ours(tiny[1], tasks, 3))
+  _check_equal(live, _ours(tiny[1], live))
+
+
+def test_adapter_generate_and_rolling(tiny):
+  """generate_until is xlingo.decode's greedy continuation cut at the stop string;
+  loglikelihood_rolling of a text that fits one row is its log-likelihood after the start id;
+  an unknown language is a one-line ConfigError."""
+  pytest.importorskip("lm_eval")
+  from lm_eval.api.instance import Instance
+
+  from xlingo import decode
+  from xlingo.lm_eval_adapter import XlingoLM
+
+  config = str(ROOT / "configs" / "tiny.py")
+  lm = XlingoLM(checkpoint=tiny[0], config=config, max_length=RECIPE.MAX_LEN, lang="de",
+                batch_size=8)
+  want = decode.generate(lm.lm.model, lm.lm.params, lm.lm.vocab, ["Debian ist"],
+                         lm.lm.table.id("de"), max_len=12)[0]
+  stop = want[len(want) // 2:][:2] or "\x00"
+  got = lm.generate_until([
+      Instance("generate_until", {}, ("Debian ist", {"until": [], "max_gen_toks": 12}), 0),
+      Instance("generate_until", {}, ("Debian ist", {"until": [stop], "max_gen_toks": 12}), 1)])
+  assert got == [want, want[:want.index(stop)] if stop in want else want]
+  text = "Debian ist ein freies Betriebssystem."
+  ids = tuple(lm.lm.vocab.encode(text))
+  de = lm.lm.table.id("de")
+  whole = likelihood.score(lm.lm, [likelihood.Request((), ids, de, de)]).logprobs[0]
+  assert lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)]) == [whole]
+  with pytest.raises(ConfigError, match="lang=xx is not a language of"):
+    XlingoLM(checkpoint=tiny[0], config=config, lang="xx")
 
 
 def test_evaluate_command_one_line_errors(tiny, capsys):
@@ -167,3 +200,16 @@ def test_core_never_imports_lm_eval():
                and node.level == 0 else [])
       if any(n.split(".")[0] in ("lm_eval", "datasets", "torch") for n in names):
         assert rel in allowed, f"{rel} imports {names}"
+
+
+def test_lm_eval_command_without_the_extra(capsys):
+  """Without lm-eval installed, python -m xlingo.lm_eval says how to install it, in one line."""
+  if importlib.util.find_spec("lm_eval") is not None:
+    pytest.skip("lm-eval is installed here")
+  from xlingo import lm_eval as command
+
+  with pytest.raises(SystemExit) as e:
+    command.main(["--model", "xlingo", "--tasks", "xlingo_chapter"])
+  assert e.value.code == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "pip install -e '.[eval]'" in err[0], err

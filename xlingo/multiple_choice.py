@@ -12,14 +12,18 @@ this module writes, with ``target_delimiter: " "``)::
 - ``chapter`` (one task per language, ``xlingo_chapter_<lang>``): the text is a paragraph of
   the labelled task ``chapter`` (``xlingo/data/labelled.py``) in ``lang``; the choices are the
   chapter names ``names[lang]`` of its labels.json, in label order; the gold is its label.
-  Context and choices carry the language id of ``lang``.
+  Context and choices carry the language id of ``lang``. The items are ordered by
+  ``sha1(uid)`` (the text's where there is no uid), not in the file's chapter order, so that
+  the first N (``--limit N``) hold every chapter in proportion, and the same paragraphs in
+  every language.
 - ``translation`` (``xlingo_translation_en-<x>``): the text is the English side of a pair of
   the embedded parallel corpus (``parallel/en-<x>.<split>.tsv``); the four choices are its
   translation and three translations of other pairs of the same file. Which three, and the
   order of the four, are fixed by hashes: each candidate translation ``t`` of the file gets the
   key ``sha1(english + "\\0" + t)``; the three other distinct translations with the smallest
-  keys are the distractors, and the four are listed by increasing key. The context carries the
-  language id of ``en``, the choices that of ``x``.
+  keys are the distractors, and the four are listed by increasing ``sha1(t + "\\0" + english)``
+  (a second hash, so that the gold's position varies). The context carries the language id of
+  ``en``, the choices that of ``x``.
 
 **Scoring** (lm-eval's ``multiple_choice``): each choice's continuation log-likelihood
 (``xlingo.likelihood``); ``acc``: the argmax (the first on ties) is the gold; ``acc_norm``: the
@@ -91,8 +95,9 @@ def _chapter_items(task: str, lang: str, split: str) -> list[Item]:
 
   label_set = labelled.load_labels(task)
   names = label_set.names_for(lang)
-  return [Item(ex.text, names, ex.label, lang, lang, ex.uid)
-          for ex in labelled.load_examples(task, lang, split, label_set)]
+  examples = sorted(labelled.load_examples(task, lang, split, label_set),
+                    key=lambda ex: hashlib.sha1((ex.uid or ex.text).encode()).hexdigest())
+  return [Item(ex.text, names, ex.label, lang, lang, ex.uid) for ex in examples]
 
 
 def _key(english: str, translation: str) -> str:
@@ -114,7 +119,7 @@ def _translation_items(lang: str, split: str) -> list[Item]:
   out = []
   for i, (english, right) in enumerate(pairs[lang]):
     others = sorted((t for t in translations if t != right), key=lambda t: _key(english, t))
-    choices = sorted([right, *others[:NUM_CHOICES - 1]], key=lambda t: _key(english, t))
+    choices = sorted([right, *others[:NUM_CHOICES - 1]], key=lambda t: _key(t, english))
     out.append(Item(english, tuple(choices), choices.index(right), "en", lang, str(i)))
   return out
 
@@ -141,9 +146,12 @@ def predictions(logprobs, choices) -> tuple[int, int]:
 
 
 def evaluate(lm, name: str, langs=None, split: str = "test", *, limit: int = 0,
-             batch_size: int = 16, task: str = CHAPTER_TASK) -> dict:
+             indices: dict | None = None, batch_size: int = 16,
+             task: str = CHAPTER_TASK) -> dict:
   """Per language: ``acc``, ``acc_norm``, ``n`` and each item's log-likelihoods
-  (``items``: [{"logprobs", "gold", "pred"}]), for a ``load.LoadedModel``."""
+  (``items``: [{"doc_id", "logprobs", "gold", "pred", "pred_norm"}]), for a
+  ``load.LoadedModel``. ``limit``: the first items of each language (lm-eval's ``--limit``);
+  ``indices``: ``{lang: [item index, ...]}``, those items (lm-eval's ``samples``)."""
   langs = list(langs or languages(name, split, task))
   for lang in langs:
     if lang not in lm.table.codes:
@@ -154,17 +162,20 @@ def evaluate(lm, name: str, langs=None, split: str = "test", *, limit: int = 0,
                         f"{', '.join(lm.table.codes)}")
   out = {}
   for lang in langs:
-    its = items(name, lang, split, task=task)
-    if limit:
+    its = list(enumerate(items(name, lang, split, task=task)))
+    if indices and lang in indices:
+      its = [its[i] for i in indices[lang]]
+    elif limit:
       its = its[:limit]
-    reqs = [r for it in its for r in requests(lm.vocab, lm.table, it)]
+    reqs = [r for _, it in its for r in requests(lm.vocab, lm.table, it)]
     scored = likelihood.score(lm, reqs, batch_size=batch_size)
     rows, k = [], 0
-    for it in its:
+    for doc_id, it in its:
       lls = scored.logprobs[k:k + len(it.choices)]
       k += len(it.choices)
       pred, pred_norm = predictions(lls, it.choices)
-      rows.append({"logprobs": lls, "gold": it.gold, "pred": pred, "pred_norm": pred_norm})
+      rows.append({"doc_id": doc_id, "logprobs": lls, "gold": it.gold, "pred": pred,
+                   "pred_norm": pred_norm})
     n = len(rows)
     out[lang] = {"acc": sum(r["pred"] == r["gold"] for r in rows) / n,
                  "acc_norm": sum(r["pred_norm"] == r["gold"] for r in rows) / n,
