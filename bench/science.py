@@ -70,6 +70,36 @@ def _wd(root, name, seed):
   return os.path.join(root, name, f"s{seed}")
 
 
+def _el_ext(seed, root):
+  return [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
+          f"--config.data.vocab_path={_el_vocab(root)}.model"]
+
+
+def equal_bytes_steps(arm_row: dict, ref_row: dict, lang: str = "el") -> int:
+  """The steps in which a run logging ``arm_row`` (its last training row: ``step`` and
+  cumulative ``bytes/<lang>``) reads the ``bytes/<lang>`` of ``ref_row``, at its mean rate."""
+  per_step = arm_row[f"bytes/{lang}"] / arm_row["step"]
+  return max(1, round(ref_row[f"bytes/{lang}"] / per_step))
+
+
+def _equal_bytes(arm, ref, extra):
+  """``extra`` plus train.steps set so that the run reads the Greek bytes ``ref`` read (from
+  the finished ``arm`` and ``ref`` runs of the same seed); validation only at its start and
+  end."""
+
+  def fn(seed, root):
+    done = [os.path.join(_wd(root, n, seed), "science_done.json") for n in (arm, ref)]
+    if not all(os.path.exists(d) for d in done):  # --dry_run before they ran
+      steps = f"<steps in which {arm} reads {ref}'s bytes/el>"
+    else:
+      steps = equal_bytes_steps(last_train(_wd(root, arm, seed)),
+                                last_train(_wd(root, ref, seed)))
+    return [*extra(seed, root), f"--config.train.steps={steps}",
+            f"--config.train.eval_every={steps}"]
+
+  return fn
+
+
 # run name -> (adapt.mode, learning rate): each parameter-efficient mode at two rates (the
 # docs/ADAPTATION.md commands' and a higher one), since the best rate differs by mode.
 ADAPT_MODES = {"full": ("full", "1e-3"), "lora": ("lora", "3e-3"), "adapter": ("adapter", "3e-3"),
@@ -101,9 +131,13 @@ def _runs() -> dict[str, Run]:
       *[Run(f"adapt_{m}", "xlingo.adapt", "configs/adapt_small.py", _adapt_mode(m), ("pre6m",))
         for m in ADAPT_MODES],
       Run("el_old", "xlingo.adapt", f"{EXP}/adapt_el.py", _init_from("pre6m"), ("pre6m",)),
-      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended",
-          lambda seed, root: [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
-                              f"--config.data.vocab_path={_el_vocab(root)}.model"], ("pre6m",)),
+      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended", _el_ext, ("pre6m",)),
+      # (g) at equal Greek text: each vocabulary trained for the steps in which it reads the
+      # Greek bytes (bytes/el) the other read in its 200 steps.
+      Run("el_ext_eqb", "xlingo.adapt", f"{EXP}/adapt_el.py:extended",
+          _equal_bytes("el_ext", "el_old", _el_ext), ("pre6m", "el_old", "el_ext")),
+      Run("el_old_eqb", "xlingo.adapt", f"{EXP}/adapt_el.py",
+          _equal_bytes("el_old", "el_ext", _init_from("pre6m")), ("pre6m", "el_old", "el_ext")),
       # (f): the base run is the teacher (4 layers, d_model 128); students of 2 x 64.
       Run("student_kd", "xlingo.distill", "configs/distill_small.py",
           lambda seed, root: [f"--config.distill.teacher_workdir={_wd(root, 'base', seed)}"],
@@ -123,7 +157,7 @@ EXPERIMENTS = {
     "contrastive": ("cl_0", "cl_0.1", "cl_0_de", "cl_0.1_de"),
     "adaptation": ("pre6m", *[f"adapt_{m}" for m in ADAPT_MODES]),
     "distill": ("base", "student_kd", "student_lm"),
-    "vocab": ("pre6m", "el_old", "el_ext"),
+    "vocab": ("pre6m", "el_old", "el_ext", "el_ext_eqb", "el_old_eqb"),
 }
 
 
@@ -451,19 +485,39 @@ def distill_tables(root, seeds) -> str:
 
 
 def vocab_tables(root, seeds) -> str:
-  names = {"el_old": "shipped 8,192", "el_ext": "extended 9,216"}
-  langs = ["el", *LANGS]
-  rows = [["el before"] + [ms(over_seeds(
-      root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["el"]["before"])) for n in names]]
-  rows.append(["el after"] + [ms(over_seeds(
-      root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["el"]["after"])) for n in names])
-  rows.append(["others' mean change"] + [ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
-      report(wd)["bpb"]["languages"][k]["change"] for k in langs[1:]))) for n in names])
-  rows.append(["step time ms"] + [ms(over_seeds(root, n, seeds, lambda wd: 1e3 * step_time(wd)))
-                                  for n in names])
-  rows.insert(0, ["el tokens per UTF-8 byte (validation)"] + [
-      f"{tokens_per_byte(m):.3f}" for m in (os.path.join(CORPUS, "vocab", "xlingo_8k.model"),
-                                            _el_vocab(root) + ".model")])
+  names = {"el_old": "shipped 8,192", "el_ext": "extended 9,216",
+           "el_ext_eqb": "extended, at shipped's Greek bytes",
+           "el_old_eqb": "shipped, at extended's Greek bytes"}
+  names = {n: h for n, h in names.items()  # a table of the runs that finished
+           if all(os.path.exists(os.path.join(_wd(root, n, s), "science_done.json"))
+                  for s in seeds)}
+  others = LANGS
+
+  def change(wd, langs):
+    return statistics.fmean(report(wd)["bpb"]["languages"][k]["change"] for k in langs)
+
+  def cell(fn, digits=None):
+    return [ms(over_seeds(root, n, seeds, fn)) if digits is None else
+            " / ".join(f"{v:,.{digits}f}" for v in over_seeds(root, n, seeds, fn))
+            for n in names]
+
+  vocab = {"el_old": os.path.join(CORPUS, "vocab", "xlingo_8k.model"),
+           "el_ext": _el_vocab(root) + ".model"}
+  rows = [["el tokens per UTF-8 byte (validation)"] + [
+      f"{tokens_per_byte(vocab[n.replace('_eqb', '')]):.3f}" for n in names]]
+  rows.append(["steps (seed " + " / ".join(map(str, seeds)) + ")"] + cell(
+      lambda wd: last_train(wd)["step"], 0))
+  rows.append(["Greek training text read, kB (bytes/el)"] + cell(
+      lambda wd: last_train(wd)["bytes/el"] / 1e3))
+  rows.append(["validation bytes scored, el / the nine others"] + [
+      " / ".join(f"{v:,}" for v in (final_val(_wd(root, n, seeds[0]))["val/bytes/el"], sum(
+          final_val(_wd(root, n, seeds[0]))[f"val/bytes/{k}"] for k in others))) for n in names])
+  rows.append(["el bpb before"] + cell(
+      lambda wd: report(wd)["bpb"]["languages"]["el"]["before"]))
+  rows.append(["el bpb after"] + cell(lambda wd: report(wd)["bpb"]["languages"]["el"]["after"]))
+  rows.append(["forgetting: the others' mean bpb change"] + cell(lambda wd: change(wd, others)))
+  rows.append(["step time ms"] + cell(lambda wd: 1e3 * step_time(wd)))
+  rows.append(["wall s"] + cell(wall))
   return table(["", *names.values()], rows)
 
 
@@ -503,8 +557,8 @@ def main(argv=None):
   for exp in wanted:
     names = EXPERIMENTS[exp]
     _prepare(names, root, a.dry_run)
-    for seed in seeds:
-      for n in names:
+    for n in names:  # each run for every seed before the next (the costliest come last)
+      for seed in seeds:
         ensure(n, seed, root, a.dry_run)
     if a.dry_run:
       continue
