@@ -366,12 +366,28 @@ def temperature_tables(root, seeds) -> str:
   head = ["language", "train kB"] + list(names.values())
   shares = []
   for lang in order:
-    shares.append([lang] + [ms(over_seeds(root, n, seeds, lambda wd, k=lang: _share(wd, k)))
-                            for n in names])
+    shares.append([lang] + [
+        f"{ms(over_seeds(root, n, seeds, lambda wd, k=lang: _share(wd, k)))} "
+        f"({planned_share(_wd(root, n, seeds[0]), lang):.3f})" for n in names])
+  shares.append(["largest deviation from the plan"] + [ms(over_seeds(
+      root, n, seeds, lambda wd: max(abs(_share(wd, k) / planned_share(wd, k) - 1)
+                                     for k in LANGS))) for n in names])
   steps = final_val(_wd(root, "base", seeds[0]))["step"]
   return (f"Validation bits per byte at step {steps}, by language (largest training text "
           f"first):\n\n{table(head, rows)}\n\nShare of the training tokens each language got "
-          f"(tokens/<lang> at the last log step):\n\n{table(['language'] + list(names.values()), shares)}")
+          f"(tokens/<lang> at the last log step; in brackets the plan, tok.share of the "
+          f"start-of-run table; the last row is max over languages of |realised / plan - 1|):"
+          f"\n\n{table(['language'] + list(names.values()), shares)}")
+
+
+def planned_share(wd, lang) -> float:
+  """The token share the start-of-run table (in WORKDIR/science_log.txt) planned for ``lang``."""
+  with open(os.path.join(wd, "science_log.txt"), encoding="utf-8") as f:
+    for line in f:
+      cols = line.split()
+      if len(cols) >= 6 and cols[0].endswith(f".{lang}") and cols[1] == lang:
+        return float(cols[5])
+  raise ValueError(f"{wd}/science_log.txt has no start-of-run row for {lang}")
 
 
 def _share(wd, lang):

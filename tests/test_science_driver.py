@@ -84,3 +84,12 @@ def test_equal_bytes_steps_read_the_reference_text_at_the_runs_own_rate(tmp_path
   science.main(["vocab", "--dry_run", "--seeds", "0", "--root", str(tmp_path)])
   eqb = [x for x in capsys.readouterr().out.splitlines() if "el_old_eqb/s0" in x][0]
   assert "--config.train.steps=<steps in which el_old reads el_ext's bytes/el>" in eqb
+
+
+def test_planned_share_is_read_from_the_start_of_run_table(tmp_path):
+  (tmp_path / "science_log.txt").write_text(
+      "task                     lang    examples      tokens ex.share tok.share  epochs valid.\n"
+      "xlingo.lm.ru             ru        18,719     596,507    0.625     0.543    0.56    yes\n")
+  assert science.planned_share(str(tmp_path), "ru") == 0.543
+  with pytest.raises(ValueError, match="no start-of-run row for zh"):
+    science.planned_share(str(tmp_path), "zh")
