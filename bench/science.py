@@ -11,6 +11,7 @@ deviation over the seeds, and writes them to ROOT/EXPERIMENT.md:
   python bench/science.py adaptation       # (e) full, LoRA, adapter, prefix, lang_emb
   python bench/science.py distill          # (f) KD vs LM-only student
   python bench/science.py vocab            # (g) Greek with and without an extended vocabulary
+  python bench/science.py vocab_long       # (g) and the shipped one at the extended's bytes
   python bench/science.py all
 
 Options: --seeds 0,1 (default), --root DIR (default workdirs/science), --dry_run (print the
@@ -157,7 +158,9 @@ EXPERIMENTS = {
     "contrastive": ("cl_0", "cl_0.1", "cl_0_de", "cl_0.1_de"),
     "adaptation": ("pre6m", *[f"adapt_{m}" for m in ADAPT_MODES]),
     "distill": ("base", "student_kd", "student_lm"),
-    "vocab": ("pre6m", "el_old", "el_ext", "el_ext_eqb", "el_old_eqb"),
+    "vocab": ("pre6m", "el_old", "el_ext", "el_ext_eqb"),
+    # (g) plus the shipped vocabulary trained on the extended one's Greek bytes (~1,100 steps)
+    "vocab_long": ("pre6m", "el_old", "el_ext", "el_ext_eqb", "el_old_eqb"),
 }
 
 
@@ -548,7 +551,7 @@ def tokens_per_byte(model_path, lang="el") -> float:
 
 TABLES = {"temperature": temperature_tables, "lang_emb": lang_emb_tables, "lid": lid_tables,
           "contrastive": contrastive_tables, "adaptation": adaptation_tables,
-          "distill": distill_tables, "vocab": vocab_tables}
+          "distill": distill_tables, "vocab": vocab_tables, "vocab_long": vocab_tables}
 
 
 def cost(root, names, seeds) -> str:

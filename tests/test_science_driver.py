@@ -81,7 +81,7 @@ def test_equal_bytes_steps_read_the_reference_text_at_the_runs_own_rate(tmp_path
   assert science.equal_bytes_steps(old, ext) == 1200
   assert science.equal_bytes_steps(ext, {"bytes/el": 1}) == 1  # never 0 steps
   science._PRINTED.clear()
-  science.main(["vocab", "--dry_run", "--seeds", "0", "--root", str(tmp_path)])
+  science.main(["vocab_long", "--dry_run", "--seeds", "0", "--root", str(tmp_path)])
   eqb = [x for x in capsys.readouterr().out.splitlines() if "el_old_eqb/s0" in x][0]
   assert "--config.train.steps=<steps in which el_old reads el_ext's bytes/el>" in eqb
 
