@@ -76,6 +76,19 @@ def _el_ext(seed, root):
           f"--config.data.vocab_path={_el_vocab(root)}.model"]
 
 
+# (g)'s equal-step arms: this many steps, validated at the start and the end only (adapt_el.py's
+# own 200 steps validated every 50 took 8.4 min for the six runs on a quiet machine; cut to fit
+# a shared one on 2026-12-07, docs/SCIENCE.md (g)). 0: adapt_el.py's steps and eval_every.
+VOCAB_STEPS = 100
+
+
+def _vocab_steps(extra):
+  if not VOCAB_STEPS:
+    return extra
+  return lambda seed, root: [*extra(seed, root), f"--config.train.steps={VOCAB_STEPS}",
+                             f"--config.train.eval_every={VOCAB_STEPS}"]
+
+
 def equal_bytes_steps(arm_row: dict, ref_row: dict, lang: str = "el") -> int:
   """The steps in which a run logging ``arm_row`` (its last training row: ``step`` and
   cumulative ``bytes/<lang>``) reads the ``bytes/<lang>`` of ``ref_row``, at its mean rate."""
@@ -131,8 +144,10 @@ def _runs() -> dict[str, Run]:
       Run("pre6m", "xlingo.train", "configs/adapt_small.py:pretrain"),
       *[Run(f"adapt_{m}", "xlingo.adapt", "configs/adapt_small.py", _adapt_mode(m), ("pre6m",))
         for m in ADAPT_MODES],
-      Run("el_old", "xlingo.adapt", f"{EXP}/adapt_el.py", _init_from("pre6m"), ("pre6m",)),
-      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended", _el_ext, ("pre6m",)),
+      Run("el_old", "xlingo.adapt", f"{EXP}/adapt_el.py", _vocab_steps(_init_from("pre6m")),
+          ("pre6m",)),
+      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended", _vocab_steps(_el_ext),
+          ("pre6m",)),
       # (g) at equal Greek text: each vocabulary trained for the steps in which it reads the
       # Greek bytes (bytes/el) the other read in its 200 steps.
       Run("el_ext_eqb", "xlingo.adapt", f"{EXP}/adapt_el.py:extended",
