@@ -165,7 +165,7 @@ def _runs() -> dict[str, Run]:
 
 RUNS = _runs()
 EXPERIMENTS = {
-    "temperature": ("t1", "base", "t100", "unimax"),
+    "temperature": ("t1", "base", "unimax", "t100"),
     "lang_emb": ("base", "le_off", "le_dropout"),
     # lambda = 0 is the dropout run of (b): the same model and data without the (then untrained)
     # head, so its bpb is lambda = 0's and its LID accuracy is chance by construction.
@@ -276,14 +276,15 @@ def report(wd) -> dict:
 
 
 def ms(values) -> str:
-  """'mean ± sd' (sample standard deviation over the seeds)."""
+  """'mean ± sd' (sample standard deviation over the seeds); one value alone, without a ±."""
   values = [v for v in values if v is not None and not math.isnan(v)]
   if not values:
     return "-"
   m = statistics.fmean(values)
-  sd = statistics.stdev(values) if len(values) > 1 else 0.0
   digits = 3 if abs(m) < 100 else 1
-  return f"{m:.{digits}f} ± {sd:.{digits}f}"
+  if len(values) == 1:
+    return f"{m:.{digits}f}"
+  return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def over_seeds(root, name, seeds, fn):
@@ -372,7 +373,8 @@ def generation_follows_lang(wd: str, config_arg: str, lid: CharTrigramLID, sampl
 
 
 def temperature_tables(root, seeds) -> str:
-  names = {"t1": "T = 1", "base": "T = 3.33", "t100": "T = 100", "unimax": "UniMax"}
+  names = _finished({"t1": "T = 1", "base": "T = 3.33", "t100": "T = 100", "unimax": "UniMax"},
+                    root, seeds)
   order = sorted(LANGS, key=_train_bytes, reverse=True)
   rows = []
   for lang in order:
@@ -406,6 +408,13 @@ def planned_share(wd, lang) -> float:
       if len(cols) >= 6 and cols[0].endswith(f".{lang}") and cols[1] == lang:
         return float(cols[5])
   raise ValueError(f"{wd}/science_log.txt has no start-of-run row for {lang}")
+
+
+def _finished(names: dict, root, seeds) -> dict:
+  """The runs of ``names`` finished for every seed (a table of what has run so far)."""
+  return {n: h for n, h in names.items()
+          if all(os.path.exists(os.path.join(_wd(root, n, s), "science_done.json"))
+                 for s in seeds)}
 
 
 def _share(wd, lang):
@@ -522,9 +531,7 @@ def vocab_tables(root, seeds) -> str:
   names = {"el_old": "shipped 8,192", "el_ext": "extended 9,216",
            "el_ext_eqb": "extended, at shipped's Greek bytes",
            "el_old_eqb": "shipped, at extended's Greek bytes"}
-  names = {n: h for n, h in names.items()  # a table of the runs that finished
-           if all(os.path.exists(os.path.join(_wd(root, n, s), "science_done.json"))
-                  for s in seeds)}
+  names = _finished(names, root, seeds)
   others = LANGS
 
   def change(wd, langs):
