@@ -551,7 +551,7 @@ def vocab_tables(root, seeds) -> str:
   rows.append(["Greek training text read, kB (bytes/el)"] + cell(
       lambda wd: last_train(wd)["bytes/el"] / 1e3))
   rows.append(["validation bytes scored, el / the nine others"] + [
-      " / ".join(f"{v:,}" for v in (final_val(_wd(root, n, seeds[0]))["val/bytes/el"], sum(
+      " / ".join(f"{v:,.0f}" for v in (final_val(_wd(root, n, seeds[0]))["val/bytes/el"], sum(
           final_val(_wd(root, n, seeds[0]))[f"val/bytes/{k}"] for k in others))) for n in names])
   rows.append(["el bpb before"] + cell(
       lambda wd: report(wd)["bpb"]["languages"]["el"]["before"]))
