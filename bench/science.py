@@ -11,6 +11,7 @@ deviation over the seeds, and writes them to ROOT/EXPERIMENT.md:
   python bench/science.py adaptation       # (e) full, LoRA, adapter, prefix, lang_emb
   python bench/science.py distill          # (f) KD vs LM-only student
   python bench/science.py vocab            # (g) Greek with and without an extended vocabulary
+  python bench/science.py vocab_long       # (g) and the shipped one at the extended's bytes
   python bench/science.py all
 
 Options: --seeds 0,1 (default), --root DIR (default workdirs/science), --dry_run (print the
@@ -70,6 +71,49 @@ def _wd(root, name, seed):
   return os.path.join(root, name, f"s{seed}")
 
 
+def _el_ext(seed, root):
+  return [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
+          f"--config.data.vocab_path={_el_vocab(root)}.model"]
+
+
+# (g)'s equal-step arms: this many steps, validated at the start and the end only (adapt_el.py's
+# own 200 steps validated every 50 took 8.4 min for the six runs on a quiet machine; cut to fit
+# a shared one on 2026-12-07, docs/SCIENCE.md (g)). 0: adapt_el.py's steps and eval_every.
+VOCAB_STEPS = 100
+
+
+def _vocab_steps(extra):
+  if not VOCAB_STEPS:
+    return extra
+  return lambda seed, root: [*extra(seed, root), f"--config.train.steps={VOCAB_STEPS}",
+                             f"--config.train.eval_every={VOCAB_STEPS}"]
+
+
+def equal_bytes_steps(arm_row: dict, ref_row: dict, lang: str = "el") -> int:
+  """The steps in which a run logging ``arm_row`` (its last training row: ``step`` and
+  cumulative ``bytes/<lang>``) reads the ``bytes/<lang>`` of ``ref_row``, at its mean rate."""
+  per_step = arm_row[f"bytes/{lang}"] / arm_row["step"]
+  return max(1, round(ref_row[f"bytes/{lang}"] / per_step))
+
+
+def _equal_bytes(arm, ref, extra):
+  """``extra`` plus train.steps set so that the run reads the Greek bytes ``ref`` read (from
+  the finished ``arm`` and ``ref`` runs of the same seed); validation only at its start and
+  end."""
+
+  def fn(seed, root):
+    done = [os.path.join(_wd(root, n, seed), "science_done.json") for n in (arm, ref)]
+    if not all(os.path.exists(d) for d in done):  # --dry_run before they ran
+      steps = f"<steps in which {arm} reads {ref}'s bytes/el>"
+    else:
+      steps = equal_bytes_steps(last_train(_wd(root, arm, seed)),
+                                last_train(_wd(root, ref, seed)))
+    return [*extra(seed, root), f"--config.train.steps={steps}",
+            f"--config.train.eval_every={steps}"]
+
+  return fn
+
+
 # run name -> (adapt.mode, learning rate): each parameter-efficient mode at two rates (the
 # docs/ADAPTATION.md commands' and a higher one), since the best rate differs by mode.
 ADAPT_MODES = {"full": ("full", "1e-3"), "lora": ("lora", "3e-3"), "adapter": ("adapter", "3e-3"),
@@ -100,10 +144,16 @@ def _runs() -> dict[str, Run]:
       Run("pre6m", "xlingo.train", "configs/adapt_small.py:pretrain"),
       *[Run(f"adapt_{m}", "xlingo.adapt", "configs/adapt_small.py", _adapt_mode(m), ("pre6m",))
         for m in ADAPT_MODES],
-      Run("el_old", "xlingo.adapt", f"{EXP}/adapt_el.py", _init_from("pre6m"), ("pre6m",)),
-      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended",
-          lambda seed, root: [f"--config.checkpoint.init_from={_wd(root, 'pre6m', seed)}",
-                              f"--config.data.vocab_path={_el_vocab(root)}.model"], ("pre6m",)),
+      Run("el_old", "xlingo.adapt", f"{EXP}/adapt_el.py", _vocab_steps(_init_from("pre6m")),
+          ("pre6m",)),
+      Run("el_ext", "xlingo.adapt", f"{EXP}/adapt_el.py:extended", _vocab_steps(_el_ext),
+          ("pre6m",)),
+      # (g) at equal Greek text: each vocabulary trained for the steps in which it reads the
+      # Greek bytes (bytes/el) the other read in its 200 steps.
+      Run("el_ext_eqb", "xlingo.adapt", f"{EXP}/adapt_el.py:extended",
+          _equal_bytes("el_ext", "el_old", _el_ext), ("pre6m", "el_old", "el_ext")),
+      Run("el_old_eqb", "xlingo.adapt", f"{EXP}/adapt_el.py",
+          _equal_bytes("el_old", "el_ext", _init_from("pre6m")), ("pre6m", "el_old", "el_ext")),
       # (f): the base run is the teacher (4 layers, d_model 128); students of 2 x 64.
       Run("student_kd", "xlingo.distill", "configs/distill_small.py",
           lambda seed, root: [f"--config.distill.teacher_workdir={_wd(root, 'base', seed)}"],
@@ -115,7 +165,7 @@ def _runs() -> dict[str, Run]:
 
 RUNS = _runs()
 EXPERIMENTS = {
-    "temperature": ("t1", "base", "t100", "unimax"),
+    "temperature": ("t1", "base", "unimax", "t100"),
     "lang_emb": ("base", "le_off", "le_dropout"),
     # lambda = 0 is the dropout run of (b): the same model and data without the (then untrained)
     # head, so its bpb is lambda = 0's and its LID accuracy is chance by construction.
@@ -123,7 +173,9 @@ EXPERIMENTS = {
     "contrastive": ("cl_0", "cl_0.1", "cl_0_de", "cl_0.1_de"),
     "adaptation": ("pre6m", *[f"adapt_{m}" for m in ADAPT_MODES]),
     "distill": ("base", "student_kd", "student_lm"),
-    "vocab": ("pre6m", "el_old", "el_ext"),
+    "vocab": ("pre6m", "el_old", "el_ext", "el_ext_eqb"),
+    # (g) plus the shipped vocabulary trained on the extended one's Greek bytes (~1,100 steps)
+    "vocab_long": ("pre6m", "el_old", "el_ext", "el_ext_eqb", "el_old_eqb"),
 }
 
 
@@ -224,14 +276,15 @@ def report(wd) -> dict:
 
 
 def ms(values) -> str:
-  """'mean ± sd' (sample standard deviation over the seeds)."""
+  """'mean ± sd' (sample standard deviation over the seeds); one value alone, without a ±."""
   values = [v for v in values if v is not None and not math.isnan(v)]
   if not values:
     return "-"
   m = statistics.fmean(values)
-  sd = statistics.stdev(values) if len(values) > 1 else 0.0
   digits = 3 if abs(m) < 100 else 1
-  return f"{m:.{digits}f} ± {sd:.{digits}f}"
+  if len(values) == 1:
+    return f"{m:.{digits}f}"
+  return f"{m:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def over_seeds(root, name, seeds, fn):
@@ -320,7 +373,8 @@ def generation_follows_lang(wd: str, config_arg: str, lid: CharTrigramLID, sampl
 
 
 def temperature_tables(root, seeds) -> str:
-  names = {"t1": "T = 1", "base": "T = 3.33", "t100": "T = 100", "unimax": "UniMax"}
+  names = _finished({"t1": "T = 1", "base": "T = 3.33", "t100": "T = 100", "unimax": "UniMax"},
+                    root, seeds)
   order = sorted(LANGS, key=_train_bytes, reverse=True)
   rows = []
   for lang in order:
@@ -332,12 +386,35 @@ def temperature_tables(root, seeds) -> str:
   head = ["language", "train kB"] + list(names.values())
   shares = []
   for lang in order:
-    shares.append([lang] + [ms(over_seeds(root, n, seeds, lambda wd, k=lang: _share(wd, k)))
-                            for n in names])
+    shares.append([lang] + [
+        f"{ms(over_seeds(root, n, seeds, lambda wd, k=lang: _share(wd, k)))} "
+        f"({planned_share(_wd(root, n, seeds[0]), lang):.3f})" for n in names])
+  shares.append(["largest deviation from the plan"] + [ms(over_seeds(
+      root, n, seeds, lambda wd: max(abs(_share(wd, k) / planned_share(wd, k) - 1)
+                                     for k in LANGS))) for n in names])
   steps = final_val(_wd(root, "base", seeds[0]))["step"]
   return (f"Validation bits per byte at step {steps}, by language (largest training text "
           f"first):\n\n{table(head, rows)}\n\nShare of the training tokens each language got "
-          f"(tokens/<lang> at the last log step):\n\n{table(['language'] + list(names.values()), shares)}")
+          f"(tokens/<lang> at the last log step; in brackets the plan, tok.share of the "
+          f"start-of-run table; the last row is max over languages of |realised / plan - 1|):"
+          f"\n\n{table(['language'] + list(names.values()), shares)}")
+
+
+def planned_share(wd, lang) -> float:
+  """The token share the start-of-run table (in WORKDIR/science_log.txt) planned for ``lang``."""
+  with open(os.path.join(wd, "science_log.txt"), encoding="utf-8") as f:
+    for line in f:
+      cols = line.split()
+      if len(cols) >= 6 and cols[0].endswith(f".{lang}") and cols[1] == lang:
+        return float(cols[5])
+  raise ValueError(f"{wd}/science_log.txt has no start-of-run row for {lang}")
+
+
+def _finished(names: dict, root, seeds) -> dict:
+  """The runs of ``names`` finished for every seed (a table of what has run so far)."""
+  return {n: h for n, h in names.items()
+          if all(os.path.exists(os.path.join(_wd(root, n, s), "science_done.json"))
+                 for s in seeds)}
 
 
 def _share(wd, lang):
@@ -451,19 +528,37 @@ def distill_tables(root, seeds) -> str:
 
 
 def vocab_tables(root, seeds) -> str:
-  names = {"el_old": "shipped 8,192", "el_ext": "extended 9,216"}
-  langs = ["el", *LANGS]
-  rows = [["el before"] + [ms(over_seeds(
-      root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["el"]["before"])) for n in names]]
-  rows.append(["el after"] + [ms(over_seeds(
-      root, n, seeds, lambda wd: report(wd)["bpb"]["languages"]["el"]["after"])) for n in names])
-  rows.append(["others' mean change"] + [ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
-      report(wd)["bpb"]["languages"][k]["change"] for k in langs[1:]))) for n in names])
-  rows.append(["step time ms"] + [ms(over_seeds(root, n, seeds, lambda wd: 1e3 * step_time(wd)))
-                                  for n in names])
-  rows.insert(0, ["el tokens per UTF-8 byte (validation)"] + [
-      f"{tokens_per_byte(m):.3f}" for m in (os.path.join(CORPUS, "vocab", "xlingo_8k.model"),
-                                            _el_vocab(root) + ".model")])
+  names = {"el_old": "shipped 8,192", "el_ext": "extended 9,216",
+           "el_ext_eqb": "extended, at shipped's Greek bytes",
+           "el_old_eqb": "shipped, at extended's Greek bytes"}
+  names = _finished(names, root, seeds)
+  others = LANGS
+
+  def change(wd, langs):
+    return statistics.fmean(report(wd)["bpb"]["languages"][k]["change"] for k in langs)
+
+  def cell(fn, digits=None):
+    return [ms(over_seeds(root, n, seeds, fn)) if digits is None else
+            " / ".join(f"{v:,.{digits}f}" for v in over_seeds(root, n, seeds, fn))
+            for n in names]
+
+  vocab = {"el_old": os.path.join(CORPUS, "vocab", "xlingo_8k.model"),
+           "el_ext": _el_vocab(root) + ".model"}
+  rows = [["el tokens per UTF-8 byte (validation)"] + [
+      f"{tokens_per_byte(vocab[n.replace('_eqb', '')]):.3f}" for n in names]]
+  rows.append(["steps (seed " + " / ".join(map(str, seeds)) + ")"] + cell(
+      lambda wd: last_train(wd)["step"], 0))
+  rows.append(["Greek training text read, kB (bytes/el)"] + cell(
+      lambda wd: last_train(wd)["bytes/el"] / 1e3))
+  rows.append(["validation bytes scored, el / the nine others"] + [
+      " / ".join(f"{v:,.0f}" for v in (final_val(_wd(root, n, seeds[0]))["val/bytes/el"], sum(
+          final_val(_wd(root, n, seeds[0]))[f"val/bytes/{k}"] for k in others))) for n in names])
+  rows.append(["el bpb before"] + cell(
+      lambda wd: report(wd)["bpb"]["languages"]["el"]["before"]))
+  rows.append(["el bpb after"] + cell(lambda wd: report(wd)["bpb"]["languages"]["el"]["after"]))
+  rows.append(["forgetting: the others' mean bpb change"] + cell(lambda wd: change(wd, others)))
+  rows.append(["step time ms"] + cell(lambda wd: 1e3 * step_time(wd)))
+  rows.append(["wall s"] + cell(wall))
   return table(["", *names.values()], rows)
 
 
@@ -478,7 +573,7 @@ def tokens_per_byte(model_path, lang="el") -> float:
 
 TABLES = {"temperature": temperature_tables, "lang_emb": lang_emb_tables, "lid": lid_tables,
           "contrastive": contrastive_tables, "adaptation": adaptation_tables,
-          "distill": distill_tables, "vocab": vocab_tables}
+          "distill": distill_tables, "vocab": vocab_tables, "vocab_long": vocab_tables}
 
 
 def cost(root, names, seeds) -> str:
@@ -503,8 +598,8 @@ def main(argv=None):
   for exp in wanted:
     names = EXPERIMENTS[exp]
     _prepare(names, root, a.dry_run)
-    for seed in seeds:
-      for n in names:
+    for n in names:  # each run for every seed before the next (the costliest come last)
+      for seed in seeds:
         ensure(n, seed, root, a.dry_run)
     if a.dry_run:
       continue

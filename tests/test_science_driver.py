@@ -14,7 +14,7 @@ import science  # noqa: E402
 
 def test_mean_and_sample_sd():
   assert science.ms([1.0, 3.0]) == "2.000 ± 1.414"
-  assert science.ms([2.5]) == "2.500 ± 0.000"
+  assert science.ms([2.5]) == "2.500"  # one seed: no spread to show
   assert science.ms([None, float("nan")]) == "-"
 
 
@@ -72,3 +72,24 @@ def test_the_character_judge_tells_the_embedded_languages_apart():
   assert lid.accuracy_on_validation(lines_per_lang=50) > 0.9
   assert lid.predict("Das Paket wird installiert, wenn") == "de"
   assert lid.predict("") is None
+
+
+def test_equal_bytes_steps_read_the_reference_text_at_the_runs_own_rate(tmp_path, capsys):
+  # 200 steps read 1.2 MB of Greek with one vocabulary, 0.2 MB with the other.
+  ext, old = {"step": 200, "bytes/el": 1_200_000}, {"step": 200, "bytes/el": 200_000}
+  assert science.equal_bytes_steps(ext, old) == 33  # 200 * 0.2 / 1.2
+  assert science.equal_bytes_steps(old, ext) == 1200
+  assert science.equal_bytes_steps(ext, {"bytes/el": 1}) == 1  # never 0 steps
+  science._PRINTED.clear()
+  science.main(["vocab_long", "--dry_run", "--seeds", "0", "--root", str(tmp_path)])
+  eqb = [x for x in capsys.readouterr().out.splitlines() if "el_old_eqb/s0" in x][0]
+  assert "--config.train.steps=<steps in which el_old reads el_ext's bytes/el>" in eqb
+
+
+def test_planned_share_is_read_from_the_start_of_run_table(tmp_path):
+  (tmp_path / "science_log.txt").write_text(
+      "task                     lang    examples      tokens ex.share tok.share  epochs valid.\n"
+      "xlingo.lm.ru             ru        18,719     596,507    0.625     0.543    0.56    yes\n")
+  assert science.planned_share(str(tmp_path), "ru") == 0.543
+  with pytest.raises(ValueError, match="no start-of-run row for zh"):
+    science.planned_share(str(tmp_path), "zh")

@@ -18,6 +18,12 @@ corpus), so the table at the end shows the gain on Greek and what the others los
 ``:extended`` the model's vocabulary grows by the 1024 pieces ``vocab extend`` added: their
 embedding rows start at the mean of the old rows of the pieces each decodes to
 (``xlingo.training.restore``), every old piece keeps its id and row.
+
+Validation scores every language's whole validation file (``train.eval_max_bytes=0``), so both
+vocabularies are scored on the same bytes (``val/bytes/<lang>``); Greek lines longer than a
+128-token row (with the shipped vocabulary, about one token per byte) are scored in sliding
+windows that keep 64 tokens of context (``train.eval_context``). Compare the two at equal
+Greek text by ``bytes/el`` in metrics.jsonl, not by steps (docs/SCIENCE.md (g)).
 """
 
 import os
@@ -47,6 +53,11 @@ def get_config(arg=None):
   c.train.learning_rate = 1e-3
   c.train.warmup_steps = 10
   c.train.eval_every = 50
+  # The same text for both tokenizers: the whole validation file of each language, long lines
+  # in windows with 64 tokens of context (the default -1 scores the first eval_batches
+  # batches, which hold ~5x fewer Greek bytes with the shipped vocabulary than the extended).
+  c.train.eval_max_bytes = 0
+  c.train.eval_context = 64
   c.checkpoint.every_steps = 100
   if vocab == "extended":
     c.data.vocab_path = "workdirs/el_vocab.model"
