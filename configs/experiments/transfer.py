@@ -33,7 +33,7 @@ def get_config(arg=None):
   c.finetune.patience = 2
   c.train.learning_rate = RATES[a.mode]
   c.train.warmup_steps = 10
-  c.train.steps = 300 if a.size == "small" else 20
+  c.train.steps = 200 if a.size == "small" else 20
   c.train.eval_every = 50 if a.size == "small" else 10
   c.train.log_every = 25 if a.size == "small" else 10
   if a.head == "verbalizer" and a.size == "small":
