@@ -318,18 +318,22 @@ def plot_languages(workdir: str, languages, out_name: str = layout.LANGUAGES_PLO
   import matplotlib.pyplot as plt
 
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  # a task's fine-tuning (xlingo.finetune) validates accuracy, not bits per byte
+  right = "val/bpb" if any(k.startswith("val/bpb/") for r in rows for k in r) else "val/acc"
   for lang in languages:
-    for ax, key in ((axes[0], f"loss/{lang}"), (axes[1], f"val/bpb/{lang}")):
+    for ax, key in ((axes[0], f"loss/{lang}"), (axes[1], f"{right}/{lang}")):
       pts = [(r["step"], r[key]) for r in rows if key in r and np.isfinite(r[key])]
       if pts:
         xs, ys = zip(*pts, strict=True)
         ax.plot(xs, ys, label=lang, marker="o" if key.startswith("val") else None, ms=3)
   axes[0].set_title("training loss per language (nats/token)")
-  axes[1].set_title("validation bits per byte")
+  axes[1].set_title("validation bits per byte" if right == "val/bpb" else
+                    "validation accuracy (task)")
   for ax in axes:
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=8, ncol=2)
   fig.tight_layout()
   path = paths.join(paths.resolve(workdir), out_name)
   buf = io.BytesIO()
