@@ -127,7 +127,6 @@ def majority_rates() -> dict:
 def _transfer_table(root, seeds, names) -> str:
   major, top = majority_rates()
   acc = lambda n, k: ms(over_seeds(root, n, seeds, lambda wd: ft_report(wd)["test_acc"][k]))
-  field = lambda n, k: ms(over_seeds(root, n, seeds, lambda wd: ft_report(wd)["transfer"][k]))
   others = [x for x in TASK_LANGS if x != "en"]
   rows = [[lang + (" (trained)" if lang == "en" else ""), f"{major[lang]:.3f}"]
           + [acc(n, lang) for n in names] for lang in TASK_LANGS]
@@ -137,11 +136,9 @@ def _transfer_table(root, seeds, names) -> str:
   rows.append(["gap (others - en)", ""] + [ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
       ft_report(wd)["test_acc"][x] for x in others) - ft_report(wd)["test_acc"]["en"]))
       for n in names])
-  rows.append(["best step", ""] + [ms(over_seeds(root, n, seeds,
-                                                 lambda wd: ft_report(wd)["best_step"]))
-                                   for n in names])
+  rows.append(["best step", ""] + [", ".join(str(ft_report(_wd(root, n, s))["best_step"])
+                                             for s in seeds) for n in names])
   rows.append(["wall s (fine-tuning)", ""] + [ms(over_seeds(root, n, seeds, wall)) for n in names])
-  del field
   head = ["language (test)", f"majority ({top})"] + [TRANSFER_FT[n][2] for n in names]
   return table(head, rows)
 
