@@ -104,10 +104,19 @@ def transfer_runs() -> list[Run]:
   return runs
 
 
-@functools.lru_cache(maxsize=None)
-def ft_report(wd) -> dict:
-  with open(os.path.join(wd, "finetune_report.json")) as f:
+def ft_report(wd) -> dict | None:
+  """WORKDIR/finetune_report.json; None for a run not (yet) finished (its cells print '-')."""
+  path = os.path.join(wd, "finetune_report.json")
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
     return json.load(f)
+
+
+def _test_acc(wd, langs) -> float | None:
+  """The mean test accuracy over ``langs`` of a fine-tuning run."""
+  rep = ft_report(wd)
+  return None if rep is None else statistics.fmean(rep["test_acc"][x] for x in langs)
 
 
 def _task_labels(lang, split):
@@ -124,22 +133,23 @@ def majority_rates() -> dict:
           for lang in TASK_LANGS}, top
 
 
-def _transfer_table(root, seeds, names) -> str:
+def _transfer_table(root, seeds, names, titles=None) -> str:
   major, top = majority_rates()
-  acc = lambda n, k: ms(over_seeds(root, n, seeds, lambda wd: ft_report(wd)["test_acc"][k]))
   others = [x for x in TASK_LANGS if x != "en"]
+  col = lambda n, fn: ms(over_seeds(root, n, seeds, fn))
   rows = [[lang + (" (trained)" if lang == "en" else ""), f"{major[lang]:.3f}"]
-          + [acc(n, lang) for n in names] for lang in TASK_LANGS]
+          + [col(n, lambda wd, k=lang: _test_acc(wd, [k])) for n in names] for lang in TASK_LANGS]
   rows.append(["mean of the other 7", f"{statistics.fmean(major[x] for x in others):.3f}"]
-              + [ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
-                  ft_report(wd)["test_acc"][x] for x in others))) for n in names])
-  rows.append(["gap (others - en)", ""] + [ms(over_seeds(root, n, seeds, lambda wd: statistics.fmean(
-      ft_report(wd)["test_acc"][x] for x in others) - ft_report(wd)["test_acc"]["en"]))
-      for n in names])
-  rows.append(["best step", ""] + [", ".join(str(ft_report(_wd(root, n, s))["best_step"])
-                                             for s in seeds) for n in names])
-  rows.append(["wall s (fine-tuning)", ""] + [ms(over_seeds(root, n, seeds, wall)) for n in names])
-  head = ["language (test)", f"majority ({top})"] + [TRANSFER_FT[n][2] for n in names]
+              + [col(n, lambda wd: _test_acc(wd, others)) for n in names])
+  gap = lambda wd: None if ft_report(wd) is None else _test_acc(wd, others) - _test_acc(wd, ["en"])
+  rows.append(["gap (others - en)", ""] + [col(n, gap) for n in names])
+  rows.append(["best step", ""] + [", ".join(
+      str(ft_report(_wd(root, n, s))["best_step"]) if ft_report(_wd(root, n, s)) else "-"
+      for s in seeds) for n in names])
+  rows.append(["wall s (fine-tuning)", ""] + [col(n, lambda wd: wall(wd) if ft_report(wd)
+                                                  else None) for n in names])
+  head = ["language (test)", f"majority ({top})"] + [(titles or {}).get(n, TRANSFER_FT[n][2])
+                                                     for n in names]
   return table(head, rows)
 
 
@@ -165,7 +175,7 @@ def transfer_tables(root, seeds) -> str:
 def heads_tables(root, seeds) -> str:
   return (f"Chapter task from the β = 0.1 model ({TRANSFER_STEPS} pretraining steps); test "
           f"accuracy (12 classes; chance 1/12 = 0.083). Trained on English unless noted:\n\n"
-          f"{_transfer_table(root, seeds, ['ft_cl_0.1', 'ft_cl_0.1_verb', 'ft_cl_0.1_lora', 'ft_cl_0.1_all'])}")
+          f"{_transfer_table(root, seeds, ['ft_cl_0.1', 'ft_cl_0.1_verb', 'ft_cl_0.1_lora', 'ft_cl_0.1_all'], {'ft_cl_0.1': 'classifier, full'})}")
 
 
 TRANSFER_TABLES = {"transfer": transfer_tables, "heads": heads_tables}
