@@ -175,7 +175,8 @@ def transfer_tables(root, seeds) -> str:
 def heads_tables(root, seeds) -> str:
   return (f"Chapter task from the β = 0.1 model ({TRANSFER_STEPS} pretraining steps); test "
           f"accuracy (12 classes; chance 1/12 = 0.083). Trained on English unless noted:\n\n"
-          f"{_transfer_table(root, seeds, ['ft_cl_0.1', 'ft_cl_0.1_verb', 'ft_cl_0.1_lora', 'ft_cl_0.1_all'], {'ft_cl_0.1': 'classifier, full'})}")
+          + _transfer_table(root, seeds, TRANSFER_EXPERIMENTS["heads"][1:],
+                            {"ft_cl_0.1": "classifier, full"}))
 
 
 TRANSFER_TABLES = {"transfer": transfer_tables, "heads": heads_tables}
