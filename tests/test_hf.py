@@ -243,3 +243,8 @@ def test_export_refusals():
     exporter._language_row({"lang_embedding": rows}, table, "fr", "W")
   np.testing.assert_array_equal(
       exporter._language_row({"lang_embedding": rows}, table, "de", "W"), rows[1])
+  m = config_lib.base_config().model
+  exporter._check_task_head(m, "W")  # an LM (task_classes 0) exports
+  m.task_classes = 12
+  with pytest.raises(XlingoError, match="fine-tuned classifier"):
+    exporter._check_task_head(m, "W")

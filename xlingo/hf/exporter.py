@@ -53,6 +53,16 @@ def _check_peft(meta: dict, want_peft: bool, where: str):
   return spec
 
 
+def _check_task_head(model_cfg, where: str) -> None:
+  """A fine-tuned classifier's head (``model.task_classes``) has no place in a Llama-family
+  causal LM: refuse rather than write the LM without it."""
+  classes = int(model_cfg.get("task_classes", 0) or 0)
+  if classes:
+    raise ConfigError(f"{where} is a fine-tuned classifier (model.task_classes={classes}); its "
+                      "head has no equivalent in a Hugging Face causal LM: export the LM it was "
+                      "fine-tuned from, or fine-tune with finetune.head=verbalizer (an LM)")
+
+
 def _language_row(params: dict, table, lang: str | None, where: str) -> np.ndarray | None:
   """The language-embedding row to fold in (None: nothing to add)."""
   rows = params.get("lang_embedding")
@@ -159,6 +169,7 @@ def export_model(workdir: str, output: str, *, lang: str | None = None, peft: bo
   config.model.dtype = "float32"
   lm = load_lib.load_model(config, workdir, what="--workdir")
   m = lm.config.model
+  _check_task_head(m, step_dir)
   params = jax.tree.map(np.asarray, jax.device_get(lm.params))
   row = _language_row(params, lm.table, lang, step_dir)
   adapter = None
